@@ -1,0 +1,36 @@
+"""annbatch: stream on-disk AnnData stores into deep-learning training loops.
+
+``import annbatch`` stays light: :class:`Loader` (which pulls in zarr, anndata and, when
+installed, torch) is imported on first access.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from annbatch import abc, errors, samplers
+from annbatch.samplers import ChunkSampler
+
+if TYPE_CHECKING:
+    from annbatch._anndata_io import load_x_and_obs
+    from annbatch._loader import Loader
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["ChunkSampler", "Loader", "abc", "errors", "load_x_and_obs", "samplers"]
+
+_LAZY = {"Loader": "annbatch._loader", "load_x_and_obs": "annbatch._anndata_io"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    msg = f"module 'annbatch' has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,117 @@
+"""Assembler: turn the blocks of one window into batches.
+
+Two strategies yield exactly the same rows in the same order:
+
+``"concat-shuffle"``
+    Concatenate all blocks into one window buffer, then take each batch's rows from it.
+    Holds the window twice at its peak; one fancy-index per batch (fast for sparse).
+``"shuffle-concat"``
+    Keep the blocks apart; for each batch, take its rows from every block it touches and put
+    them together. Never materialises the whole window a second time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, get_args
+
+import numpy as np
+import scipy.sparse as sp
+
+from annbatch.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    from annbatch._core.types import Block
+
+ConcatStrategy = Literal["concat-shuffle", "shuffle-concat"]
+CONCAT_STRATEGIES: tuple[str, ...] = get_args(ConcatStrategy)
+
+
+def parse_concat_strategy(value: object) -> ConcatStrategy | None:
+    """Check a user's ``concat_strategy`` (None means: choose from the data)."""
+    if value is None or value in CONCAT_STRATEGIES:
+        return value  # type: ignore[return-value]
+    msg = f"concat_strategy must be one of {CONCAT_STRATEGIES} or None, got {value!r}"
+    raise InvalidArgumentError(msg)
+
+
+def default_splits(n_rows: int, batch_size: int) -> list[np.ndarray]:
+    """Consecutive batches of ``batch_size`` rows, the last one possibly smaller."""
+    return [np.arange(i, min(i + batch_size, n_rows)) for i in range(0, n_rows, batch_size)]
+
+
+def _as_slice(positions: np.ndarray) -> slice | None:
+    """The equivalent slice if ``positions`` is a run of consecutive integers, else None."""
+    n = positions.size
+    if n == 0:
+        return None
+    first = int(positions[0])
+    if int(positions[-1]) - first == n - 1 and (n < 3 or bool(np.all(np.diff(positions) == 1))):
+        return slice(first, first + n)
+    return None
+
+
+def take_rows(block: Block, positions: np.ndarray) -> Block:
+    """Rows ``positions`` of ``block``, by slicing where they are consecutive."""
+    as_slice = _as_slice(positions)
+    if as_slice is not None:
+        return block[as_slice]
+    return block[positions]
+
+
+def concatenate(blocks: Sequence[Block]) -> Block:
+    """Stack blocks along rows; sparse blocks give a CSR matrix."""
+    if isinstance(blocks[0], np.ndarray):
+        return np.concatenate(blocks, axis=0)
+    return sp.vstack(blocks, format="csr")
+
+
+def assemble(
+    blocks: Sequence[Block], splits: Sequence[np.ndarray], strategy: ConcatStrategy
+) -> Iterator[Block]:
+    """Yield one array per split: the rows at those positions of the concatenated blocks.
+
+    Parameters
+    ----------
+    blocks
+        The window's rows, block after block.
+    splits
+        Positions into the concatenated rows, one array per batch.
+    strategy
+        See the module docstring.
+    """
+    if not blocks:
+        return
+    if strategy == "concat-shuffle":
+        window = concatenate(blocks) if len(blocks) > 1 else blocks[0]
+        for split in splits:
+            yield take_rows(window, split)
+        return
+    starts = np.concatenate([[0], np.cumsum([b.shape[0] for b in blocks])])
+    for split in splits:
+        yield _gather(blocks, starts, split)
+
+
+def _gather(blocks: Sequence[Block], starts: np.ndarray, split: np.ndarray) -> Block:
+    owner = np.searchsorted(starts, split, side="right") - 1
+    local = split - starts[owner]
+    if split.size and owner[0] == owner[-1] and bool(np.all(owner == owner[0])):
+        return take_rows(blocks[int(owner[0])], local)
+    first = blocks[0]
+    if isinstance(first, np.ndarray):
+        out = np.empty((split.size, *first.shape[1:]), dtype=first.dtype)
+        for b in np.unique(owner):
+            mask = owner == b
+            out[mask] = blocks[int(b)][local[mask]]
+        return out
+    # Sparse: gather per block in block order, then restore the split's order.
+    order = np.argsort(owner, kind="stable")
+    owner_sorted, local_sorted = owner[order], local[order]
+    bounds = np.flatnonzero(np.diff(owner_sorted)) + 1
+    pieces = [
+        take_rows(blocks[int(owner_sorted[lo])], local_sorted[lo:hi])
+        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, split.size], strict=True)
+    ]
+    stacked = sp.vstack(pieces, format="csr")
+    return stacked[np.argsort(order)]

@@ -1,0 +1,56 @@
+"""Converter: numpy / scipy batches to the user's array library, sharing memory."""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+
+from annbatch._compat import import_optional
+
+if TYPE_CHECKING:
+    from annbatch._core.types import Block
+
+OutputKind = Literal["numpy", "torch"]
+
+
+def to_torch(block: Block) -> Any:
+    """A ``torch.Tensor`` (dense) or sparse CSR tensor sharing memory with ``block``."""
+    torch = import_optional("torch", purpose="to_torch=True", extra="torch")
+    if isinstance(block, np.ndarray):
+        return torch.from_numpy(block)
+    block = _canonical_csr(block)
+    indptr, indices = block.indptr, block.indices
+    if indptr.dtype != indices.dtype:
+        # torch needs one index dtype for both; widening copies only the index arrays.
+        indptr, indices = indptr.astype(np.int64), indices.astype(np.int64)
+    with warnings.catch_warnings():
+        # torch announces once per process that sparse CSR support is in beta.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(indptr),
+            torch.from_numpy(indices),
+            torch.from_numpy(block.data),
+            size=block.shape,
+            # scipy already guarantees a valid CSR layout; checking again would cost O(nnz).
+            check_invariants=False,
+        )
+
+
+def _canonical_csr(block: sp.csr_matrix) -> sp.csr_matrix:
+    # Slices of a CSR matrix can carry views with an offset indptr; torch wants indptr[0] == 0.
+    if block.indptr.size and block.indptr[0] != 0:
+        block = sp.csr_matrix(
+            (block.data[block.indptr[0] : block.indptr[-1]], block.indices[block.indptr[0] : block.indptr[-1]], block.indptr - block.indptr[0]),
+            shape=block.shape,
+        )
+    return block
+
+
+def convert(block: Block, kind: OutputKind) -> Any:
+    """Convert one batch to the output kind."""
+    if kind == "torch":
+        return to_torch(block)
+    return block

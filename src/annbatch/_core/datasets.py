@@ -1,0 +1,277 @@
+"""Row sources: one adapter per kind of input array, all read through the same interface.
+
+The Loader only ever talks to :class:`RowSource`: a 2-D (or N-D) array of rows that can be
+read as contiguous row ranges. Adapters exist for dense ``zarr.Array``, ``h5py.Dataset`` and
+``numpy.ndarray``, and for CSR matrices stored by anndata (zarr or HDF5) or held by scipy.
+HDF5 handles cannot cross process boundaries, so adapters pickle them as (file, name) and
+reopen them read-only in the receiving process (DataLoader workers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import anndata.abc
+import h5py
+import numpy as np
+import scipy.sparse as sp
+import zarr
+
+from annbatch.errors import ClosedDatasetError, UnsupportedDatasetError
+
+if TYPE_CHECKING:
+    from annbatch._core.types import Block
+
+ACCEPTED = (
+    "zarr.Array, h5py.Dataset, anndata.abc.CSRDataset (zarr or h5ad), numpy.ndarray "
+    "or scipy.sparse CSR"
+)
+
+
+@runtime_checkable
+class RowSource(Protocol):
+    """An array of rows that the Loader can read by contiguous row ranges."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape; axis 0 indexes rows."""
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Element dtype."""
+
+    @property
+    def is_sparse(self) -> bool:
+        """Whether rows come back as ``scipy.sparse.csr_matrix``."""
+
+    @property
+    def dataset_type(self) -> type:
+        """The user-facing type of the input (``zarr.Array``, ``anndata.abc.CSRDataset``...)."""
+
+    def read(self, start: int, stop: int) -> Block:
+        """Rows ``start:stop`` as a numpy array or a CSR matrix."""
+
+    def check_open(self) -> None:
+        """Raise :class:`~annbatch.errors.ClosedDatasetError` if the source can no longer be read."""
+
+    def describe(self) -> str:
+        """A short human-readable name for error messages."""
+
+
+@dataclass(frozen=True, slots=True)
+class _H5Ref:
+    """A picklable stand-in for an h5py object: the file it lives in and its name there."""
+
+    filename: str
+    name: str
+
+    def open(self) -> Any:
+        return h5py.File(self.filename, mode="r")[self.name]
+
+
+def _h5_state(obj: Any) -> Any:
+    if isinstance(obj, h5py.Dataset | h5py.Group):
+        if not obj.id.valid:
+            msg = "cannot send an HDF5 dataset whose file is closed to another process"
+            raise ClosedDatasetError(msg)
+        return _H5Ref(obj.file.filename, obj.name)
+    return obj
+
+
+def _h5_restore(obj: Any) -> Any:
+    return obj.open() if isinstance(obj, _H5Ref) else obj
+
+
+def _check_h5_open(obj: Any, what: str) -> None:
+    if isinstance(obj, h5py.Dataset | h5py.Group) and not obj.id.valid:
+        msg = (
+            f"{what} belongs to an HDF5 file that has been closed; keep the h5py.File (or the "
+            "backed AnnData) open for as long as the Loader reads from it"
+        )
+        raise ClosedDatasetError(msg)
+
+
+def _describe_array(arr: Any) -> str:
+    if isinstance(arr, h5py.Dataset | h5py.Group):
+        try:
+            return f"{arr.name} in {arr.file.filename}"
+        except (ValueError, RuntimeError):  # closed file: h5py can no longer resolve names
+            return "HDF5 object in a closed file"
+    if isinstance(arr, zarr.Array):
+        return f"zarr array {arr.store_path}"
+    return "in-memory array"
+
+
+class DenseSource:
+    """Dense rows from a ``zarr.Array``, ``h5py.Dataset`` or ``numpy.ndarray`` (axis 0 = rows)."""
+
+    is_sparse = False
+
+    def __init__(self, array: zarr.Array | h5py.Dataset | np.ndarray) -> None:
+        self._array = array
+        self._type: type = type(array) if not isinstance(array, np.ndarray) else np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self._array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._array.dtype)
+
+    @property
+    def dataset_type(self) -> type:
+        return self._type
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        # A slice of an in-memory array is a view: copy it, so that yielded batches (and the
+        # tensors sharing their memory) never alias the user's array.
+        return np.array(self._array[start:stop], copy=isinstance(self._array, np.ndarray))
+
+    def check_open(self) -> None:
+        _check_h5_open(self._array, self.describe())
+
+    def describe(self) -> str:
+        return f"{self._type.__module__.split('.')[0]}.{self._type.__name__} ({_describe_array(self._array)})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"array": _h5_state(self._array), "type": self._type}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._array = _h5_restore(state["array"])
+        self._type = state["type"]
+
+
+class CSRSource:
+    """CSR rows from anndata's on-disk CSR encoding (zarr or HDF5), or from a scipy CSR matrix.
+
+    ``indptr`` is held in memory (8 bytes per row) so that any row range maps to one
+    contiguous slice of ``data`` and ``indices`` without an extra read.
+    """
+
+    is_sparse = True
+
+    def __init__(
+        self,
+        data: Any,
+        indices: Any,
+        indptr: np.ndarray,
+        shape: tuple[int, int],
+        dataset_type: type,
+        container: Any = None,
+    ) -> None:
+        self._data = data
+        self._indices = indices
+        self._indptr = np.asarray(indptr, dtype=np.int64)
+        self._shape = shape
+        self._type = dataset_type
+        self._container = container
+
+    @classmethod
+    def from_anndata(cls, dataset: anndata.abc.CSRDataset) -> CSRSource:
+        group = dataset.group
+        return cls(
+            group["data"],
+            group["indices"],
+            np.asarray(group["indptr"][...]),
+            tuple(int(n) for n in dataset.shape),  # type: ignore[arg-type]
+            anndata.abc.CSRDataset,
+            container=group,
+        )
+
+    @classmethod
+    def from_scipy(cls, matrix: sp.csr_matrix | sp.csr_array) -> CSRSource:
+        return cls(
+            matrix.data,
+            matrix.indices,
+            matrix.indptr,
+            tuple(int(n) for n in matrix.shape),  # type: ignore[arg-type]
+            type(matrix),
+        )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._data.dtype)
+
+    @property
+    def dataset_type(self) -> type:
+        return self._type
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        lo, hi = int(self._indptr[start]), int(self._indptr[stop])
+        copy = isinstance(self._data, np.ndarray)  # see DenseSource.read
+        data = np.array(self._data[lo:hi], copy=copy)
+        indices = np.array(self._indices[lo:hi], copy=copy)
+        indptr = self._indptr[start : stop + 1] - lo
+        return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self._shape[1]))
+
+    def check_open(self) -> None:
+        _check_h5_open(self._container, self.describe())
+        _check_h5_open(self._data, self.describe())
+
+    def describe(self) -> str:
+        if self._type is anndata.abc.CSRDataset:
+            return f"anndata.abc.CSRDataset ({_describe_array(self._container)})"
+        return f"scipy.sparse.{self._type.__name__}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {
+            "data": self._data,
+            "indices": self._indices,
+            "container": self._container,
+        }
+        state = {k: _h5_state(v) for k, v in state.items()}
+        return {**state, "indptr": self._indptr, "shape": self._shape, "type": self._type}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._data = _h5_restore(state["data"])
+        self._indices = _h5_restore(state["indices"])
+        self._container = _h5_restore(state["container"])
+        self._indptr = state["indptr"]
+        self._shape = state["shape"]
+        self._type = state["type"]
+
+
+def as_row_source(dataset: object, *, where: str) -> RowSource:
+    """Wrap a user's array in the matching :class:`RowSource`, or explain why it cannot be.
+
+    Parameters
+    ----------
+    dataset
+        The array to read from.
+    where
+        How to name the dataset in errors, e.g. ``"dataset 2"``.
+    """
+    if isinstance(dataset, anndata.abc.CSCDataset):
+        msg = (
+            f"{where} is a CSC matrix; the Loader reads rows and needs CSR. Rewrite the store "
+            "with X as CSR (e.g. `adata.X = adata.X.tocsr()` before writing)."
+        )
+        raise UnsupportedDatasetError(msg)
+    if isinstance(dataset, anndata.abc.CSRDataset):
+        _check_h5_open(dataset.group, where)
+        return CSRSource.from_anndata(dataset)
+    if sp.issparse(dataset):
+        if dataset.format != "csr":
+            msg = f"{where} is a scipy.sparse matrix in {dataset.format.upper()} format; expected CSR (convert with `.tocsr()`)"
+            raise UnsupportedDatasetError(msg)
+        return CSRSource.from_scipy(dataset)  # type: ignore[arg-type]
+    if isinstance(dataset, zarr.Array | h5py.Dataset | np.ndarray):
+        _check_h5_open(dataset, where)
+        if dataset.ndim < 2:
+            msg = f"{where} has shape {dataset.shape}; expected at least 2 dimensions (rows, columns, ...)"
+            raise UnsupportedDatasetError(msg)
+        return DenseSource(dataset)
+    if isinstance(dataset, zarr.Group | h5py.Group):
+        msg = (
+            f"{where} is a {type(dataset).__name__}; if it holds a sparse matrix, open it with "
+            "`anndata.io.sparse_dataset(group)` first"
+        )
+        raise UnsupportedDatasetError(msg)
+    msg = f"{where} is a {type(dataset).__module__}.{type(dataset).__name__}; expected one of {ACCEPTED}"
+    raise UnsupportedDatasetError(msg)

@@ -1,0 +1,368 @@
+"""The Loader: streams batches of rows from on-disk AnnData arrays."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal, Self
+
+import numpy as np
+import pandas as pd
+
+from annbatch._compat import torch_available
+from annbatch._core.assembler import assemble, default_splits, parse_concat_strategy
+from annbatch._core.convert import convert
+from annbatch._core.datasets import as_row_source
+from annbatch._core.planner import dataset_offsets, plan_reads
+from annbatch._core.reader import read_plan
+from annbatch._core.workers import current_shard
+from annbatch.abc import Sampler
+from annbatch.errors import (
+    FeatureNotAvailableError,
+    IncompatibleDatasetsError,
+    InvalidArgumentError,
+    LoaderBusyError,
+    ObsMismatchError,
+)
+from annbatch.samplers import ChunkSampler
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    from anndata import AnnData
+
+    from annbatch._core.assembler import ConcatStrategy
+    from annbatch._core.convert import OutputKind
+    from annbatch._core.datasets import RowSource
+
+if torch_available():
+    from torch.utils.data import IterableDataset as _IterableBase
+else:  # torch stays optional: without it the Loader is a plain iterable.
+    _IterableBase = object  # type: ignore[assignment,misc]
+
+_SAMPLER_ARGS = ("chunk_size", "preload_nchunks", "batch_size", "shuffle", "drop_last", "rng")
+_OUTPUTS = ("numpy", "torch", "jax")
+
+
+class Loader(_IterableBase):  # type: ignore[misc,valid-type]
+    """Stream batches of rows, with their obs, from on-disk (or in-memory) AnnData arrays.
+
+    Rows of every added dataset form one row space, in the order the datasets were added.
+    A :class:`~annbatch.abc.Sampler` (by default a :class:`~annbatch.ChunkSampler` built from
+    the sampler arguments below) decides which rows are read into memory together and how
+    they are cut into batches.
+
+    Parameters
+    ----------
+    batch_sampler
+        The sampler to draw load requests from. Excludes every sampler argument below.
+    chunk_size
+        Rows per contiguous read (default 512). Sampler argument.
+    preload_nchunks
+        Chunks read into memory together (default 32). Sampler argument.
+    shuffle
+        Random order (default False). Sampler argument.
+    return_index
+        Also yield each row's global position under ``"index"``.
+    batch_size
+        Rows per batch (default 1). Sampler argument.
+    preload_to_gpu
+        Do the in-memory work on the GPU with CuPy. Not available yet.
+    drop_last
+        Drop the epoch's last batch if it is short (default False). Sampler argument.
+    to_torch
+        Yield torch tensors (sparse CSR tensors for sparse data) sharing memory with the
+        numpy buffers. Default: True if torch is installed.
+    concat_strategy
+        ``"concat-shuffle"`` or ``"shuffle-concat"``, see :mod:`annbatch._core.assembler`;
+        both yield the same rows. Default: ``"concat-shuffle"`` for sparse data, otherwise
+        ``"shuffle-concat"``.
+    rng
+        Generator for shuffling (default ``numpy.random.default_rng()``). Sampler argument.
+    to
+        The spelling of later releases of the reference library: ``"torch"`` equals
+        ``to_torch=True``, ``"numpy"`` equals ``to_torch=False``.
+
+    Examples
+    --------
+    >>> loader = Loader(batch_size=4096, chunk_size=32, preload_nchunks=512, shuffle=True)
+    >>> loader.add_anndata(adata)  # doctest: +SKIP
+    >>> for batch in loader:  # doctest: +SKIP
+    ...     fit(batch["X"], batch["obs"])
+
+    Inside ``torch.utils.data.DataLoader(loader, batch_size=None, num_workers=k,
+    multiprocessing_context="spawn")`` the workers share each epoch's load requests
+    round-robin, so together they yield every row once.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_sampler: Sampler | None = None,
+        chunk_size: int | None = None,
+        preload_nchunks: int | None = None,
+        shuffle: bool | None = None,
+        return_index: bool = False,
+        batch_size: int | None = None,
+        preload_to_gpu: bool = False,
+        drop_last: bool | None = None,
+        to_torch: bool | None = None,
+        concat_strategy: ConcatStrategy | None = None,
+        rng: np.random.Generator | None = None,
+        to: Literal["numpy", "torch", "jax"] | None = None,
+    ) -> None:
+        sampler_args = {
+            "chunk_size": chunk_size,
+            "preload_nchunks": preload_nchunks,
+            "batch_size": batch_size,
+            "shuffle": shuffle,
+            "drop_last": drop_last,
+            "rng": rng,
+        }
+        given = [name for name in _SAMPLER_ARGS if sampler_args[name] is not None]
+        if batch_sampler is not None:
+            if given:
+                msg = (
+                    f"batch_sampler is given, so {', '.join(given)} must not be: "
+                    "the sampler controls them"
+                )
+                raise InvalidArgumentError(msg)
+            if not isinstance(batch_sampler, Sampler):
+                msg = f"batch_sampler must be an annbatch.abc.Sampler, got {type(batch_sampler).__name__}"
+                raise InvalidArgumentError(msg)
+            self._sampler: Sampler = batch_sampler
+        else:
+            self._sampler = ChunkSampler(
+                512 if chunk_size is None else chunk_size,
+                32 if preload_nchunks is None else preload_nchunks,
+                1 if batch_size is None else batch_size,
+                shuffle=bool(shuffle),
+                drop_last=bool(drop_last),
+                rng=rng,
+            )
+        if preload_to_gpu:
+            msg = "preload_to_gpu=True is not available yet; use preload_to_gpu=False"
+            raise FeatureNotAvailableError(msg)
+        self._output: OutputKind = _parse_output(to_torch=to_torch, to=to)
+        self._concat_strategy = parse_concat_strategy(concat_strategy)
+        if not isinstance(return_index, bool):
+            msg = f"return_index must be a bool, got {return_index!r}"
+            raise InvalidArgumentError(msg)
+        self._return_index = return_index
+        self._sources: list[RowSource] = []
+        self._obs: list[pd.DataFrame | None] = []
+        self._obs_all: pd.DataFrame | None = None  # concatenation of self._obs, built lazily
+        self._active_iterations = 0
+
+    # ----------------------------------------------------------------------------- attributes
+    @property
+    def batch_sampler(self) -> Sampler:
+        """The sampler that decides which rows are read together and how they are batched."""
+        return self._sampler
+
+    @property
+    def dataset_type(self) -> type | None:
+        """Type of the added datasets (e.g. ``zarr.Array``); None before any is added."""
+        return self._sources[0].dataset_type if self._sources else None
+
+    @property
+    def n_obs(self) -> int:
+        """Number of rows over all datasets."""
+        return sum(s.shape[0] for s in self._sources)
+
+    @property
+    def n_var(self) -> int | None:
+        """Number of columns, common to all datasets; None before any is added."""
+        return self._sources[0].shape[1] if self._sources else None
+
+    def __len__(self) -> int:
+        """Number of batches in one epoch (all DataLoader workers together)."""
+        return self._sampler.n_batches(self.n_obs)
+
+    def __repr__(self) -> str:
+        kind = self.dataset_type.__name__ if self.dataset_type else "no data"
+        return (
+            f"Loader({len(self._sources)} datasets of {kind}, n_obs={self.n_obs}, "
+            f"n_var={self.n_var}, sampler={self._sampler!r})"
+        )
+
+    # --------------------------------------------------------------------------------- adding
+    def add_anndata(self, adata: AnnData) -> Self:
+        """Append an AnnData whose ``X`` is a ``zarr.Array``, ``h5py.Dataset`` or CSR dataset.
+
+        Its ``obs`` is yielded with each batch, row for row.
+        """
+        return self.add_anndatas([adata])
+
+    def add_anndatas(self, adatas: Sequence[AnnData]) -> Self:
+        """Append several AnnData objects; see :meth:`add_anndata`."""
+        datasets, obs = [], []
+        for i, adata in enumerate(adatas):
+            x = getattr(adata, "X", None)
+            if x is None:
+                what = "has no X" if hasattr(adata, "X") else f"is a {type(adata).__name__}, not an AnnData"
+                msg = f"anndata {i} {what}"
+                raise InvalidArgumentError(msg)
+            datasets.append(x)
+            obs.append(adata.obs)
+        return self.add_datasets(datasets, obs)
+
+    def add_dataset(self, dataset: Any, obs: pd.DataFrame | None = None) -> Self:
+        """Append one array (``zarr.Array``, ``h5py.Dataset``, CSR dataset, numpy or scipy CSR).
+
+        Parameters
+        ----------
+        dataset
+            Rows along axis 0.
+        obs
+            One row per dataset row, yielded with the batches.
+        """
+        return self.add_datasets([dataset], None if obs is None else [obs])
+
+    def add_datasets(self, datasets: Sequence[Any], obs: Sequence[pd.DataFrame] | None = None) -> Self:
+        """Append several arrays of the same type and column count; see :meth:`add_dataset`.
+
+        Nothing is added unless every dataset is valid.
+        """
+        if self._active_iterations:
+            msg = (
+                "cannot add data while the Loader is being iterated; finish the loop (or close "
+                "its iterator) first"
+            )
+            raise LoaderBusyError(msg)
+        datasets = list(datasets)
+        obs_list: list[pd.DataFrame | None] = [None] * len(datasets) if obs is None else list(obs)
+        if len(obs_list) != len(datasets):
+            msg = f"got {len(datasets)} datasets but {len(obs_list)} obs tables; pass one per dataset"
+            raise ObsMismatchError(msg)
+        first = len(self._sources)
+        new = [as_row_source(d, where=f"dataset {first + i}") for i, d in enumerate(datasets)]
+        for i, (source, o) in enumerate(zip(new, obs_list, strict=True)):
+            self._check_compatible(source, o, position=first + i, earlier=[*self._sources, *new[:i]], earlier_obs=[*self._obs, *obs_list[:i]])
+        self._sources.extend(new)
+        self._obs.extend(obs_list)
+        self._obs_all = None
+        return self
+
+    # The spellings of later releases of the reference library.
+    add_adata = add_anndata
+    add_adatas = add_anndatas
+
+    def use_collection(self, collection: Any, *, load_adata: Any = None) -> Self:
+        """Read every dataset of a ``DatasetCollection``. Not available yet."""
+        msg = "use_collection is not available yet; add the collection's datasets with add_anndatas"
+        raise FeatureNotAvailableError(msg)
+
+    @staticmethod
+    def _check_compatible(
+        source: RowSource,
+        obs: pd.DataFrame | None,
+        *,
+        position: int,
+        earlier: Sequence[RowSource],
+        earlier_obs: Sequence[pd.DataFrame | None],
+    ) -> None:
+        where = f"dataset {position} ({source.describe()})"
+        if obs is not None:
+            if not isinstance(obs, pd.DataFrame):
+                msg = f"obs of {where} is a {type(obs).__name__}; expected a pandas.DataFrame"
+                raise ObsMismatchError(msg)
+            if len(obs) != source.shape[0]:
+                msg = f"obs of {where} has {len(obs)} rows; the dataset has {source.shape[0]}"
+                raise ObsMismatchError(msg)
+        if not earlier:
+            return
+        ref = earlier[0]
+        if source.dataset_type is not ref.dataset_type:
+            msg = (
+                f"{where} is a {source.dataset_type.__name__}; the Loader's datasets are "
+                f"{ref.dataset_type.__name__}. All datasets of one Loader must be of one type"
+            )
+            raise IncompatibleDatasetsError(msg)
+        if source.shape[1:] != ref.shape[1:]:
+            cols = "columns" if len(ref.shape) == 2 else "trailing dimensions"
+            got = source.shape[1] if len(source.shape) == 2 == len(ref.shape) else source.shape[1:]
+            want = ref.shape[1] if len(ref.shape) == 2 == len(source.shape) else ref.shape[1:]
+            msg = f"{where} has {got} {cols}; the Loader's datasets have {want}"
+            raise IncompatibleDatasetsError(msg)
+        if source.dtype != ref.dtype:
+            msg = f"{where} has dtype {source.dtype}; the Loader's datasets have {ref.dtype}"
+            raise IncompatibleDatasetsError(msg)
+        if (obs is None) != (earlier_obs[0] is None):
+            has = "has no obs" if obs is None else "has obs"
+            others = "have obs" if obs is None else "have none"
+            msg = f"{where} {has} but the Loader's earlier datasets {others}; give obs for all or none"
+            raise ObsMismatchError(msg)
+
+    # ------------------------------------------------------------------------------ iterating
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Yield one epoch of batches: ``{"X": ..., "obs": DataFrame | None, "index": array | None}``."""
+        if not self._sources:
+            msg = "the Loader has no data; add some with add_anndata or add_dataset first"
+            raise InvalidArgumentError(msg)
+        for source in self._sources:
+            source.check_open()
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[dict[str, Any]]:
+        sampler = self._sampler
+        shard = current_shard()
+        if shard.seed is not None:
+            sampler.reseed(shard.seed)
+        strategy: ConcatStrategy = self._concat_strategy or (
+            "concat-shuffle" if self._sources[0].is_sparse else "shuffle-concat"
+        )
+        offsets = dataset_offsets([s.shape[0] for s in self._sources])
+        obs = self._all_obs()
+        self._active_iterations += 1
+        try:
+            for number, request in enumerate(sampler.sample(int(offsets[-1]))):
+                if not shard.owns(number):
+                    continue
+                plan = plan_reads(request.chunks, offsets)
+                blocks = read_plan(plan, self._sources)
+                splits = request.splits
+                if splits is None:
+                    splits = default_splits(plan.n_rows, sampler.batch_size)
+                for split, x in zip(splits, assemble(blocks, splits, strategy), strict=True):
+                    index = plan.index[split]
+                    yield {
+                        "X": convert(x, self._output),
+                        "obs": None if obs is None else obs.iloc[index],
+                        "index": index if self._return_index else None,
+                    }
+        finally:
+            self._active_iterations -= 1
+
+    def _all_obs(self) -> pd.DataFrame | None:
+        if self._obs_all is None and self._obs and self._obs[0] is not None:
+            self._obs_all = pd.concat(self._obs, axis=0) if len(self._obs) > 1 else self._obs[0]
+        return self._obs_all
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to DataLoader workers: a worker starts with no iteration running.
+        state = self.__dict__.copy()
+        state["_active_iterations"] = 0
+        state["_obs_all"] = None
+        return state
+
+
+def _parse_output(*, to_torch: bool | None, to: str | None) -> OutputKind:
+    if to is not None:
+        if to not in _OUTPUTS:
+            msg = f"to must be one of {_OUTPUTS} or None, got {to!r}"
+            raise InvalidArgumentError(msg)
+        if to_torch is not None and to_torch != (to == "torch"):
+            msg = f"to={to!r} contradicts to_torch={to_torch}; pass only one of them"
+            raise InvalidArgumentError(msg)
+        if to == "jax":
+            msg = "to='jax' is not available yet; use to='torch' or to='numpy'"
+            raise FeatureNotAvailableError(msg)
+        return "torch" if to == "torch" else "numpy"
+    if to_torch is None:
+        return "torch" if torch_available() else "numpy"
+    if not isinstance(to_torch, bool):
+        msg = f"to_torch must be a bool or None, got {to_torch!r}"
+        raise InvalidArgumentError(msg)
+    if to_torch and not torch_available():
+        msg = "to_torch=True needs torch; install it with `pip install 'annbatch[torch]'`"
+        raise InvalidArgumentError(msg)
+    return "torch" if to_torch else "numpy"
