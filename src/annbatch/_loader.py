@@ -334,7 +334,10 @@ class Loader(_IterableBase):  # type: ignore[misc,valid-type]
 
     def _all_obs(self) -> pd.DataFrame | None:
         if self._obs_all is None and self._obs and self._obs[0] is not None:
-            self._obs_all = pd.concat(self._obs, axis=0) if len(self._obs) > 1 else self._obs[0]
+            # Tables of empty datasets add no rows; leaving them out keeps pandas from
+            # changing column dtypes because of them.
+            frames = [o for o in self._obs if o is not None and len(o)] or [self._obs[0]]
+            self._obs_all = pd.concat(frames, axis=0) if len(frames) > 1 else frames[0]
         return self._obs_all
 
     def __getstate__(self) -> dict[str, Any]:
