@@ -65,6 +65,7 @@ class Store:
     matrix: Any  # the expected contents, in memory
     obs: pd.DataFrame
     x: Any = None  # what is passed to the Loader
+    path: str | None = None  # the AnnData store on disk, holding X and obs
     handles: list[Any] = field(default_factory=list)
 
     @property
@@ -112,12 +113,15 @@ class StorePool:
                 kwargs["shards"] = (kwargs["chunks"][0] * 2, *kwargs["chunks"][1:])
             ad.io.write_elem(group, "X", matrix, dataset_kwargs=kwargs if n_obs else {})
             ad.io.write_elem(group, "obs", obs)
-            x = zarr.open_group(f"{path}.zarr", mode="r")["X"]
+            store.path = f"{path}.zarr"
+            x = zarr.open_group(store.path, mode="r")["X"]
             store.x = ad.io.sparse_dataset(x) if kind == "sparse" else x
         else:
-            with h5py.File(f"{path}.h5ad", "w") as f:
+            store.path = f"{path}.h5ad"
+            with h5py.File(store.path, "w") as f:
                 ad.io.write_elem(f, "X", matrix, dataset_kwargs=kwargs if n_obs else {})
-            handle = h5py.File(f"{path}.h5ad", "r")
+                ad.io.write_elem(f, "obs", obs)
+            handle = h5py.File(store.path, "r")
             store.handles.append(handle)
             store.x = ad.io.sparse_dataset(handle["X"]) if kind == "sparse" else handle["X"]
         return store

@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 @cache
 def has_module(name: str) -> bool:
     """Whether ``name`` can be imported, without importing it."""
-    return importlib.util.find_spec(name) is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # blocked by an import hook, or a None entry in sys.modules
+        return False
 
 
 def import_optional(name: str, *, purpose: str, extra: str) -> ModuleType:

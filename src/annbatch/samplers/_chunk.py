@@ -45,8 +45,8 @@ class ChunkSampler(Sampler):
     chunk_size
         Number of contiguous rows per chunk.
     preload_nchunks
-        Number of chunks read into memory together. ``chunk_size * preload_nchunks`` must be a
-        multiple of ``batch_size`` so that every batch but the epoch's last is full.
+        Number of chunks read into memory together. ``chunk_size * preload_nchunks`` must be at
+        least ``batch_size``.
     batch_size
         Number of rows per batch.
     shuffle
@@ -58,8 +58,10 @@ class ChunkSampler(Sampler):
 
     Notes
     -----
-    A chunk shorter than ``chunk_size`` (the end of the row space) always goes into the
-    epoch's last window, so that no batch but the last is short.
+    Every window but the epoch's last holds ``chunk_size * preload_nchunks`` rows rounded down
+    to a multiple of ``batch_size``, so only the epoch's last batch can be short. When the
+    rounding removes rows, the chunk at the end of a window continues at the start of the
+    next one (it is read as two ranges, never twice).
     """
 
     def __init__(
@@ -76,13 +78,16 @@ class ChunkSampler(Sampler):
         self._preload_nchunks = parse_positive_int(preload_nchunks, "preload_nchunks")
         self._batch_size = parse_positive_int(batch_size, "batch_size")
         window = self._chunk_size * self._preload_nchunks
-        if window % self._batch_size:
+        if self._batch_size > window:
             msg = (
-                f"chunk_size * preload_nchunks ({self._chunk_size} * {self._preload_nchunks} = {window}) "
-                f"must be a multiple of batch_size ({self._batch_size}), so that batches do not "
-                "straddle preload windows"
+                f"batch_size ({self._batch_size}) is larger than one preload window, chunk_size * "
+                f"preload_nchunks ({self._chunk_size} * {self._preload_nchunks} = {window}); "
+                "raise preload_nchunks or lower batch_size"
             )
             raise InvalidArgumentError(msg)
+        # Every window but the last holds a whole number of batches, so no batch is short
+        # mid-epoch; the chunk at a window's edge is split between two windows.
+        self._window_rows = window - window % self._batch_size
         self._shuffle = _parse_bool(shuffle, "shuffle")
         self._drop_last = _parse_bool(drop_last, "drop_last")
         self._rng = parse_rng(rng)
@@ -137,16 +142,10 @@ class ChunkSampler(Sampler):
     def _sample(self, n_obs: int) -> Iterator[LoadRequest]:
         starts = np.arange(0, n_obs, self._chunk_size)
         if self._shuffle:
-            n_full = n_obs // self._chunk_size
-            # The short tail chunk, if any, stays last: see the class Notes.
-            starts = np.concatenate([self._rng.permutation(starts[:n_full]), starts[n_full:]])
+            starts = self._rng.permutation(starts)
         n_keep = self.n_batches(n_obs) * self._batch_size if self._drop_last else n_obs
         emitted = 0
-        for w in range(0, len(starts), self._preload_nchunks):
-            chunks = [
-                slice(int(s), min(int(s) + self._chunk_size, n_obs))
-                for s in starts[w : w + self._preload_nchunks]
-            ]
+        for chunks in self._windows(starts, n_obs):
             n_rows = sum(c.stop - c.start for c in chunks)
             n_use = min(n_rows, n_keep - emitted)
             if n_use <= 0:
@@ -157,6 +156,23 @@ class ChunkSampler(Sampler):
             splits = [order[i : i + self._batch_size] for i in range(0, n_use, self._batch_size)]
             emitted += n_use
             yield LoadRequest(chunks=chunks, splits=splits)
+
+    def _windows(self, starts: np.ndarray, n_obs: int) -> Iterator[list[slice]]:
+        """Cut the chunk sequence into windows of ``self._window_rows`` rows (the last shorter)."""
+        window: list[slice] = []
+        room = self._window_rows
+        for s in starts:
+            start, stop = int(s), min(int(s) + self._chunk_size, n_obs)
+            while start < stop:
+                end = min(stop, start + room)
+                window.append(slice(start, end))
+                room -= end - start
+                start = end
+                if room == 0:
+                    yield window
+                    window, room = [], self._window_rows
+        if window:
+            yield window
 
 
 def _parse_bool(value: object, name: str) -> bool:
