@@ -53,7 +53,9 @@ def stream(loader: annbatch.Loader) -> tuple[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, help="where to write the stores (default: a temporary folder)")
+    parser.add_argument(
+        "--dir", type=Path, help="where to write the stores (default: a temporary folder)"
+    )
     parser.add_argument("--n-obs", type=int, default=50_000)
     parser.add_argument("--n-var", type=int, default=2_000)
     args = parser.parse_args()
@@ -72,9 +74,13 @@ def main() -> None:
                 "h5ad": annbatch.load_x_and_obs(f),
             }
             for name, adata in sources.items():
-                loader = annbatch.Loader(**settings, rng=np.random.default_rng(0)).add_anndata(adata)
+                loader = annbatch.Loader(**settings, rng=np.random.default_rng(0)).add_anndata(
+                    adata
+                )
                 rows, seconds = stream(loader)
-                print(f"{name:>5}: {rows:,} rows in {seconds:.2f} s = {rows / seconds:,.0f} rows/s ({loader})")
+                print(
+                    f"{name:>5}: {rows:,} rows in {seconds:.2f} s = {rows / seconds:,.0f} rows/s ({loader})"
+                )
 
 
 if __name__ == "__main__":

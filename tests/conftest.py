@@ -42,7 +42,9 @@ def make_matrix(n_obs: int, kind: str, seed: int, *, trailing: tuple[int, ...] =
     """Rows whose values identify them: row i of dataset `seed` is unique in the pool."""
     rng = np.random.default_rng(seed)
     shape = (n_obs, N_VAR, *trailing)
-    dense = (np.arange(np.prod(shape), dtype=np.float32).reshape(shape) + seed * 1000).astype(np.float32)
+    dense = (np.arange(np.prod(shape), dtype=np.float32).reshape(shape) + seed * 1000).astype(
+        np.float32
+    )
     if kind == "dense":
         return dense
     mask = rng.random((n_obs, N_VAR)) < 0.5
@@ -93,7 +95,9 @@ class StorePool:
     def many(self, fmt: str, kind: str, sizes: Iterable[int]) -> list[Store]:
         return [self.get(fmt, kind, n) for n in sizes]
 
-    def _create(self, fmt: str, kind: str, n_obs: int, seed: int, trailing: tuple[int, ...]) -> Store:
+    def _create(
+        self, fmt: str, kind: str, n_obs: int, seed: int, trailing: tuple[int, ...]
+    ) -> Store:
         matrix = make_matrix(n_obs, kind, seed, trailing=trailing)
         obs = make_obs(n_obs, seed)
         store = Store(fmt, kind, matrix, obs)
@@ -168,8 +172,9 @@ def check_epoch(batches: list[dict[str, Any]], stores: list[Store]) -> np.ndarra
     want_obs = expected_obs(stores)
     order = []
     for batch in batches:
-        index = batch["index"]
-        assert index is not None
+        # DataLoader's default_convert turns numpy arrays into tensors.
+        index = np.asarray(batch["index"])
+        assert batch["index"] is not None
         x = to_numpy(batch["X"])
         assert x.shape[0] == index.size
         np.testing.assert_array_equal(x, want_x[index])

@@ -6,17 +6,20 @@ import math
 
 import numpy as np
 import pytest
-from conftest import FORMATS, KINDS, check_epoch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from annbatch import Loader
 
+from conftest import FORMATS, KINDS, check_epoch
+
 SIZES = [(37,), (20, 0, 45), (1, 64, 13)]
 
 
 def _loader(stores, **kwargs) -> Loader:
-    return Loader(return_index=True, to_torch=False, **kwargs).add_anndatas([s.adata() for s in stores])
+    return Loader(return_index=True, to_torch=False, **kwargs).add_anndatas(
+        [s.adata() for s in stores]
+    )
 
 
 def assert_epoch(loader: Loader, stores, *, drop_last: bool, batch_size: int) -> np.ndarray:
@@ -61,7 +64,9 @@ def test_grid(pool, fmt, kind, sizes, chunk_size, preload_nchunks, batch_size, s
         np.testing.assert_array_equal(order, np.arange(len(order)))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     fmt=st.sampled_from(FORMATS),
     kind=st.sampled_from(KINDS),
@@ -75,7 +80,17 @@ def test_grid(pool, fmt, kind, sizes, chunk_size, preload_nchunks, batch_size, s
     seed=st.integers(0, 2**32 - 1),
 )
 def test_any_combination(
-    pool, fmt, kind, sizes, chunk_size, preload_nchunks, batch_frac, shuffle, drop_last, strategy, seed
+    pool,
+    fmt,
+    kind,
+    sizes,
+    chunk_size,
+    preload_nchunks,
+    batch_frac,
+    shuffle,
+    drop_last,
+    strategy,
+    seed,
 ):
     batch_size = max(1, int(batch_frac * chunk_size * preload_nchunks))  # at most one window
     stores = pool.many(fmt, kind, sizes)
@@ -135,7 +150,9 @@ def test_return_index_false_yields_none(pool):
 
 def test_no_obs_yields_none(pool):
     store = pool.get("zarr", "sparse", 37)
-    loader = Loader(batch_size=8, chunk_size=8, preload_nchunks=2, to_torch=False, return_index=True)
+    loader = Loader(
+        batch_size=8, chunk_size=8, preload_nchunks=2, to_torch=False, return_index=True
+    )
     batches = list(loader.add_dataset(store.x))
     assert all(b["obs"] is None for b in batches)
     assert np.concatenate([b["index"] for b in batches]).tolist() == list(range(37))

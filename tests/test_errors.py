@@ -32,36 +32,55 @@ def test_different_column_counts(pool, loader):
     a = pool.get("zarr", "dense", 10).x
     b = zarr.create_array(zarr.storage.MemoryStore(), shape=(5, 7), dtype="float32")
     loader.add_dataset(a)
-    with pytest.raises(IncompatibleDatasetsError, match=r"dataset 1 \(zarr.Array .*\) has 7 columns; the Loader's datasets have 6"):
+    with pytest.raises(
+        IncompatibleDatasetsError,
+        match=r"dataset 1 \(zarr.Array .*\) has 7 columns; the Loader's datasets have 6",
+    ):
         loader.add_dataset(b)
     assert loader.n_obs == 10, "a rejected dataset must not be added"
 
 
 def test_different_column_counts_within_one_call(loader):
-    with pytest.raises(IncompatibleDatasetsError, match="dataset 1 .* has 3 columns; the Loader's datasets have 2"):
+    with pytest.raises(
+        IncompatibleDatasetsError, match=r"dataset 1 .* has 3 columns; the Loader's datasets have 2"
+    ):
         loader.add_datasets([np.zeros((3, 2), np.float32), np.zeros((3, 3), np.float32)])
     assert loader.n_obs == 0
 
 
 def test_mixed_dataset_types(pool, loader):
     loader.add_dataset(pool.get("zarr", "dense", 10).x)
-    with pytest.raises(IncompatibleDatasetsError, match="dataset 1 .* is a CSRDataset; the Loader's datasets are Array"):
+    with pytest.raises(
+        IncompatibleDatasetsError,
+        match=r"dataset 1 .* is a CSRDataset; the Loader's datasets are Array",
+    ):
         loader.add_dataset(pool.get("zarr", "sparse", 10).x)
-    with pytest.raises(IncompatibleDatasetsError, match="is a Dataset; the Loader's datasets are Array"):
+    with pytest.raises(
+        IncompatibleDatasetsError, match="is a Dataset; the Loader's datasets are Array"
+    ):
         loader.add_dataset(pool.get("h5ad", "dense", 10).x)
 
 
 def test_mixed_dtypes(loader):
     loader.add_dataset(np.zeros((3, 2), np.float32))
-    with pytest.raises(IncompatibleDatasetsError, match="has dtype float64; the Loader's datasets have float32"):
+    with pytest.raises(
+        IncompatibleDatasetsError, match="has dtype float64; the Loader's datasets have float32"
+    ):
         loader.add_dataset(np.zeros((3, 2), np.float64))
 
 
 @pytest.mark.parametrize("n_obs_rows", [9, 11, 0])
 def test_obs_length_differs(pool, loader, n_obs_rows):
     store = pool.get("h5ad", "sparse", 10)
-    with pytest.raises(ObsMismatchError, match=f"obs of dataset 0 .* has {n_obs_rows} rows; the dataset has 10"):
-        loader.add_dataset(store.x, obs=store.obs.iloc[:n_obs_rows] if n_obs_rows <= 10 else pd.concat([store.obs, store.obs.iloc[:1]]))
+    with pytest.raises(
+        ObsMismatchError, match=f"obs of dataset 0 .* has {n_obs_rows} rows; the dataset has 10"
+    ):
+        loader.add_dataset(
+            store.x,
+            obs=store.obs.iloc[:n_obs_rows]
+            if n_obs_rows <= 10
+            else pd.concat([store.obs, store.obs.iloc[:1]]),
+        )
 
 
 def test_obs_count_differs_from_datasets(pool, loader):
@@ -73,20 +92,26 @@ def test_obs_count_differs_from_datasets(pool, loader):
 def test_obs_for_some_datasets_only(pool, loader):
     store = pool.get("zarr", "dense", 10)
     loader.add_dataset(store.x, obs=store.obs)
-    with pytest.raises(ObsMismatchError, match="dataset 1 .* has no obs but the Loader's earlier datasets have obs"):
+    with pytest.raises(
+        ObsMismatchError,
+        match=r"dataset 1 .* has no obs but the Loader's earlier datasets have obs",
+    ):
         loader.add_dataset(store.x)
 
 
 def test_obs_not_a_dataframe(pool, loader):
     store = pool.get("zarr", "dense", 10)
-    with pytest.raises(ObsMismatchError, match="is a ndarray; expected a pandas.DataFrame"):
+    with pytest.raises(ObsMismatchError, match=r"is a ndarray; expected a pandas.DataFrame"):
         loader.add_dataset(store.x, obs=np.arange(10))
 
 
 @pytest.mark.parametrize("fmt", ["csc", "coo"])
 def test_scipy_csc_or_coo(loader, fmt):
     matrix = sp.random(10, 4, density=0.5, format=fmt)
-    with pytest.raises(UnsupportedDatasetError, match=f"dataset 0 is a scipy.sparse matrix in {fmt.upper()} format; expected CSR"):
+    with pytest.raises(
+        UnsupportedDatasetError,
+        match=f"dataset 0 is a scipy.sparse matrix in {fmt.upper()} format; expected CSR",
+    ):
         loader.add_dataset(matrix)
 
 
@@ -97,7 +122,10 @@ def test_on_disk_csc(tmp_path, loader, fmt):
         group = zarr.open_group(tmp_path / "csc.zarr", mode="w")
         ad.io.write_elem(group, "X", matrix)
         x = ad.io.sparse_dataset(group["X"])
-        with pytest.raises(UnsupportedDatasetError, match="dataset 0 is a CSC matrix; the Loader reads rows and needs CSR"):
+        with pytest.raises(
+            UnsupportedDatasetError,
+            match="dataset 0 is a CSC matrix; the Loader reads rows and needs CSR",
+        ):
             loader.add_dataset(x)
     else:
         with h5py.File(tmp_path / "csc.h5ad", "w") as f:
@@ -136,8 +164,14 @@ def test_anndata_without_x(loader):
         ({"chunk_size": 0}, "chunk_size must be a positive integer, got 0"),
         ({"preload_nchunks": 0}, "preload_nchunks must be a positive integer, got 0"),
         ({"batch_size": -4}, "batch_size must be a positive integer, got -4"),
-        ({"chunk_size": 3, "preload_nchunks": 3, "batch_size": 10}, r"batch_size \(10\) is larger than one preload window, chunk_size \* preload_nchunks \(3 \* 3 = 9\)"),
-        ({"concat_strategy": "concat"}, "concat_strategy must be one of .*'concat-shuffle', 'shuffle-concat'.* got 'concat'"),
+        (
+            {"chunk_size": 3, "preload_nchunks": 3, "batch_size": 10},
+            r"batch_size \(10\) is larger than one preload window, chunk_size \* preload_nchunks \(3 \* 3 = 9\)",
+        ),
+        (
+            {"concat_strategy": "concat"},
+            "concat_strategy must be one of .*'concat-shuffle', 'shuffle-concat'.* got 'concat'",
+        ),
         ({"to": "tensorflow"}, "to must be one of"),
         ({"to": "torch", "to_torch": False}, "to='torch' contradicts to_torch=False"),
         ({"to_torch": "yes"}, "to_torch must be a bool"),
@@ -157,9 +191,18 @@ def test_bad_loader_arguments(kwargs, match):
 def test_sampler_arguments_with_batch_sampler(given):
     from annbatch import ChunkSampler
 
-    values = {"chunk_size": 4, "preload_nchunks": 2, "batch_size": 2, "shuffle": False, "drop_last": False, "rng": np.random.default_rng()}
+    values = {
+        "chunk_size": 4,
+        "preload_nchunks": 2,
+        "batch_size": 2,
+        "shuffle": False,
+        "drop_last": False,
+        "rng": np.random.default_rng(),
+    }
     kwargs = {name: values[name] for name in given}
-    with pytest.raises(InvalidArgumentError, match=f"batch_sampler is given, so {', '.join(given)} must not be"):
+    with pytest.raises(
+        InvalidArgumentError, match=f"batch_sampler is given, so {', '.join(given)} must not be"
+    ):
         Loader(batch_sampler=ChunkSampler(), **kwargs)
 
 
@@ -187,25 +230,38 @@ def test_adding_after_break_is_allowed(pool, loader):
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
 def test_h5ad_file_closed_before_adding(tmp_path, loader, kind):
     path = tmp_path / "closed.h5ad"
-    matrix = np.ones((6, 3), np.float32) if kind == "dense" else sp.csr_matrix(np.eye(6, 3, dtype=np.float32))
+    matrix = (
+        np.ones((6, 3), np.float32)
+        if kind == "dense"
+        else sp.csr_matrix(np.eye(6, 3, dtype=np.float32))
+    )
     with h5py.File(path, "w") as f:
         ad.io.write_elem(f, "X", matrix)
     f = h5py.File(path, "r")
     x = f["X"] if kind == "dense" else ad.io.sparse_dataset(f["X"])
     f.close()
-    with pytest.raises(ClosedDatasetError, match="dataset 0 belongs to an HDF5 file that has been closed"):
+    with pytest.raises(
+        ClosedDatasetError, match="dataset 0 belongs to an HDF5 file that has been closed"
+    ):
         loader.add_dataset(x)
 
 
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
 def test_h5ad_file_closed_before_iterating(tmp_path, loader, kind):
     path = tmp_path / "closed.h5ad"
-    matrix = np.ones((6, 3), np.float32) if kind == "dense" else sp.csr_matrix(np.eye(6, 3, dtype=np.float32))
+    matrix = (
+        np.ones((6, 3), np.float32)
+        if kind == "dense"
+        else sp.csr_matrix(np.eye(6, 3, dtype=np.float32))
+    )
     with h5py.File(path, "w") as f:
         ad.io.write_elem(f, "X", matrix)
     with h5py.File(path, "r") as f:
         loader.add_dataset(f["X"] if kind == "dense" else ad.io.sparse_dataset(f["X"]))
-    with pytest.raises(ClosedDatasetError, match="belongs to an HDF5 file that has been closed; keep the h5py.File"):
+    with pytest.raises(
+        ClosedDatasetError,
+        match=r"belongs to an HDF5 file that has been closed; keep the h5py.File",
+    ):
         iter(loader)
 
 

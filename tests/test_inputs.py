@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import zarr
-from conftest import check_epoch, to_numpy
 
 from annbatch import Loader, load_x_and_obs
+
+from conftest import check_epoch, to_numpy
 
 
 @pytest.mark.parametrize(
@@ -58,8 +59,14 @@ def test_scipy_csr_array_input(pool):
 def test_nd_dense_streams_along_axis_0(pool, fmt, shuffle, strategy):
     stores = [pool.get(fmt, "dense", n, trailing=(3,)) for n in (9, 14)]
     loader = Loader(
-        chunk_size=2, preload_nchunks=3, batch_size=3, shuffle=shuffle, return_index=True,
-        to_torch=False, concat_strategy=strategy, rng=np.random.default_rng(0),
+        chunk_size=2,
+        preload_nchunks=3,
+        batch_size=3,
+        shuffle=shuffle,
+        return_index=True,
+        to_torch=False,
+        concat_strategy=strategy,
+        rng=np.random.default_rng(0),
     ).add_datasets([s.x for s in stores], obs=[s.obs for s in stores])  # AnnData's X is 2-D only
     assert loader.n_var == 6
     batches = list(loader)
@@ -76,17 +83,21 @@ def test_load_x_and_obs(pool, fmt, kind):
     adata = load_x_and_obs(root)
     assert adata.n_obs == 17
     assert isinstance(adata.X, zarr.Array | h5py.Dataset | ad.abc.CSRDataset)
-    loader = Loader(chunk_size=4, preload_nchunks=2, batch_size=4, return_index=True, to_torch=False).add_anndata(adata)
+    loader = Loader(
+        chunk_size=4, preload_nchunks=2, batch_size=4, return_index=True, to_torch=False
+    ).add_anndata(adata)
     check_epoch(list(loader), [store])
 
 
 def test_load_x_and_obs_rejects_non_stores(tmp_path):
     from annbatch.errors import UnsupportedDatasetError
 
-    with pytest.raises(UnsupportedDatasetError, match="expected a zarr.Group or h5py.Group"):
+    with pytest.raises(UnsupportedDatasetError, match=r"expected a zarr.Group or h5py.Group"):
         load_x_and_obs(tmp_path)
     group = zarr.open_group(tmp_path / "empty.zarr", mode="w")
-    with pytest.raises(UnsupportedDatasetError, match="is not an AnnData store: it has no X or obs"):
+    with pytest.raises(
+        UnsupportedDatasetError, match="is not an AnnData store: it has no X or obs"
+    ):
         load_x_and_obs(group)
 
 
@@ -100,7 +111,14 @@ def test_written_anndata_round_trip(tmp_path):
     adata.write_h5ad(tmp_path / "a.h5ad")
     with h5py.File(tmp_path / "a.h5ad", "r") as f:
         for root in (zarr.open_group(tmp_path / "a.zarr", mode="r"), f):
-            loader = Loader(batch_size=32, chunk_size=8, preload_nchunks=8, shuffle=True, return_index=True, to_torch=False)
+            loader = Loader(
+                batch_size=32,
+                chunk_size=8,
+                preload_nchunks=8,
+                shuffle=True,
+                return_index=True,
+                to_torch=False,
+            )
             loader.add_anndata(load_x_and_obs(root))
             seen = []
             for batch in loader:
@@ -112,8 +130,14 @@ def test_written_anndata_round_trip(tmp_path):
 
 def test_alternative_spellings(pool):
     stores = pool.many("zarr", "sparse", [10, 5])
-    a = Loader(batch_size=4, to="torch", return_index=True).add_adata(stores[0].adata()).add_adatas([stores[1].adata()])
-    b = Loader(batch_size=4, to_torch=True, return_index=True).add_anndatas([s.adata() for s in stores])
+    a = (
+        Loader(batch_size=4, to="torch", return_index=True)
+        .add_adata(stores[0].adata())
+        .add_adatas([stores[1].adata()])
+    )
+    b = Loader(batch_size=4, to_torch=True, return_index=True).add_anndatas(
+        [s.adata() for s in stores]
+    )
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(to_numpy(x["X"]), to_numpy(y["X"]))
     numpy_loader = Loader(batch_size=4, to="numpy").add_adata(stores[0].adata())

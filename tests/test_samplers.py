@@ -6,11 +6,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-from conftest import check_epoch
 
 from annbatch import ChunkSampler, Loader
 from annbatch.abc import LoadRequest, Sampler
 from annbatch.errors import InvalidArgumentError
+
+from conftest import check_epoch
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -24,7 +25,9 @@ def _rows(request: LoadRequest) -> np.ndarray:
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_chunk_sampler_covers_rows(n_obs, shuffle, drop_last):
-    sampler = ChunkSampler(10, 3, 6, shuffle=shuffle, drop_last=drop_last, rng=np.random.default_rng(0))
+    sampler = ChunkSampler(
+        10, 3, 6, shuffle=shuffle, drop_last=drop_last, rng=np.random.default_rng(0)
+    )
     requests = list(sampler.sample(n_obs))
     yielded = np.concatenate([_rows(r)[s] for r in requests for s in r.splits]) if requests else []
     n_batches = sum(len(r.splits) for r in requests)
@@ -83,7 +86,10 @@ def test_reseed_changes_order_deterministically():
         ({"preload_nchunks": -1}, "preload_nchunks must be a positive integer, got -1"),
         ({"batch_size": 2.5}, "batch_size must be a positive integer, got 2.5"),
         ({"chunk_size": True}, "chunk_size must be a positive integer, got True"),
-        ({"chunk_size": 4, "preload_nchunks": 3, "batch_size": 13}, r"batch_size \(13\) is larger than one preload window, chunk_size \* preload_nchunks \(4 \* 3 = 12\)"),
+        (
+            {"chunk_size": 4, "preload_nchunks": 3, "batch_size": 13},
+            r"batch_size \(13\) is larger than one preload window, chunk_size \* preload_nchunks \(4 \* 3 = 12\)",
+        ),
         ({"shuffle": "yes"}, "shuffle must be a bool"),
         ({"rng": 3}, "rng must be a numpy.random.Generator"),
     ],
@@ -139,10 +145,16 @@ class BadSampler(Sampler):
 @pytest.mark.parametrize(
     ("request_", "match"),
     [
-        (LoadRequest(chunks=[slice(0, 100)]), r"chunk slice\(0, 100, None\); expected 0 <= start <= stop <= n_obs = 11"),
+        (
+            LoadRequest(chunks=[slice(0, 100)]),
+            r"chunk slice\(0, 100, None\); expected 0 <= start <= stop <= n_obs = 11",
+        ),
         (LoadRequest(chunks=[slice(0, 4, 2)]), "expected a slice with step 1"),
         (LoadRequest(chunks=[slice(0, 4)], splits=[np.array([4])]), r"positions outside 0..3"),
-        (LoadRequest(chunks=[slice(0, 4)], splits=[np.array([0.5])]), "expected a 1-D integer array"),
+        (
+            LoadRequest(chunks=[slice(0, 4)], splits=[np.array([0.5])]),
+            "expected a 1-D integer array",
+        ),
         ([slice(0, 4)], "expected annbatch.abc.LoadRequest"),
     ],
 )

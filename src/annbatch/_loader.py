@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal, Self
 
-import numpy as np
 import pandas as pd
 
 from annbatch._compat import torch_available
@@ -27,6 +26,7 @@ from annbatch.samplers import ChunkSampler
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
+    import numpy as np
     from anndata import AnnData
 
     from annbatch._core.assembler import ConcatStrategy
@@ -42,7 +42,7 @@ _SAMPLER_ARGS = ("chunk_size", "preload_nchunks", "batch_size", "shuffle", "drop
 _OUTPUTS = ("numpy", "torch", "jax")
 
 
-class Loader(_IterableBase):  # type: ignore[misc,valid-type]
+class Loader(_IterableBase):
     """Stream batches of rows, with their obs, from on-disk (or in-memory) AnnData arrays.
 
     Rows of every added dataset form one row space, in the order the datasets were added.
@@ -198,7 +198,11 @@ class Loader(_IterableBase):  # type: ignore[misc,valid-type]
         for i, adata in enumerate(adatas):
             x = getattr(adata, "X", None)
             if x is None:
-                what = "has no X" if hasattr(adata, "X") else f"is a {type(adata).__name__}, not an AnnData"
+                what = (
+                    "has no X"
+                    if hasattr(adata, "X")
+                    else f"is a {type(adata).__name__}, not an AnnData"
+                )
                 msg = f"anndata {i} {what}"
                 raise InvalidArgumentError(msg)
             datasets.append(x)
@@ -217,7 +221,9 @@ class Loader(_IterableBase):  # type: ignore[misc,valid-type]
         """
         return self.add_datasets([dataset], None if obs is None else [obs])
 
-    def add_datasets(self, datasets: Sequence[Any], obs: Sequence[pd.DataFrame] | None = None) -> Self:
+    def add_datasets(
+        self, datasets: Sequence[Any], obs: Sequence[pd.DataFrame] | None = None
+    ) -> Self:
         """Append several arrays of the same type and column count; see :meth:`add_dataset`.
 
         Nothing is added unless every dataset is valid.
@@ -231,12 +237,20 @@ class Loader(_IterableBase):  # type: ignore[misc,valid-type]
         datasets = list(datasets)
         obs_list: list[pd.DataFrame | None] = [None] * len(datasets) if obs is None else list(obs)
         if len(obs_list) != len(datasets):
-            msg = f"got {len(datasets)} datasets but {len(obs_list)} obs tables; pass one per dataset"
+            msg = (
+                f"got {len(datasets)} datasets but {len(obs_list)} obs tables; pass one per dataset"
+            )
             raise ObsMismatchError(msg)
         first = len(self._sources)
         new = [as_row_source(d, where=f"dataset {first + i}") for i, d in enumerate(datasets)]
         for i, (source, o) in enumerate(zip(new, obs_list, strict=True)):
-            self._check_compatible(source, o, position=first + i, earlier=[*self._sources, *new[:i]], earlier_obs=[*self._obs, *obs_list[:i]])
+            self._check_compatible(
+                source,
+                o,
+                position=first + i,
+                earlier=[*self._sources, *new[:i]],
+                earlier_obs=[*self._obs, *obs_list[:i]],
+            )
         self._sources.extend(new)
         self._obs.extend(obs_list)
         self._obs_all = None

@@ -43,7 +43,11 @@ def _canonical_csr(block: sp.csr_matrix) -> sp.csr_matrix:
     # Slices of a CSR matrix can carry views with an offset indptr; torch wants indptr[0] == 0.
     if block.indptr.size and block.indptr[0] != 0:
         block = sp.csr_matrix(
-            (block.data[block.indptr[0] : block.indptr[-1]], block.indices[block.indptr[0] : block.indptr[-1]], block.indptr - block.indptr[0]),
+            (
+                block.data[block.indptr[0] : block.indptr[-1]],
+                block.indices[block.indptr[0] : block.indptr[-1]],
+                block.indptr - block.indptr[0],
+            ),
             shape=block.shape,
         )
     return block

@@ -256,11 +256,11 @@ def as_row_source(dataset: object, *, where: str) -> RowSource:
     if isinstance(dataset, anndata.abc.CSRDataset):
         _check_h5_open(dataset.group, where)
         return CSRSource.from_anndata(dataset)
-    if sp.issparse(dataset):
-        if dataset.format != "csr":
+    if isinstance(dataset, sp.sparray | sp.spmatrix):
+        if not isinstance(dataset, sp.csr_matrix | sp.csr_array):
             msg = f"{where} is a scipy.sparse matrix in {dataset.format.upper()} format; expected CSR (convert with `.tocsr()`)"
             raise UnsupportedDatasetError(msg)
-        return CSRSource.from_scipy(dataset)  # type: ignore[arg-type]
+        return CSRSource.from_scipy(dataset)
     if isinstance(dataset, zarr.Array | h5py.Dataset | np.ndarray):
         _check_h5_open(dataset, where)
         if dataset.ndim < 2:
