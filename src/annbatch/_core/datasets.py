@@ -103,6 +103,11 @@ def _describe_array(arr: Any) -> str:
     return "in-memory array"
 
 
+def _owned(values: Any, *, in_memory: bool) -> np.ndarray:
+    """``values`` as an array the Loader may hand out: copied when it views a user's array."""
+    return np.array(values) if in_memory else np.asarray(values)
+
+
 class DenseSource:
     """Dense rows from a ``zarr.Array``, ``h5py.Dataset`` or ``numpy.ndarray`` (axis 0 = rows)."""
 
@@ -127,7 +132,7 @@ class DenseSource:
     def read(self, start: int, stop: int) -> np.ndarray:
         # A slice of an in-memory array is a view: copy it, so that yielded batches (and the
         # tensors sharing their memory) never alias the user's array.
-        return np.array(self._array[start:stop], copy=isinstance(self._array, np.ndarray))
+        return _owned(self._array[start:stop], in_memory=isinstance(self._array, np.ndarray))
 
     def check_open(self) -> None:
         _check_h5_open(self._array, self.describe())
@@ -204,9 +209,9 @@ class CSRSource:
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         lo, hi = int(self._indptr[start]), int(self._indptr[stop])
-        copy = isinstance(self._data, np.ndarray)  # see DenseSource.read
-        data = np.array(self._data[lo:hi], copy=copy)
-        indices = np.array(self._indices[lo:hi], copy=copy)
+        in_memory = isinstance(self._data, np.ndarray)  # see DenseSource.read
+        data = _owned(self._data[lo:hi], in_memory=in_memory)
+        indices = _owned(self._indices[lo:hi], in_memory=in_memory)
         indptr = self._indptr[start : stop + 1] - lo
         return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self._shape[1]))
 

@@ -1,0 +1,46 @@
+"""The README's example and the demo run as written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert blocks, "README has no python example"
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["x"].shape[1] == 2_000
+    assert len(namespace["obs"]) == namespace["x"].shape[0]
+
+
+@pytest.mark.slow
+def test_quickstart_runs(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "quickstart.py"),
+            "--dir",
+            str(tmp_path),
+            "--n-obs",
+            "3000",
+            "--n-var",
+            "200",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "zarr: 3,000 rows" in result.stdout
+    assert "h5ad: 3,000 rows" in result.stdout
+    assert result.stderr == ""
