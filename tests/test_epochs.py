@@ -78,6 +78,7 @@ def test_grid(pool, fmt, kind, sizes, chunk_size, preload_nchunks, batch_size, s
     drop_last=st.booleans(),
     strategy=st.sampled_from([None, "concat-shuffle", "shuffle-concat"]),
     seed=st.integers(0, 2**32 - 1),
+    read_ahead=st.integers(0, 3),
 )
 def test_any_combination(
     pool,
@@ -103,6 +104,7 @@ def test_any_combination(
         drop_last=drop_last,
         concat_strategy=strategy,
         rng=np.random.default_rng(seed),
+        read_ahead=read_ahead,
     )
     assert_epoch(loader, stores, drop_last=drop_last, batch_size=batch_size)
 

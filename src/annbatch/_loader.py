@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import pandas as pd
 
 from annbatch._compat import torch_available
-from annbatch._core.assembler import assemble, default_splits, parse_concat_strategy
+from annbatch._core.assembler import assemble, concatenate, default_splits, parse_concat_strategy
 from annbatch._core.convert import convert
 from annbatch._core.datasets import as_row_source
 from annbatch._core.planner import dataset_offsets, plan_reads
+from annbatch._core.prefetch import Prefetcher
 from annbatch._core.reader import read_plan
 from annbatch._core.workers import current_shard
 from annbatch.abc import Sampler
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from annbatch._core.assembler import ConcatStrategy
     from annbatch._core.convert import OutputKind
     from annbatch._core.datasets import RowSource
+    from annbatch._core.types import Block
 
 if torch_available():
     from torch.utils.data import IterableDataset as _IterableBase
@@ -80,6 +83,10 @@ class Loader(_IterableBase):
     to
         The spelling of later releases of the reference library: ``"torch"`` equals
         ``to_torch=True``, ``"numpy"`` equals ``to_torch=False``.
+    read_ahead
+        Number of windows read in a background thread while the current window's batches are
+        consumed; 0 reads in the consuming thread. Each window in flight holds
+        ``chunk_size * preload_nchunks`` rows in memory.
 
     Examples
     --------
@@ -108,6 +115,7 @@ class Loader(_IterableBase):
         concat_strategy: ConcatStrategy | None = None,
         rng: np.random.Generator | None = None,
         to: Literal["numpy", "torch", "jax"] | None = None,
+        read_ahead: int = 1,
     ) -> None:
         sampler_args = {
             "chunk_size": chunk_size,
@@ -143,6 +151,10 @@ class Loader(_IterableBase):
             raise FeatureNotAvailableError(msg)
         self._output: OutputKind = _parse_output(to_torch=to_torch, to=to)
         self._concat_strategy = parse_concat_strategy(concat_strategy)
+        if isinstance(read_ahead, bool) or not isinstance(read_ahead, int) or read_ahead < 0:
+            msg = f"read_ahead must be a non-negative integer (windows read in the background), got {read_ahead!r}"
+            raise InvalidArgumentError(msg)
+        self._read_ahead = read_ahead
         if not isinstance(return_index, bool):
             msg = f"return_index must be a bool, got {return_index!r}"
             raise InvalidArgumentError(msg)
@@ -317,27 +329,20 @@ class Loader(_IterableBase):
         return self._iterate()
 
     def _iterate(self) -> Iterator[dict[str, Any]]:
-        sampler = self._sampler
-        shard = current_shard()
-        if shard.seed is not None:
-            sampler.reseed(shard.seed)
         strategy: ConcatStrategy = self._concat_strategy or (
             "concat-shuffle" if self._sources[0].is_sparse else "shuffle-concat"
         )
-        offsets = dataset_offsets([s.shape[0] for s in self._sources])
         obs = self._all_obs()
+        windows: Iterator[_Window] = self._load_windows(strategy)
+        prefetcher = None
+        if self._read_ahead:
+            windows = prefetcher = Prefetcher(windows, self._read_ahead)
         self._active_iterations += 1
         try:
-            for number, request in enumerate(sampler.sample(int(offsets[-1]))):
-                if not shard.owns(number):
-                    continue
-                plan = plan_reads(request.chunks, offsets)
-                blocks = read_plan(plan, self._sources)
-                splits = request.splits
-                if splits is None:
-                    splits = default_splits(plan.n_rows, sampler.batch_size)
-                for split, x in zip(splits, assemble(blocks, splits, strategy), strict=True):
-                    index = plan.index[split]
+            for window in windows:
+                batches = assemble(window.blocks, window.splits, strategy)
+                for split, x in zip(window.splits, batches, strict=True):
+                    index = window.index[split]
                     yield {
                         "X": convert(x, self._output),
                         "obs": None if obs is None else obs.iloc[index],
@@ -345,6 +350,27 @@ class Loader(_IterableBase):
                     }
         finally:
             self._active_iterations -= 1
+            if prefetcher is not None:
+                prefetcher.close()
+
+    def _load_windows(self, strategy: ConcatStrategy) -> Iterator[_Window]:
+        """Read this process's windows of one epoch (runs in the read-ahead thread)."""
+        sampler = self._sampler
+        shard = current_shard()
+        if shard.seed is not None:
+            sampler.reseed(shard.seed)
+        offsets = dataset_offsets([s.shape[0] for s in self._sources])
+        for number, request in enumerate(sampler.sample(int(offsets[-1]))):
+            if not shard.owns(number):
+                continue
+            plan = plan_reads(request.chunks, offsets)
+            blocks = read_plan(plan, self._sources)
+            if strategy == "concat-shuffle" and len(blocks) > 1:
+                blocks = [concatenate(blocks)]
+            splits = request.splits
+            if splits is None:
+                splits = default_splits(plan.n_rows, sampler.batch_size)
+            yield _Window(index=plan.index, blocks=blocks, splits=splits)
 
     def _all_obs(self) -> pd.DataFrame | None:
         if self._obs_all is None and self._obs and self._obs[0] is not None:
@@ -360,6 +386,18 @@ class Loader(_IterableBase):
         state["_active_iterations"] = 0
         state["_obs_all"] = None
         return state
+
+
+@dataclass(frozen=True, slots=True)
+class _Window:
+    """One load request, read into memory."""
+
+    index: np.ndarray
+    """Global row position of each row in memory."""
+    blocks: list[Block]
+    """The rows, block after block."""
+    splits: list[np.ndarray]
+    """Positions into the rows, one array per batch."""
 
 
 def _parse_output(*, to_torch: bool | None, to: str | None) -> OutputKind:
