@@ -92,6 +92,7 @@ def test_any_combination(
     drop_last,
     strategy,
     seed,
+    read_ahead,
 ):
     batch_size = max(1, int(batch_frac * chunk_size * preload_nchunks))  # at most one window
     stores = pool.many(fmt, kind, sizes)

@@ -84,7 +84,7 @@ def test_error_in_background_reaches_consumer_with_traceback():
 
 
 def test_read_error_reaches_the_loop(pool, monkeypatch):
-    loader, store = _loader(pool)
+    loader, _ = _loader(pool)
     source = loader._sources[0]
     calls = {"n": 0}
     original = source.read
