@@ -163,3 +163,32 @@ def test_faulty_sampler_is_caught_before_reading(pool, request_, match):
     loader = Loader(batch_sampler=BadSampler(request_), to_torch=False).add_anndata(store.adata())
     with pytest.raises(InvalidArgumentError, match=match):
         list(loader)
+
+
+class Overlapping(Sampler):
+    """Requests rows 3..4 twice in one window (a sampler may oversample)."""
+
+    batch_size = 4
+    shuffle = False
+
+    def n_batches(self, n_obs: int) -> int:
+        return 3
+
+    def _sample(self, n_obs: int) -> Iterator[LoadRequest]:
+        yield LoadRequest(
+            chunks=[slice(0, 5), slice(3, 8)],
+            splits=[np.array([9, 0, 4, 5]), np.array([1, 2, 3, 6]), np.array([7, 8])],
+        )
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5ad", "memory"])
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+@pytest.mark.parametrize("strategy", ["concat-shuffle", "shuffle-concat"])
+def test_overlapping_chunks_yield_the_requested_rows(pool, fmt, kind, strategy):
+    store = pool.get(fmt, kind, 11)
+    loader = Loader(
+        batch_sampler=Overlapping(), return_index=True, to_torch=False, concat_strategy=strategy
+    )
+    batches = list(loader.add_anndata(store.adata()))
+    order = check_epoch(batches, [store])
+    np.testing.assert_array_equal(order, [7, 0, 4, 3, 1, 2, 3, 4, 5, 6])

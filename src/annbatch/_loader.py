@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Self
 
@@ -43,6 +44,9 @@ else:  # torch stays optional: without it the Loader is a plain iterable.
 
 _SAMPLER_ARGS = ("chunk_size", "preload_nchunks", "batch_size", "shuffle", "drop_last", "rng")
 _OUTPUTS = ("numpy", "torch", "jax")
+# Threads issuing reads of one window; zarr decodes in its own pool, so a few suffice to keep
+# it busy, and h5py serialises reads anyway.
+_READ_THREADS = 4
 
 
 class Loader(_IterableBase):
@@ -360,17 +364,20 @@ class Loader(_IterableBase):
         if shard.seed is not None:
             sampler.reseed(shard.seed)
         offsets = dataset_offsets([s.shape[0] for s in self._sources])
-        for number, request in enumerate(sampler.sample(int(offsets[-1]))):
-            if not shard.owns(number):
-                continue
-            plan = plan_reads(request.chunks, offsets)
-            blocks = read_plan(plan, self._sources)
-            if strategy == "concat-shuffle" and len(blocks) > 1:
-                blocks = [concatenate(blocks)]
-            splits = request.splits
-            if splits is None:
-                splits = default_splits(plan.n_rows, sampler.batch_size)
-            yield _Window(index=plan.index, blocks=blocks, splits=splits)
+        with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="annbatch-read") as executor:
+            for number, request in enumerate(sampler.sample(int(offsets[-1]))):
+                if not shard.owns(number):
+                    continue
+                plan = plan_reads(request.chunks, offsets, self._sources)
+                blocks = read_plan(plan, self._sources, executor)
+                if strategy == "concat-shuffle" and len(blocks) > 1:
+                    blocks = [concatenate(blocks)]
+                splits = request.splits
+                if splits is None:
+                    splits = default_splits(plan.n_rows, sampler.batch_size)
+                # Rows lie in memory in disk order: translate request positions.
+                splits = [plan.positions[s] for s in splits]
+                yield _Window(index=plan.index, blocks=blocks, splits=splits)
 
     def _all_obs(self) -> pd.DataFrame | None:
         if self._obs_all is None and self._obs and self._obs[0] is not None:

@@ -55,6 +55,10 @@ class RowSource(Protocol):
     def check_open(self) -> None:
         """Raise :class:`~annbatch.errors.ClosedDatasetError` if the source can no longer be read."""
 
+    def shares_chunk(self, row_a: int, row_b: int) -> bool:
+        """Whether rows ``row_a < row_b`` lie in one on-disk chunk, so reading the rows
+        between them decodes nothing more."""
+
     def describe(self) -> str:
         """A short human-readable name for error messages."""
 
@@ -103,6 +107,13 @@ def _describe_array(arr: Any) -> str:
     return "in-memory array"
 
 
+def _chunk_len(array: Any) -> int | None:
+    """Length along axis 0 of one on-disk chunk (None: not chunked, or in memory)."""
+    if isinstance(array, zarr.Array | h5py.Dataset) and array.chunks is not None:
+        return int(array.chunks[0])
+    return None
+
+
 def _owned(values: Any, *, in_memory: bool) -> np.ndarray:
     """``values`` as an array the Loader may hand out: copied when it views a user's array."""
     return np.array(values) if in_memory else np.asarray(values)
@@ -136,6 +147,10 @@ class DenseSource:
 
     def check_open(self) -> None:
         _check_h5_open(self._array, self.describe())
+
+    def shares_chunk(self, row_a: int, row_b: int) -> bool:
+        rows = _chunk_len(self._array)
+        return rows is not None and row_a // rows == row_b // rows
 
     def describe(self) -> str:
         return f"{self._type.__module__.split('.')[0]}.{self._type.__name__} ({_describe_array(self._array)})"
@@ -218,6 +233,14 @@ class CSRSource:
     def check_open(self) -> None:
         _check_h5_open(self._container, self.describe())
         _check_h5_open(self._data, self.describe())
+
+    def shares_chunk(self, row_a: int, row_b: int) -> bool:
+        last_a, first_b = int(self._indptr[row_a + 1]) - 1, int(self._indptr[row_b])
+        for array in (self._data, self._indices):
+            elems = _chunk_len(array)
+            if elems is None or last_a // elems != first_b // elems:
+                return False
+        return True
 
     def describe(self) -> str:
         if self._type is anndata.abc.CSRDataset:

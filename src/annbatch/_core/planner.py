@@ -1,14 +1,29 @@
-"""Planner: map a load request over the global row space to reads of individual datasets."""
+"""Planner: map a load request over the global row space to the fewest reads per dataset.
+
+The rows of a request are read in disk order, not request order: segments are sorted per
+dataset, and overlapping or adjacent ones, or ones whose boundary rows share an on-disk
+chunk, are merged into one read. So each on-disk chunk that the window touches is fetched
+and decoded once. The plan then records where each requested row landed in memory, and
+batches are cut by those positions; rows that a merged read brought in without being
+requested (the gap inside a shared chunk) are never yielded.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+
+class ChunkGrid(Protocol):
+    """What the planner needs to know of a dataset's on-disk layout."""
+
+    def shares_chunk(self, row_a: int, row_b: int) -> bool:
+        """Whether reading rows ``row_a..row_b`` together decodes no chunk beyond theirs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,17 +45,19 @@ class Segment:
 
 @dataclass(frozen=True, slots=True)
 class ReadPlan:
-    """The reads that fill one window, in the order their rows lie in memory."""
+    """The reads that fill one window, and where each requested row lands in memory."""
 
     segments: list[Segment]
-    """Row ranges to read, in memory order; adjacent ranges of one dataset are merged."""
+    """Row ranges to read, in the order their rows are laid out in memory (disk order)."""
     index: np.ndarray
-    """Global row position of each row in memory, in memory order."""
+    """Global row position of each row in memory."""
+    positions: np.ndarray
+    """For each requested row, in request order, its row in memory."""
 
     @property
     def n_rows(self) -> int:
-        """Number of rows in the window."""
-        return int(self.index.size)
+        """Number of rows the request asked for."""
+        return int(self.positions.size)
 
 
 def dataset_offsets(n_rows: Sequence[int]) -> np.ndarray:
@@ -48,33 +65,64 @@ def dataset_offsets(n_rows: Sequence[int]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(n_rows, dtype=np.int64)])
 
 
-def plan_reads(chunks: Sequence[slice], offsets: np.ndarray) -> ReadPlan:
-    """Split global row ranges at dataset boundaries into per-dataset segments.
-
-    Parameters
-    ----------
-    chunks
-        Global row ranges, in the order their rows should land in memory.
-    offsets
-        Output of :func:`dataset_offsets`.
-    """
-    segments: list[Segment] = []
+def _split_at_datasets(chunks: Sequence[slice], offsets: np.ndarray) -> list[tuple[int, int, int]]:
+    """(dataset, local start, local stop) for each piece of each chunk, in request order."""
+    pieces = []
     for chunk in chunks:
         start, stop = int(chunk.start), int(chunk.stop)
         while start < stop:
             # side="right" skips datasets with no rows, whose offsets repeat.
             ds = int(np.searchsorted(offsets, start, side="right")) - 1
             end = min(stop, int(offsets[ds + 1]))
-            local = Segment(ds, start - int(offsets[ds]), end - int(offsets[ds]))
-            prev = segments[-1] if segments else None
-            if prev is not None and prev.dataset == ds and prev.stop == local.start:
-                segments[-1] = Segment(ds, prev.start, local.stop)
-            else:
-                segments.append(local)
+            pieces.append((ds, start - int(offsets[ds]), end - int(offsets[ds])))
             start = end
-    index = (
-        np.concatenate([np.arange(c.start, c.stop, dtype=np.int64) for c in chunks])
-        if chunks
-        else np.empty(0, dtype=np.int64)
+    return pieces
+
+
+def plan_reads(
+    chunks: Sequence[slice], offsets: np.ndarray, grids: Sequence[ChunkGrid | None] = ()
+) -> ReadPlan:
+    """Turn global row ranges into merged per-dataset reads.
+
+    Parameters
+    ----------
+    chunks
+        Global row ranges, in request order.
+    offsets
+        Output of :func:`dataset_offsets`.
+    grids
+        Per dataset, its on-disk chunk layout (None: merge only touching ranges).
+    """
+    pieces = _split_at_datasets(chunks, offsets)
+    if not pieces:
+        empty = np.empty(0, dtype=np.int64)
+        return ReadPlan(segments=[], index=empty, positions=empty)
+    order = sorted(range(len(pieces)), key=lambda i: pieces[i][:2])
+    reads: list[Segment] = []
+    read_of_piece = np.empty(len(pieces), dtype=np.int64)
+    for i in order:
+        ds, start, stop = pieces[i]
+        prev = reads[-1] if reads else None
+        grid = grids[ds] if ds < len(grids) else None
+        if (
+            prev is not None
+            and prev.dataset == ds
+            and (
+                start <= prev.stop or (grid is not None and grid.shares_chunk(prev.stop - 1, start))
+            )
+        ):
+            reads[-1] = Segment(ds, prev.start, max(prev.stop, stop))
+        else:
+            reads.append(Segment(ds, start, stop))
+        read_of_piece[i] = len(reads) - 1
+    read_base = np.concatenate([[0], np.cumsum([r.n_rows for r in reads])])
+    positions = np.concatenate(
+        [
+            np.arange(start, stop, dtype=np.int64) - reads[r].start + read_base[r]
+            for (_, start, stop), r in zip(pieces, read_of_piece, strict=True)
+        ]
     )
-    return ReadPlan(segments=segments, index=index)
+    index = np.concatenate(
+        [np.arange(r.start, r.stop, dtype=np.int64) + offsets[r.dataset] for r in reads]
+    )
+    return ReadPlan(segments=reads, index=index, positions=positions)

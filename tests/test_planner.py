@@ -1,0 +1,71 @@
+"""The planner: fewest reads, each on-disk chunk read once, every requested row mapped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from annbatch._core.planner import dataset_offsets, plan_reads
+
+
+@dataclass
+class Grid:
+    rows: int
+
+    def shares_chunk(self, row_a: int, row_b: int) -> bool:
+        return row_a // self.rows == row_b // self.rows
+
+
+@st.composite
+def requests(draw):
+    sizes = draw(st.lists(st.integers(0, 60), min_size=1, max_size=4))
+    n_obs = sum(sizes)
+    chunks = []
+    if n_obs:
+        for _ in range(draw(st.integers(0, 12))):
+            start = draw(st.integers(0, n_obs - 1))
+            stop = draw(st.integers(start, min(n_obs, start + 15)))
+            chunks.append(slice(start, stop))
+    grids = [Grid(draw(st.integers(1, 9))) if draw(st.booleans()) else None for _ in sizes]
+    return sizes, chunks, grids
+
+
+@given(requests())
+def test_plan_maps_every_requested_row(case):
+    sizes, chunks, grids = case
+    offsets = dataset_offsets(sizes)
+    plan = plan_reads(chunks, offsets, grids)
+    requested = (
+        np.concatenate([np.arange(c.start, c.stop) for c in chunks]) if chunks else np.empty(0, int)
+    )
+    # Each requested row, in request order, is found in memory where the plan says.
+    np.testing.assert_array_equal(plan.index[plan.positions], requested)
+    assert plan.index.size == sum(s.n_rows for s in plan.segments)
+    # Reads are in disk order, never overlap, and no two reads of a dataset share a chunk.
+    for a, b in zip(plan.segments, plan.segments[1:], strict=False):
+        assert (a.dataset, a.start) < (b.dataset, b.start)
+        if a.dataset == b.dataset:
+            assert a.stop < b.start, "touching or overlapping reads were not merged"
+            grid = grids[a.dataset]
+            if grid is not None:
+                assert not grid.shares_chunk(a.stop - 1, b.start)
+    # Reads stay inside their dataset.
+    for s in plan.segments:
+        assert 0 <= s.start < s.stop <= sizes[s.dataset]
+
+
+def test_shuffled_chunks_in_one_on_disk_chunk_are_one_read():
+    offsets = dataset_offsets([100])
+    chunks = [slice(30, 32), slice(2, 4), slice(12, 14), slice(6, 8)]
+    plan = plan_reads(chunks, offsets, [Grid(16)])
+    assert [(s.start, s.stop) for s in plan.segments] == [(2, 14), (30, 32)]
+    np.testing.assert_array_equal(plan.index[plan.positions], [30, 31, 2, 3, 12, 13, 6, 7])
+
+
+def test_repeated_rows_are_read_once():
+    plan = plan_reads([slice(5, 9), slice(7, 11)], dataset_offsets([20]))
+    assert [(s.start, s.stop) for s in plan.segments] == [(5, 11)]
+    np.testing.assert_array_equal(plan.index[plan.positions], [5, 6, 7, 8, 7, 8, 9, 10])
