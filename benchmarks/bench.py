@@ -1,0 +1,207 @@
+"""Read-engine benchmark: rows/s of the Loader against the decode bound (and the reference).
+
+Generates seeded stores like the read-engine issue describes (sizes configurable), then for
+each setting prints one table row: rows/s (median and spread of --runs runs, each in a fresh
+process), time to first batch, peak RSS, and the physical bound of that setting:
+(rows yielded / rows decoded, from the store's chunk grid) x (rate of decoding all of X in
+order). With --reference-python (an interpreter that has annbatch==0.3.1 and zarrs), the
+reference loader runs on the same store in the same run, alternating with ours.
+
+Usage: python benchmarks/bench.py [--n-obs 50000] [--n-var 5000] [--nnz 400] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+SETTINGS = [  # (store, chunk_size, preload_nchunks)
+    ("sparse", 256, 64),
+    ("sparse", 32, 512),
+    ("sparse", 1, 16384),
+    ("dense", 256, 64),
+    ("dense", 32, 512),
+]
+BATCH = 4096
+
+# Run in a child process, so that peak RSS belongs to one measurement. Works for both our
+# Loader and the reference (annbatch 0.3.1), which share the documented API.
+CHILD = r"""
+import json, resource, sys, time, warnings
+warnings.simplefilter("ignore")
+import numpy as np, zarr, anndata as ad
+args = json.loads(sys.argv[1])
+if args.get("zarrs"):
+    import zarrs  # noqa: F401
+    zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
+import annbatch
+g = zarr.open_group(args["path"], mode="r")
+x = g["X"]
+x = ad.io.sparse_dataset(x) if isinstance(x, zarr.Group) else x
+loader = annbatch.Loader(batch_size=args["batch"], chunk_size=args["chunk"], preload_nchunks=args["preload"],
+                         shuffle=args["shuffle"], to_torch=False, rng=np.random.default_rng(0))
+loader.add_dataset(x)
+hold = args["hold_s"]
+t0 = time.perf_counter(); first = None; rows = 0; check = 0.0
+for batch in loader:
+    X = batch["X"]
+    if first is None:
+        first = time.perf_counter() - t0
+    rows += X.shape[0]
+    if args["checksum"]:
+        check += float(X.sum())
+    if hold:
+        time.sleep(hold)  # a training step that releases the GIL
+    if rows >= args["max_rows"]:
+        break
+dt = time.perf_counter() - t0
+print(json.dumps({"rows": rows, "seconds": dt, "first_s": first, "checksum": check,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def make_stores(root: Path, n_obs: int, n_var: int, nnz: int, dense_var: int, seed: int) -> dict[str, Path]:
+    import anndata as ad
+    import scipy.sparse as sp
+    import zarr
+
+    ad.settings.zarr_write_format = 3
+    paths = {"sparse": root / f"sparse_{n_obs}x{n_var}_{nnz}.zarr", "dense": root / f"dense_{n_obs}x{dense_var}.zarr"}
+    rng = np.random.default_rng(seed)
+    if not paths["sparse"].exists():
+        print(f"writing {paths['sparse']} ...", file=sys.stderr)
+        group = zarr.open_group(paths["sparse"], mode="w")
+        indptr = np.arange(n_obs + 1, dtype=np.int64) * nnz
+        indices = np.sort(rng.integers(0, n_var, size=(n_obs, nnz), dtype=np.int32), axis=1).ravel()
+        data = rng.poisson(2.0, size=n_obs * nnz).astype(np.float32) + 1
+        x = sp.csr_matrix((data, indices, indptr), shape=(n_obs, n_var))
+        x.sum_duplicates()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ad.io.write_elem(group, "X", x, dataset_kwargs={"chunks": (131_072,), "shards": (4_194_304,)})
+    if not paths["dense"].exists():
+        print(f"writing {paths['dense']} ...", file=sys.stderr)
+        group = zarr.open_group(paths["dense"], mode="w")
+        x = rng.poisson(0.5, size=(n_obs, dense_var)).astype(np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ad.io.write_elem(group, "X", x, dataset_kwargs={"chunks": (256, dense_var), "shards": (8192, dense_var)})
+    return paths
+
+
+def decode_rate(path: Path) -> float:
+    """Rows/s of decoding all of X in order (zarr, whole arrays)."""
+    import zarr
+
+    g = zarr.open_group(path, mode="r")
+    t0 = time.perf_counter()
+    if isinstance(g["X"], zarr.Group):
+        n_obs = g["X/indptr"].shape[0] - 1
+        g["X/data"][:]
+        g["X/indices"][:]
+    else:
+        n_obs = g["X"].shape[0]
+        g["X"][:]
+    return n_obs / (time.perf_counter() - t0)
+
+
+def decoded_fraction(path: Path, chunk: int, preload: int) -> float:
+    """Rows yielded / rows decoded for one shuffled epoch, from the store's chunk grid."""
+    import zarr
+
+    from annbatch import ChunkSampler
+
+    g = zarr.open_group(path, mode="r")
+    sparse = isinstance(g["X"], zarr.Group)
+    if sparse:
+        indptr = g["X/indptr"][:]
+        n_obs, elems = indptr.size - 1, g["X/data"].chunks[0]
+        total = int(indptr[-1])
+    else:
+        n_obs, rows = g["X"].shape[0], g["X"].chunks[0]
+    sampler = ChunkSampler(chunk, preload, BATCH, shuffle=True, rng=np.random.default_rng(0))
+    decoded = 0
+    for request in sampler.sample(n_obs):
+        touched: set[int] = set()
+        for c in request.chunks:
+            if sparse:
+                lo, hi = int(indptr[c.start]), int(indptr[c.stop])
+                if hi > lo:
+                    touched.update(range(lo // elems, (hi - 1) // elems + 1))
+            else:
+                touched.update(range(c.start // rows, (c.stop - 1) // rows + 1))
+        if sparse:
+            decoded += sum(min(elems, total - t * elems) for t in touched) / total * n_obs
+        else:
+            decoded += sum(min(rows, n_obs - t * rows) for t in touched)
+    return n_obs / decoded
+
+
+def run_child(python: str, args: dict) -> dict:
+    out = subprocess.run([python, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{python} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dir", type=Path, default=Path("data/bench"))
+    p.add_argument("--n-obs", type=int, default=50_000)
+    p.add_argument("--n-var", type=int, default=5_000)
+    p.add_argument("--nnz", type=int, default=400, help="nonzeros per row of the sparse store")
+    p.add_argument("--dense-var", type=int, default=2_000)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--max-rows", type=int, default=10**9, help="stop each run after this many rows")
+    p.add_argument("--hold-ms", type=float, default=0.0, help="consumer holds each batch this long (GIL released)")
+    p.add_argument("--reference-python", help="interpreter with annbatch==0.3.1 and zarrs installed")
+    p.add_argument("--settings", default="all", help="comma-separated indices into SETTINGS, or 'all'")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    a.dir.mkdir(parents=True, exist_ok=True)
+    paths = make_stores(a.dir, a.n_obs, a.n_var, a.nnz, a.dense_var, a.seed)
+    rates = {kind: max(decode_rate(path) for _ in range(2)) for kind, path in paths.items()}
+    chosen = SETTINGS if a.settings == "all" else [SETTINGS[int(i)] for i in a.settings.split(",")]
+    loaders = {"annbatch (ours)": (sys.executable, False)}
+    if a.reference_python:
+        loaders["reference 0.3.1 + zarrs"] = (a.reference_python, True)
+    print(f"stores: sparse {a.n_obs:,} x {a.n_var:,} ({a.nnz} nnz/row), dense {a.n_obs:,} x {a.dense_var:,}; "
+          f"batch {BATCH}, shuffled, {a.runs} runs, hold {a.hold_ms} ms/batch")
+    print(f"decode all X in order: sparse {rates['sparse']:,.0f} rows/s, dense {rates['dense']:,.0f} rows/s\n")
+    print("| store | chunk / preload | loader | rows/s median (min-max) | % of bound | bound | first batch s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, chunk, preload in chosen:
+        bound = rates[kind] * decoded_fraction(paths[kind], chunk, preload)
+        results: dict[str, list[dict]] = {name: [] for name in loaders}
+        for _ in range(a.runs):  # alternate loaders within each run
+            for name, (python, zarrs) in loaders.items():
+                args = {"path": str(paths[kind]), "batch": BATCH, "chunk": chunk, "preload": preload, "shuffle": True,
+                        "hold_s": a.hold_ms / 1000, "max_rows": a.max_rows, "checksum": False, "zarrs": zarrs}
+                results[name].append(run_child(python, args))
+        for name, runs in results.items():
+            speeds = sorted(r["rows"] / r["seconds"] for r in runs)
+            med = statistics.median(speeds)
+            first = statistics.median(r["first_s"] for r in runs)
+            rss = max(r["rss_mb"] for r in runs)
+            print(f"| {kind} | {chunk} / {preload} | {name} | {med:,.0f} ({speeds[0]:,.0f}-{speeds[-1]:,.0f}) "
+                  f"| {100 * med / bound:.0f}% | {bound:,.0f} | {first:.2f} | {rss:,.0f} |", flush=True)
+    if a.reference_python:  # same rows out of both loaders, unshuffled
+        for kind, path in paths.items():
+            sums = {}
+            for name, (python, zarrs) in loaders.items():
+                args = {"path": str(path), "batch": BATCH, "chunk": 256, "preload": 64, "shuffle": False,
+                        "hold_s": 0, "max_rows": 10**9, "checksum": True, "zarrs": zarrs}
+                sums[name] = run_child(python, args)["checksum"]
+            print(f"\nchecksum ({kind}, shuffle=False): {sums}")
+
+
+if __name__ == "__main__":
+    main()
