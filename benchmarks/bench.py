@@ -35,7 +35,7 @@ BATCH = 4096
 # Run in a child process, so that peak RSS belongs to one measurement. Works for both our
 # Loader and the reference (annbatch 0.3.1), which share the documented API.
 CHILD = r"""
-import json, resource, sys, time, warnings
+import json, sys, time, warnings
 warnings.simplefilter("ignore")
 import numpy as np, zarr, anndata as ad
 args = json.loads(sys.argv[1])
@@ -46,8 +46,11 @@ import annbatch
 g = zarr.open_group(args["path"], mode="r")
 x = g["X"]
 x = ad.io.sparse_dataset(x) if isinstance(x, zarr.Group) else x
+import inspect
+# numpy/scipy output: 0.3.1 spells it to=None, the documented API to_torch=False.
+out = {"to_torch": False} if "to_torch" in inspect.signature(annbatch.Loader).parameters else {}
 loader = annbatch.Loader(batch_size=args["batch"], chunk_size=args["chunk"], preload_nchunks=args["preload"],
-                         shuffle=args["shuffle"], to_torch=False, rng=np.random.default_rng(0))
+                         shuffle=args["shuffle"], rng=np.random.default_rng(0), **out)
 loader.add_dataset(x)
 hold = args["hold_s"]
 t0 = time.perf_counter(); first = None; rows = 0; check = 0.0
@@ -63,8 +66,9 @@ for batch in loader:
     if rows >= args["max_rows"]:
         break
 dt = time.perf_counter() - t0
-print(json.dumps({"rows": rows, "seconds": dt, "first_s": first, "checksum": check,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec.
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({"rows": rows, "seconds": dt, "first_s": first, "checksum": check, "rss_mb": int(hwm) / 1024}))
 """
 
 
