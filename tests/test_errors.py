@@ -227,9 +227,8 @@ def test_adding_after_break_is_allowed(pool, loader):
     assert loader.n_obs == 20
 
 
-@pytest.mark.parametrize("kind", ["dense", "sparse"])
-def test_h5ad_file_closed_before_adding(tmp_path, loader, kind):
-    path = tmp_path / "closed.h5ad"
+def _h5ad_x(path, kind):
+    """Write a small X to ``path`` and return it opened read-only (dense, or as a CSRDataset)."""
     matrix = (
         np.ones((6, 3), np.float32)
         if kind == "dense"
@@ -238,7 +237,12 @@ def test_h5ad_file_closed_before_adding(tmp_path, loader, kind):
     with h5py.File(path, "w") as f:
         ad.io.write_elem(f, "X", matrix)
     f = h5py.File(path, "r")
-    x = f["X"] if kind == "dense" else ad.io.sparse_dataset(f["X"])
+    return f, (f["X"] if kind == "dense" else ad.io.sparse_dataset(f["X"]))
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_h5ad_file_closed_before_adding(tmp_path, loader, kind):
+    f, x = _h5ad_x(tmp_path / "closed.h5ad", kind)
     f.close()
     with pytest.raises(
         ClosedDatasetError, match="dataset 0 belongs to an HDF5 file that has been closed"
@@ -248,16 +252,9 @@ def test_h5ad_file_closed_before_adding(tmp_path, loader, kind):
 
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
 def test_h5ad_file_closed_before_iterating(tmp_path, loader, kind):
-    path = tmp_path / "closed.h5ad"
-    matrix = (
-        np.ones((6, 3), np.float32)
-        if kind == "dense"
-        else sp.csr_matrix(np.eye(6, 3, dtype=np.float32))
-    )
-    with h5py.File(path, "w") as f:
-        ad.io.write_elem(f, "X", matrix)
-    with h5py.File(path, "r") as f:
-        loader.add_dataset(f["X"] if kind == "dense" else ad.io.sparse_dataset(f["X"]))
+    f, x = _h5ad_x(tmp_path / "closed.h5ad", kind)
+    loader.add_dataset(x)
+    f.close()
     with pytest.raises(
         ClosedDatasetError,
         match=r"belongs to an HDF5 file that has been closed; keep the h5py.File",
