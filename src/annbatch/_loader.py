@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 import pandas as pd
 
 from annbatch._compat import torch_available
-from annbatch._core.assembler import assemble, concatenate, default_splits, parse_concat_strategy
+from annbatch._core.assembler import assemble, default_splits, parse_concat_strategy, prepare
 from annbatch._core.convert import convert
 from annbatch._core.datasets import as_row_source
 from annbatch._core.planner import dataset_offsets, plan_reads
@@ -370,8 +370,7 @@ class Loader(_IterableBase):
                     continue
                 plan = plan_reads(request.chunks, offsets, self._sources)
                 blocks = read_plan(plan, self._sources, executor)
-                if strategy == "concat-shuffle" and len(blocks) > 1:
-                    blocks = [concatenate(blocks)]
+                blocks = prepare(blocks, strategy)
                 splits = request.splits
                 if splits is None:
                     splits = default_splits(plan.n_rows, sampler.batch_size)

@@ -67,6 +67,18 @@ def concatenate(blocks: Sequence[Block]) -> Block:
     return sp.vstack(blocks, format="csr")
 
 
+def prepare(blocks: Sequence[Block], strategy: ConcatStrategy) -> list[Block]:
+    """The window's blocks as the strategy holds them: one concatenated block for
+    ``"concat-shuffle"``, the blocks as read for ``"shuffle-concat"``.
+
+    The Loader calls this where the window is read (the read-ahead thread), so the
+    concatenation overlaps with the consumer; :func:`assemble` calls it again, at no cost.
+    """
+    if strategy == "concat-shuffle" and len(blocks) > 1:
+        return [concatenate(blocks)]
+    return list(blocks)
+
+
 def assemble(
     blocks: Sequence[Block], splits: Sequence[np.ndarray], strategy: ConcatStrategy
 ) -> Iterator[Block]:
@@ -81,12 +93,12 @@ def assemble(
     strategy
         See the module docstring.
     """
+    blocks = prepare(blocks, strategy)
     if not blocks:
         return
-    if strategy == "concat-shuffle":
-        window = concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    if len(blocks) == 1:
         for split in splits:
-            yield take_rows(window, split)
+            yield take_rows(blocks[0], split)
         return
     starts = np.concatenate([[0], np.cumsum([b.shape[0] for b in blocks])])
     for split in splits:

@@ -10,7 +10,7 @@ reopen them read-only in the receiving process (DataLoader workers).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anndata.abc
 import h5py
@@ -29,7 +29,6 @@ ACCEPTED = (
 )
 
 
-@runtime_checkable
 class RowSource(Protocol):
     """An array of rows that the Loader can read by contiguous row ranges."""
 
