@@ -87,15 +87,15 @@ def test_read_error_reaches_the_loop(pool, monkeypatch):
     loader, _ = _loader(pool)
     source = loader._sources[0]
     calls = {"n": 0}
-    original = source.read
+    original = source.read_job
 
-    def failing_read(start, stop):
+    def failing_read(starts, stops, n_tasks):
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError("simulated read failure")
-        return original(start, stop)
+        return original(starts, stops, n_tasks)
 
-    monkeypatch.setattr(source, "read", failing_read)
+    monkeypatch.setattr(source, "read_job", failing_read)
     with pytest.raises(OSError, match="simulated read failure") as info:
         list(loader)
     assert "failing_read" in [f.name for f in traceback.extract_tb(info.value.__traceback__)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -9,12 +10,12 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 import pandas as pd
 
 from annbatch._compat import torch_available
-from annbatch._core.assembler import assemble, default_splits, parse_concat_strategy, prepare
+from annbatch._core.assembler import assemble, default_splits, parse_concat_strategy
 from annbatch._core.convert import convert
 from annbatch._core.datasets import as_row_source
 from annbatch._core.planner import dataset_offsets, plan_reads
 from annbatch._core.prefetch import Prefetcher
-from annbatch._core.reader import read_plan
+from annbatch._core.reader import TASKS_PER_THREAD, read_plan
 from annbatch._core.workers import current_shard
 from annbatch.abc import Sampler
 from annbatch.errors import (
@@ -44,9 +45,11 @@ else:  # torch stays optional: without it the Loader is a plain iterable.
 
 _SAMPLER_ARGS = ("chunk_size", "preload_nchunks", "batch_size", "shuffle", "drop_last", "rng")
 _OUTPUTS = ("numpy", "torch", "jax")
-# Threads issuing reads of one window; zarr decodes in its own pool, so a few suffice to keep
-# it busy, and h5py serialises reads anyway.
-_READ_THREADS = 4
+# Threads reading and decoding one window's chunks. Decompression releases the GIL, so one
+# per core keeps every core decoding; at least 2, so that file reads overlap with decoding.
+_READ_THREADS = max(
+    2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+)
 
 
 class Loader(_IterableBase):
@@ -344,8 +347,7 @@ class Loader(_IterableBase):
         self._active_iterations += 1
         try:
             for window in windows:
-                batches = assemble(window.blocks, window.splits, strategy)
-                for split, x in zip(window.splits, batches, strict=True):
+                for split, x in zip(window.splits, window.batches, strict=True):
                     index = window.index[split]
                     yield {
                         "X": convert(x, self._output),
@@ -364,19 +366,25 @@ class Loader(_IterableBase):
         if shard.seed is not None:
             sampler.reseed(shard.seed)
         offsets = dataset_offsets([s.shape[0] for s in self._sources])
+        # Sources that decode each chunk once by themselves need no merging across gaps:
+        # merged gap rows would only cost memory and copies.
+        grids = [None if s.reads_chunks_once else s for s in self._sources]
         with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="annbatch-read") as executor:
             for number, request in enumerate(sampler.sample(int(offsets[-1]))):
                 if not shard.owns(number):
                     continue
-                plan = plan_reads(request.chunks, offsets, self._sources)
-                blocks = read_plan(plan, self._sources, executor)
-                blocks = prepare(blocks, strategy)
+                plan = plan_reads(request.chunks, offsets, grids)
+                blocks = read_plan(plan, self._sources, executor, _READ_THREADS)
                 splits = request.splits
                 if splits is None:
                     splits = default_splits(plan.n_rows, sampler.batch_size)
                 # Rows lie in memory in disk order: translate request positions.
                 splits = [plan.positions[s] for s in splits]
-                yield _Window(index=plan.index, blocks=blocks, splits=splits)
+                batches = assemble(
+                    blocks, splits, strategy, executor, TASKS_PER_THREAD * _READ_THREADS
+                )
+                del blocks  # the window's rows now live in its batches only
+                yield _Window(index=plan.index, batches=batches, splits=splits)
 
     def _all_obs(self) -> pd.DataFrame | None:
         if self._obs_all is None and self._obs and self._obs[0] is not None:
@@ -400,10 +408,10 @@ class _Window:
 
     index: np.ndarray
     """Global row position of each row in memory."""
-    blocks: list[Block]
-    """The rows, block after block."""
+    batches: list[Block]
+    """The batches, ready to be yielded."""
     splits: list[np.ndarray]
-    """Positions into the rows, one array per batch."""
+    """Positions into the rows read (disk order), one array per batch."""
 
 
 def _parse_output(*, to_torch: bool | None, to: str | None) -> OutputKind:

@@ -12,7 +12,7 @@ Two strategies yield exactly the same rows in the same order:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import scipy.sparse as sp
@@ -20,7 +20,8 @@ import scipy.sparse as sp
 from annbatch.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Sequence
+    from concurrent.futures import Executor
 
     from annbatch._core.types import Block
 
@@ -67,22 +68,18 @@ def concatenate(blocks: Sequence[Block]) -> Block:
     return sp.vstack(blocks, format="csr")
 
 
-def prepare(blocks: Sequence[Block], strategy: ConcatStrategy) -> list[Block]:
-    """The window's blocks as the strategy holds them: one concatenated block for
-    ``"concat-shuffle"``, the blocks as read for ``"shuffle-concat"``.
-
-    The Loader calls this where the window is read (the read-ahead thread), so the
-    concatenation overlaps with the consumer; :func:`assemble` calls it again, at no cost.
-    """
-    if strategy == "concat-shuffle" and len(blocks) > 1:
-        return [concatenate(blocks)]
-    return list(blocks)
-
-
 def assemble(
-    blocks: Sequence[Block], splits: Sequence[np.ndarray], strategy: ConcatStrategy
-) -> Iterator[Block]:
-    """Yield one array per split: the rows at those positions of the concatenated blocks.
+    blocks: Sequence[Block],
+    splits: Sequence[np.ndarray],
+    strategy: ConcatStrategy,
+    executor: Executor | None = None,
+    n_tasks: int = 1,
+) -> list[Block]:
+    """One array per split: the rows at those positions of the concatenated blocks.
+
+    The Loader calls this in the read-ahead thread, so batches are cut while the consumer
+    works on the previous window, and on the read threads (``executor``, ``n_tasks`` groups
+    of splits): numpy and scipy release the GIL while they copy rows.
 
     Parameters
     ----------
@@ -92,17 +89,31 @@ def assemble(
         Positions into the concatenated rows, one array per batch.
     strategy
         See the module docstring.
+    executor, n_tasks
+        Where to cut the batches, and into how many tasks to group the splits.
     """
-    blocks = prepare(blocks, strategy)
+    if strategy == "concat-shuffle" and len(blocks) > 1:
+        blocks = [concatenate(blocks)]
     if not blocks:
-        return
-    if len(blocks) == 1:
-        for split in splits:
-            yield take_rows(blocks[0], split)
-        return
+        return []
+    batches: list[Any] = [None] * len(splits)
     starts = np.concatenate([[0], np.cumsum([b.shape[0] for b in blocks])])
-    for split in splits:
-        yield _gather(blocks, starts, split)
+
+    def cut(numbers: np.ndarray) -> None:
+        for i in numbers.tolist():
+            if len(blocks) == 1:
+                batches[i] = take_rows(blocks[0], splits[i])
+            else:
+                batches[i] = _gather(blocks, starts, splits[i])
+
+    groups = [g for g in np.array_split(np.arange(len(splits)), max(1, n_tasks)) if g.size]
+    if executor is None or len(groups) < 2:
+        for group in groups:
+            cut(group)
+    else:
+        for future in [executor.submit(cut, group) for group in groups]:
+            future.result()
+    return batches
 
 
 def _gather(blocks: Sequence[Block], starts: np.ndarray, split: np.ndarray) -> Block:

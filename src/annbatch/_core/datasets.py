@@ -10,6 +10,7 @@ reopen them read-only in the receiving process (DataLoader workers).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anndata.abc
@@ -18,9 +19,13 @@ import numpy as np
 import scipy.sparse as sp
 import zarr
 
+from annbatch._core.direct import DirectArray, direct_array
+from annbatch._core.types import ReadJob
 from annbatch.errors import ClosedDatasetError, UnsupportedDatasetError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from annbatch._core.types import Block
 
 ACCEPTED = (
@@ -48,8 +53,17 @@ class RowSource(Protocol):
     def dataset_type(self) -> type:
         """The user-facing type of the input (``zarr.Array``, ``anndata.abc.CSRDataset``...)."""
 
+    @property
+    def reads_chunks_once(self) -> bool:
+        """Whether :meth:`read_job` decodes each on-disk chunk once per call by itself, so the
+        planner need not merge ranges that share a chunk."""
+
     def read(self, start: int, stop: int) -> Block:
         """Rows ``start:stop`` as a numpy array or a CSR matrix."""
+
+    def read_job(self, starts: np.ndarray, stops: np.ndarray, n_tasks: int) -> ReadJob:
+        """The work of reading rows ``starts[i]:stops[i]`` (sorted, disjoint), one range after
+        another, split into about ``n_tasks`` tasks."""
 
     def check_open(self) -> None:
         """Raise :class:`~annbatch.errors.ClosedDatasetError` if the source can no longer be read."""
@@ -113,6 +127,24 @@ def _chunk_len(array: Any) -> int | None:
     return None
 
 
+def _read_into(
+    blocks: list[Any], i: int, read: Callable[[int, int], Block], start: int, stop: int
+) -> None:
+    blocks[i] = read(start, stop)
+
+
+def _per_range_job(
+    read: Callable[[int, int], Block], starts: np.ndarray, stops: np.ndarray
+) -> ReadJob:
+    """One task per range, each calling ``read``: for sources read through zarr or h5py."""
+    blocks: list[Any] = [None] * len(starts)
+    tasks = [
+        partial(_read_into, blocks, i, read, start, stop)
+        for i, (start, stop) in enumerate(zip(starts.tolist(), stops.tolist(), strict=True))
+    ]
+    return ReadJob(tasks, lambda: blocks)
+
+
 def _owned(values: Any, *, in_memory: bool) -> np.ndarray:
     """``values`` as an array the Loader may hand out: copied when it views a user's array."""
     return np.array(values) if in_memory else np.asarray(values)
@@ -126,6 +158,7 @@ class DenseSource:
     def __init__(self, array: zarr.Array | h5py.Dataset | np.ndarray) -> None:
         self._array = array
         self._type: type = type(array) if not isinstance(array, np.ndarray) else np.ndarray
+        self._direct = direct_array(array)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -138,6 +171,16 @@ class DenseSource:
     @property
     def dataset_type(self) -> type:
         return self._type
+
+    @property
+    def reads_chunks_once(self) -> bool:
+        return self._direct is not None
+
+    def read_job(self, starts: np.ndarray, stops: np.ndarray, n_tasks: int) -> ReadJob:
+        if self._direct is None:
+            return _per_range_job(self.read, starts, stops)
+        out = np.empty((int(np.sum(stops - starts)), *self.shape[1:]), dtype=self.dtype)
+        return ReadJob(self._direct.tasks(starts, stops, out, n_tasks), lambda: [out])
 
     def read(self, start: int, stop: int) -> np.ndarray:
         # A slice of an in-memory array is a view: copy it, so that yielded batches (and the
@@ -155,11 +198,19 @@ class DenseSource:
         return f"{self._type.__module__.split('.')[0]}.{self._type.__name__} ({_describe_array(self._array)})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"array": _h5_state(self._array), "type": self._type}
+        return {"array": _h5_state(self._array), "type": self._type, "direct": self._direct}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._array = _h5_restore(state["array"])
         self._type = state["type"]
+        self._direct = state["direct"]
+
+
+def _direct_pair(data: Any, indices: Any) -> tuple[DirectArray, DirectArray] | None:
+    direct_data, direct_indices = direct_array(data), direct_array(indices)
+    if direct_data is None or direct_indices is None:
+        return None
+    return direct_data, direct_indices
 
 
 class CSRSource:
@@ -186,6 +237,7 @@ class CSRSource:
         self._shape = shape
         self._type = dataset_type
         self._container = container
+        self._direct = _direct_pair(data, indices)
 
     @classmethod
     def from_anndata(cls, dataset: anndata.abc.CSRDataset) -> CSRSource:
@@ -221,6 +273,27 @@ class CSRSource:
     def dataset_type(self) -> type:
         return self._type
 
+    @property
+    def reads_chunks_once(self) -> bool:
+        return self._direct is not None
+
+    def read_job(self, starts: np.ndarray, stops: np.ndarray, n_tasks: int) -> ReadJob:
+        if self._direct is None:
+            return _per_range_job(self.read, starts, stops)
+        lo, hi = self._indptr[starts], self._indptr[stops]
+        nnz = int(np.sum(hi - lo))
+        data = np.empty(nnz, dtype=self.dtype)
+        indices = np.empty(nnz, dtype=self._indices.dtype)
+        direct_data, direct_indices = self._direct
+        half = max(1, n_tasks // 2)
+        tasks = direct_data.tasks(lo, hi, data, half) + direct_indices.tasks(lo, hi, indices, half)
+        n = stops - starts
+        rows = np.repeat(starts - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
+        indptr = np.zeros(rows.size + 1, dtype=np.int64)
+        np.cumsum(self._indptr[rows + 1] - self._indptr[rows], out=indptr[1:])
+        shape = (rows.size, self._shape[1])
+        return ReadJob(tasks, lambda: [sp.csr_matrix((data, indices, indptr), shape=shape)])
+
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         lo, hi = int(self._indptr[start]), int(self._indptr[stop])
         in_memory = isinstance(self._data, np.ndarray)  # see DenseSource.read
@@ -253,7 +326,13 @@ class CSRSource:
             "container": self._container,
         }
         state = {k: _h5_state(v) for k, v in state.items()}
-        return {**state, "indptr": self._indptr, "shape": self._shape, "type": self._type}
+        return {
+            **state,
+            "indptr": self._indptr,
+            "shape": self._shape,
+            "type": self._type,
+            "direct": self._direct,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._data = _h5_restore(state["data"])
@@ -262,6 +341,7 @@ class CSRSource:
         self._indptr = state["indptr"]
         self._shape = state["shape"]
         self._type = state["type"]
+        self._direct = state["direct"]
 
 
 def as_row_source(dataset: object, *, where: str) -> RowSource:
