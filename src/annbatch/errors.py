@@ -10,6 +10,7 @@ fits it, so callers can catch either::
     ├── UnsupportedDatasetError   (TypeError)     an array type or sparse format we cannot read
     ├── ClosedDatasetError        (ValueError)    an HDF5 dataset whose file was closed
     ├── LoaderBusyError           (RuntimeError)  changing a Loader while it is being iterated
+    ├── CorruptChunkError         (OSError)       on-disk bytes that do not decode
     └── FeatureNotAvailableError  (NotImplementedError)  documented, not built yet
 """
 
@@ -42,6 +43,10 @@ class ClosedDatasetError(AnnbatchError, ValueError):
 
 class LoaderBusyError(AnnbatchError, RuntimeError):
     """A Loader was changed while an iteration over it was running."""
+
+
+class CorruptChunkError(AnnbatchError, OSError):
+    """A chunk's bytes on disk could not be decoded (truncated or damaged file)."""
 
 
 class FeatureNotAvailableError(AnnbatchError, NotImplementedError):

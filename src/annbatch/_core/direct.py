@@ -43,6 +43,8 @@ from zarr.core.metadata.v2 import ArrayV2Metadata
 from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.storage import LocalStore
 
+from annbatch.errors import CorruptChunkError
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
@@ -296,13 +298,20 @@ class DirectArray:
             nbytes = os.fstat(fd).st_size
         return os.pread(fd, nbytes, offset)
 
-    def _decode(self, encoded: bytes, into: np.ndarray) -> None:
+    def _decode(self, encoded: bytes, into: np.ndarray, chunk: int) -> None:
         """Decode one chunk into ``into`` (C-contiguous, exactly one chunk's bytes)."""
         compressor = self._layout.compressor
-        if compressor is None:
-            into.reshape(-1).view(np.uint8)[:] = np.frombuffer(encoded, dtype=np.uint8)
-        else:
-            compressor.decode(encoded, out=into)
+        try:
+            if compressor is None:
+                into.reshape(-1).view(np.uint8)[:] = np.frombuffer(encoded, dtype=np.uint8)
+            else:
+                compressor.decode(encoded, out=into)
+        except Exception as e:  # codecs raise many types (RuntimeError, EOFError, zlib.error...)
+            msg = (
+                f"chunk {chunk} (along the first axis) of the zarr array in {self._layout.root} "
+                f"does not decode to {into.nbytes} bytes ({e}); the store is damaged or truncated"
+            )
+            raise CorruptChunkError(msg) from e
 
     def _run(self, out: np.ndarray, pieces: tuple[np.ndarray, ...], start: int, stop: int) -> None:
         chunk, src_lo, src_hi, dst = pieces
@@ -325,11 +334,11 @@ class DirectArray:
                     ):
                         out[at : at + hi - lo] = self._fill
                 elif j == i + 1 and whole_rows and src_lo[i] == 0 and src_hi[i] == rows:
-                    self._decode(encoded, out[dst[i] : dst[i] + rows])
+                    self._decode(encoded, out[dst[i] : dst[i] + rows], c)
                 else:
                     if scratch is None:
                         scratch = np.empty(layout.chunk_shape, dtype=self.dtype)
-                    self._decode(encoded, scratch)
+                    self._decode(encoded, scratch, c)
                     _copy_pieces(scratch, out, src_lo[i:j], src_hi[i:j], dst[i:j], self.shape[1:])
                 i = j
         finally:
