@@ -7,12 +7,18 @@ process), time to first batch, peak RSS, and the physical bound of that setting:
 order). With --reference-python (an interpreter that has annbatch==0.3.1 and zarrs), the
 reference loader runs on the same store in the same run, alternating with ours.
 
-Usage: python benchmarks/bench.py [--n-obs 50000] [--n-var 5000] [--nnz 400] [--runs 3]
+The decode limit is measured with every in-order decoder available in this interpreter
+(zarr-python, zarrs if installed: `pip install --group bench`, and annbatch's direct chunk
+reader), and the bound uses the fastest.
+
+Usage: python benchmarks/bench.py [--n-obs 200000] [--n-var 20000] [--nnz 1500] [--runs 3]
+       [--reference-python /path/to/venv/bin/python] [--hold-ms 20] [--max-rows 49152]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -53,6 +59,7 @@ loader = annbatch.Loader(batch_size=args["batch"], chunk_size=args["chunk"], pre
                          shuffle=args["shuffle"], rng=np.random.default_rng(0), **out)
 loader.add_dataset(x)
 hold = args["hold_s"]
+base = [l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]
 t0 = time.perf_counter(); first = None; rows = 0; check = 0.0
 for batch in loader:
     X = batch["X"]
@@ -68,7 +75,8 @@ for batch in loader:
 dt = time.perf_counter() - t0
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec.
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-print(json.dumps({"rows": rows, "seconds": dt, "first_s": first, "checksum": check, "rss_mb": int(hwm) / 1024}))
+print(json.dumps({"rows": rows, "seconds": dt, "first_s": first, "checksum": check, "rss_mb": int(hwm) / 1024,
+                  "base_mb": int(base) / 1024}))
 """
 
 
@@ -101,20 +109,48 @@ def make_stores(root: Path, n_obs: int, n_var: int, nnz: int, dense_var: int, se
     return paths
 
 
-def decode_rate(path: Path) -> float:
-    """Rows/s of decoding all of X in order (zarr, whole arrays)."""
-    import zarr
-
-    g = zarr.open_group(path, mode="r")
+DECODE = r"""
+import json, sys, time
+import numpy as np, zarr
+path, how = sys.argv[1], sys.argv[2]
+if how == "zarrs":
+    import zarrs  # noqa: F401
+    zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
+g = zarr.open_group(path, mode="r")
+names = ["X/data", "X/indices"] if isinstance(g["X"], zarr.Group) else ["X"]
+n_obs = g["X/indptr"].shape[0] - 1 if len(names) == 2 else g["X"].shape[0]
+best = 0.0
+for _ in range(2):
     t0 = time.perf_counter()
-    if isinstance(g["X"], zarr.Group):
-        n_obs = g["X/indptr"].shape[0] - 1
-        g["X/data"][:]
-        g["X/indices"][:]
-    else:
-        n_obs = g["X"].shape[0]
-        g["X"][:]
-    return n_obs / (time.perf_counter() - t0)
+    for name in names:
+        a = g[name]
+        if how == "direct":  # annbatch's own chunk reader, the whole array as one range
+            from concurrent.futures import ThreadPoolExecutor
+            from annbatch._core.direct import direct_array
+            from annbatch._core.reader import TASKS_PER_THREAD
+            from annbatch._loader import _READ_THREADS
+            d = direct_array(a)
+            out = np.empty(a.shape, a.dtype)
+            with ThreadPoolExecutor(_READ_THREADS) as ex:
+                tasks = d.tasks(np.array([0]), np.array([a.shape[0]]), out, TASKS_PER_THREAD * _READ_THREADS)
+                [f.result() for f in [ex.submit(t) for t in tasks]]
+        else:
+            a[:]
+    best = max(best, n_obs / (time.perf_counter() - t0))
+print(json.dumps(best))
+"""
+
+
+def decode_rates(path: Path) -> dict[str, float]:
+    """Rows/s of decoding all of X in order, whole arrays, by each decoder available here:
+    zarr-python's codec pipeline, zarrs' (if installed), and annbatch's direct chunk reader."""
+    rates = {}
+    for how in ("zarr-python", "zarrs", "direct"):
+        if how == "zarrs" and importlib.util.find_spec("zarrs") is None:
+            continue
+        out = subprocess.run([sys.executable, "-c", DECODE, str(path), how], capture_output=True, text=True, check=True)
+        rates[how] = json.loads(out.stdout)
+    return rates
 
 
 def decoded_fraction(path: Path, chunk: int, preload: int) -> float:
@@ -159,9 +195,9 @@ def run_child(python: str, args: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", type=Path, default=Path("data/bench"))
-    p.add_argument("--n-obs", type=int, default=50_000)
-    p.add_argument("--n-var", type=int, default=5_000)
-    p.add_argument("--nnz", type=int, default=400, help="nonzeros per row of the sparse store")
+    p.add_argument("--n-obs", type=int, default=200_000)
+    p.add_argument("--n-var", type=int, default=20_000)
+    p.add_argument("--nnz", type=int, default=1_500, help="nonzeros per row of the sparse store")
     p.add_argument("--dense-var", type=int, default=2_000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--max-rows", type=int, default=10**9, help="stop each run after this many rows")
@@ -172,15 +208,19 @@ def main() -> None:
     a = p.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
     paths = make_stores(a.dir, a.n_obs, a.n_var, a.nnz, a.dense_var, a.seed)
-    rates = {kind: max(decode_rate(path) for _ in range(2)) for kind, path in paths.items()}
+    all_rates = {kind: decode_rates(path) for kind, path in paths.items()}
+    rates = {kind: max(r.values()) for kind, r in all_rates.items()}
     chosen = SETTINGS if a.settings == "all" else [SETTINGS[int(i)] for i in a.settings.split(",")]
     loaders = {"annbatch (ours)": (sys.executable, False)}
     if a.reference_python:
         loaders["reference 0.3.1 + zarrs"] = (a.reference_python, True)
     print(f"stores: sparse {a.n_obs:,} x {a.n_var:,} ({a.nnz} nnz/row), dense {a.n_obs:,} x {a.dense_var:,}; "
           f"batch {BATCH}, shuffled, {a.runs} runs, hold {a.hold_ms} ms/batch")
-    print(f"decode all X in order: sparse {rates['sparse']:,.0f} rows/s, dense {rates['dense']:,.0f} rows/s\n")
-    print("| store | chunk / preload | loader | rows/s median (min-max) | % of bound | bound | first batch s | peak RSS MB |")
+    for kind, r in all_rates.items():
+        listed = ", ".join(f"{how} {rate:,.0f}" for how, rate in r.items())
+        print(f"decode all X in order, {kind} (rows/s): {listed}; bound uses the fastest")
+    print("\n| store | chunk / preload | loader | rows/s median (min-max) | % of bound | bound "
+          "| first batch s | peak RSS MB (above start) |")
     print("|---|---|---|---|---|---|---|---|")
     for kind, chunk, preload in chosen:
         bound = rates[kind] * decoded_fraction(paths[kind], chunk, preload)
@@ -195,8 +235,9 @@ def main() -> None:
             med = statistics.median(speeds)
             first = statistics.median(r["first_s"] for r in runs)
             rss = max(r["rss_mb"] for r in runs)
+            above = max(r["rss_mb"] - r["base_mb"] for r in runs)
             print(f"| {kind} | {chunk} / {preload} | {name} | {med:,.0f} ({speeds[0]:,.0f}-{speeds[-1]:,.0f}) "
-                  f"| {100 * med / bound:.0f}% | {bound:,.0f} | {first:.2f} | {rss:,.0f} |", flush=True)
+                  f"| {100 * med / bound:.0f}% | {bound:,.0f} | {first:.2f} | {rss:,.0f} ({above:,.0f}) |", flush=True)
     if a.reference_python:  # same rows out of both loaders, unshuffled
         for kind, path in paths.items():
             sums = {}

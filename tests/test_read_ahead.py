@@ -56,7 +56,10 @@ def test_producer_runs_ahead_while_consumer_holds_a_batch():
     prefetcher = Prefetcher(source(), depth=2)
     assert next(prefetcher) == 0
     time.sleep(0.2)
-    # One item consumed, two waiting, one read and blocked on the full queue.
+    # One item held by the consumer, two produced ahead; no third until a slot frees.
+    assert produced == [0, 1, 2]
+    assert next(prefetcher) == 1
+    time.sleep(0.2)
     assert produced == [0, 1, 2, 3]
     prefetcher.close()
     assert not prefetcher.alive

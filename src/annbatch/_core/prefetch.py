@@ -2,7 +2,7 @@
 
 The producer thread runs the read pipeline up to ``depth`` windows ahead of the consumer, so
 reading (decompression releases the GIL) overlaps with the training step. Memory is bounded
-by ``depth`` ready windows plus the one being read and the one being consumed.
+by ``depth`` windows being read or waiting, plus the one being consumed.
 
 An exception in the producer reaches the consumer as the same exception object, with the
 producer's frames in its traceback. Closing the consumer (``break``, an exception in the
@@ -35,12 +35,16 @@ _DONE = object()
 class Prefetcher(Generic[T]):
     """Iterate ``source`` in a background thread, at most ``depth`` items ahead.
 
+    The producer takes a slot before it asks ``source`` for the next item, and the consumer
+    gives the slot back when it receives that item. So at most ``depth`` items exist that
+    the consumer has not received yet (being produced or waiting), plus the one it holds.
+
     Parameters
     ----------
     source
         The iterator to run in the background. It is only touched by the producer thread.
     depth
-        Number of finished items that may wait for the consumer (>= 1).
+        Number of items that may be produced ahead of the consumer (>= 1).
     name
         Name of the producer thread (shows up in debuggers and ``threading.enumerate()``).
     """
@@ -48,7 +52,8 @@ class Prefetcher(Generic[T]):
     def __init__(
         self, source: Iterator[T], depth: int, *, name: str = "annbatch-read-ahead"
     ) -> None:
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._slots = threading.Semaphore(depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._produce, args=(source,), name=name, daemon=True
@@ -57,25 +62,25 @@ class Prefetcher(Generic[T]):
 
     def _produce(self, source: Iterator[T]) -> None:
         try:
-            for item in source:
-                if not self._put(item) or self._stop.is_set():
+            while self._take_slot():
+                try:
+                    item = next(source)
+                except StopIteration:
+                    self._queue.put(_DONE)
                     return
+                self._queue.put(item)
         except BaseException as e:
-            self._put(_Failed(e))
-        else:
-            self._put(_DONE)
+            self._queue.put(_Failed(e))
         finally:
             close = getattr(source, "close", None)
             if close is not None:
                 close()
 
-    def _put(self, item: object) -> bool:
+    def _take_slot(self) -> bool:
+        """Wait for a free slot; False once the consumer has asked the producer to stop."""
         while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-            except queue.Full:
-                continue
-            return True
+            if self._slots.acquire(timeout=_POLL_S):
+                return not self._stop.is_set()
         return False
 
     def __iter__(self) -> Iterator[T]:
@@ -85,26 +90,27 @@ class Prefetcher(Generic[T]):
         if self._stop.is_set():
             raise StopIteration
         item = self._queue.get()
+        if item is not _DONE and not isinstance(item, _Failed):
+            self._slots.release()
+            return item  # type: ignore[return-value]
         if item is _DONE:
             self.close()
             raise StopIteration
         if isinstance(item, _Failed):
             self.close()
             raise item.error
-        return item  # type: ignore[return-value]
+        raise AssertionError  # pragma: no cover
 
     def close(self) -> None:
-        """Stop the producer, drop what it read ahead, and wait for its thread to end."""
+        """Stop the producer, wait for its thread to end, and drop what it read ahead."""
         self._stop.set()
-        while True:  # unblock a producer waiting on a full queue, and free its items
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        while True:
             try:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        if self._thread is not threading.current_thread():
-            self._thread.join()
-        while not self._queue.empty():  # an item the producer put while we were draining
-            self._queue.get_nowait()
 
     @property
     def alive(self) -> bool:
