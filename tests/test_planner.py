@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from annbatch._core.planner import dataset_offsets, plan_reads
+from annbatch._core.planner import dataset_offsets, plan_placement, plan_reads, requested_rows
 
 
 @dataclass
@@ -69,3 +69,40 @@ def test_repeated_rows_are_read_once():
     plan = plan_reads([slice(5, 9), slice(7, 11)], dataset_offsets([20]))
     assert [(s.start, s.stop) for s in plan.segments] == [(5, 11)]
     np.testing.assert_array_equal(plan.index[plan.positions], [5, 6, 7, 8, 7, 8, 9, 10])
+
+
+@st.composite
+def placements(draw):
+    sizes = draw(st.lists(st.integers(0, 40), min_size=1, max_size=4))
+    n_obs = sum(sizes)
+    chunks = []
+    if n_obs:
+        for _ in range(draw(st.integers(0, 8))):
+            start = draw(st.integers(0, n_obs - 1))
+            chunks.append(slice(start, draw(st.integers(start, min(n_obs, start + 12)))))
+    n_rows = sum(c.stop - c.start for c in chunks)
+    perm = np.array(draw(st.permutations(range(n_rows))), dtype=np.int64)
+    cuts = sorted(draw(st.lists(st.integers(0, n_rows), max_size=5)))
+    return sizes, chunks, np.split(perm, cuts)
+
+
+@given(placements())
+def test_placement_puts_every_row_where_its_batch_wants_it(case):
+    sizes, chunks, splits = case
+    offsets = dataset_offsets(sizes)
+    placement = plan_placement(chunks, splits, offsets)
+    wanted = requested_rows(chunks)[np.concatenate(splits)]
+    if len(np.unique(wanted)) < wanted.size:  # a row twice in one window: not placeable
+        assert placement is None
+        return
+    assert placement is not None
+    np.testing.assert_array_equal(placement.rows, wanted)
+    assert placement.bounds.tolist() == [0, *np.cumsum([s.size for s in splits]).tolist()]
+    filled = np.full(wanted.size, -1)
+    for run in placement.runs:
+        assert np.all(np.diff(run.starts) > 0)
+        assert np.all(run.starts[1:] >= run.stops[:-1])  # sorted, disjoint
+        for start, stop, dest in zip(run.starts, run.stops, run.dest, strict=True):
+            assert np.all(filled[dest : dest + stop - start] == -1)
+            filled[dest : dest + stop - start] = np.arange(start, stop) + offsets[run.dataset]
+    np.testing.assert_array_equal(filled, wanted)

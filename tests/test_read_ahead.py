@@ -9,9 +9,11 @@ import traceback
 
 import numpy as np
 import pytest
+import zarr
 
 from annbatch import Loader
 from annbatch._core.prefetch import Prefetcher
+from annbatch.errors import CorruptChunkError
 
 from conftest import check_epoch
 
@@ -86,22 +88,21 @@ def test_error_in_background_reaches_consumer_with_traceback():
     assert not prefetcher.alive
 
 
-def test_read_error_reaches_the_loop(pool, monkeypatch):
-    loader, _ = _loader(pool)
-    source = loader._sources[0]
-    calls = {"n": 0}
-    original = source.read_job
-
-    def failing_read(starts, stops, n_tasks):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise OSError("simulated read failure")
-        return original(starts, stops, n_tasks)
-
-    monkeypatch.setattr(source, "read_job", failing_read)
-    with pytest.raises(OSError, match="simulated read failure") as info:
-        list(loader)
-    assert "failing_read" in [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+def test_read_error_reaches_the_loop(tmp_path):
+    # A real failure in the background: a chunk file cut short on disk, met mid-epoch.
+    x = np.arange(64 * 5, dtype=np.float32).reshape(64, 5)
+    array = zarr.create_array(tmp_path / "x.zarr", shape=x.shape, chunks=(8, 5), dtype=x.dtype)
+    array[:] = x
+    damaged = tmp_path / "x.zarr" / "c" / "5" / "0"
+    damaged.write_bytes(damaged.read_bytes()[:5])
+    loader = Loader(chunk_size=8, preload_nchunks=1, batch_size=8, shuffle=False, to_torch=False)
+    loader.add_dataset(zarr.open_array(tmp_path / "x.zarr", mode="r"))
+    batches = iter(loader)
+    seen = [next(batches)["X"] for _ in range(5)]  # the batches before the damaged chunk
+    np.testing.assert_array_equal(np.concatenate(seen), x[:40])
+    with pytest.raises(CorruptChunkError, match="chunk 5") as info:
+        next(batches)
+    assert "_decode" in [f.name for f in traceback.extract_tb(info.value.__traceback__)]
     _wait_for_no_producers()
 
 

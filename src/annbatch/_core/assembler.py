@@ -12,6 +12,7 @@ Two strategies yield exactly the same rows in the same order:
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
@@ -114,6 +115,11 @@ def assemble(
         for future in [executor.submit(cut, group) for group in groups]:
             future.result()
     return batches
+
+
+def split_rows(window: np.ndarray, bounds: np.ndarray) -> list[Block]:
+    """Batches ``window[bounds[b]:bounds[b + 1]]``, as views of the window's buffer."""
+    return [window[a:b] for a, b in itertools.pairwise(bounds.tolist())]
 
 
 def _gather(blocks: Sequence[Block], starts: np.ndarray, split: np.ndarray) -> Block:

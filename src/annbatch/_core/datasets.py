@@ -182,6 +182,16 @@ class DenseSource:
         out = np.empty((int(np.sum(stops - starts)), *self.shape[1:]), dtype=self.dtype)
         return ReadJob(self._direct.tasks(starts, stops, out, n_tasks), lambda: [out])
 
+    def placed_tasks(
+        self, starts: np.ndarray, stops: np.ndarray, dest: np.ndarray, out: np.ndarray, n_tasks: int
+    ) -> list[Callable[[], None]]:
+        """Tasks that copy rows ``starts[i]:stops[i]`` (sorted, disjoint) to rows ``dest[i]:``
+        of ``out``. Only for a source that :attr:`reads_chunks_once`."""
+        if self._direct is None:
+            msg = f"{self.describe()} is not read chunk by chunk; use read_job"
+            raise TypeError(msg)
+        return self._direct.tasks(starts, stops, out, n_tasks, dst=dest)
+
     def read(self, start: int, stop: int) -> np.ndarray:
         # A slice of an in-memory array is a view: copy it, so that yielded batches (and the
         # tensors sharing their memory) never alias the user's array.

@@ -214,17 +214,26 @@ class DirectArray:
 
     # ----------------------------------------------------------------------------- planning
     def tasks(
-        self, starts: np.ndarray, stops: np.ndarray, out: np.ndarray, n_tasks: int
+        self,
+        starts: np.ndarray,
+        stops: np.ndarray,
+        out: np.ndarray,
+        n_tasks: int,
+        dst: np.ndarray | None = None,
     ) -> list[Callable[[], None]]:
-        """Tasks that together fill ``out`` with rows ``starts[i]:stops[i]``, one range after
-        another, decoding each chunk the ranges touch once.
+        """Tasks that together copy rows ``starts[i]:stops[i]`` into ``out``, decoding each
+        chunk the ranges touch once.
 
-        ``starts`` must be sorted and the ranges must not overlap.
+        ``starts`` must be sorted and the ranges must not overlap. Range ``i`` lands at
+        ``out[dst[i]:]``; without ``dst``, the ranges land one after another from row 0.
         """
         starts = np.asarray(starts, dtype=np.int64)
         stops = np.asarray(stops, dtype=np.int64)
         keep = stops > starts
-        dst0 = np.concatenate([[0], np.cumsum(stops - starts)])[:-1][keep]
+        if dst is None:
+            dst0 = np.concatenate([[0], np.cumsum(stops - starts)])[:-1][keep]
+        else:
+            dst0 = np.asarray(dst, dtype=np.int64)[keep]
         starts, stops = starts[keep], stops[keep]
         if starts.size == 0:
             return []
@@ -317,7 +326,7 @@ class DirectArray:
         chunk, src_lo, src_hi, dst = pieces
         layout = self._layout
         rows = layout.rows_per_chunk
-        whole_rows = layout.chunk_shape[1:] == self.shape[1:]
+        whole_rows = layout.chunk_shape[1:] == self.shape[1:] and out.dtype == self.dtype
         scratch: np.ndarray | None = None
         files: dict[str, int] = {}
         try:

@@ -126,3 +126,80 @@ def plan_reads(
         [np.arange(r.start, r.stop, dtype=np.int64) + offsets[r.dataset] for r in reads]
     )
     return ReadPlan(segments=reads, index=index, positions=positions)
+
+
+@dataclass(frozen=True, slots=True)
+class Runs:
+    """Rows of one dataset that a window wants, as runs that are contiguous both on disk and
+    in the window's output (which holds the rows in batch order)."""
+
+    dataset: int
+    """Position of the dataset in the Loader."""
+    starts: np.ndarray
+    """First row of each run, local to the dataset; sorted."""
+    stops: np.ndarray
+    """One past the last row of each run."""
+    dest: np.ndarray
+    """Output row of each run's first row."""
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A window read straight into batch order: which rows go where, and the batches."""
+
+    rows: np.ndarray
+    """Global row position of each output row; batch after batch."""
+    bounds: np.ndarray
+    """Batch ``b`` is output rows ``bounds[b]:bounds[b + 1]``."""
+    runs: list[Runs]
+    """Per dataset with wanted rows, the rows to read and where they go."""
+
+
+def requested_rows(chunks: Sequence[slice]) -> np.ndarray:
+    """Global row positions of a request's chunks, in request order."""
+    starts = np.array([c.start for c in chunks], dtype=np.int64)
+    lengths = np.array([c.stop - c.start for c in chunks], dtype=np.int64)
+    if lengths.sum() <= 0:
+        return np.empty(0, dtype=np.int64)
+    return np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
+
+
+def plan_placement(
+    chunks: Sequence[slice], splits: Sequence[np.ndarray], offsets: np.ndarray
+) -> Placement | None:
+    """Plan reading a request straight into batch order, or None if a row would be yielded
+    more than once in the window (then the window must be read first and batches cut from it).
+
+    Parameters
+    ----------
+    chunks
+        Global row ranges, in request order.
+    splits
+        Positions into the request's rows (``chunks`` one after another), one array per batch.
+    offsets
+        Output of :func:`dataset_offsets`.
+    """
+    order = np.concatenate(splits) if splits else np.empty(0, dtype=np.int64)
+    rows = requested_rows(chunks)[order]
+    by_row = np.argsort(rows, kind="stable")
+    sorted_rows = rows[by_row]
+    if sorted_rows.size > 1 and not bool(np.all(np.diff(sorted_rows) > 0)):
+        return None
+    dataset = np.searchsorted(offsets, sorted_rows, side="right") - 1
+    breaks = (
+        np.flatnonzero(
+            (np.diff(sorted_rows) != 1) | (np.diff(by_row) != 1) | (np.diff(dataset) != 0)
+        )
+        + 1
+    )
+    first = np.concatenate([[0], breaks]).astype(np.int64)
+    last = np.concatenate([breaks, [sorted_rows.size]]).astype(np.int64)
+    runs = []
+    if sorted_rows.size:
+        run_dataset = dataset[first]
+        for ds in np.unique(run_dataset).tolist():
+            mine = run_dataset == ds
+            starts = sorted_rows[first[mine]] - offsets[ds]
+            runs.append(Runs(ds, starts, starts + (last - first)[mine], by_row[first[mine]]))
+    bounds = np.concatenate([[0], np.cumsum([s.size for s in splits])]).astype(np.int64)
+    return Placement(rows=rows, bounds=bounds, runs=runs)

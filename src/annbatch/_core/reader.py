@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from concurrent.futures import Executor
 
-    from annbatch._core.datasets import RowSource
-    from annbatch._core.planner import ReadPlan
+    from annbatch._core.datasets import DenseSource, RowSource
+    from annbatch._core.planner import Placement, ReadPlan
     from annbatch._core.types import Block, ReadJob
 
 TASKS_PER_THREAD = 4
@@ -34,11 +34,39 @@ def read_plan(
         jobs.append(
             sources[dataset].read_job(ranges[:, 0], ranges[:, 1], TASKS_PER_THREAD * threads)
         )
-    tasks = [task for job in jobs for task in job.tasks]
+    _run([task for job in jobs for task in job.tasks], executor)
+    return [block for job in jobs for block in job.result()]
+
+
+def read_placed(
+    placement: Placement,
+    sources: Sequence[DenseSource],
+    executor: Executor | None = None,
+    threads: int = 1,
+) -> np.ndarray:
+    """Read a window of dense rows straight into batch order, into one buffer.
+
+    Every source must read chunks directly (:attr:`RowSource.reads_chunks_once`). Each chunk
+    is decoded once, into a scratch buffer (or, when a whole chunk lands in one piece, into
+    the output itself), and its rows are copied to their places in the batches while the
+    chunk is still in cache. No copy of the window in disk order is made.
+    """
+    first = sources[0]
+    out = np.empty((placement.rows.size, *first.shape[1:]), dtype=first.dtype)
+    n_tasks = TASKS_PER_THREAD * threads
+    tasks = [
+        task
+        for run in placement.runs
+        for task in sources[run.dataset].placed_tasks(run.starts, run.stops, run.dest, out, n_tasks)
+    ]
+    _run(tasks, executor)
+    return out
+
+
+def _run(tasks: Sequence[Callable[[], None]], executor: Executor | None) -> None:
     if executor is None or len(tasks) < 2:
         for task in tasks:
             task()
     else:
         for future in [executor.submit(task) for task in tasks]:
             future.result()
-    return [block for job in jobs for block in job.result()]
