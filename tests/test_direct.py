@@ -190,3 +190,27 @@ def test_no_file_descriptor_leaks(written):
     before = len(os.listdir("/proc/self/fd"))
     _read(direct_array(array), np.array([0]), np.array([N_ROWS]))
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("piece_rows", [1, 2, 40])
+def test_many_pieces_scattered_to_any_destination(tmp_path, piece_rows):
+    # Pieces short and long, landing in a shuffled order: both copy strategies are exercised.
+    values = np.arange(4000, dtype=np.float32)
+    array = zarr.create_array(
+        tmp_path / "a.zarr", shape=values.shape, chunks=(400,), shards=(1200,), dtype="f4"
+    )
+    array[:] = values
+    direct = direct_array(zarr.open_array(tmp_path / "a.zarr", mode="r"))
+    starts = np.arange(0, 4000 - piece_rows, 2 * piece_rows + 1)
+    stops = starts + piece_rows
+    rng = np.random.default_rng(piece_rows)
+    order = rng.permutation(starts.size)
+    dest = np.empty(starts.size, dtype=np.int64)
+    dest[order] = np.arange(starts.size) * piece_rows  # range order[k] lands k-th
+    out = np.full(starts.size * piece_rows, -1, dtype=np.float32)
+    for task in direct.tasks(starts, stops, out, 3, dst=dest):
+        task()
+    expected = np.concatenate([values[starts[k] : stops[k]] for k in order])
+    np.testing.assert_array_equal(out, expected)
+    contiguous = _read(direct, starts, stops)
+    np.testing.assert_array_equal(contiguous, _expected(values, starts, stops))

@@ -355,7 +355,9 @@ class DirectArray:
                 os.close(fd)
 
 
-_FEW_PIECES = 4  # below this many pieces per chunk, slice; above, gather with one fancy index
+# Copying pieces of a decoded chunk: a slice per piece when pieces hold at least this many
+# values on average, else one fancy index for all (measured on 1-D float32 chunks of 131,072).
+_SLICE_MIN_VALUES = 128
 
 
 def _copy_pieces(
@@ -369,12 +371,15 @@ def _copy_pieces(
     """Copy rows ``src_lo[k]:src_hi[k]`` of a decoded chunk to ``out[dst[k]:...]``."""
     if chunk.shape[1:] != trailing:  # chunk padded beyond the array's columns
         chunk = chunk[(slice(None), *(slice(0, n) for n in trailing))]
-    if src_lo.size <= _FEW_PIECES:
+    n = src_hi - src_lo
+    total = int(n.sum())
+    if total * int(np.prod(trailing)) >= _SLICE_MIN_VALUES * src_lo.size:
+        # Long pieces: one slice assignment each (~0.5 us of Python per piece, then memcpy).
         for lo, hi, at in zip(src_lo.tolist(), src_hi.tolist(), dst.tolist(), strict=True):
             out[at : at + hi - lo] = chunk[lo:hi]
         return
-    n = src_hi - src_lo
-    step = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    # Many short pieces: one fancy-indexed copy (~3 ns per row, whatever the piece count).
+    step = np.arange(total) - np.repeat(np.cumsum(n) - n, n)
     out[np.repeat(dst, n) + step] = chunk[np.repeat(src_lo, n) + step]
 
 

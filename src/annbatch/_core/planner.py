@@ -47,8 +47,12 @@ class Segment:
 class ReadPlan:
     """The reads that fill one window, and where each requested row lands in memory."""
 
-    segments: list[Segment]
-    """Row ranges to read, in the order their rows are laid out in memory (disk order)."""
+    datasets: np.ndarray
+    """Dataset of each read; reads are in the order their rows lie in memory (disk order)."""
+    starts: np.ndarray
+    """First row of each read, local to its dataset."""
+    stops: np.ndarray
+    """One past the last row of each read."""
     index: np.ndarray
     """Global row position of each row in memory."""
     positions: np.ndarray
@@ -59,24 +63,47 @@ class ReadPlan:
         """Number of rows the request asked for."""
         return int(self.positions.size)
 
+    @property
+    def segments(self) -> list[Segment]:
+        """The reads, one :class:`Segment` each."""
+        columns = (self.datasets.tolist(), self.starts.tolist(), self.stops.tolist())
+        return [Segment(d, a, b) for d, a, b in zip(*columns, strict=True)]
+
 
 def dataset_offsets(n_rows: Sequence[int]) -> np.ndarray:
     """Global position of each dataset's first row, plus the total at the end."""
     return np.concatenate([[0], np.cumsum(n_rows, dtype=np.int64)])
 
 
-def _split_at_datasets(chunks: Sequence[slice], offsets: np.ndarray) -> list[tuple[int, int, int]]:
-    """(dataset, local start, local stop) for each piece of each chunk, in request order."""
+def _expand(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(a, b) for a, b in zip(starts, stops)])``, without the loop."""
+    lengths = stops - starts
+    total = int(lengths.sum())
+    return np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(total)
+
+
+def _split_at_datasets(
+    chunks: Sequence[slice], offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dataset, local start, local stop) of each piece of each chunk, in request order."""
+    starts = np.array([c.start for c in chunks], dtype=np.int64)
+    stops = np.array([c.stop for c in chunks], dtype=np.int64)
+    keep = stops > starts
+    starts, stops = starts[keep], stops[keep]
+    # side="right" skips datasets with no rows, whose offsets repeat.
+    first = np.searchsorted(offsets, starts, side="right") - 1
+    last = np.searchsorted(offsets, stops - 1, side="right") - 1
+    if np.array_equal(first, last):  # no chunk crosses a dataset boundary
+        return first, starts - offsets[first], stops - offsets[first]
     pieces = []
-    for chunk in chunks:
-        start, stop = int(chunk.start), int(chunk.stop)
+    for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
         while start < stop:
-            # side="right" skips datasets with no rows, whose offsets repeat.
             ds = int(np.searchsorted(offsets, start, side="right")) - 1
             end = min(stop, int(offsets[ds + 1]))
             pieces.append((ds, start - int(offsets[ds]), end - int(offsets[ds])))
             start = end
-    return pieces
+    ds_, lo, hi = (np.array(col, dtype=np.int64) for col in zip(*pieces, strict=True))
+    return ds_, lo, hi
 
 
 def plan_reads(
@@ -93,39 +120,41 @@ def plan_reads(
     grids
         Per dataset, its on-disk chunk layout (None: merge only touching ranges).
     """
-    pieces = _split_at_datasets(chunks, offsets)
-    if not pieces:
+    ds, start, stop = _split_at_datasets(chunks, offsets)
+    if ds.size == 0:
         empty = np.empty(0, dtype=np.int64)
-        return ReadPlan(segments=[], index=empty, positions=empty)
-    order = sorted(range(len(pieces)), key=lambda i: pieces[i][:2])
-    reads: list[Segment] = []
-    read_of_piece = np.empty(len(pieces), dtype=np.int64)
-    for i in order:
-        ds, start, stop = pieces[i]
-        prev = reads[-1] if reads else None
-        grid = grids[ds] if ds < len(grids) else None
+        return ReadPlan(datasets=empty, starts=empty, stops=empty, index=empty, positions=empty)
+    order = np.lexsort((start, ds))
+    s_ds, s_start, s_stop = ds[order], start[order], stop[order]
+    # Furthest row reached so far within the dataset (datasets are sorted, so offsetting each
+    # by its position keeps one running maximum from leaking into the next dataset).
+    shift = s_ds * (int(offsets[-1]) + 1)
+    reach = np.maximum.accumulate(s_stop + shift) - shift
+    new = np.ones(s_ds.size, dtype=bool)
+    new[1:] = (s_ds[1:] != s_ds[:-1]) | (s_start[1:] > reach[:-1])
+    for i in np.flatnonzero(new[1:]).tolist():  # a gap: merge it if a chunk spans it
+        i += 1
+        d = int(s_ds[i])
+        grid = grids[d] if d < len(grids) else None
         if (
-            prev is not None
-            and prev.dataset == ds
-            and (
-                start <= prev.stop or (grid is not None and grid.shares_chunk(prev.stop - 1, start))
-            )
+            grid is not None
+            and s_ds[i - 1] == d
+            and grid.shares_chunk(int(reach[i - 1]) - 1, int(s_start[i]))
         ):
-            reads[-1] = Segment(ds, prev.start, max(prev.stop, stop))
-        else:
-            reads.append(Segment(ds, start, stop))
-        read_of_piece[i] = len(reads) - 1
-    read_base = np.concatenate([[0], np.cumsum([r.n_rows for r in reads])])
-    positions = np.concatenate(
-        [
-            np.arange(start, stop, dtype=np.int64) - reads[r].start + read_base[r]
-            for (_, start, stop), r in zip(pieces, read_of_piece, strict=True)
-        ]
+            new[i] = False
+    segment = np.cumsum(new) - 1
+    heads = np.flatnonzero(new)
+    tails = np.concatenate([heads[1:], [s_ds.size]]) - 1
+    seg_ds, seg_start, seg_stop = s_ds[heads], s_start[heads], reach[tails]
+    seg_base = np.concatenate([[0], np.cumsum(seg_stop - seg_start)])
+    read_of_piece = np.empty(ds.size, dtype=np.int64)
+    read_of_piece[order] = segment
+    shifts = seg_base[read_of_piece] - seg_start[read_of_piece]
+    positions = _expand(start, stop) + np.repeat(shifts, stop - start)
+    index = _expand(seg_start + offsets[seg_ds], seg_stop + offsets[seg_ds])
+    return ReadPlan(
+        datasets=seg_ds, starts=seg_start, stops=seg_stop, index=index, positions=positions
     )
-    index = np.concatenate(
-        [np.arange(r.start, r.stop, dtype=np.int64) + offsets[r.dataset] for r in reads]
-    )
-    return ReadPlan(segments=reads, index=index, positions=positions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,10 +187,8 @@ class Placement:
 def requested_rows(chunks: Sequence[slice]) -> np.ndarray:
     """Global row positions of a request's chunks, in request order."""
     starts = np.array([c.start for c in chunks], dtype=np.int64)
-    lengths = np.array([c.stop - c.start for c in chunks], dtype=np.int64)
-    if lengths.sum() <= 0:
-        return np.empty(0, dtype=np.int64)
-    return np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
+    stops = np.array([c.stop for c in chunks], dtype=np.int64)
+    return _expand(starts, np.maximum(starts, stops))
 
 
 def plan_placement(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from itertools import groupby
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,11 +28,12 @@ def read_plan(
     chunks are read and decoded concurrently.
     """
     jobs: list[ReadJob] = []
-    for dataset, segments in groupby(plan.segments, key=lambda seg: seg.dataset):
-        ranges = np.array([(seg.start, seg.stop) for seg in segments], dtype=np.int64)
-        jobs.append(
-            sources[dataset].read_job(ranges[:, 0], ranges[:, 1], TASKS_PER_THREAD * threads)
-        )
+    bounds = np.flatnonzero(np.diff(plan.datasets)) + 1  # reads are grouped by dataset
+    for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), plan.datasets.size], strict=True):
+        if hi > lo:
+            source = sources[int(plan.datasets[lo])]
+            n_tasks = TASKS_PER_THREAD * threads
+            jobs.append(source.read_job(plan.starts[lo:hi], plan.stops[lo:hi], n_tasks))
     _run([task for job in jobs for task in job.tasks], executor)
     return [block for job in jobs for block in job.result()]
 
