@@ -128,11 +128,11 @@ for _ in range(2):
             from concurrent.futures import ThreadPoolExecutor
             from annbatch._core.direct import direct_array
             from annbatch._core.reader import TASKS_PER_THREAD
-            from annbatch._loader import _READ_THREADS
+            from annbatch._loader import read_threads
             d = direct_array(a)
             out = np.empty(a.shape, a.dtype)
-            with ThreadPoolExecutor(_READ_THREADS) as ex:
-                tasks = d.tasks(np.array([0]), np.array([a.shape[0]]), out, TASKS_PER_THREAD * _READ_THREADS)
+            with ThreadPoolExecutor(read_threads()) as ex:
+                tasks = d.tasks(np.array([0]), np.array([a.shape[0]]), out, TASKS_PER_THREAD * read_threads())
                 [f.result() for f in [ex.submit(t) for t in tasks]]
         else:
             a[:]
@@ -148,7 +148,9 @@ def decode_rates(path: Path) -> dict[str, float]:
     for how in ("zarr-python", "zarrs", "direct"):
         if how == "zarrs" and importlib.util.find_spec("zarrs") is None:
             continue
-        out = subprocess.run([sys.executable, "-c", DECODE, str(path), how], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", DECODE, str(path), how], capture_output=True, text=True, check=False)
+        if out.returncode:
+            raise RuntimeError(f"decoding {path} with {how} failed:\n{out.stderr[-3000:]}")
         rates[how] = json.loads(out.stdout)
     return rates
 

@@ -48,11 +48,16 @@ else:  # torch stays optional: without it the Loader is a plain iterable.
 
 _SAMPLER_ARGS = ("chunk_size", "preload_nchunks", "batch_size", "shuffle", "drop_last", "rng")
 _OUTPUTS = ("numpy", "torch", "jax")
-# Threads reading and decoding one window's chunks. Decompression releases the GIL, so one
-# per core keeps every core decoding; at least 2, so that file reads overlap with decoding.
-_READ_THREADS = max(
-    2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-)
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+
+
+def read_threads(workers: int = 1) -> int:
+    """Threads that read and decode a window's chunks in each of ``workers`` processes.
+
+    Decompression releases the GIL, so one thread per core keeps every core decoding; the
+    cores are shared among DataLoader workers; at least 2, so file reads overlap decoding.
+    """
+    return max(2, _CPUS // max(1, workers))
 
 
 class Loader(_IterableBase):
@@ -368,10 +373,11 @@ class Loader(_IterableBase):
         if shard.seed is not None:
             sampler.reseed(shard.seed)
         offsets = dataset_offsets([s.shape[0] for s in self._sources])
-        with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="annbatch-read") as executor:
+        threads = read_threads(shard.count)
+        with ThreadPoolExecutor(threads, thread_name_prefix="annbatch-read") as executor:
             for number, request in enumerate(sampler.sample(int(offsets[-1]))):
                 if shard.owns(number):
-                    yield self._read_window(request, offsets, strategy, executor)
+                    yield self._read_window(request, offsets, strategy, executor, threads)
 
     def _read_window(
         self,
@@ -379,6 +385,7 @@ class Loader(_IterableBase):
         offsets: np.ndarray,
         strategy: ConcatStrategy,
         executor: Executor,
+        threads: int,
     ) -> _Window:
         """Read one load request and cut it into batches."""
         splits = request.splits
@@ -393,7 +400,7 @@ class Loader(_IterableBase):
         if len(dense) == len(self._sources):
             placement = plan_placement(request.chunks, splits, offsets)
             if placement is not None:  # None: a row repeats within the window
-                out = read_placed(placement, dense, executor, _READ_THREADS)
+                out = read_placed(placement, dense, executor, threads)
                 edges = list(itertools.pairwise(placement.bounds.tolist()))
                 return _Window(
                     batches=split_rows(out, placement.bounds),
@@ -404,9 +411,9 @@ class Loader(_IterableBase):
         # each chunk once by themselves need no merging across gaps.
         grids = [None if s.reads_chunks_once else s for s in self._sources]
         plan = plan_reads(request.chunks, offsets, grids)
-        blocks = read_plan(plan, self._sources, executor, _READ_THREADS)
+        blocks = read_plan(plan, self._sources, executor, threads)
         splits = [plan.positions[s] for s in splits]  # request order -> memory order
-        batches = assemble(blocks, splits, strategy, executor, TASKS_PER_THREAD * _READ_THREADS)
+        batches = assemble(blocks, splits, strategy, executor, TASKS_PER_THREAD * threads)
         return _Window(batches=batches, indices=[plan.index[s] for s in splits])
 
     def _all_obs(self) -> pd.DataFrame | None:
