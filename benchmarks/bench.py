@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -188,7 +189,10 @@ def decoded_fraction(path: Path, chunk: int, preload: int) -> float:
 
 
 def run_child(python: str, args: dict) -> dict:
-    out = subprocess.run([python, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if python != sys.executable:  # another interpreter must not import our annbatch
+        env.pop("PYTHONPATH", None)
+    out = subprocess.run([python, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, check=False, env=env)
     if out.returncode:
         raise RuntimeError(f"{python} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

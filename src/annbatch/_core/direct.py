@@ -89,11 +89,20 @@ def _compressor_v3(codec: object) -> tuple[bool, Any]:
     return False, None
 
 
+def _value(setting: object) -> object:
+    """A codec setting as a plain value (zarr versions differ: enum members or strings)."""
+    return getattr(setting, "value", setting)
+
+
+def _little_endian(codec: BytesCodec) -> bool:
+    return codec.endian is None or _value(codec.endian) == "little"
+
+
 def _inner_codecs(codecs: Sequence[object]) -> tuple[bool, Any]:
     """(supported, compressor) for a v3 chain: little-endian bytes, then at most one compressor."""
     if not codecs or not isinstance(codecs[0], BytesCodec):
         return False, None
-    if codecs[0].endian is not None and codecs[0].endian.value != "little":
+    if not _little_endian(codecs[0]):
         return False, None
     if len(codecs) == 1:
         return True, None
@@ -130,7 +139,7 @@ def direct_array(array: object) -> DirectArray | None:
             index_ok = (
                 len(index) in (1, 2)
                 and isinstance(index[0], BytesCodec)
-                and (index[0].endian is None or index[0].endian.value == "little")
+                and _little_endian(index[0])
                 and (len(index) == 1 or isinstance(index[1], Crc32cCodec))
             )
             if not (ok and index_ok):
@@ -140,7 +149,7 @@ def direct_array(array: object) -> DirectArray | None:
             per_shard = [o // i for o, i in zip(outer, inner, strict=True)]
             index_entries = int(np.prod(per_shard))
             index_stride = int(np.prod(per_shard[1:]))
-            at_end = sharding.index_location.value == "end"
+            at_end = _value(sharding.index_location) == "end"
             checksum = len(index) == 2
         else:
             ok, compressor = _inner_codecs(codecs)
