@@ -272,8 +272,6 @@ def test_not_yet_available_options(pool):
         Loader(preload_to_gpu=True)
     with pytest.raises(FeatureNotAvailableError, match="to='jax' is not available yet"):
         Loader(to="jax")
-    with pytest.raises(FeatureNotAvailableError, match="use_collection is not available yet"):
-        Loader().use_collection(object())
 
 
 def test_errors_are_catchable_as_builtins():

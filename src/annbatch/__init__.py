@@ -1,7 +1,7 @@
 """annbatch: stream on-disk AnnData stores into deep-learning training loops.
 
-``import annbatch`` stays light: :class:`Loader` (which pulls in zarr, anndata and, when
-installed, torch) is imported on first access.
+``import annbatch`` stays light: :class:`Loader` and :class:`DatasetCollection` (which pull
+in zarr, anndata and, when installed, torch) are imported on first access.
 """
 
 from __future__ import annotations
@@ -15,12 +15,25 @@ from annbatch.samplers import ChunkSampler
 if TYPE_CHECKING:
     from annbatch._anndata_io import load_x_and_obs
     from annbatch._loader import Loader
+    from annbatch.collection import DatasetCollection
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["ChunkSampler", "Loader", "abc", "errors", "load_x_and_obs", "samplers"]
+__all__ = [
+    "ChunkSampler",
+    "DatasetCollection",
+    "Loader",
+    "abc",
+    "errors",
+    "load_x_and_obs",
+    "samplers",
+]
 
-_LAZY = {"Loader": "annbatch._loader", "load_x_and_obs": "annbatch._anndata_io"}
+_LAZY = {
+    "Loader": "annbatch._loader",
+    "load_x_and_obs": "annbatch._anndata_io",
+    "DatasetCollection": "annbatch.collection",
+}
 
 
 def __getattr__(name: str) -> Any:

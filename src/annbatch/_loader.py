@@ -25,14 +25,16 @@ from annbatch.errors import (
     InvalidArgumentError,
     LoaderBusyError,
     ObsMismatchError,
+    UnsupportedDatasetError,
 )
 from annbatch.samplers import ChunkSampler
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from concurrent.futures import Executor
 
     import numpy as np
+    import zarr
     from anndata import AnnData
 
     from annbatch._core.assembler import ConcatStrategy
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from annbatch._core.datasets import RowSource
     from annbatch._core.types import Block
     from annbatch.abc import LoadRequest
+    from annbatch.collection import DatasetCollection
 
 if torch_available():
     from torch.utils.data import IterableDataset as _IterableBase
@@ -178,6 +181,7 @@ class Loader(_IterableBase):
         self._obs: list[pd.DataFrame | None] = []
         self._obs_all: pd.DataFrame | None = None  # concatenation of self._obs, built lazily
         self._active_iterations = 0
+        self._used_collection = False
 
     # ----------------------------------------------------------------------------- attributes
     @property
@@ -287,10 +291,41 @@ class Loader(_IterableBase):
     add_adata = add_anndata
     add_adatas = add_anndatas
 
-    def use_collection(self, collection: Any, *, load_adata: Any = None) -> Self:
-        """Read every dataset of a ``DatasetCollection``. Not available yet."""
-        msg = "use_collection is not available yet; add the collection's datasets with add_anndatas"
-        raise FeatureNotAvailableError(msg)
+    def use_collection(
+        self,
+        collection: DatasetCollection,
+        *,
+        load_adata: Callable[[zarr.Group], AnnData] | None = None,
+    ) -> Self:
+        """Read every dataset of a :class:`~annbatch.DatasetCollection`.
+
+        Callable once per Loader (add further data with :meth:`add_anndatas`).
+
+        Parameters
+        ----------
+        collection
+            A complete collection.
+        load_adata
+            Opens one dataset (a zarr group) as an AnnData whose X is on disk; whatever obs
+            it returns is yielded with the batches. Default :func:`annbatch.load_x_and_obs`
+            (X and all of obs); pass your own to load only the obs columns you need.
+        """
+        from annbatch._anndata_io import load_x_and_obs
+        from annbatch.collection import DatasetCollection
+
+        if self._used_collection:
+            msg = "use_collection can be called once per Loader; add more data with add_anndatas"
+            raise InvalidArgumentError(msg)
+        if not isinstance(collection, DatasetCollection):
+            msg = f"use_collection expects an annbatch.DatasetCollection, got {type(collection).__name__}"
+            raise UnsupportedDatasetError(msg)
+        load = load_x_and_obs if load_adata is None else load_adata
+        if not callable(load):
+            msg = f"load_adata must be a callable taking a zarr.Group, got {load!r}"
+            raise InvalidArgumentError(msg)
+        self.add_anndatas([load(group) for group in collection.datasets])
+        self._used_collection = True
+        return self
 
     @staticmethod
     def _check_compatible(

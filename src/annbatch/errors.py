@@ -11,6 +11,9 @@ fits it, so callers can catch either::
     ├── ClosedDatasetError        (ValueError)    an HDF5 dataset whose file was closed
     ├── LoaderBusyError           (RuntimeError)  changing a Loader while it is being iterated
     ├── CorruptChunkError         (OSError)       on-disk bytes that do not decode
+    ├── InputFileError            (OSError)       a collection input that is missing or unreadable
+    ├── CollectionPathError       (FileExistsError)  a collection path that holds something else
+    ├── IncompleteCollectionError (RuntimeError)  a collection whose build did not finish
     └── FeatureNotAvailableError  (NotImplementedError)  documented, not built yet
 """
 
@@ -47,6 +50,18 @@ class LoaderBusyError(AnnbatchError, RuntimeError):
 
 class CorruptChunkError(AnnbatchError, OSError):
     """A chunk's bytes on disk could not be decoded (truncated or damaged file)."""
+
+
+class InputFileError(AnnbatchError, OSError):
+    """An input of a collection build is missing, unreadable, or holds no AnnData."""
+
+
+class CollectionPathError(AnnbatchError, FileExistsError):
+    """A collection's path holds something that is not a collection (or a different build)."""
+
+
+class IncompleteCollectionError(AnnbatchError, RuntimeError):
+    """A collection whose build was interrupted: it cannot be read until the build finishes."""
 
 
 class FeatureNotAvailableError(AnnbatchError, NotImplementedError):

@@ -1,0 +1,118 @@
+"""Command line: ``annbatch build`` writes a collection, ``annbatch info`` describes one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="annbatch",
+        description="Build and inspect annbatch collections (AnnData rows shuffled across files).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser(
+        "build",
+        help="write a collection from AnnData files",
+        description=(
+            "Combine AnnData files (.h5ad or .zarr) into a collection: every row goes to a random "
+            "dataset and a random place in it, written as sharded zarr v3. Running it again after "
+            "an interruption resumes the build; on an existing collection it appends the inputs."
+        ),
+    )
+    build.add_argument(
+        "out", type=Path, help="the collection's folder (new, or an existing collection)"
+    )
+    build.add_argument(
+        "inputs", type=Path, nargs="+", help="AnnData files: .h5ad files or .zarr stores"
+    )
+    build.add_argument(
+        "--genes",
+        type=Path,
+        help="text file with one gene name per line: keep these genes in this order (missing ones are "
+        "zeros). Default: every gene of any input",
+    )
+    build.add_argument(
+        "--dataset-size",
+        type=int,
+        default=1_048_576,
+        help="most rows per dataset (default: %(default)s)",
+    )
+    build.add_argument(
+        "--memory-budget",
+        default="2GB",
+        help="about how much memory the build may use, e.g. 512MB or 8GB (default: %(default)s); "
+        "datasets are made smaller if one would not fit",
+    )
+    build.add_argument(
+        "--seed", type=int, default=0, help="seed of the shuffle (default: %(default)s)"
+    )
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    info = commands.add_parser(
+        "info",
+        help="describe a collection",
+        description="Print a collection's datasets: rows, genes, dtype, codec, chunking and size on disk.",
+    )
+    info.add_argument("store", type=Path, help="the collection's folder")
+    return parser
+
+
+def _human(n_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n_bytes < 1024:
+            return f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return f"{n_bytes:.1f} TB"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    from annbatch.collection import DatasetCollection
+    from annbatch.errors import AnnbatchError
+
+    try:
+        if args.command == "build":
+            genes = None
+            if args.genes is not None:
+                genes = [
+                    line.strip() for line in args.genes.read_text().splitlines() if line.strip()
+                ]
+            collection = DatasetCollection(args.out).add_adatas(
+                [str(p) for p in args.inputs],
+                var_names=genes,
+                dataset_size=args.dataset_size,
+                memory_budget=args.memory_budget,
+                rng=args.seed,
+                progress=not args.quiet,
+            )
+            print(collection)
+            return 0
+        info = DatasetCollection(args.store).info()
+    except (AnnbatchError, OSError) as e:
+        print(f"annbatch {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"{info['path']}: {info['n_datasets']} datasets, {info['n_obs']:,} rows x {info['n_var']:,} genes, {_human(info['bytes'])} on disk"
+    )
+    print(
+        f"{'dataset':<16} {'rows':>12} {'dtype':>8} {'X':>11} {'codec':>12} {'chunks':>10} {'shards':>10} {'size':>10}"
+    )
+    for d in info["datasets"]:
+        chunks = "x".join(str(c) for c in d["chunks"])
+        shards = "x".join(str(c) for c in d["shards"]) if d["shards"] else "-"
+        print(
+            f"{d['name']:<16} {d['n_obs']:>12,} {d['dtype']:>8} {d['encoding']:>11} {d['codec']:>12} "
+            f"{chunks:>10} {shards:>10} {_human(d['bytes']):>10}"
+        )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""Inputs of a collection build: open AnnData files or objects, check them, align their genes.
+
+Every check runs before anything is written: missing or unreadable files, CSC matrices,
+dense mixed with sparse, non-unique gene names and differing dtypes each raise a clear error
+naming the input.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anndata as ad
+import anndata.abc
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+
+from annbatch.errors import (
+    IncompatibleDatasetsError,
+    InputFileError,
+    InvalidArgumentError,
+    UnsupportedDatasetError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+SOURCE_COLUMN = "source_file"
+"""obs column of a collection that names the input each row came from."""
+
+
+@dataclass
+class Input:
+    """One input, opened: X stays where it is (on disk, or the AnnData's own matrix)."""
+
+    name: str
+    """How the input is named in errors and in the ``source_file`` obs column."""
+    x: Any
+    """Row-sliceable matrix: ``x[a:b]`` gives numpy rows or scipy CSR rows."""
+    obs: pd.DataFrame
+    var_names: pd.Index
+    dtype: np.dtype
+    sparse: bool
+    handle: Any = None
+    """An open h5py.File to close when the build is done."""
+
+    @property
+    def n_obs(self) -> int:
+        return int(self.x.shape[0])
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+def _x_of(x: Any, name: str) -> tuple[Any, bool]:
+    """(row-sliceable X, is sparse) or a clear error."""
+    if isinstance(x, anndata.abc.CSCDataset) or (
+        isinstance(x, sp.spmatrix | sp.sparray) and x.format != "csr"
+    ):
+        msg = f"{name}: X is stored as CSC (or another non-CSR sparse format); rewrite it as CSR (`adata.X = adata.X.tocsr()`)"
+        raise UnsupportedDatasetError(msg)
+    if isinstance(x, anndata.abc.CSRDataset | sp.csr_matrix | sp.csr_array):
+        return x, True
+    if isinstance(x, np.ndarray | h5py.Dataset | zarr.Array) and x.ndim == 2:
+        return x, False
+    msg = f"{name}: X is a {type(x).__name__}; expected a 2-D dense array or a CSR matrix"
+    raise UnsupportedDatasetError(msg)
+
+
+def _open_group(path: Path) -> tuple[Any, Any]:
+    """(root group, handle to close) of an h5ad file or a zarr AnnData store."""
+    if not path.exists():
+        msg = f"input {path} does not exist"
+        raise InputFileError(msg)
+    try:
+        if path.is_dir():
+            return zarr.open_group(path, mode="r"), None
+        handle = h5py.File(path, mode="r")
+    except Exception as e:
+        msg = f"input {path} is neither a readable h5ad file nor a zarr AnnData store ({e})"
+        raise InputFileError(msg) from e
+    return handle, handle
+
+
+def open_input(item: str | os.PathLike[str] | ad.AnnData, position: int) -> Input:
+    """Open one input (a path to .h5ad / .zarr, or an AnnData) without reading X."""
+    if isinstance(item, ad.AnnData):
+        name = str(item.filename) if item.isbacked else f"AnnData {position}"
+        x, sparse = _x_of(item.X, name)
+        return Input(name, x, item.obs.copy(), pd.Index(item.var_names), np.dtype(x.dtype), sparse)
+    if not isinstance(item, str | os.PathLike):
+        msg = f"input {position} is a {type(item).__name__}; expected a path or an AnnData"
+        raise InvalidArgumentError(msg)
+    path = Path(item)
+    group, handle = _open_group(path)
+    try:
+        if "X" not in group or "obs" not in group or "var" not in group:
+            msg = f"input {path} holds no AnnData (it needs X, obs and var)"
+            raise InputFileError(msg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # anndata's notes on old encodings
+            obs = ad.io.read_elem(group["obs"])
+            var = ad.io.read_elem(group["var"])
+            x_elem = group["X"]
+            x = (
+                ad.io.sparse_dataset(x_elem)
+                if isinstance(x_elem, h5py.Group | zarr.Group)
+                else x_elem
+            )
+        x, sparse = _x_of(x, str(path))
+    except Exception:
+        if handle is not None:
+            handle.close()
+        raise
+    return Input(str(path), x, obs, pd.Index(var.index), np.dtype(x.dtype), sparse, handle)
+
+
+def open_inputs(items: Sequence[str | os.PathLike[str] | ad.AnnData]) -> list[Input]:
+    """Open and check all inputs; close them all if any check fails."""
+    if isinstance(items, str | os.PathLike | ad.AnnData):
+        items = [items]
+    if not items:
+        msg = "no inputs given; pass paths to .h5ad or .zarr AnnData stores, or AnnData objects"
+        raise InvalidArgumentError(msg)
+    opened: list[Input] = []
+    try:
+        for i, item in enumerate(items):
+            opened.append(open_input(item, i))
+        check_inputs(opened)
+    except BaseException:
+        for inp in opened:
+            inp.close()
+        raise
+    return opened
+
+
+def check_inputs(inputs: Sequence[Input]) -> None:
+    """Raise if the inputs cannot form one collection."""
+    for inp in inputs:
+        if not inp.var_names.is_unique:
+            dup = inp.var_names[inp.var_names.duplicated()].unique()[:5].tolist()
+            msg = f"{inp.name}: gene names are not unique (for example {dup}); make them unique first (`adata.var_names_make_unique()`)"
+            raise IncompatibleDatasetsError(msg)
+        if len(inp.obs) != inp.n_obs:
+            msg = f"{inp.name}: obs has {len(inp.obs)} rows but X has {inp.n_obs}"
+            raise IncompatibleDatasetsError(msg)
+    first = inputs[0]
+    for inp in inputs[1:]:
+        if inp.sparse != first.sparse:
+            kinds = {True: "sparse CSR", False: "dense"}
+            msg = f"{inp.name}: X is {kinds[inp.sparse]} but {first.name} is {kinds[first.sparse]}; a collection holds one kind"
+            raise IncompatibleDatasetsError(msg)
+        if inp.dtype != first.dtype:
+            msg = f"{inp.name}: X has dtype {inp.dtype} but {first.name} has {first.dtype}; cast them to one dtype first"
+            raise IncompatibleDatasetsError(msg)
+
+
+def union_var_names(inputs: Sequence[Input]) -> pd.Index:
+    """Outer join of the inputs' gene names, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for inp in inputs:
+        seen.update(dict.fromkeys(inp.var_names.astype(str)))
+    return pd.Index(list(seen), dtype=object)
+
+
+def column_map(inp: Input, var_names: pd.Index) -> np.ndarray | None:
+    """Output column of each input column (-1: dropped); None when they are the same."""
+    names = inp.var_names.astype(str)
+    if names.equals(var_names):
+        return None
+    return var_names.get_indexer(names).astype(np.int64)
+
+
+def align_rows(rows: Any, mapping: np.ndarray | None, n_var: int) -> Any:
+    """Rows of an input with their columns moved to the collection's genes (zeros elsewhere)."""
+    if mapping is None:
+        return rows
+    if sp.issparse(rows):
+        rows = sp.csr_matrix(rows)
+        cols = mapping[rows.indices]
+        keep = cols >= 0
+        kept_before = np.concatenate([[0], np.cumsum(keep)])  # kept entries before each position
+        indptr = kept_before[rows.indptr]
+        out = sp.csr_matrix((rows.data[keep], cols[keep], indptr), shape=(rows.shape[0], n_var))
+        out.sort_indices()
+        return out
+    out = np.zeros((rows.shape[0], n_var), dtype=rows.dtype)
+    keep = mapping >= 0
+    out[:, mapping[keep]] = np.asarray(rows)[:, keep]
+    return out

@@ -1,0 +1,96 @@
+"""How a collection's datasets are laid out on disk: chunking, sharding and codec.
+
+The numbers below were chosen with ``benchmarks/bench.py`` (see ``benchmarks/RESULTS.md``,
+"collection layout"): decoding is what bounds the Loader, and a loader chunk smaller than an
+on-disk chunk decodes data it then drops, so on-disk chunks are kept small, and the codec is
+one that decodes fast.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec
+
+if TYPE_CHECKING:
+    import zarr
+
+SPARSE_CHUNK = 32_768
+"""Elements per on-disk chunk of a sparse dataset's data and indices."""
+SPARSE_SHARD = 2**22
+"""Elements per shard file of data and indices."""
+DENSE_CHUNK_BYTES = 2**20
+"""Target bytes per on-disk chunk of a dense dataset (whole rows per chunk)."""
+DENSE_SHARD_CHUNKS = 64
+"""Chunks per shard file of a dense dataset."""
+
+
+def compressor() -> Any:
+    """LZ4 inside blosc with byte shuffle: decodes several times faster than zstd."""
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+
+
+def dense_chunk_rows(n_var: int, itemsize: int) -> int:
+    """Rows per on-disk chunk of a dense dataset with ``n_var`` columns."""
+    return int(max(1, min(4096, DENSE_CHUNK_BYTES // max(1, n_var * itemsize))))
+
+
+def write_dataset(group: zarr.Group, x: Any, obs: pd.DataFrame, var_names: pd.Index) -> None:
+    """Write one AnnData (X, obs, var) into ``group`` (a new, empty zarr v3 group)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's notes about zarr v3 and string arrays
+        if sp.issparse(x):
+            n = max(1, int(x.nnz))
+            chunk = min(SPARSE_CHUNK, n)
+            kwargs = {
+                "chunks": (chunk,),
+                "shards": (chunk * min(SPARSE_SHARD // SPARSE_CHUNK, -(-n // chunk)),),
+                "compressors": compressor(),
+            }
+        else:
+            rows = dense_chunk_rows(x.shape[1], x.dtype.itemsize)
+            rows = min(rows, max(1, x.shape[0]))
+            kwargs = {
+                "chunks": (rows, x.shape[1]),
+                "shards": (
+                    rows * min(DENSE_SHARD_CHUNKS, -(-max(1, x.shape[0]) // rows)),
+                    x.shape[1],
+                ),
+                "compressors": compressor(),
+            }
+        ad.io.write_elem(group, "X", x, dataset_kwargs=kwargs)
+        ad.io.write_elem(group, "obs", obs)
+        ad.io.write_elem(group, "var", pd.DataFrame(index=var_names))
+    group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+
+
+def describe_x(group: zarr.Group) -> dict[str, Any]:
+    """Rows, columns, dtype, codec and on-disk layout of a dataset's X."""
+    x: Any = group["X"]
+    encoding = x.attrs.get("encoding-type", "array")
+    array: Any = x["data"] if encoding == "csr_matrix" else x
+    shape: Any = x.attrs["shape"] if encoding == "csr_matrix" else x.shape
+    codecs = list(getattr(array.metadata, "codecs", ()))
+    if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+        codecs = list(codecs[0].codecs)
+    names = [_codec_name(c) for c in codecs if not isinstance(c, BytesCodec)]
+    return {
+        "n_obs": int(shape[0]),
+        "n_var": int(shape[1]),
+        "dtype": str(np.dtype(array.dtype)),
+        "encoding": encoding,
+        "chunks": tuple(array.chunks),
+        "shards": tuple(array.shards) if array.shards else None,
+        "codec": " + ".join(names) or "none",
+    }
+
+
+def _codec_name(codec: Any) -> str:
+    if isinstance(codec, BloscCodec):
+        return f"blosc({getattr(codec.cname, 'value', codec.cname)})"
+    return type(codec).__name__.removesuffix("Codec").lower()
