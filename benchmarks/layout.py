@@ -35,7 +35,7 @@ DENSE_LAYOUTS = [
 SETTINGS = [(256, 64), (32, 512), (1, 16384)]
 
 
-def _codec(name: str):  # noqa: ANN202
+def _codec(name: str) -> object:
     from zarr.codecs import BloscCodec, ZstdCodec
 
     return ZstdCodec(level=0) if name == "zstd" else BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")

@@ -44,3 +44,34 @@ def test_quickstart_runs(tmp_path):
     assert "zarr: 3,000 rows" in result.stdout
     assert "h5ad: 3,000 rows" in result.stdout
     assert result.stderr == ""
+
+
+@pytest.mark.slow
+def test_main_job_runs(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "train_classifier.py"),
+            "--dir",
+            str(tmp_path),
+            "--donors",
+            "3",
+            "--cells-per-donor",
+            "2000",
+            "--genes",
+            "500",
+            "--epochs",
+            "3",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "built DatasetCollection" in result.stdout
+    accuracy = float(
+        result.stdout.strip().splitlines()[-1].split("held-out accuracy ")[1].split()[0]
+    )
+    assert accuracy > 0.5  # six cell types: chance is about 0.17
+    assert result.stderr == ""
