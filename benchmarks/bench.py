@@ -24,7 +24,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -50,15 +49,21 @@ if args.get("zarrs"):
     import zarrs  # noqa: F401
     zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
 import annbatch
-g = zarr.open_group(args["path"], mode="r")
-x = g["X"]
-x = ad.io.sparse_dataset(x) if isinstance(x, zarr.Group) else x
 import inspect
 # numpy/scipy output: 0.3.1 spells it to=None, the documented API to_torch=False.
 out = {"to_torch": False} if "to_torch" in inspect.signature(annbatch.Loader).parameters else {}
 loader = annbatch.Loader(batch_size=args["batch"], chunk_size=args["chunk"], preload_nchunks=args["preload"],
                          shuffle=args["shuffle"], rng=np.random.default_rng(0), **out)
-loader.add_dataset(x)
+if args.get("collection"):  # a DatasetCollection (ours, or the reference's own)
+    try:
+        collection = annbatch.DatasetCollection(args["path"], mode="r")
+    except TypeError:
+        collection = annbatch.DatasetCollection(args["path"])
+    loader.use_collection(collection)
+else:
+    g = zarr.open_group(args["path"], mode="r")
+    x = g["X"]
+    loader.add_dataset(ad.io.sparse_dataset(x) if isinstance(x, zarr.Group) else x)
 hold = args["hold_s"]
 base = [l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]
 t0 = time.perf_counter(); first = None; rows = 0; check = 0.0

@@ -73,7 +73,7 @@ def main() -> None:
     out = subprocess.run([sys.executable, "-c", CHILD, str(a.dir / "collection.zarr"), a.budget, *map(str, paths)],
                          capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"| inputs | X in memory | budget | datasets | rows/s | peak RSS MB (above start) |")
+    print("| inputs | X in memory | budget | datasets | rows/s | peak RSS MB (above start) |")
     print("|---|---|---|---|---|---|")
     print(f"| {a.files} h5ad x {a.rows_per_file:,} rows, {a.n_var:,} genes, {a.nnz} nnz/row | {in_memory:,.0f} MB "
           f"| {a.budget} | {r['datasets']} | {r['n_obs'] / r['seconds']:,.0f} "

@@ -1,0 +1,85 @@
+"""Our Loader on our DatasetCollection against the reference loader on its own collection.
+
+Writes seeded sparse h5ad inputs (``build_memory.py``'s generator), builds one collection with
+annbatch and one with the reference (annbatch 0.3.1, its defaults, in its own interpreter),
+then times each loader on its own collection, alternating, fresh process per run.
+
+Usage: python benchmarks/collections.py --reference-python /path/to/venv/bin/python
+       [--files 4] [--rows-per-file 50000] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import BATCH, run_child  # noqa: E402
+from build_memory import write_inputs  # noqa: E402
+
+BUILD = r"""
+import sys, warnings
+warnings.simplefilter("ignore")
+import numpy as np, annbatch
+out, inputs = sys.argv[1], sys.argv[2:]
+annbatch.DatasetCollection(out).add_adatas(inputs, rng=np.random.default_rng(0))
+"""
+
+
+def build(python: str, out: Path, inputs: list[Path]) -> float:
+    if out.exists():
+        return float("nan")
+    t0 = time.perf_counter()
+    subprocess.run([python, "-c", BUILD, str(out), *map(str, inputs)], check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dir", type=Path, default=Path("data/collections"))
+    p.add_argument("--files", type=int, default=4)
+    p.add_argument("--rows-per-file", type=int, default=50_000)
+    p.add_argument("--n-var", type=int, default=5_000)
+    p.add_argument("--nnz", type=int, default=400)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--max-rows", type=int, default=49_152)
+    p.add_argument("--reference-python", required=True)
+    a = p.parse_args()
+    inputs = write_inputs(a.dir / "inputs", a.files, a.rows_per_file, a.n_var, a.nnz)
+    tag = f"{a.files}x{a.rows_per_file}_{a.n_var}_{a.nnz}"
+    loaders = {
+        "annbatch (ours) on its collection": (sys.executable, a.dir / f"ours_{tag}.zarr", False),
+        "reference 0.3.1 + zarrs on its collection": (a.reference_python, a.dir / f"reference_{tag}.zarr", True),
+    }
+    for name, (python, out, _) in loaders.items():
+        seconds = build(python, out, inputs)
+        print(f"{name.split(' on ')[0]}: built {out} ({size_mb(out):,.0f} MB) in {seconds:.0f} s", flush=True)
+    print(f"\n{a.files} inputs x {a.rows_per_file:,} rows, {a.n_var:,} genes, {a.nnz} nnz/row; batch {BATCH}, "
+          f"shuffled, median of {a.runs} runs\n")
+    print("| chunk / preload | loader | rows/s median (min-max) | first batch s | peak RSS MB (above start) |")
+    print("|---|---|---|---|---|")
+    for chunk, preload in ((256, 64), (32, 512)):
+        results: dict[str, list[dict]] = {name: [] for name in loaders}
+        for _ in range(a.runs):
+            for name, (python, out, zarrs) in loaders.items():
+                args = {"path": str(out), "batch": BATCH, "chunk": chunk, "preload": preload, "shuffle": True,
+                        "hold_s": 0, "max_rows": a.max_rows, "checksum": False, "zarrs": zarrs, "collection": True}
+                results[name].append(run_child(python, args))
+        for name, runs in results.items():
+            speeds = sorted(r["rows"] / r["seconds"] for r in runs)
+            print(f"| {chunk} / {preload} | {name} | {statistics.median(speeds):,.0f} ({speeds[0]:,.0f}-{speeds[-1]:,.0f}) "
+                  f"| {statistics.median(r['first_s'] for r in runs):.2f} "
+                  f"| {max(r['rss_mb'] for r in runs):,.0f} ({max(r['rss_mb'] - r['base_mb'] for r in runs):,.0f}) |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
