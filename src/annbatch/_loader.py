@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 import pandas as pd
 
 from annbatch._compat import torch_available
-from annbatch._core.assembler import assemble, default_splits, parse_concat_strategy, split_rows
+from annbatch._core.assembler import (
+    assemble,
+    default_splits,
+    done,
+    parse_concat_strategy,
+    split_rows,
+)
 from annbatch._core.convert import convert
 from annbatch._core.datasets import DenseSource, as_row_source
 from annbatch._core.planner import dataset_offsets, plan_placement, plan_reads
@@ -31,7 +37,7 @@ from annbatch.samplers import ChunkSampler
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
-    from concurrent.futures import Executor
+    from concurrent.futures import Executor, Future
 
     import numpy as np
     import zarr
@@ -390,7 +396,8 @@ class Loader(_IterableBase):
         self._active_iterations += 1
         try:
             for window in windows:
-                for index, x in zip(window.indices, window.batches, strict=True):
+                for index, pending in zip(window.indices, window.batches, strict=True):
+                    x = pending.result()  # cut on the read threads; raises what cutting raised
                     yield {
                         "X": convert(x, self._output),
                         "obs": None if obs is None else obs.iloc[index],
@@ -438,7 +445,7 @@ class Loader(_IterableBase):
                 out = read_placed(placement, dense, executor, threads)
                 edges = list(itertools.pairwise(placement.bounds.tolist()))
                 return _Window(
-                    batches=split_rows(out, placement.bounds),
+                    batches=[done(b) for b in split_rows(out, placement.bounds)],
                     indices=[placement.rows[a:b] for a, b in edges],
                 )
         # General path: read the window in disk order, then cut batches from it (on the read
@@ -471,8 +478,8 @@ class Loader(_IterableBase):
 class _Window:
     """One load request, read into memory."""
 
-    batches: list[Block]
-    """The batches, ready to be yielded."""
+    batches: list[Future[Block]]
+    """The batches, each ready once its future is done."""
     indices: list[np.ndarray]
     """Global row positions of each batch's rows."""
 

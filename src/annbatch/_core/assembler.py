@@ -13,7 +13,8 @@ Two strategies yield exactly the same rows in the same order:
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 import scipy.sparse as sp
@@ -75,12 +76,14 @@ def assemble(
     strategy: ConcatStrategy,
     executor: Executor | None = None,
     n_tasks: int = 1,
-) -> list[Block]:
-    """One array per split: the rows at those positions of the concatenated blocks.
+) -> list[Future[Block]]:
+    """One future per split, holding the rows at those positions of the concatenated blocks.
 
-    The Loader calls this in the read-ahead thread, so batches are cut while the consumer
-    works on the previous window, and on the read threads (``executor``, ``n_tasks`` groups
-    of splits): numpy and scipy release the GIL while they copy rows.
+    With an ``executor``, the batches are cut on its threads (numpy and scipy release the GIL
+    while they copy rows), in ``n_tasks`` groups of consecutive splits, and each future is
+    set as soon as its batch is cut: the first batch of a window is ready before the last is
+    cut. Without one, all are cut here and the futures are done on return. An error while
+    cutting a batch is set on that batch's future and on every later one of its group.
 
     Parameters
     ----------
@@ -95,26 +98,38 @@ def assemble(
     """
     if strategy == "concat-shuffle" and len(blocks) > 1:
         blocks = [concatenate(blocks)]
+    futures: list[Future[Block]] = [Future() for _ in splits]
     if not blocks:
         return []
-    batches: list[Any] = [None] * len(splits)
     starts = np.concatenate([[0], np.cumsum([b.shape[0] for b in blocks])])
 
-    def cut(numbers: np.ndarray) -> None:
-        for i in numbers.tolist():
-            if len(blocks) == 1:
-                batches[i] = take_rows(blocks[0], splits[i])
-            else:
-                batches[i] = _gather(blocks, starts, splits[i])
+    def cut(numbers: list[int]) -> None:
+        done = 0
+        try:
+            for i in numbers:
+                if len(blocks) == 1:
+                    futures[i].set_result(take_rows(blocks[0], splits[i]))
+                else:
+                    futures[i].set_result(_gather(blocks, starts, splits[i]))
+                done += 1
+        except BaseException as e:
+            for i in numbers[done:]:
+                futures[i].set_exception(e)
 
-    groups = [g for g in np.array_split(np.arange(len(splits)), max(1, n_tasks)) if g.size]
-    if executor is None or len(groups) < 2:
-        for group in groups:
+    groups = [g.tolist() for g in np.array_split(np.arange(len(splits)), max(1, n_tasks)) if g.size]
+    for group in groups:
+        if executor is None:
             cut(group)
-    else:
-        for future in [executor.submit(cut, group) for group in groups]:
-            future.result()
-    return batches
+        else:
+            executor.submit(cut, group)
+    return futures
+
+
+def done(value: Block) -> Future[Block]:
+    """A future that already holds ``value``."""
+    future: Future[Block] = Future()
+    future.set_result(value)
+    return future
 
 
 def split_rows(window: np.ndarray, bounds: np.ndarray) -> list[Block]:
