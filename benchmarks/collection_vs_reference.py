@@ -11,6 +11,7 @@ Usage: python benchmarks/collections.py --reference-python /path/to/venv/bin/pyt
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -33,8 +34,11 @@ annbatch.DatasetCollection(out).add_adatas(inputs, rng=np.random.default_rng(0))
 def build(python: str, out: Path, inputs: list[Path]) -> float:
     if out.exists():
         return float("nan")
+    env = dict(os.environ)
+    if python != sys.executable:  # the reference must build with its own annbatch, not ours
+        env.pop("PYTHONPATH", None)
     t0 = time.perf_counter()
-    subprocess.run([python, "-c", BUILD, str(out), *map(str, inputs)], check=True, capture_output=True)
+    subprocess.run([python, "-c", BUILD, str(out), *map(str, inputs)], check=True, capture_output=True, env=env)
     return time.perf_counter() - t0
 
 
