@@ -287,13 +287,33 @@ class CSRSource:
     def reads_chunks_once(self) -> bool:
         return self._direct is not None
 
-    def read_job(self, starts: np.ndarray, stops: np.ndarray, n_tasks: int) -> ReadJob:
+    def nnz_of(self, starts: np.ndarray, stops: np.ndarray) -> int:
+        """Stored entries in rows ``starts[i]:stops[i]``, all ranges together."""
+        return int(np.sum(self._indptr[stops] - self._indptr[starts]))
+
+    @property
+    def index_dtype(self) -> np.dtype:
+        """Dtype of the stored column indices."""
+        return np.dtype(self._indices.dtype)
+
+    def read_job(
+        self,
+        starts: np.ndarray,
+        stops: np.ndarray,
+        n_tasks: int,
+        out: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> ReadJob:
+        """See :meth:`RowSource.read_job`; ``out`` (data, indices) of :meth:`nnz_of` elements
+        receives the entries, for a source that :attr:`reads_chunks_once`."""
         if self._direct is None:
             return _per_range_job(self.read, starts, stops)
         lo, hi = self._indptr[starts], self._indptr[stops]
         nnz = int(np.sum(hi - lo))
-        data = np.empty(nnz, dtype=self.dtype)
-        indices = np.empty(nnz, dtype=self._indices.dtype)
+        if out is None:
+            data = np.empty(nnz, dtype=self.dtype)
+            indices = np.empty(nnz, dtype=self._indices.dtype)
+        else:
+            data, indices = out
         direct_data, direct_indices = self._direct
         half = max(1, n_tasks // 2)
         tasks = direct_data.tasks(lo, hi, data, half) + direct_indices.tasks(lo, hi, indices, half)

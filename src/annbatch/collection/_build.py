@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from annbatch.collection._inputs import Input
 
-_WORKING_COPIES = 4
+_WORKING_COPIES = 6
 """Copies of a block (or dataset) alive at once while it is aligned, reordered and written."""
 
 
