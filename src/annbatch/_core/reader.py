@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from annbatch._core.datasets import CSRSource
+from annbatch._core.types import csr_from_arrays
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -73,7 +73,7 @@ def read_placed(
 
 def _read_csr_window(
     groups: list[tuple[Any, np.ndarray, np.ndarray]], n_tasks: int, executor: Executor | None
-) -> sp.csr_matrix:
+) -> Block:
     """CSR rows of several datasets decoded into one window's arrays: no concatenation after."""
     sizes = [source.nnz_of(starts, stops) for source, starts, stops in groups]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -85,15 +85,12 @@ def _read_csr_window(
         for (source, starts, stops), a, b in zip(groups, offsets[:-1], offsets[1:], strict=True)
     ]
     _run([task for job in jobs for task in job.tasks], executor)
-    parts = [job.result()[0] for job in jobs]
+    pointers = [g[0].window_indptr(g[1], g[2]) for g in groups]
     indptr = np.concatenate(
-        [
-            [0],
-            *(p.indptr[1:].astype(np.int64) + o for p, o in zip(parts, offsets[:-1], strict=True)),
-        ]
-    )
-    n_rows = sum(p.shape[0] for p in parts)
-    return sp.csr_matrix((data, indices, indptr), shape=(n_rows, first.shape[1]))
+        [[0], *(p[1:] + o for p, o in zip(pointers, offsets[:-1], strict=True))]
+    ).astype(np.int64)
+    n_rows = int(sum(p.size - 1 for p in pointers))
+    return csr_from_arrays(data, indices, indptr, (n_rows, first.shape[1]))
 
 
 def _run(tasks: Sequence[Callable[[], None]], executor: Executor | None) -> None:
