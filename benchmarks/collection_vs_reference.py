@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--n-var", type=int, default=5_000)
     p.add_argument("--nnz", type=int, default=400)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--max-rows", type=int, default=49_152)
+    p.add_argument("--max-rows", type=int, default=10**9, help="stop each run after this many rows (default: whole epochs)")
     p.add_argument("--reference-python", required=True)
     a = p.parse_args()
     inputs = write_inputs(a.dir / "inputs", a.files, a.rows_per_file, a.n_var, a.nnz)
