@@ -76,9 +76,9 @@ for batch in loader:
         check += float(X.sum())
     if hold:
         time.sleep(hold)  # a training step that releases the GIL
-    if rows >= args["max_rows"]:
+    dt = time.perf_counter() - t0  # up to the last batch used: stopping early (below) makes a
+    if rows >= args["max_rows"]:  # loader drop read-ahead work, which is not throughput
         break
-dt = time.perf_counter() - t0
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec.
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
 print(json.dumps({"rows": rows, "seconds": dt, "first_s": first, "checksum": check, "rss_mb": int(hwm) / 1024,
