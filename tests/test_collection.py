@@ -306,6 +306,7 @@ def test_bad_inputs_fail_before_anything_is_written(tmp_path):
             "dtype int64",
         ),
         ([], InvalidArgumentError, "no inputs"),
+        ([adatas[0][:0].copy()], InvalidArgumentError, "hold no rows"),
     ]
     for inputs, error, match in cases:
         with pytest.raises(error, match=match):

@@ -214,3 +214,11 @@ def test_many_pieces_scattered_to_any_destination(tmp_path, piece_rows):
     np.testing.assert_array_equal(out, expected)
     contiguous = _read(direct, starts, stops)
     np.testing.assert_array_equal(contiguous, _expected(values, starts, stops))
+
+
+def test_truncated_shard_raises_a_clear_error(tmp_path):
+    array, _ = _write(str(tmp_path / "a.zarr"), "v3-sharded-zstd")
+    shard = tmp_path / "a.zarr" / "c" / "1" / "0"
+    shard.write_bytes(shard.read_bytes()[:10])
+    with pytest.raises(CorruptChunkError, match="too short for its index"):
+        _read(direct_array(array), np.array([0]), np.array([N_ROWS]))

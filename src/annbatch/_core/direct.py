@@ -277,10 +277,13 @@ class DirectArray:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 offset = size - nbytes if layout.index_at_end else 0
-                raw = os.pread(f.fileno(), 16 * layout.index_entries, offset)
+                raw = os.pread(f.fileno(), 16 * layout.index_entries, max(0, offset))
         except FileNotFoundError:
             index = None
         else:
+            if offset < 0 or len(raw) != 16 * layout.index_entries:
+                msg = f"shard {path} is {size} bytes, too short for its index of {nbytes}; the store is damaged or truncated"
+                raise CorruptChunkError(msg)
             index = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
         self._indexes[shard] = index
         return index

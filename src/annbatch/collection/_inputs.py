@@ -152,6 +152,9 @@ def check_inputs(inputs: Sequence[Input]) -> None:
         if len(inp.obs) != inp.n_obs:
             msg = f"{inp.name}: obs has {len(inp.obs)} rows but X has {inp.n_obs}"
             raise IncompatibleDatasetsError(msg)
+    if sum(inp.n_obs for inp in inputs) == 0:
+        msg = f"the inputs hold no rows ({', '.join(inp.name for inp in inputs)})"
+        raise InvalidArgumentError(msg)
     first = inputs[0]
     for inp in inputs[1:]:
         if inp.sparse != first.sparse:
