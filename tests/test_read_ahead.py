@@ -162,3 +162,31 @@ def test_bad_read_ahead(value):
 
     with pytest.raises(InvalidArgumentError, match="read_ahead must be a non-negative integer"):
         Loader(read_ahead=value)
+
+
+def test_stopping_early_abandons_the_window_being_read(tmp_path, monkeypatch):
+    import annbatch._core.direct as direct
+
+    x = np.arange(4000 * 8, dtype=np.float32).reshape(4000, 8)
+    array = zarr.create_array(tmp_path / "x.zarr", shape=x.shape, chunks=(10, 8), dtype=x.dtype)
+    array[:] = x
+    calls = {"n": 0}
+    original = direct._Task.__call__
+
+    def slow_task(self):
+        calls["n"] += 1
+        time.sleep(0.05)  # a slow disk: reading a window takes a while
+        original(self)
+
+    monkeypatch.setattr(direct._Task, "__call__", slow_task)
+    loader = Loader(chunk_size=10, preload_nchunks=40, batch_size=100, shuffle=True, to_torch=False)
+    loader.add_dataset(zarr.open_array(tmp_path / "x.zarr", mode="r"))
+    for batch in loader:
+        per_window = calls["n"]  # the first window is read
+        assert batch["X"].shape == (100, 8)
+        time.sleep(0.08)  # a training step, while the second window is being read ahead
+        break
+    _wait_for_no_producers()
+    # Tasks of the second window that had not started were dropped, not run to the end.
+    assert calls["n"] < 2 * per_window
+    assert not [t for t in threading.enumerate() if t.name.startswith("annbatch-read_")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -22,7 +23,7 @@ from annbatch._core.convert import convert
 from annbatch._core.datasets import DenseSource, as_row_source
 from annbatch._core.planner import dataset_offsets, plan_placement, plan_reads
 from annbatch._core.prefetch import Prefetcher
-from annbatch._core.reader import TASKS_PER_THREAD, read_placed, read_plan
+from annbatch._core.reader import TASKS_PER_THREAD, ReadCancelled, read_placed, read_plan
 from annbatch._core.workers import current_shard
 from annbatch.abc import Sampler
 from annbatch.errors import (
@@ -389,10 +390,11 @@ class Loader(_IterableBase):
             "concat-shuffle" if self._sources[0].is_sparse else "shuffle-concat"
         )
         obs = self._all_obs()
-        windows: Iterator[_Window] = self._load_windows(strategy)
+        stop = threading.Event()  # set when the consumer stops: the reader abandons its window
+        windows: Iterator[_Window] = self._load_windows(strategy, stop)
         prefetcher = None
         if self._read_ahead:
-            windows = prefetcher = Prefetcher(windows, self._read_ahead)
+            windows = prefetcher = Prefetcher(windows, self._read_ahead, stop=stop)
         self._active_iterations += 1
         try:
             for window in windows:
@@ -405,10 +407,13 @@ class Loader(_IterableBase):
                     }
         finally:
             self._active_iterations -= 1
+            stop.set()
             if prefetcher is not None:
                 prefetcher.close()
+            else:
+                windows.close()  # type: ignore[attr-defined]  # a generator
 
-    def _load_windows(self, strategy: ConcatStrategy) -> Iterator[_Window]:
+    def _load_windows(self, strategy: ConcatStrategy, stop: threading.Event) -> Iterator[_Window]:
         """Read this process's windows of one epoch (runs in the read-ahead thread)."""
         sampler = self._sampler
         shard = current_shard()
@@ -416,10 +421,17 @@ class Loader(_IterableBase):
             sampler.reseed(shard.seed)
         offsets = dataset_offsets([s.shape[0] for s in self._sources])
         threads = read_threads(shard.count)
-        with ThreadPoolExecutor(threads, thread_name_prefix="annbatch-read") as executor:
+        executor = ThreadPoolExecutor(threads, thread_name_prefix="annbatch-read")
+        try:
             for number, request in enumerate(sampler.sample(int(offsets[-1]))):
                 if shard.owns(number):
-                    yield self._read_window(request, offsets, strategy, executor, threads)
+                    yield self._read_window(request, offsets, strategy, executor, threads, stop)
+        except ReadCancelled:
+            return
+        finally:
+            # Stopped early: drop batch cutting nobody will wait for. At the end of an epoch,
+            # the last window's batches may still be being cut: let them finish.
+            executor.shutdown(wait=True, cancel_futures=stop.is_set())
 
     def _read_window(
         self,
@@ -428,6 +440,7 @@ class Loader(_IterableBase):
         strategy: ConcatStrategy,
         executor: Executor,
         threads: int,
+        stop: threading.Event,
     ) -> _Window:
         """Read one load request and cut it into batches."""
         splits = request.splits
@@ -442,7 +455,7 @@ class Loader(_IterableBase):
         if len(dense) == len(self._sources):
             placement = plan_placement(request.chunks, splits, offsets)
             if placement is not None:  # None: a row repeats within the window
-                out = read_placed(placement, dense, executor, threads)
+                out = read_placed(placement, dense, executor, threads, stop)
                 edges = list(itertools.pairwise(placement.bounds.tolist()))
                 return _Window(
                     batches=[done(b) for b in split_rows(out, placement.bounds)],
@@ -453,7 +466,7 @@ class Loader(_IterableBase):
         # each chunk once by themselves need no merging across gaps.
         grids = [None if s.reads_chunks_once else s for s in self._sources]
         plan = plan_reads(request.chunks, offsets, grids)
-        blocks = read_plan(plan, self._sources, executor, threads)
+        blocks = read_plan(plan, self._sources, executor, threads, stop)
         splits = [plan.positions[s] for s in splits]  # request order -> memory order
         batches = assemble(blocks, splits, strategy, executor, TASKS_PER_THREAD * threads)
         return _Window(batches=batches, indices=[plan.index[s] for s in splits])

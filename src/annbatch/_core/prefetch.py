@@ -47,14 +47,22 @@ class Prefetcher(Generic[T]):
         Number of items that may be produced ahead of the consumer (>= 1).
     name
         Name of the producer thread (shows up in debuggers and ``threading.enumerate()``).
+    stop
+        The event that :meth:`close` sets; pass one that ``source`` also watches, so that an
+        item being produced can be abandoned instead of finished.
     """
 
     def __init__(
-        self, source: Iterator[T], depth: int, *, name: str = "annbatch-read-ahead"
+        self,
+        source: Iterator[T],
+        depth: int,
+        *,
+        name: str = "annbatch-read-ahead",
+        stop: threading.Event | None = None,
     ) -> None:
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._slots = threading.Semaphore(depth)
-        self._stop = threading.Event()
+        self._stop = threading.Event() if stop is None else stop
         self._thread = threading.Thread(
             target=self._produce, args=(source,), name=name, daemon=True
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import FIRST_EXCEPTION, wait
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -10,6 +11,7 @@ from annbatch._core.datasets import CSRSource
 from annbatch._core.types import csr_from_arrays
 
 if TYPE_CHECKING:
+    import threading
     from collections.abc import Callable, Sequence
     from concurrent.futures import Executor
 
@@ -22,7 +24,11 @@ TASKS_PER_THREAD = 4
 
 
 def read_plan(
-    plan: ReadPlan, sources: Sequence[RowSource], executor: Executor | None = None, threads: int = 1
+    plan: ReadPlan,
+    sources: Sequence[RowSource],
+    executor: Executor | None = None,
+    threads: int = 1,
+    cancel: threading.Event | None = None,
 ) -> list[Block]:
     """Read every segment of ``plan``; the blocks hold the segments' rows in plan order.
 
@@ -40,9 +46,9 @@ def read_plan(
     n_tasks = TASKS_PER_THREAD * threads
     csr = [g[0] for g in groups if isinstance(g[0], CSRSource) and g[0].reads_chunks_once]
     if len(groups) > 1 and len(csr) == len(groups):
-        return [_read_csr_window(groups, n_tasks, executor)]
+        return [_read_csr_window(groups, n_tasks, executor, cancel)]
     jobs = [source.read_job(starts, stops, n_tasks) for source, starts, stops in groups]
-    _run([task for job in jobs for task in job.tasks], executor)
+    _run([task for job in jobs for task in job.tasks], executor, cancel)
     return [block for job in jobs for block in job.result()]
 
 
@@ -51,6 +57,7 @@ def read_placed(
     sources: Sequence[DenseSource],
     executor: Executor | None = None,
     threads: int = 1,
+    cancel: threading.Event | None = None,
 ) -> np.ndarray:
     """Read a window of dense rows straight into batch order, into one buffer.
 
@@ -67,12 +74,15 @@ def read_placed(
         for run in placement.runs
         for task in sources[run.dataset].placed_tasks(run.starts, run.stops, run.dest, out, n_tasks)
     ]
-    _run(tasks, executor)
+    _run(tasks, executor, cancel)
     return out
 
 
 def _read_csr_window(
-    groups: list[tuple[Any, np.ndarray, np.ndarray]], n_tasks: int, executor: Executor | None
+    groups: list[tuple[Any, np.ndarray, np.ndarray]],
+    n_tasks: int,
+    executor: Executor | None,
+    cancel: threading.Event | None,
 ) -> Block:
     """CSR rows of several datasets decoded into one window's arrays: no concatenation after."""
     sizes = [source.nnz_of(starts, stops) for source, starts, stops in groups]
@@ -84,7 +94,7 @@ def _read_csr_window(
         source.read_job(starts, stops, n_tasks, out=(data[a:b], indices[a:b]))
         for (source, starts, stops), a, b in zip(groups, offsets[:-1], offsets[1:], strict=True)
     ]
-    _run([task for job in jobs for task in job.tasks], executor)
+    _run([task for job in jobs for task in job.tasks], executor, cancel)
     pointers = [g[0].window_indptr(g[1], g[2]) for g in groups]
     indptr = np.concatenate(
         [[0], *(p[1:] + o for p, o in zip(pointers, offsets[:-1], strict=True))]
@@ -93,10 +103,33 @@ def _read_csr_window(
     return csr_from_arrays(data, indices, indptr, (n_rows, first.shape[1]))
 
 
-def _run(tasks: Sequence[Callable[[], None]], executor: Executor | None) -> None:
+class ReadCancelled(Exception):
+    """The read was abandoned because ``cancel`` was set (the consumer stopped iterating)."""
+
+
+_POLL_S = 0.05  # how often a waiting reader checks whether it was cancelled
+
+
+def _run(
+    tasks: Sequence[Callable[[], None]],
+    executor: Executor | None,
+    cancel: threading.Event | None = None,
+) -> None:
+    """Run ``tasks`` (on ``executor`` if given) and re-raise the first error. When ``cancel``
+    is set, tasks not started yet are dropped and :class:`ReadCancelled` is raised."""
     if executor is None or len(tasks) < 2:
         for task in tasks:
+            if cancel is not None and cancel.is_set():
+                raise ReadCancelled
             task()
-    else:
-        for future in [executor.submit(task) for task in tasks]:
-            future.result()
+        return
+    pending = {executor.submit(task) for task in tasks}
+    while pending:
+        done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_EXCEPTION)
+        failed = [f for f in done if f.exception() is not None]
+        if failed or (cancel is not None and cancel.is_set()):
+            for future in pending:
+                future.cancel()
+            if failed:
+                raise failed[0].exception()  # type: ignore[misc]
+            raise ReadCancelled
