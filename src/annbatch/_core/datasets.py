@@ -20,6 +20,7 @@ import scipy.sparse as sp
 import zarr
 
 from annbatch._core.direct import DirectArray, direct_array
+from annbatch._core.ranges import expand_ranges
 from annbatch._core.types import ReadJob, csr_from_arrays
 from annbatch.errors import ClosedDatasetError, UnsupportedDatasetError
 
@@ -317,17 +318,11 @@ class CSRSource:
         direct_data, direct_indices = self._direct
         half = max(1, n_tasks // 2)
         tasks = direct_data.tasks(lo, hi, data, half) + direct_indices.tasks(lo, hi, indices, half)
-        indptr = self.window_indptr(starts, stops)
-        shape = (indptr.size - 1, self._shape[1])
-        return ReadJob(tasks, lambda: [csr_from_arrays(data, indices, indptr, shape)])
-
-    def window_indptr(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-        """indptr of rows ``starts[i]:stops[i]`` put one after another (int64, from 0)."""
-        n = stops - starts
-        rows = np.repeat(starts - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
+        rows = expand_ranges(starts, stops)
         indptr = np.zeros(rows.size + 1, dtype=np.int64)
         np.cumsum(self._indptr[rows + 1] - self._indptr[rows], out=indptr[1:])
-        return indptr
+        shape = (rows.size, self._shape[1])
+        return ReadJob(tasks, lambda: [csr_from_arrays(data, indices, indptr, shape)])
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         lo, hi = int(self._indptr[start]), int(self._indptr[stop])

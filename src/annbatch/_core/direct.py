@@ -43,6 +43,7 @@ from zarr.core.metadata.v2 import ArrayV2Metadata
 from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.storage import LocalStore
 
+from annbatch._core.ranges import expand_ranges
 from annbatch.errors import CorruptChunkError
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ class DirectArray:
         first = starts // rows
         n = (stops - 1) // rows - first + 1
         owner = np.repeat(np.arange(starts.size), n)
-        chunk = first[owner] + np.arange(owner.size) - np.repeat(np.cumsum(n) - n, n)
+        chunk = expand_ranges(first, first + n)
         base = chunk * rows
         lo = np.maximum(starts[owner], base)
         hi = np.minimum(stops[owner], base + rows)

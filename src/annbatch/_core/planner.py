@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from annbatch._core.ranges import expand_ranges
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -73,13 +75,6 @@ class ReadPlan:
 def dataset_offsets(n_rows: Sequence[int]) -> np.ndarray:
     """Global position of each dataset's first row, plus the total at the end."""
     return np.concatenate([[0], np.cumsum(n_rows, dtype=np.int64)])
-
-
-def _expand(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-    """``concatenate([arange(a, b) for a, b in zip(starts, stops)])``, without the loop."""
-    lengths = stops - starts
-    total = int(lengths.sum())
-    return np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(total)
 
 
 def _split_at_datasets(
@@ -150,8 +145,8 @@ def plan_reads(
     read_of_piece = np.empty(ds.size, dtype=np.int64)
     read_of_piece[order] = segment
     shifts = seg_base[read_of_piece] - seg_start[read_of_piece]
-    positions = _expand(start, stop) + np.repeat(shifts, stop - start)
-    index = _expand(seg_start + offsets[seg_ds], seg_stop + offsets[seg_ds])
+    positions = expand_ranges(start, stop) + np.repeat(shifts, stop - start)
+    index = expand_ranges(seg_start + offsets[seg_ds], seg_stop + offsets[seg_ds])
     return ReadPlan(
         datasets=seg_ds, starts=seg_start, stops=seg_stop, index=index, positions=positions
     )
@@ -188,7 +183,7 @@ def requested_rows(chunks: Sequence[slice]) -> np.ndarray:
     """Global row positions of a request's chunks, in request order."""
     starts = np.array([c.start for c in chunks], dtype=np.int64)
     stops = np.array([c.stop for c in chunks], dtype=np.int64)
-    return _expand(starts, np.maximum(starts, stops))
+    return expand_ranges(starts, np.maximum(starts, stops))
 
 
 def plan_placement(

@@ -95,11 +95,14 @@ def _read_csr_window(
         for (source, starts, stops), a, b in zip(groups, offsets[:-1], offsets[1:], strict=True)
     ]
     _run([task for job in jobs for task in job.tasks], executor, cancel)
-    pointers = [g[0].window_indptr(g[1], g[2]) for g in groups]
+    parts = [job.result()[0] for job in jobs]  # views of data and indices, each from entry 0
     indptr = np.concatenate(
-        [[0], *(p[1:] + o for p, o in zip(pointers, offsets[:-1], strict=True))]
-    ).astype(np.int64)
-    n_rows = int(sum(p.size - 1 for p in pointers))
+        [
+            [0],
+            *(p.indptr[1:].astype(np.int64) + o for p, o in zip(parts, offsets[:-1], strict=True)),
+        ]
+    )
+    n_rows = sum(p.shape[0] for p in parts)
     return csr_from_arrays(data, indices, indptr, (n_rows, first.shape[1]))
 
 
