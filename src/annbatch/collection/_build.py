@@ -15,13 +15,13 @@ memory at a time.
 from __future__ import annotations
 
 import shutil
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
 from annbatch.collection._inputs import SOURCE_COLUMN, align_rows, column_map
 from annbatch.collection._layout import write_dataset
@@ -198,26 +198,8 @@ def write_datasets(
         on_written(name, int(ids.size))
 
 
-class Progress:
-    """Rows per second on a tqdm bar when tqdm is installed and ``show``; silent otherwise."""
-
-    def __init__(self, total: int, desc: str, *, show: bool) -> None:
-        self._bar = None
-        self._start = time.perf_counter()
-        if show:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:  # pragma: no cover - tqdm is a dependency
-                tqdm = None
-            if tqdm is not None:
-                self._bar = tqdm(
-                    total=total, desc=desc, unit=" rows", unit_scale=True, smoothing=0.1
-                )
-
-    def __call__(self, n: int) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+def progress_bar(total: int, desc: str, *, show: bool) -> tqdm:
+    """A tqdm bar counting rows (with rows/s), or a silent one when not ``show``."""
+    return tqdm(
+        total=total, desc=desc, unit=" rows", unit_scale=True, smoothing=0.1, disable=not show
+    )

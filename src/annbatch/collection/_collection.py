@@ -13,10 +13,10 @@ import pandas as pd
 import zarr
 
 from annbatch.collection._build import (
-    Progress,
     assign_datasets,
     distribute,
     plan_build,
+    progress_bar,
     union_obs,
     write_datasets,
 )
@@ -310,35 +310,33 @@ class DatasetCollection:
         root = zarr.open_group(self._path, mode="a", zarr_format=3)
         resuming = state is not None and state["state"] != "complete"
         distributed = resuming and state["build"].get("distributed", False)  # type: ignore[index]
-        self._record(
-            root,
-            state="building",
-            var_names=list(var_names),
-            datasets=done,
-            build={**spec, "seed": seed, "first": first, "distributed": distributed},
-        )
+        # The collection's state, rewritten to the root's attributes at every step of the build.
+        record: dict[str, Any] = {
+            "version": FORMAT_VERSION,
+            "state": "building",
+            "var_names": list(var_names),
+            "datasets": done,
+            "build": {**spec, "seed": seed, "first": first, "distributed": distributed},
+        }
+        root.attrs[ATTR] = record
         gen = np.random.default_rng(seed)
         assignment = assign_datasets(plan.n_obs, plan.rows_per_dataset, gen)
         if not distributed:
             shutil.rmtree(scratch, ignore_errors=True)
-            bar = Progress(plan.n_obs, "distributing rows", show=progress)
-            try:
-                distribute(inputs, var_names, plan, assignment, scratch, bar)
-            finally:
-                bar.close()
-            distributed = True
-            self._update_build(root, distributed=True)
+            with progress_bar(plan.n_obs, "distributing rows", show=progress) as bar:
+                distribute(inputs, var_names, plan, assignment, scratch, bar.update)
+            record["build"]["distributed"] = True
+            root.attrs[ATTR] = record
         del assignment
         obs = union_obs(inputs)
-        bar = Progress(plan.n_obs, "writing datasets", show=progress)
         written = {d["name"] for d in done}
+        with progress_bar(plan.n_obs, "writing datasets", show=progress) as bar:
 
-        def on_written(name: str, n_obs: int) -> None:
-            done.append({"name": name, "n_obs": n_obs})
-            self._record_datasets(root, done)
-            bar(n_obs)
+            def on_written(name: str, n_obs: int) -> None:
+                done.append({"name": name, "n_obs": n_obs})
+                root.attrs[ATTR] = record
+                bar.update(n_obs)
 
-        try:
             write_datasets(
                 root,
                 dataset_names,
@@ -351,29 +349,10 @@ class DatasetCollection:
                 sparse=inputs[0].sparse,
                 skip=written,
             )
-        finally:
-            bar.close()
         shutil.rmtree(scratch, ignore_errors=True)
-        state_now = dict(root.attrs[ATTR])  # type: ignore[arg-type]
-        state_now["state"] = "complete"
-        state_now.pop("build", None)
-        root.attrs[ATTR] = state_now
-
-    @staticmethod
-    def _record(root: zarr.Group, **fields: Any) -> None:
-        root.attrs[ATTR] = {"version": FORMAT_VERSION, **fields}
-
-    @staticmethod
-    def _update_build(root: zarr.Group, **fields: Any) -> None:
-        state: dict[str, Any] = dict(root.attrs[ATTR])  # type: ignore[arg-type]
-        state["build"] = {**state["build"], **fields}
-        root.attrs[ATTR] = state
-
-    @staticmethod
-    def _record_datasets(root: zarr.Group, datasets: list[dict[str, Any]]) -> None:
-        state = dict(root.attrs[ATTR])  # type: ignore[arg-type]
-        state["datasets"] = list(datasets)
-        root.attrs[ATTR] = state
+        record["state"] = "complete"
+        del record["build"]
+        root.attrs[ATTR] = record
 
 
 def _size_on_disk(path: Path) -> int:
