@@ -149,12 +149,14 @@ def to_numpy(x: Any) -> np.ndarray:
         return x.toarray()
     if isinstance(x, np.ndarray):
         return x
+    if type(x).__module__.startswith(("cupy", "cupyx")):  # preload_to_gpu without torch
+        return x.toarray().get() if hasattr(x, "indptr") else x.get()
     import torch
 
     assert isinstance(x, torch.Tensor)
     if x.layout == torch.sparse_csr:
         x = x.to_dense()
-    return x.numpy()
+    return x.cpu().numpy()
 
 
 def expected_rows(stores: list[Store]) -> np.ndarray:

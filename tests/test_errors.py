@@ -268,8 +268,6 @@ def test_iterating_without_data(loader):
 
 
 def test_not_yet_available_options(pool):
-    with pytest.raises(FeatureNotAvailableError, match="preload_to_gpu=True is not available yet"):
-        Loader(preload_to_gpu=True)
     with pytest.raises(FeatureNotAvailableError, match="to='jax' is not available yet"):
         Loader(to="jax")
 
@@ -282,4 +280,4 @@ def test_errors_are_catchable_as_builtins():
     with pytest.raises(TypeError):
         Loader().add_dataset([1, 2])
     with pytest.raises(NotImplementedError):
-        Loader(preload_to_gpu=True)
+        Loader(to="jax")

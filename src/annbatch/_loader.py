@@ -7,11 +7,12 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
 
 import pandas as pd
 
 from annbatch._compat import torch_available
+from annbatch._core import gpu
 from annbatch._core.assembler import (
     assemble,
     default_splits,
@@ -28,6 +29,7 @@ from annbatch._core.workers import current_shard
 from annbatch.abc import Sampler
 from annbatch.errors import (
     FeatureNotAvailableError,
+    GPUUnavailableError,
     IncompatibleDatasetsError,
     InvalidArgumentError,
     LoaderBusyError,
@@ -38,7 +40,7 @@ from annbatch.samplers import ChunkSampler
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
-    from concurrent.futures import Executor, Future
+    from concurrent.futures import Executor
 
     import numpy as np
     import zarr
@@ -47,7 +49,6 @@ if TYPE_CHECKING:
     from annbatch._core.assembler import ConcatStrategy
     from annbatch._core.convert import OutputKind
     from annbatch._core.datasets import RowSource
-    from annbatch._core.types import Block
     from annbatch.abc import LoadRequest
     from annbatch.collection import DatasetCollection
 
@@ -93,7 +94,12 @@ class Loader(_IterableBase):
     batch_size
         Rows per batch (default 1). Sampler argument.
     preload_to_gpu
-        Do the in-memory work on the GPU with CuPy. Not available yet.
+        Copy each window to the GPU once (through pinned memory, overlapping the previous
+        window's batches) and cut its batches there with CuPy: yield CuPy arrays or
+        ``cupyx.scipy.sparse.csr_matrix``, or torch CUDA tensors with ``to_torch``. Needs CuPy
+        and a CUDA device, and cannot run inside DataLoader worker processes. CuPy's default
+        memory pool is emptied after every window. Sparse integer values become floats on the
+        GPU (see :mod:`annbatch._core.gpu`).
     drop_last
         Drop the epoch's last batch if it is short (default False). Sampler argument.
     to_torch
@@ -171,10 +177,13 @@ class Loader(_IterableBase):
                 drop_last=bool(drop_last),
                 rng=rng,
             )
-        if preload_to_gpu:
-            msg = "preload_to_gpu=True is not available yet; use preload_to_gpu=False"
-            raise FeatureNotAvailableError(msg)
         self._output: OutputKind = _parse_output(to_torch=to_torch, to=to)
+        if not isinstance(preload_to_gpu, bool):
+            msg = f"preload_to_gpu must be a bool, got {preload_to_gpu!r}"
+            raise InvalidArgumentError(msg)
+        if preload_to_gpu:
+            gpu.check_available()  # CuPy and a device, before any data is added or read
+        self._preload_to_gpu = preload_to_gpu
         self._concat_strategy = parse_concat_strategy(concat_strategy)
         if isinstance(read_ahead, bool) or not isinstance(read_ahead, int) or read_ahead < 0:
             msg = f"read_ahead must be a non-negative integer (windows read in the background), got {read_ahead!r}"
@@ -383,7 +392,20 @@ class Loader(_IterableBase):
             raise InvalidArgumentError(msg)
         for source in self._sources:
             source.check_open()
+        if self._preload_to_gpu:
+            self._check_gpu_iteration()
         return self._iterate()
+
+    def _check_gpu_iteration(self) -> None:
+        if current_shard().count > 1:
+            msg = (
+                "preload_to_gpu=True cannot run inside DataLoader worker processes (each would "
+                "hold its own CUDA context and windows); iterate the Loader in the main process "
+                "(num_workers=0), or use preload_to_gpu=False with workers"
+            )
+            raise GPUUnavailableError(msg)
+        if self._sources[0].is_sparse:
+            gpu.device_sparse_dtype(self._sources[0].dtype)  # raises for dtypes CuPy cannot hold
 
     def _iterate(self) -> Iterator[dict[str, Any]]:
         strategy: ConcatStrategy = self._concat_strategy or (
@@ -395,16 +417,21 @@ class Loader(_IterableBase):
         prefetcher = None
         if self._read_ahead:
             windows = prefetcher = Prefetcher(windows, self._read_ahead, stop=stop)
+        to_output = gpu.convert if self._preload_to_gpu else convert
         self._active_iterations += 1
         try:
             for window in windows:
+                pending: _Pending | None = None
                 for index, pending in zip(window.indices, window.batches, strict=True):
-                    x = pending.result()  # cut on the read threads; raises what cutting raised
+                    # Cut on the read threads (raises what cutting raised), or on the GPU.
                     yield {
-                        "X": convert(x, self._output),
+                        "X": to_output(pending.result(), self._output),
                         "obs": None if obs is None else obs.iloc[index],
                         "index": index if self._return_index else None,
                     }
+                if self._preload_to_gpu:
+                    del window, pending  # the device window goes back to CuPy's pool ...
+                    gpu.release()  # ... and from there to the driver
         finally:
             self._active_iterations -= 1
             stop.set()
@@ -412,6 +439,8 @@ class Loader(_IterableBase):
                 prefetcher.close()
             else:
                 windows.close()  # type: ignore[attr-defined]  # a generator
+            if self._preload_to_gpu:
+                gpu.release()
 
     def _load_windows(self, strategy: ConcatStrategy, stop: threading.Event) -> Iterator[_Window]:
         """Read this process's windows of one epoch (runs in the read-ahead thread)."""
@@ -422,10 +451,15 @@ class Loader(_IterableBase):
         offsets = dataset_offsets([s.shape[0] for s in self._sources])
         threads = read_threads(shard.count)
         executor = ThreadPoolExecutor(threads, thread_name_prefix="annbatch-read")
+        copier = None
+        if self._preload_to_gpu:
+            copier = gpu.CopyStream()  # made in the thread that reads, which uses it
         try:
             for number, request in enumerate(sampler.sample(int(offsets[-1]))):
                 if shard.owns(number):
-                    yield self._read_window(request, offsets, strategy, executor, threads, stop)
+                    yield self._read_window(
+                        request, offsets, strategy, executor, threads, stop, copier
+                    )
         except ReadCancelled:
             return
         finally:
@@ -441,8 +475,9 @@ class Loader(_IterableBase):
         executor: Executor,
         threads: int,
         stop: threading.Event,
+        copier: gpu.CopyStream | None = None,
     ) -> _Window:
-        """Read one load request and cut it into batches."""
+        """Read one load request and cut it into batches (on the GPU, given a ``copier``)."""
         splits = request.splits
         if splits is None:
             n_rows = sum(c.stop - c.start for c in request.chunks)
@@ -456,6 +491,8 @@ class Loader(_IterableBase):
             placement = plan_placement(request.chunks, splits, offsets)
             if placement is not None:  # None: a row repeats within the window
                 out = read_placed(placement, dense, executor, threads, stop)
+                if copier is not None:
+                    out = gpu.to_device([out], copier)  # batches: views of the device window
                 edges = list(itertools.pairwise(placement.bounds.tolist()))
                 return _Window(
                     batches=[done(b) for b in split_rows(out, placement.bounds)],
@@ -468,8 +505,13 @@ class Loader(_IterableBase):
         plan = plan_reads(request.chunks, offsets, grids)
         blocks = read_plan(plan, self._sources, executor, threads, stop)
         splits = [plan.positions[s] for s in splits]  # request order -> memory order
+        indices = [plan.index[s] for s in splits]
+        if copier is not None:
+            # One copy to the GPU concatenates the blocks; the consumer cuts each batch there.
+            window = gpu.to_device(blocks, copier)
+            return _Window(batches=[gpu.DeviceBatch(window, s) for s in splits], indices=indices)
         batches = assemble(blocks, splits, strategy, executor, TASKS_PER_THREAD * threads)
-        return _Window(batches=batches, indices=[plan.index[s] for s in splits])
+        return _Window(batches=batches, indices=indices)
 
     def _all_obs(self) -> pd.DataFrame | None:
         if self._obs_all is None and self._obs and self._obs[0] is not None:
@@ -487,12 +529,16 @@ class Loader(_IterableBase):
         return state
 
 
+class _Pending(Protocol):
+    def result(self) -> Any: ...
+
+
 @dataclass(frozen=True, slots=True)
 class _Window:
     """One load request, read into memory."""
 
-    batches: list[Future[Block]]
-    """The batches, each ready once its future is done."""
+    batches: Sequence[_Pending]
+    """The batches: futures being cut on the read threads, or batches cut on the GPU."""
     indices: list[np.ndarray]
     """Global row positions of each batch's rows."""
 

@@ -14,6 +14,7 @@ fits it, so callers can catch either::
     ├── InputFileError            (OSError)       a collection input that is missing or unreadable
     ├── CollectionPathError       (FileExistsError)  a collection path that holds something else
     ├── IncompleteCollectionError (RuntimeError)  a collection whose build did not finish
+    ├── GPUUnavailableError       (RuntimeError)  preload_to_gpu without CuPy or a CUDA device
     └── FeatureNotAvailableError  (NotImplementedError)  documented, not built yet
 """
 
@@ -62,6 +63,10 @@ class CollectionPathError(AnnbatchError, FileExistsError):
 
 class IncompleteCollectionError(AnnbatchError, RuntimeError):
     """A collection whose build was interrupted: it cannot be read until the build finishes."""
+
+
+class GPUUnavailableError(AnnbatchError, RuntimeError):
+    """``preload_to_gpu=True`` where CuPy or a CUDA device is missing, or in a worker process."""
 
 
 class FeatureNotAvailableError(AnnbatchError, NotImplementedError):

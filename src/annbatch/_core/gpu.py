@@ -1,0 +1,236 @@
+"""The GPU stage (``preload_to_gpu=True``): a window read on the host is moved to the GPU once,
+and every batch is cut from it there with CuPy.
+
+Flow of one window:
+
+1. The reader fills the window's host buffers (decoding releases the GIL, as on the CPU path).
+2. :func:`to_device` copies them into page-locked (pinned) host memory and from there to the
+   GPU on a stream of its own, without blocking the thread that issues the copy; the read-ahead
+   thread waits for the copy to finish before it hands the window over, so the next window's
+   copy overlaps the current window's batches.
+3. The consumer cuts each batch from the device window when it asks for it
+   (:func:`take_rows`): fancy indexing on the GPU, or a view when the rows are consecutive.
+4. When a window is used up, the consumer waits for the kernels that read it and returns the
+   free blocks of CuPy's default memory pool to the driver (:func:`release`), so the pool never
+   holds more than about one window beyond what the caller keeps.
+
+Sparse data
+    ``cupyx.scipy.sparse.csr_matrix`` holds only float32, float64, complex64 and complex128
+    values (and bool). Other value types are converted on the GPU, after the copy, to the
+    smallest float type that holds every value of the type exactly: integers of up to 16 bits
+    and float16 to float32, wider integers to float64 (exact up to 2**53). See
+    :func:`device_sparse_dtype`. Dense arrays keep their dtype.
+
+CuPy is imported here only, and this module is imported only with ``preload_to_gpu=True``:
+``import annbatch`` and every CPU path work without CUDA or CuPy.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from annbatch._compat import import_optional
+from annbatch.errors import GPUUnavailableError, UnsupportedDatasetError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from annbatch._core.convert import OutputKind
+    from annbatch._core.types import Block
+
+_SPARSE_DTYPES = frozenset(
+    np.dtype(t) for t in ("bool", "float32", "float64", "complex64", "complex128")
+)
+
+
+def cupy() -> Any:
+    """CuPy, or a :class:`~annbatch.errors.GPUUnavailableError` that says how to install it."""
+    try:
+        return import_optional("cupy", purpose="preload_to_gpu=True", extra="gpu")
+    except ImportError as e:
+        msg = f"{e} Pick the CuPy wheel that matches your CUDA (cupy-cuda12x, cupy-cuda13x)."
+        raise GPUUnavailableError(msg) from e
+
+
+def check_available() -> None:
+    """Raise before any read if CuPy or a CUDA device is missing."""
+    cp = cupy()
+    try:
+        count = cp.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDA driver missing or broken: CuPy raises its own runtime errors
+        msg = f"preload_to_gpu=True needs a CUDA device, but CuPy could not reach one: {e}"
+        raise GPUUnavailableError(msg) from e
+    if count == 0:
+        msg = "preload_to_gpu=True needs a CUDA device, and none is visible"
+        raise GPUUnavailableError(msg)
+
+
+def device_sparse_dtype(dtype: np.dtype) -> np.dtype:
+    """The value dtype a sparse window of ``dtype`` gets on the GPU (see the module docstring)."""
+    dtype = np.dtype(dtype)
+    if dtype in _SPARSE_DTYPES:
+        return dtype
+    if (dtype.kind in "iu" and dtype.itemsize <= 2) or dtype == np.float16:
+        return np.dtype(np.float32)
+    if dtype.kind in "iuf":
+        return np.dtype(np.float64)
+    msg = f"sparse values of dtype {dtype} cannot be put on the GPU (CuPy's sparse matrices hold floats and complex values)"
+    raise UnsupportedDatasetError(msg)
+
+
+class CopyStream:
+    """A non-blocking CUDA stream for host-to-device copies through pinned host memory.
+
+    Use it from one thread (the one that reads windows).
+    """
+
+    def __init__(self) -> None:
+        self._cp = cupy()
+        self.stream = self._cp.cuda.Stream(non_blocking=True)
+
+    def upload(
+        self, parts: Sequence[Sequence[np.ndarray]], dtypes: Sequence[np.dtype]
+    ) -> list[Any]:
+        """Device arrays, the ``i``-th holding the arrays ``parts[i]`` one after another along
+        axis 0, as ``dtypes[i]``.
+
+        Each part is written once, into a pinned buffer (the only host copy: concatenating and
+        staging are one step), and copied to the GPU on :attr:`stream`. All copies are done
+        when this returns.
+        """
+        import cupyx
+
+        cp = self._cp
+        out, staged = [], []
+        for pieces, dtype in zip(parts, dtypes, strict=True):
+            rows = sum(p.shape[0] for p in pieces)
+            pinned = cupyx.empty_pinned((rows, *pieces[0].shape[1:]), dtype=dtype)
+            at = 0
+            for piece in pieces:
+                pinned[at : at + piece.shape[0]] = piece
+                at += piece.shape[0]
+            with self.stream:
+                device = cp.empty(pinned.shape, dtype=dtype)
+            device.set(pinned, stream=self.stream)
+            out.append(device)
+            staged.append(pinned)  # must outlive the copy
+        self.stream.synchronize()
+        return out
+
+
+def to_device(blocks: Sequence[Block], copier: CopyStream) -> Any:
+    """One device block holding ``blocks`` one after another (dense: a CuPy array; sparse: a
+    ``cupyx.scipy.sparse.csr_matrix``). The copy is complete when this returns."""
+    first = blocks[0]
+    if isinstance(first, np.ndarray):
+        (device,) = copier.upload([blocks], [first.dtype])
+        return device
+    import cupyx.scipy.sparse as cusp
+
+    csrs = [_canonical(b) for b in blocks]
+    nnz = sum(b.nnz for b in csrs)
+    if nnz >= 2**31:
+        msg = (
+            f"a sparse window of {nnz} stored values is too large for CuPy's int32 indices; "
+            "use a smaller chunk_size * preload_nchunks"
+        )
+        raise UnsupportedDatasetError(msg)
+    offsets = np.cumsum([0] + [b.nnz for b in csrs])
+    indptr = [np.zeros(1, dtype=np.int32)] + [
+        (b.indptr[1:] + o).astype(np.int32, copy=False)
+        for b, o in zip(csrs, offsets[:-1], strict=True)
+    ]
+    data, indices, indptr_d = copier.upload(
+        [[b.data for b in csrs], [b.indices for b in csrs], indptr],
+        [first.dtype, np.dtype(np.int32), np.dtype(np.int32)],
+    )
+    target = device_sparse_dtype(first.dtype)
+    n_rows = sum(b.shape[0] for b in csrs)
+    # Kernels on the copy stream, finished before the window is handed over: memory this
+    # stream frees may be reused by its next window, so nothing else may still be reading it.
+    with copier.stream:
+        if data.dtype != target:
+            data = data.astype(target)
+        matrix = cusp.csr_matrix(
+            (data, indices, indptr_d), shape=(n_rows, first.shape[1]), copy=False
+        )
+    copier.stream.synchronize()
+    return matrix
+
+
+def _canonical(block: sp.csr_matrix) -> sp.csr_matrix:
+    """The same rows with indptr starting at 0 (row slices of scipy matrices may not)."""
+    if block.indptr.size and block.indptr[0] != 0:
+        lo, hi = int(block.indptr[0]), int(block.indptr[-1])
+        block = sp.csr_matrix(
+            (block.data[lo:hi], block.indices[lo:hi], block.indptr - lo), shape=block.shape
+        )
+    return block
+
+
+def take_rows(block: Any, positions: np.ndarray) -> Any:
+    """Rows ``positions`` of a device block: a view (dense) or slice when they are
+    consecutive, otherwise a gather on the GPU."""
+    n = positions.size
+    if (
+        n
+        and int(positions[-1]) - int(positions[0]) == n - 1
+        and (n < 3 or bool(np.all(np.diff(positions) == 1)))
+    ):
+        return block[int(positions[0]) : int(positions[0]) + n]
+    cp = cupy()
+    return block[cp.asarray(positions)]
+
+
+def to_torch(block: Any) -> Any:
+    """A torch CUDA tensor sharing memory with a CuPy array or CSR matrix (through DLPack)."""
+    torch = import_optional(
+        "torch", purpose="preload_to_gpu=True with to_torch=True", extra="torch"
+    )
+    if not hasattr(block, "indptr"):
+        return torch.from_dlpack(block)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            torch.from_dlpack(block.indptr),
+            torch.from_dlpack(block.indices),
+            torch.from_dlpack(block.data),
+            size=block.shape,
+            check_invariants=False,
+        )
+
+
+def convert(block: Any, kind: OutputKind) -> Any:
+    """One device batch as the output kind: CuPy as it is, or a torch CUDA tensor."""
+    return to_torch(block) if kind == "torch" else block
+
+
+def release() -> None:
+    """Wait for the kernels queued on this thread's stream, then return every free block of
+    CuPy's default memory pool (and pinned pool) to the driver."""
+    cp = cupy()
+    cp.cuda.get_current_stream().synchronize()
+    cp.get_default_memory_pool().free_all_blocks()
+    cp.get_default_pinned_memory_pool().free_all_blocks()
+
+
+class DeviceBatch:
+    """One batch of a device window, cut on the GPU when :meth:`result` is called.
+
+    Cutting launches kernels on the calling thread's stream, so the consumer calls it: its
+    kernels are then ordered with whatever it does with the batch.
+    """
+
+    __slots__ = ("_positions", "_window")
+
+    def __init__(self, window: Any, positions: np.ndarray) -> None:
+        self._window = window
+        self._positions = positions
+
+    def result(self) -> Any:
+        """The batch's rows (a view where they are consecutive in the window)."""
+        return take_rows(self._window, self._positions)
