@@ -12,7 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 from annbatch import Loader
-from annbatch._core.gpu import device_sparse_dtype
+from annbatch._core.gpu import _split_copy, device_sparse_dtype
 from annbatch.errors import GPUUnavailableError, InvalidArgumentError, UnsupportedDatasetError
 
 from conftest import FORMATS, KINDS, check_epoch, to_numpy
@@ -48,6 +48,18 @@ def test_sparse_values_on_the_gpu_are_exact_floats(stored, on_gpu):
 def test_sparse_strings_cannot_go_to_the_gpu():
     with pytest.raises(UnsupportedDatasetError, match="cannot be put on the GPU"):
         device_sparse_dtype(np.dtype("U3"))
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 300_000])
+@pytest.mark.parametrize("pieces", [1, 3, 16])
+def test_staging_copies_split_across_threads_copy_everything(rows, pieces):
+    src = np.arange(rows * 5, dtype=np.int64).reshape(rows, 5)
+    dest = np.zeros((rows, 5), dtype=np.int32)  # index arrays are narrowed while staged
+    tasks = _split_copy(dest, src, pieces)
+    assert len(tasks) <= pieces
+    for task in tasks:
+        task()
+    np.testing.assert_array_equal(dest, src)
 
 
 def test_preload_to_gpu_must_be_a_bool():
@@ -227,9 +239,10 @@ def test_break_on_the_gpu_path(cp, pool):
         preload_to_gpu=True, to_torch=False, chunk_size=5, preload_nchunks=2, batch_size=5
     )
     loader.add_anndata(store.adata())
-    for i, _ in enumerate(loader):
+    for i, _batch in enumerate(loader):
         if i == 3:
             break
+    del _batch  # the batch kept from the loop above holds GPU memory
     assert sum(b["X"].shape[0] for b in loader) == 200  # the next epoch starts cleanly
     assert cp.get_default_memory_pool().used_bytes() == 0
 

@@ -453,7 +453,7 @@ class Loader(_IterableBase):
         executor = ThreadPoolExecutor(threads, thread_name_prefix="annbatch-read")
         copier = None
         if self._preload_to_gpu:
-            copier = gpu.CopyStream()  # made in the thread that reads, which uses it
+            copier = gpu.CopyStream(executor, threads)  # made in the thread that uses it
         try:
             for number, request in enumerate(sampler.sample(int(offsets[-1]))):
                 if shard.owns(number):
@@ -463,6 +463,8 @@ class Loader(_IterableBase):
         except ReadCancelled:
             return
         finally:
+            if copier is not None:
+                copier.close()
             # Stopped early: drop batch cutting nobody will wait for. At the end of an epoch,
             # the last window's batches may still be being cut: let them finish.
             executor.shutdown(wait=True, cancel_futures=stop.is_set())

@@ -27,6 +27,7 @@ CuPy is imported here only, and this module is imported only with ``preload_to_g
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,8 @@ from annbatch._compat import import_optional
 from annbatch.errors import GPUUnavailableError, UnsupportedDatasetError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
+    from concurrent.futures import Executor
 
     from annbatch._core.convert import OutputKind
     from annbatch._core.types import Block
@@ -85,12 +87,35 @@ def device_sparse_dtype(dtype: np.dtype) -> np.dtype:
 class CopyStream:
     """A non-blocking CUDA stream for host-to-device copies through pinned host memory.
 
-    Use it from one thread (the one that reads windows).
+    The pinned staging buffers are kept and reused from window to window (page-locking
+    memory is slow: allocating them per window measured as the GPU path's main cost), and
+    they are filled by the read threads in parallel. Use it from one thread (the one that
+    reads windows); :meth:`close` frees the staging buffers.
+
+    Parameters
+    ----------
+    executor, threads
+        Where to fill the staging buffers, and in how many pieces.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, executor: Executor | None = None, threads: int = 1) -> None:
         self._cp = cupy()
         self.stream = self._cp.cuda.Stream(non_blocking=True)
+        self._executor = executor
+        self._threads = threads
+        self._staging: list[np.ndarray] = []
+
+    def _stage(self, slot: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A pinned array of ``shape`` over staging buffer ``slot``, grown when too small."""
+        import cupyx
+
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        while len(self._staging) <= slot:
+            self._staging.append(np.empty(0, dtype=np.uint8))
+        if self._staging[slot].size < nbytes:
+            self._staging[slot] = np.empty(0, dtype=np.uint8)  # free the old one first
+            self._staging[slot] = cupyx.empty_pinned(nbytes + nbytes // 4, dtype=np.uint8)
+        return self._staging[slot][:nbytes].view(dtype).reshape(shape)
 
     def upload(
         self, parts: Sequence[Sequence[np.ndarray]], dtypes: Sequence[np.dtype]
@@ -102,24 +127,48 @@ class CopyStream:
         staging are one step), and copied to the GPU on :attr:`stream`. All copies are done
         when this returns.
         """
-        import cupyx
-
         cp = self._cp
-        out, staged = [], []
-        for pieces, dtype in zip(parts, dtypes, strict=True):
+        staged, copies = [], []
+        for slot, (pieces, dtype) in enumerate(zip(parts, dtypes, strict=True)):
             rows = sum(p.shape[0] for p in pieces)
-            pinned = cupyx.empty_pinned((rows, *pieces[0].shape[1:]), dtype=dtype)
+            pinned = self._stage(slot, (rows, *pieces[0].shape[1:]), np.dtype(dtype))
             at = 0
             for piece in pieces:
-                pinned[at : at + piece.shape[0]] = piece
+                copies.extend(_split_copy(pinned[at : at + piece.shape[0]], piece, self._threads))
                 at += piece.shape[0]
+            staged.append(pinned)
+        if self._executor is None or len(copies) < 2:
+            for copy in copies:
+                copy()
+        else:
+            list(self._executor.map(lambda copy: copy(), copies))
+        out = []
+        for pinned in staged:
             with self.stream:
-                device = cp.empty(pinned.shape, dtype=dtype)
+                device = cp.empty(pinned.shape, dtype=pinned.dtype)
             device.set(pinned, stream=self.stream)
             out.append(device)
-            staged.append(pinned)  # must outlive the copy
-        self.stream.synchronize()
+        self.stream.synchronize()  # the staging buffers are free for the next window
         return out
+
+    def close(self) -> None:
+        """Free the staging buffers (and return them to the driver)."""
+        self._staging = []
+        self._cp.get_default_pinned_memory_pool().free_all_blocks()
+
+
+_COPY_MIN_BYTES = 1 << 22  # below this, one thread copies a piece
+
+
+def _split_copy(dest: np.ndarray, src: np.ndarray, pieces: int) -> list[Callable[[], None]]:
+    """Tasks that copy ``src`` into ``dest`` (numpy releases the GIL while copying)."""
+    n = max(1, min(pieces, src.nbytes // _COPY_MIN_BYTES, src.shape[0]))
+    bounds = np.linspace(0, src.shape[0], n + 1).astype(int).tolist()
+
+    def copy(a: int, b: int) -> Callable[[], None]:
+        return lambda: np.copyto(dest[a:b], src[a:b], casting="unsafe")
+
+    return [copy(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def to_device(blocks: Sequence[Block], copier: CopyStream) -> Any:
@@ -211,11 +260,10 @@ def convert(block: Any, kind: OutputKind) -> Any:
 
 def release() -> None:
     """Wait for the kernels queued on this thread's stream, then return every free block of
-    CuPy's default memory pool (and pinned pool) to the driver."""
+    CuPy's default memory pool to the driver."""
     cp = cupy()
     cp.cuda.get_current_stream().synchronize()
     cp.get_default_memory_pool().free_all_blocks()
-    cp.get_default_pinned_memory_pool().free_all_blocks()
 
 
 class DeviceBatch:
