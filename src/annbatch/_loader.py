@@ -25,7 +25,7 @@ from annbatch._core.datasets import DenseSource, as_row_source
 from annbatch._core.planner import dataset_offsets, plan_placement, plan_reads
 from annbatch._core.prefetch import Prefetcher
 from annbatch._core.reader import TASKS_PER_THREAD, ReadCancelled, read_placed, read_plan
-from annbatch._core.workers import current_shard
+from annbatch._core.workers import current_shard, skip_batches
 from annbatch.abc import Sampler
 from annbatch.errors import (
     FeatureNotAvailableError,
@@ -39,7 +39,7 @@ from annbatch.errors import (
 from annbatch.samplers import ChunkSampler
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Sequence
     from concurrent.futures import Executor
 
     import numpy as np
@@ -198,6 +198,10 @@ class Loader(_IterableBase):
         self._obs_all: pd.DataFrame | None = None  # concatenation of self._obs, built lazily
         self._active_iterations = 0
         self._used_collection = False
+        self._epoch_state: dict[str, Any] | None = None  # sampler state when the epoch began
+        self._epoch_running = False  # an epoch began and did not run to its end
+        self._batches_done = 0  # batches yielded in that epoch (resumed ones included)
+        self._resume_batches = 0  # batches the next epoch skips (load_state_dict)
 
     # ----------------------------------------------------------------------------- attributes
     @property
@@ -384,6 +388,56 @@ class Loader(_IterableBase):
             msg = f"{where} {has} but the Loader's earlier datasets {others}; give obs for all or none"
             raise ObsMismatchError(msg)
 
+    # ---------------------------------------------------------------------- epochs and resume
+    def set_epoch(self, epoch: int) -> None:
+        """Draw epoch ``epoch`` next; forwarded to the sampler (see
+        :meth:`annbatch.ChunkSampler.set_epoch`). Call it before every epoch when ranks or
+        DataLoader workers read, as with ``torch.utils.data.DistributedSampler``."""
+        self._sampler.set_epoch(epoch)
+
+    def state_dict(self, batches_seen: int | None = None) -> dict[str, Any]:
+        """Where training stands: the sampler's state at the start of the current epoch and
+        the number of its batches already consumed.
+
+        :meth:`load_state_dict` on a Loader over the same data then yields exactly the rest
+        of that epoch (none of its rows twice), and later epochs as they would have been.
+
+        Parameters
+        ----------
+        batches_seen
+            Batches of the current epoch that training consumed. Default: the number this
+            Loader yielded, which is right when it is iterated in this process. Under a
+            ``DataLoader`` with workers, the Loader in this process does not see the batches:
+            pass the count taken from the DataLoader (and call :meth:`set_epoch` before each
+            epoch, so that the workers' order depends on the epoch alone).
+        """
+        if batches_seen is not None and (
+            isinstance(batches_seen, bool) or not isinstance(batches_seen, int) or batches_seen < 0
+        ):
+            msg = f"batches_seen must be a non-negative integer, got {batches_seen!r}"
+            raise InvalidArgumentError(msg)
+        if self._epoch_running and self._epoch_state is not None:
+            sampler, done = self._epoch_state, self._batches_done
+        else:
+            sampler, done = self._sampler.state_dict(), 0
+        return {"sampler": sampler, "batches_done": done if batches_seen is None else batches_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: the next iteration yields the epoch's remaining
+        batches only."""
+        if self._active_iterations:
+            msg = "cannot load a state while the Loader is being iterated"
+            raise LoaderBusyError(msg)
+        if not isinstance(state, dict) or not {"sampler", "batches_done"} <= state.keys():
+            msg = f"expected the dict of Loader.state_dict(), got {state!r}"
+            raise InvalidArgumentError(msg)
+        done = state["batches_done"]
+        if isinstance(done, bool) or not isinstance(done, int) or done < 0:
+            msg = f"state['batches_done'] must be a non-negative integer, got {done!r}"
+            raise InvalidArgumentError(msg)
+        self._sampler.load_state_dict(state["sampler"])
+        self._resume_batches = done
+
     # ------------------------------------------------------------------------------ iterating
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Yield one epoch of batches: ``{"X": ..., "obs": DataFrame | None, "index": array | None}``."""
@@ -413,25 +467,35 @@ class Loader(_IterableBase):
         )
         obs = self._all_obs()
         stop = threading.Event()  # set when the consumer stops: the reader abandons its window
-        windows: Iterator[_Window] = self._load_windows(strategy, stop)
+        windows: Iterator[_Window]
+        to_output = gpu.convert if self._preload_to_gpu else convert
+        try:
+            self._epoch_state = self._sampler.state_dict()
+        except InvalidArgumentError:  # a sampler that cannot be resumed
+            self._epoch_state = None
+        skip, self._resume_batches = self._resume_batches, 0
+        self._batches_done, self._epoch_running = skip, True
+        windows = self._load_windows(strategy, stop, skip)
         prefetcher = None
         if self._read_ahead:
             windows = prefetcher = Prefetcher(windows, self._read_ahead, stop=stop)
-        to_output = gpu.convert if self._preload_to_gpu else convert
         self._active_iterations += 1
         try:
             for window in windows:
                 pending: _Pending | None = None
                 for index, pending in zip(window.indices, window.batches, strict=True):
                     # Cut on the read threads (raises what cutting raised), or on the GPU.
-                    yield {
+                    batch = {
                         "X": to_output(pending.result(), self._output),
                         "obs": None if obs is None else obs.iloc[index],
                         "index": index if self._return_index else None,
                     }
+                    self._batches_done += 1  # counted as consumed once handed over
+                    yield batch
                 if self._preload_to_gpu:
                     del window, pending  # the device window goes back to CuPy's pool ...
                     gpu.release()  # ... and from there to the driver
+            self._epoch_running = False
         finally:
             self._active_iterations -= 1
             stop.set()
@@ -442,8 +506,11 @@ class Loader(_IterableBase):
             if self._preload_to_gpu:
                 gpu.release()
 
-    def _load_windows(self, strategy: ConcatStrategy, stop: threading.Event) -> Iterator[_Window]:
-        """Read this process's windows of one epoch (runs in the read-ahead thread)."""
+    def _load_windows(
+        self, strategy: ConcatStrategy, stop: threading.Event, skip: int = 0
+    ) -> Iterator[_Window]:
+        """Read this process's windows of one epoch (runs in the read-ahead thread), leaving
+        out the first ``skip`` batches of the epoch (counted over all workers)."""
         sampler = self._sampler
         shard = current_shard()
         if shard.seed is not None:
@@ -455,7 +522,12 @@ class Loader(_IterableBase):
         if self._preload_to_gpu:
             copier = gpu.CopyStream(executor, threads)  # made in the thread that uses it
         try:
-            for number, request in enumerate(sampler.sample(int(offsets[-1]))):
+            requests: Iterable[tuple[int, LoadRequest]] = enumerate(
+                sampler.sample(int(offsets[-1]))
+            )
+            if skip:
+                requests = skip_batches(requests, skip, shard, sampler.batch_size)
+            for number, request in requests:
                 if shard.owns(number):
                     yield self._read_window(
                         request, offsets, strategy, executor, threads, stop, copier

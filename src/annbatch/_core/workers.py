@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+    from annbatch.abc import LoadRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,3 +41,67 @@ def current_shard() -> WorkerShard:
         return WorkerShard(id=0, count=1, seed=None)
     # DataLoader gives worker i the seed base_seed + i, base_seed drawn anew each epoch.
     return WorkerShard(id=info.id, count=info.num_workers, seed=int(info.seed - info.id))
+
+
+def delivered_per_worker(totals: list[int], delivered: int) -> list[int]:
+    """How many batches each worker had handed over when a DataLoader had yielded
+    ``delivered`` batches.
+
+    A ``DataLoader`` over an iterable dataset (with ``in_order=True``, its default) takes one
+    batch from each worker in turn and drops a worker from the turn once it has no more.
+    ``totals`` are the workers' batch counts for the epoch.
+    """
+    taken = [0] * len(totals)
+    active = [w for w, n in enumerate(totals) if n]
+    left = min(delivered, sum(totals))
+    while left:
+        rounds = min(left // len(active), *(totals[w] - taken[w] for w in active))
+        if rounds:  # whole turns in which no worker runs out
+            for w in active:
+                taken[w] += rounds
+            left -= rounds * len(active)
+            active = [w for w in active if taken[w] < totals[w]]
+            continue
+        for w in list(active):  # a partial turn
+            if not left:
+                break
+            taken[w] += 1
+            left -= 1
+            if taken[w] == totals[w]:
+                active.remove(w)
+    return taken
+
+
+def skip_batches(
+    requests: Iterable[tuple[int, LoadRequest]], delivered: int, shard: WorkerShard, batch_size: int
+) -> Iterator[tuple[int, LoadRequest]]:
+    """The numbered load requests of an epoch without the batches this worker had handed
+    over when ``delivered`` batches of the epoch were consumed (all workers together).
+
+    Requests this worker owns whose batches were all consumed are left out (never read); a
+    partly consumed one keeps only its remaining batches.
+    """
+    from annbatch.abc import LoadRequest
+
+    numbered = list(requests)
+    counts = [
+        len(r.splits) if r.splits is not None else math.ceil(r.n_rows / batch_size)
+        for _, r in numbered
+    ]
+    totals = [0] * shard.count
+    for (number, _), count in zip(numbered, counts, strict=True):
+        totals[number % shard.count] += count
+    mine = delivered_per_worker(totals, delivered)[shard.id]
+    for (number, request), count in zip(numbered, counts, strict=True):
+        if not shard.owns(number) or mine == 0:
+            yield number, request
+            continue
+        if mine >= count:
+            mine -= count
+            continue
+        splits = request.splits
+        if splits is None:
+            rows = np.arange(request.n_rows)
+            splits = [rows[i : i + batch_size] for i in range(0, request.n_rows, batch_size)]
+        yield number, LoadRequest(chunks=request.chunks, splits=splits[mine:])
+        mine = 0

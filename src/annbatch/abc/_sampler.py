@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -70,6 +70,24 @@ class Sampler(ABC):
         epoch share and that changes between epochs, so the workers agree on one order and the
         next epoch draws a new one. Samplers without randomness ignore it.
         """
+
+    def set_epoch(self, epoch: int) -> None:  # noqa: B027 (an optional hook, not abstract)
+        """Draw epoch ``epoch`` next. Samplers without randomness ignore it."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What :meth:`load_state_dict` needs to draw the next epoch again, identically.
+
+        Samplers that can be resumed override both; this default raises.
+        """
+        msg = (
+            f"{type(self).__name__} cannot be resumed: it does not implement state_dict and "
+            "load_state_dict"
+        )
+        raise InvalidArgumentError(msg)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; see there."""
+        self.state_dict()  # raises for samplers that cannot be resumed
 
     def sample(self, n_obs: int) -> Iterator[LoadRequest]:
         """Yield the load requests of one epoch, checking each one.

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+import sys
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -54,7 +55,25 @@ class ChunkSampler(Sampler):
     drop_last
         Drop the epoch's last batch if it has fewer than ``batch_size`` rows.
     rng
-        Source of all randomness; ``numpy.random.default_rng()`` when None.
+        Source of all randomness; ``numpy.random.default_rng()`` when None. One number is
+        drawn from it here: the sampler's seed. Epoch ``e`` is then a pure function of that
+        seed, ``e`` and the rank, so a sampler can be resumed (:meth:`state_dict`) and ranks
+        agree on one order.
+    mask
+        Restrict every epoch to these rows: a boolean array over all rows, or a slice. Chunks
+        never cross a gap of the mask.
+    random_offset
+        With ``shuffle``, move the chunk boundaries by a random offset in
+        ``[0, chunk_size)`` each epoch, so rows that share a chunk in one epoch are not always
+        read together. The first chunk of every masked run is then shorter.
+    rank, world_size
+        Split every epoch among ``world_size`` processes (``torch.distributed`` ranks); this
+        sampler yields rank ``rank``'s part. Default: read from ``torch.distributed`` when a
+        process group is initialized, else 0 and 1. Every rank gets the same number of rows,
+        hence of batches: without ``drop_last`` the epoch is padded by repeating its first
+        ``world_size - 1`` rows at most; with it, up to ``world_size - 1`` rows are left out
+        (different ones each epoch). Give every rank the same ``rng`` seed, and call
+        :meth:`set_epoch` before each epoch when DataLoader workers read for the ranks.
 
     Notes
     -----
@@ -73,6 +92,10 @@ class ChunkSampler(Sampler):
         shuffle: bool = False,
         drop_last: bool = False,
         rng: np.random.Generator | None = None,
+        mask: slice | np.ndarray | None = None,
+        random_offset: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         self._chunk_size = parse_positive_int(chunk_size, "chunk_size")
         self._preload_nchunks = parse_positive_int(preload_nchunks, "preload_nchunks")
@@ -90,12 +113,25 @@ class ChunkSampler(Sampler):
         self._window_rows = window - window % self._batch_size
         self._shuffle = _parse_bool(shuffle, "shuffle")
         self._drop_last = _parse_bool(drop_last, "drop_last")
-        self._rng = parse_rng(rng)
+        self._random_offset = _parse_bool(random_offset, "random_offset")
+        self._seeded = rng is not None
+        self._seed = int(parse_rng(rng).integers(2**63))
+        self._epoch = 0
+        self._explicit_epochs = False
+        self._mask = _parse_mask(mask)
+        self._rank, self._world_size = _parse_ranks(rank, world_size)
 
     def __repr__(self) -> str:
+        extra = ""
+        if self._mask is not None:
+            extra += ", mask=..."
+        if self._random_offset:
+            extra += ", random_offset=True"
+        if self._world_size is not None:
+            extra += f", rank={self._rank}, world_size={self._world_size}"
         return (
             f"ChunkSampler(chunk_size={self._chunk_size}, preload_nchunks={self._preload_nchunks}, "
-            f"batch_size={self._batch_size}, shuffle={self._shuffle}, drop_last={self._drop_last})"
+            f"batch_size={self._batch_size}, shuffle={self._shuffle}, drop_last={self._drop_last}{extra})"
         )
 
     @property
@@ -124,45 +160,148 @@ class ChunkSampler(Sampler):
         return self._drop_last
 
     @property
-    def rng(self) -> np.random.Generator:
-        """The generator that all shuffling draws from."""
-        return self._rng
+    def epoch(self) -> int:
+        """The epoch the next call of :meth:`sample` draws."""
+        return self._epoch
 
-    def n_batches(self, n_obs: int) -> int:
-        """Number of batches per epoch over ``n_obs`` rows."""
-        if self._drop_last:
-            return n_obs // self._batch_size
-        return math.ceil(n_obs / self._batch_size)
+    def ranks(self) -> tuple[int, int]:
+        """``(rank, world_size)`` this sampler reads for (see the class docstring)."""
+        if self._world_size is not None:
+            return self._rank, self._world_size
+        return _distributed_ranks()
+
+    # ------------------------------------------------------------------------- epochs, state
+    def set_epoch(self, epoch: int) -> None:
+        """Draw epoch ``epoch`` next (as ``torch.utils.data.DistributedSampler.set_epoch``).
+
+        Without calls to it, each :meth:`sample` draws the epoch after the previous one.
+        Once it is called, the order no longer depends on DataLoader worker seeds: ranks and
+        resumed runs see the same order for the same epoch.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
+            msg = f"epoch must be a non-negative integer, got {epoch!r}"
+            raise InvalidArgumentError(msg)
+        self._epoch = int(epoch)
+        self._explicit_epochs = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """The seed and the next epoch: enough to draw the same epochs again."""
+        return {"seed": self._seed, "epoch": self._epoch, "explicit_epochs": self._explicit_epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        try:
+            seed, epoch = int(state["seed"]), int(state["epoch"])
+            explicit = bool(state.get("explicit_epochs", False))
+        except (KeyError, TypeError, ValueError) as e:
+            msg = f"not a ChunkSampler state: {state!r} (expected the dict of state_dict())"
+            raise InvalidArgumentError(msg) from e
+        self._seed, self._epoch, self._explicit_epochs = seed, epoch, explicit
 
     def reseed(self, seed: int) -> None:
-        """Derive a new generator from ``seed`` and one draw of the current generator."""
-        own = int(self._rng.integers(2**63))
-        self._rng = np.random.default_rng([seed, own])
+        """Mix a DataLoader epoch seed into the sampler's seed (see :meth:`Sampler.reseed`).
+
+        Ignored once :meth:`set_epoch` was called or with several ranks: the order must then
+        depend on the epoch alone, which every rank and every resumed run knows.
+        """
+        if self._explicit_epochs or self.ranks()[1] > 1:
+            return
+        self._seed = int(np.random.default_rng([seed, self._seed]).integers(2**63))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled for DataLoader workers, in the main process: read the ranks here, where the
+        # process group lives (workers have none).
+        state = self.__dict__.copy()
+        if self._world_size is None:
+            state["_rank"], state["_world_size"] = _distributed_ranks()
+        return state
+
+    # ------------------------------------------------------------------------------- drawing
+    def validate(self, n_obs: int) -> None:
+        """Check the mask against ``n_obs`` and the ranks' seed."""
+        if isinstance(self._mask, np.ndarray) and self._mask.size != n_obs:
+            msg = f"mask has {self._mask.size} entries; the Loader has {n_obs} rows"
+            raise InvalidArgumentError(msg)
+        if isinstance(self._mask, slice) and (self._mask.stop or 0) > n_obs:
+            msg = f"mask {self._mask!r} reaches past the Loader's {n_obs} rows"
+            raise InvalidArgumentError(msg)
+        if self.ranks()[1] > 1 and self._shuffle and not self._seeded:
+            msg = (
+                "a shuffling ChunkSampler split among ranks needs the same seed on every rank: "
+                "pass rng=np.random.default_rng(seed) with one seed for all ranks"
+            )
+            raise InvalidArgumentError(msg)
+
+    def n_batches(self, n_obs: int) -> int:
+        """Number of batches per epoch (of this rank) over ``n_obs`` rows."""
+        rows = self._rank_rows(self._n_allowed(n_obs))
+        if self._drop_last:
+            return rows // self._batch_size
+        return math.ceil(rows / self._batch_size)
+
+    def _n_allowed(self, n_obs: int) -> int:
+        runs = self._runs(n_obs)
+        return int(np.sum(runs[:, 1] - runs[:, 0])) if runs.size else 0
+
+    def _rank_rows(self, n_allowed: int) -> int:
+        world = self.ranks()[1]
+        return n_allowed // world if self._drop_last else -(-n_allowed // world)
+
+    def _runs(self, n_obs: int) -> np.ndarray:
+        """The allowed rows as ``(start, stop)`` runs."""
+        if self._mask is None:
+            return np.array([[0, n_obs]] if n_obs else [], dtype=np.int64).reshape(-1, 2)
+        if isinstance(self._mask, slice):
+            start, stop, _ = self._mask.indices(n_obs)
+            return np.array([[start, stop]] if stop > start else [], dtype=np.int64).reshape(-1, 2)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], self._mask.view(np.int8), [0]])))
+        return edges.reshape(-1, 2).astype(np.int64)
+
+    def _chunks(self, runs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Chunk ``(start, stop)`` pairs covering the runs, in reading order."""
+        offset = int(rng.integers(self._chunk_size)) if self._shuffle and self._random_offset else 0
+        pieces = []
+        for a, b in runs.tolist():
+            cuts = np.arange(a + offset if offset else a, b, self._chunk_size)
+            if offset and a < b:
+                cuts = np.concatenate([[a], cuts[cuts > a]])
+            pieces.append(np.stack([cuts, np.append(cuts[1:], b)], axis=1))
+        chunks = np.concatenate(pieces) if pieces else np.empty((0, 2), dtype=np.int64)
+        if self._shuffle:
+            chunks = chunks[rng.permutation(len(chunks))]
+        return chunks
 
     def _sample(self, n_obs: int) -> Iterator[LoadRequest]:
-        starts = np.arange(0, n_obs, self._chunk_size)
-        if self._shuffle:
-            starts = self._rng.permutation(starts)
-        n_keep = self.n_batches(n_obs) * self._batch_size if self._drop_last else n_obs
+        epoch = self._epoch
+        self._epoch += 1
+        rank = self.ranks()[0]
+        # Shared by all ranks: chunk order and offset. Per rank: row order within windows.
+        shared = np.random.default_rng([self._seed, epoch])
+        own = np.random.default_rng([self._seed, epoch, rank + 1])
+        chunks = self._chunks(self._runs(n_obs), shared)
+        lengths = chunks[:, 1] - chunks[:, 0]
+        n_allowed = int(lengths.sum())
+        n_rows = self._rank_rows(n_allowed)
+        ranges = _take_rows(chunks, lengths, rank * n_rows, n_rows) if n_allowed else chunks
+        n_keep = self.n_batches(n_obs) * self._batch_size if self._drop_last else n_rows
         emitted = 0
-        for chunks in self._windows(starts, n_obs):
-            n_rows = sum(c.stop - c.start for c in chunks)
-            n_use = min(n_rows, n_keep - emitted)
+        for window in self._windows(ranges):
+            n_window = sum(c.stop - c.start for c in window)
+            n_use = min(n_window, n_keep - emitted)
             if n_use <= 0:
                 return
-            order = self._rng.permutation(n_rows) if self._shuffle else np.arange(n_rows)
+            order = own.permutation(n_window) if self._shuffle else np.arange(n_window)
             # Rows past n_use are read but not yielded: they form the dropped short batch.
             order = order[:n_use]
             splits = [order[i : i + self._batch_size] for i in range(0, n_use, self._batch_size)]
             emitted += n_use
-            yield LoadRequest(chunks=chunks, splits=splits)
+            yield LoadRequest(chunks=window, splits=splits)
 
-    def _windows(self, starts: np.ndarray, n_obs: int) -> Iterator[list[slice]]:
-        """Cut the chunk sequence into windows of ``self._window_rows`` rows (the last shorter)."""
+    def _windows(self, ranges: np.ndarray) -> Iterator[list[slice]]:
+        """Cut the ranges into windows of ``self._window_rows`` rows (the last shorter)."""
         window: list[slice] = []
         room = self._window_rows
-        for s in starts:
-            start, stop = int(s), min(int(s) + self._chunk_size, n_obs)
+        for start, stop in ranges.tolist():
             while start < stop:
                 end = min(stop, start + room)
                 window.append(slice(start, end))
@@ -173,6 +312,72 @@ class ChunkSampler(Sampler):
                     window, room = [], self._window_rows
         if window:
             yield window
+
+
+def _take_rows(chunks: np.ndarray, lengths: np.ndarray, first: int, count: int) -> np.ndarray:
+    """Ranges holding rows ``first .. first + count`` of the chunk sequence, wrapping around
+    to its start when the sequence is shorter (the padding of the last ranks)."""
+    total = int(lengths.sum())
+    if first == 0 and count == total:
+        return chunks
+    ends = np.cumsum(lengths)
+    parts = []
+    while count > 0:
+        first %= total
+        take = min(count, total - first)
+        i0 = int(np.searchsorted(ends, first, side="right"))
+        i1 = int(np.searchsorted(ends, first + take - 1, side="right"))
+        part = chunks[i0 : i1 + 1].copy()
+        part[0, 0] += first - (int(ends[i0]) - int(lengths[i0]))
+        part[-1, 1] -= int(ends[i1]) - (first + take)
+        parts.append(part)
+        first, count = first + take, count - take
+    return np.concatenate(parts) if parts else chunks[:0]
+
+
+def _distributed_ranks() -> tuple[int, int]:
+    """``(rank, world_size)`` of an initialized torch.distributed process group, else (0, 1)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return 0, 1
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()), int(dist.get_world_size())
+    return 0, 1
+
+
+def _parse_ranks(rank: object, world_size: object) -> tuple[int, int | None]:
+    if rank is None and world_size is None:
+        return 0, None
+    if rank is None or world_size is None:
+        msg = f"give rank and world_size together (got rank={rank!r}, world_size={world_size!r})"
+        raise InvalidArgumentError(msg)
+    size = parse_positive_int(world_size, "world_size")
+    if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or not 0 <= rank < size:
+        msg = f"rank must be an integer in 0..{size - 1} (world_size={size}), got {rank!r}"
+        raise InvalidArgumentError(msg)
+    return int(rank), size
+
+
+def _parse_mask(mask: object) -> slice | np.ndarray | None:
+    if mask is None:
+        return None
+    if isinstance(mask, slice):
+        if (
+            mask.step not in (None, 1)
+            or (mask.start or 0) < 0
+            or (mask.stop is not None and mask.stop < 0)
+        ):
+            msg = f"a mask slice must have non-negative bounds and step 1, got {mask!r}"
+            raise InvalidArgumentError(msg)
+        return mask
+    array = np.asarray(mask)
+    if array.dtype != np.bool_ or array.ndim != 1:
+        msg = (
+            f"mask must be a slice or a 1-D boolean array, got {array.dtype} of shape {array.shape}"
+        )
+        raise InvalidArgumentError(msg)
+    return array
 
 
 def _parse_bool(value: object, name: str) -> bool:
