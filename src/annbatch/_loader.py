@@ -25,7 +25,7 @@ from annbatch._core.datasets import DenseSource, as_row_source
 from annbatch._core.planner import dataset_offsets, plan_placement, plan_reads
 from annbatch._core.prefetch import Prefetcher
 from annbatch._core.reader import TASKS_PER_THREAD, ReadCancelled, read_placed, read_plan
-from annbatch._core.workers import current_shard, skip_batches
+from annbatch._core.workers import current_shard, remaining_requests
 from annbatch.abc import Sampler
 from annbatch.errors import (
     FeatureNotAvailableError,
@@ -522,16 +522,14 @@ class Loader(_IterableBase):
         if self._preload_to_gpu:
             copier = gpu.CopyStream(executor, threads)  # made in the thread that uses it
         try:
-            requests: Iterable[tuple[int, LoadRequest]] = enumerate(
-                sampler.sample(int(offsets[-1]))
+            requests = sampler.sample(int(offsets[-1]))
+            mine: Iterable[LoadRequest] = (
+                remaining_requests(requests, skip, shard, sampler.batch_size)
+                if skip
+                else (r for number, r in enumerate(requests) if shard.owns(number))
             )
-            if skip:
-                requests = skip_batches(requests, skip, shard, sampler.batch_size)
-            for number, request in requests:
-                if shard.owns(number):
-                    yield self._read_window(
-                        request, offsets, strategy, executor, threads, stop, copier
-                    )
+            for request in mine:
+                yield self._read_window(request, offsets, strategy, executor, threads, stop, copier)
         except ReadCancelled:
             return
         finally:

@@ -43,23 +43,25 @@ def current_shard() -> WorkerShard:
     return WorkerShard(id=info.id, count=info.num_workers, seed=int(info.seed - info.id))
 
 
-def delivered_per_worker(totals: list[int], delivered: int) -> list[int]:
+def delivered_per_worker(totals: list[int], delivered: int) -> tuple[list[int], int]:
     """How many batches each worker had handed over when a DataLoader had yielded
-    ``delivered`` batches.
+    ``delivered`` batches, and which worker's turn was next.
 
     A ``DataLoader`` over an iterable dataset (with ``in_order=True``, its default) takes one
-    batch from each worker in turn and drops a worker from the turn once it has no more.
-    ``totals`` are the workers' batch counts for the epoch.
+    batch from each worker in turn, starting at worker 0, and drops a worker from the turn once
+    it has no more. ``totals`` are the workers' batch counts for the epoch.
     """
     taken = [0] * len(totals)
     active = [w for w, n in enumerate(totals) if n]
     left = min(delivered, sum(totals))
+    last = -1
     while left:
         rounds = min(left // len(active), *(totals[w] - taken[w] for w in active))
         if rounds:  # whole turns in which no worker runs out
             for w in active:
                 taken[w] += rounds
             left -= rounds * len(active)
+            last = active[-1]
             active = [w for w in active if taken[w] < totals[w]]
             continue
         for w in list(active):  # a partial turn
@@ -67,41 +69,48 @@ def delivered_per_worker(totals: list[int], delivered: int) -> list[int]:
                 break
             taken[w] += 1
             left -= 1
+            last = w
             if taken[w] == totals[w]:
                 active.remove(w)
-    return taken
+    return taken, (last + 1) % len(totals)
 
 
-def skip_batches(
-    requests: Iterable[tuple[int, LoadRequest]], delivered: int, shard: WorkerShard, batch_size: int
-) -> Iterator[tuple[int, LoadRequest]]:
-    """The numbered load requests of an epoch without the batches this worker had handed
-    over when ``delivered`` batches of the epoch were consumed (all workers together).
+def remaining_requests(
+    requests: Iterable[LoadRequest], delivered: int, shard: WorkerShard, batch_size: int
+) -> Iterator[LoadRequest]:
+    """This worker's load requests of an epoch of which ``delivered`` batches (all workers
+    together) were consumed, without those batches.
 
-    Requests this worker owns whose batches were all consumed are left out (never read); a
-    partly consumed one keeps only its remaining batches.
+    The new DataLoader's turns start at worker 0, so the workers swap roles: worker ``i``
+    takes the requests of the worker whose turn was ``i``-th next. The remaining batches
+    then come in the order the interrupted DataLoader would have yielded them. Requests whose
+    batches were all consumed are left out (never read); a partly consumed one keeps only its
+    remaining batches.
     """
     from annbatch.abc import LoadRequest
 
-    numbered = list(requests)
+    requests = list(requests)
     counts = [
         len(r.splits) if r.splits is not None else math.ceil(r.n_rows / batch_size)
-        for _, r in numbered
+        for r in requests
     ]
     totals = [0] * shard.count
-    for (number, _), count in zip(numbered, counts, strict=True):
+    for number, count in enumerate(counts):
         totals[number % shard.count] += count
-    mine = delivered_per_worker(totals, delivered)[shard.id]
-    for (number, request), count in zip(numbered, counts, strict=True):
-        if not shard.owns(number) or mine == 0:
-            yield number, request
+    taken, next_turn = delivered_per_worker(totals, delivered)
+    role = (shard.id + next_turn) % shard.count
+    skip = taken[role]
+    for number, (request, count) in enumerate(zip(requests, counts, strict=True)):
+        if number % shard.count != role:
             continue
-        if mine >= count:
-            mine -= count
+        if skip >= count:
+            skip -= count
             continue
-        splits = request.splits
-        if splits is None:
-            rows = np.arange(request.n_rows)
-            splits = [rows[i : i + batch_size] for i in range(0, request.n_rows, batch_size)]
-        yield number, LoadRequest(chunks=request.chunks, splits=splits[mine:])
-        mine = 0
+        if skip:
+            splits = request.splits
+            if splits is None:
+                rows = np.arange(request.n_rows)
+                splits = [rows[i : i + batch_size] for i in range(0, request.n_rows, batch_size)]
+            request = LoadRequest(chunks=request.chunks, splits=splits[skip:])
+            skip = 0
+        yield request
