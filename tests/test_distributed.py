@@ -346,3 +346,24 @@ def test_resume_under_dataloader_workers(pool, stop_after):
     assert sorted(order.tolist()) == list(range(58))  # every row once
     uninterrupted = np.concatenate([np.asarray(b["index"]) for b in batches(loader(1))])
     np.testing.assert_array_equal(order, uninterrupted)
+
+
+def test_a_sampler_without_state_cannot_be_resumed(pool):
+    from annbatch.abc import LoadRequest, Sampler
+
+    class Plain(Sampler):
+        batch_size = 4
+        shuffle = False
+
+        def n_batches(self, n_obs):
+            return -(-n_obs // 4)
+
+        def _sample(self, n_obs):
+            yield LoadRequest(chunks=[slice(0, n_obs)])
+
+    loader = Loader(batch_sampler=Plain(), to_torch=False).add_anndata(
+        pool.get("memory", "dense", 9).adata()
+    )
+    assert sum(b["X"].shape[0] for b in loader) == 9  # iterating needs no state
+    with pytest.raises(InvalidArgumentError, match="Plain cannot be resumed"):
+        loader.state_dict()

@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from annbatch.samplers._chunk import ChunkSampler
+from annbatch.samplers._weighted import WeightedSampler
 
-__all__ = ["ChunkSampler"]
+__all__ = ["ChunkSampler", "WeightedSampler"]
