@@ -2,11 +2,15 @@
 
 Writes a seeded atlas sorted by donor (one zarr store, as published atlases are) and the same
 rows as one h5ad file per donor, builds a DatasetCollection from the donor files, then for each
-setting streams one epoch (up to --max-rows) and prints rows/s next to the donor mixing score
+setting streams two epochs and prints rows/s next to the donor mixing score of the first
 (:func:`annbatch.quality.mixing_score`: 1 = as mixed as fully random batches, 0 = one donor
-per batch). Each setting runs in a fresh process.
+per batch), and "batch-mates again": of the neighbouring rows (i, i + 1) that shared a batch
+in the first epoch, the share that share one again in the second (fully random batches: about
+batch size / rows). Samplers: ChunkSampler, with random chunk offsets (chunk+offset), and
+WeightedSampler.balanced over donors, without replacement (balanced). Each setting runs in a
+fresh process.
 
-Usage: python benchmarks/shuffle_quality.py [--donors 20] [--cells-per-donor 5000] [--runs 3]
+Usage: python benchmarks/shuffle_quality.py [--donors 100] [--cells-per-donor 1000] [--runs 3]
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-SETTINGS = [  # (source, chunk_size, preload_nchunks)
-    ("sorted atlas", 256, 64),
-    ("sorted atlas", 32, 512),
-    ("sorted atlas", 8, 2048),
-    ("sorted atlas", 1, 16384),
-    ("collection", 256, 64),
-    ("collection", 32, 512),
+SETTINGS = [  # (source, sampler, chunk_size, preload_nchunks)
+    ("sorted atlas", "chunk", 256, 64),
+    ("sorted atlas", "chunk+offset", 256, 64),
+    ("sorted atlas", "chunk", 32, 512),
+    ("sorted atlas", "chunk+offset", 32, 512),
+    ("sorted atlas", "chunk", 8, 2048),
+    ("sorted atlas", "chunk", 1, 16384),
+    ("sorted atlas", "balanced", 1, 16384),
+    ("collection", "chunk", 256, 64),
+    ("collection", "chunk", 32, 512),
 ]
 BATCH = 4096
 
@@ -37,21 +44,36 @@ warnings.simplefilter("ignore")
 import numpy as np, zarr
 import annbatch
 from annbatch.quality import mixing_score
+from annbatch.samplers import WeightedSampler
 args = json.loads(sys.argv[1])
-loader = annbatch.Loader(batch_size=args["batch"], chunk_size=args["chunk"], preload_nchunks=args["preload"],
-                         shuffle=True, to_torch=False, rng=np.random.default_rng(0))
 if args["collection"]:
-    loader.use_collection(annbatch.DatasetCollection(args["path"]))
+    adatas = [annbatch.load_x_and_obs(g) for g in annbatch.DatasetCollection(args["path"]).datasets]
 else:
-    loader.add_anndata(annbatch.load_x_and_obs(zarr.open_group(args["path"], mode="r")))
-labels, rows, t0 = [], 0, time.perf_counter()
-for batch in loader:
-    labels.append(batch["obs"]["donor"].to_numpy())
-    rows += batch["X"].shape[0]
-    seconds = time.perf_counter() - t0  # up to the last batch used, as in bench.py
-    if rows >= args["max_rows"]:
-        break
-print(json.dumps({"rows_s": rows / seconds, "score": mixing_score(labels)}))
+    adatas = [annbatch.load_x_and_obs(zarr.open_group(args["path"], mode="r"))]
+donors = np.concatenate([a.obs["donor"].to_numpy() for a in adatas])
+if args["sampler"] == "balanced":
+    sampler = WeightedSampler.balanced(donors, replacement=False, batch_size=args["batch"],
+                                       window_size=args["chunk"] * args["preload"], rng=np.random.default_rng(0))
+else:
+    sampler = annbatch.ChunkSampler(args["chunk"], args["preload"], args["batch"], shuffle=True,
+                                    random_offset=args["sampler"] == "chunk+offset", rng=np.random.default_rng(0))
+loader = annbatch.Loader(batch_sampler=sampler, to_torch=False, return_index=True).add_anndatas(adatas)
+epochs, rates = [], []
+for epoch in range(2):
+    batch_of = np.full(len(donors), -1)
+    labels, rows, t0 = [], 0, time.perf_counter()
+    for number, batch in enumerate(loader):
+        labels.append(batch["obs"]["donor"].to_numpy())
+        batch_of[batch["index"]] = number
+        rows += batch["X"].shape[0]
+    rates.append(rows / (time.perf_counter() - t0))
+    epochs.append((batch_of, mixing_score(labels)))
+# Neighbouring rows (i, i + 1) that share a batch in the first epoch: how many share one again?
+(first, score), (second, _) = epochs
+together = first[:-1] == first[1:]
+again = together & (second[:-1] == second[1:])
+print(json.dumps({"rows_s": float(np.median(rates)), "score": score,
+                  "again": float(again.sum() / max(1, together.sum()))}))
 """
 
 
@@ -93,30 +115,31 @@ def make_data(folder: Path, donors: int, cells: int, n_var: int, nnz: int) -> tu
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", type=Path, default=Path("data/shuffle"))
-    p.add_argument("--donors", type=int, default=20)
-    p.add_argument("--cells-per-donor", type=int, default=5_000)
+    p.add_argument("--donors", type=int, default=100)
+    p.add_argument("--cells-per-donor", type=int, default=1_000)
     p.add_argument("--n-var", type=int, default=2_000)
     p.add_argument("--nnz", type=int, default=200)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--max-rows", type=int, default=10**9)
     a = p.parse_args()
     atlas, collection = make_data(a.dir, a.donors, a.cells_per_donor, a.n_var, a.nnz)
     print(f"{a.donors} donors x {a.cells_per_donor:,} cells, {a.n_var:,} genes, {a.nnz} nnz/row; batch {BATCH}; "
           f"median of {a.runs} runs\n")
-    print("| rows from | chunk / preload | rows/s | donor mixing score (1 = random) |")
-    print("|---|---|---|---|")
-    for source, chunk, preload in SETTINGS:
+    print("| rows from | sampler | chunk / preload | rows/s | donor mixing (1 = random) | batch-mates again |")
+    print("|---|---|---|---|---|---|")
+    for source, sampler, chunk, preload in SETTINGS:
         args = {"path": str(collection if source == "collection" else atlas), "collection": source == "collection",
-                "batch": BATCH, "chunk": chunk, "preload": preload, "max_rows": a.max_rows}
+                "sampler": sampler, "batch": BATCH, "chunk": chunk, "preload": preload}
         runs = []
         for _ in range(a.runs):
             out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True,
-                                 check=True)
+                                 check=False)
+            if out.returncode:
+                raise RuntimeError(out.stderr[-3000:])
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         speed = statistics.median(r["rows_s"] for r in runs)
         score = statistics.median(r["score"] for r in runs)
-        print(f"| {source} | {chunk} / {preload} | {speed:,.0f} | {score:.2f} |", flush=True)
-
+        again = statistics.median(r["again"] for r in runs)
+        print(f"| {source} | {sampler} | {chunk} / {preload} | {speed:,.0f} | {score:.2f} | {again:.2f} |", flush=True)
 
 if __name__ == "__main__":
     main()
