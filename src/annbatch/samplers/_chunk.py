@@ -3,37 +3,20 @@
 from __future__ import annotations
 
 import math
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from annbatch.abc import LoadRequest, Sampler
+from annbatch.abc import LoadRequest
 from annbatch.errors import InvalidArgumentError
+from annbatch.samplers._args import parse_bool, parse_mask, parse_positive_int
+from annbatch.samplers._epochs import EpochSampler
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
 
-def parse_positive_int(value: object, name: str) -> int:
-    """Return ``value`` as an int, or raise naming ``name`` if it is not a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
-        msg = f"{name} must be a positive integer, got {value!r}"
-        raise InvalidArgumentError(msg)
-    return int(value)
-
-
-def parse_rng(rng: object) -> np.random.Generator:
-    """Return ``rng``, or a fresh generator when it is None."""
-    if rng is None:
-        return np.random.default_rng()
-    if not isinstance(rng, np.random.Generator):
-        msg = f"rng must be a numpy.random.Generator or None, got {type(rng).__name__}"
-        raise InvalidArgumentError(msg)
-    return rng
-
-
-class ChunkSampler(Sampler):
+class ChunkSampler(EpochSampler):
     """Read ``chunk_size`` contiguous rows at a time, ``preload_nchunks`` chunks per window.
 
     The row space is cut into chunks of ``chunk_size`` consecutive rows. Each load request
@@ -113,15 +96,11 @@ class ChunkSampler(Sampler):
         # Every window but the last holds a whole number of batches, so no batch is short
         # mid-epoch; the chunk at a window's edge is split between two windows.
         self._window_rows = window - window % self._batch_size
-        self._shuffle = _parse_bool(shuffle, "shuffle")
-        self._drop_last = _parse_bool(drop_last, "drop_last")
-        self._random_offset = _parse_bool(random_offset, "random_offset")
-        self._seeded = rng is not None
-        self._seed = int(parse_rng(rng).integers(2**63))
-        self._epoch = 0
-        self._explicit_epochs = False
-        self._mask = _parse_mask(mask)
-        self._rank, self._world_size = _parse_ranks(rank, world_size)
+        self._shuffle = parse_bool(shuffle, "shuffle")
+        self._drop_last = parse_bool(drop_last, "drop_last")
+        self._random_offset = parse_bool(random_offset, "random_offset")
+        self._mask = parse_mask(mask)
+        super().__init__(rng, rank, world_size)
 
     def __repr__(self) -> str:
         extra = ""
@@ -161,63 +140,6 @@ class ChunkSampler(Sampler):
         """Whether a short last batch is dropped."""
         return self._drop_last
 
-    @property
-    def epoch(self) -> int:
-        """The epoch the next call of :meth:`sample` draws."""
-        return self._epoch
-
-    def ranks(self) -> tuple[int, int]:
-        """``(rank, world_size)`` this sampler reads for (see the class docstring)."""
-        if self._world_size is not None:
-            return self._rank, self._world_size
-        return _distributed_ranks()
-
-    # ------------------------------------------------------------------------- epochs, state
-    def set_epoch(self, epoch: int) -> None:
-        """Draw epoch ``epoch`` next (as ``torch.utils.data.DistributedSampler.set_epoch``).
-
-        Without calls to it, each :meth:`sample` draws the epoch after the previous one.
-        Once it is called, the order no longer depends on DataLoader worker seeds: ranks and
-        resumed runs see the same order for the same epoch.
-        """
-        if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
-            msg = f"epoch must be a non-negative integer, got {epoch!r}"
-            raise InvalidArgumentError(msg)
-        self._epoch = int(epoch)
-        self._explicit_epochs = True
-
-    def state_dict(self) -> dict[str, Any]:
-        """The seed and the next epoch: enough to draw the same epochs again."""
-        return {"seed": self._seed, "epoch": self._epoch, "explicit_epochs": self._explicit_epochs}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        try:
-            seed, epoch = int(state["seed"]), int(state["epoch"])
-            explicit = bool(state.get("explicit_epochs", False))
-        except (KeyError, TypeError, ValueError) as e:
-            msg = f"not a ChunkSampler state: {state!r} (expected the dict of state_dict())"
-            raise InvalidArgumentError(msg) from e
-        self._seed, self._epoch, self._explicit_epochs = seed, epoch, explicit
-
-    def reseed(self, seed: int) -> None:
-        """Mix a DataLoader epoch seed into the sampler's seed (see :meth:`Sampler.reseed`).
-
-        Ignored once :meth:`set_epoch` was called or with several ranks: the order must then
-        depend on the epoch alone, which every rank and every resumed run knows.
-        """
-        if self._explicit_epochs or self.ranks()[1] > 1:
-            return
-        self._seed = int(np.random.default_rng([seed, self._seed]).integers(2**63))
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Pickled for DataLoader workers, in the main process: read the ranks here, where the
-        # process group lives (workers have none).
-        state = self.__dict__.copy()
-        if self._world_size is None:
-            state["_rank"], state["_world_size"] = _distributed_ranks()
-        return state
-
     # ------------------------------------------------------------------------------- drawing
     def validate(self, n_obs: int) -> None:
         """Check the mask against ``n_obs`` and the ranks' seed."""
@@ -227,12 +149,7 @@ class ChunkSampler(Sampler):
         if isinstance(self._mask, slice) and (self._mask.stop or 0) > n_obs:
             msg = f"mask {self._mask!r} reaches past the Loader's {n_obs} rows"
             raise InvalidArgumentError(msg)
-        if self.ranks()[1] > 1 and self._shuffle and not self._seeded:
-            msg = (
-                "a shuffling ChunkSampler split among ranks needs the same seed on every rank: "
-                "pass rng=np.random.default_rng(seed) with one seed for all ranks"
-            )
-            raise InvalidArgumentError(msg)
+        self._check_ranks_seeded(needed=self._shuffle)
 
     def n_batches(self, n_obs: int) -> int:
         """Number of batches per epoch (of this rank) over ``n_obs`` rows."""
@@ -246,8 +163,7 @@ class ChunkSampler(Sampler):
         return int(np.sum(runs[:, 1] - runs[:, 0])) if runs.size else 0
 
     def _rank_rows(self, n_allowed: int) -> int:
-        world = self.ranks()[1]
-        return n_allowed // world if self._drop_last else -(-n_allowed // world)
+        return self._share(n_allowed, drop=self._drop_last)
 
     def _runs(self, n_obs: int) -> np.ndarray:
         """The allowed rows as ``(start, stop)`` runs."""
@@ -274,12 +190,9 @@ class ChunkSampler(Sampler):
         return chunks
 
     def _sample(self, n_obs: int) -> Iterator[LoadRequest]:
-        epoch = self._epoch
-        self._epoch += 1
-        rank = self.ranks()[0]
         # Shared by all ranks: chunk order and offset. Per rank: row order within windows.
-        shared = np.random.default_rng([self._seed, epoch])
-        own = np.random.default_rng([self._seed, epoch, rank + 1])
+        shared, own = self._next_epoch()
+        rank = self.ranks()[0]
         chunks = self._chunks(self._runs(n_obs), shared)
         lengths = chunks[:, 1] - chunks[:, 0]
         n_allowed = int(lengths.sum())
@@ -335,55 +248,3 @@ def _take_rows(chunks: np.ndarray, lengths: np.ndarray, first: int, count: int) 
         parts.append(part)
         first, count = first + take, count - take
     return np.concatenate(parts) if parts else chunks[:0]
-
-
-def _distributed_ranks() -> tuple[int, int]:
-    """``(rank, world_size)`` of an initialized torch.distributed process group, else (0, 1)."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return 0, 1
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank()), int(dist.get_world_size())
-    return 0, 1
-
-
-def _parse_ranks(rank: object, world_size: object) -> tuple[int, int | None]:
-    if rank is None and world_size is None:
-        return 0, None
-    if rank is None or world_size is None:
-        msg = f"give rank and world_size together (got rank={rank!r}, world_size={world_size!r})"
-        raise InvalidArgumentError(msg)
-    size = parse_positive_int(world_size, "world_size")
-    if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or not 0 <= rank < size:
-        msg = f"rank must be an integer in 0..{size - 1} (world_size={size}), got {rank!r}"
-        raise InvalidArgumentError(msg)
-    return int(rank), size
-
-
-def _parse_mask(mask: object) -> slice | np.ndarray | None:
-    if mask is None:
-        return None
-    if isinstance(mask, slice):
-        if (
-            mask.step not in (None, 1)
-            or (mask.start or 0) < 0
-            or (mask.stop is not None and mask.stop < 0)
-        ):
-            msg = f"a mask slice must have non-negative bounds and step 1, got {mask!r}"
-            raise InvalidArgumentError(msg)
-        return mask
-    array = np.asarray(mask)
-    if array.dtype != np.bool_ or array.ndim != 1:
-        msg = (
-            f"mask must be a slice or a 1-D boolean array, got {array.dtype} of shape {array.shape}"
-        )
-        raise InvalidArgumentError(msg)
-    return array
-
-
-def _parse_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool | np.bool_):
-        msg = f"{name} must be a bool, got {value!r}"
-        raise InvalidArgumentError(msg)
-    return bool(value)

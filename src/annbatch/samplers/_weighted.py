@@ -7,16 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from annbatch.abc import LoadRequest, Sampler
+from annbatch.abc import LoadRequest
 from annbatch.errors import InvalidArgumentError
-from annbatch.samplers._chunk import (
-    _distributed_ranks,
-    _parse_bool,
-    _parse_mask,
-    _parse_ranks,
-    parse_positive_int,
-    parse_rng,
-)
+from annbatch.samplers._args import parse_bool, parse_mask, parse_positive_int
+from annbatch.samplers._epochs import EpochSampler
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
@@ -24,7 +18,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-class WeightedSampler(Sampler):
+class WeightedSampler(EpochSampler):
     """Draw ``num_samples`` rows per epoch, row ``i`` with probability proportional to
     ``weights[i]``; :meth:`balanced` builds the weights from a label column (an obs column).
 
@@ -86,7 +80,7 @@ class WeightedSampler(Sampler):
         if w.ndim != 1 or not np.all(np.isfinite(w)) or np.any(w < 0):
             msg = "weights must be a 1-D array of finite, non-negative numbers (one per row)"
             raise InvalidArgumentError(msg)
-        mask = _parse_mask(mask)
+        mask = parse_mask(mask)
         if isinstance(mask, np.ndarray):
             if mask.size != w.size:
                 msg = f"mask has {mask.size} entries; weights have {w.size}"
@@ -101,7 +95,7 @@ class WeightedSampler(Sampler):
             msg = "weights are all zero: no row could be drawn"
             raise InvalidArgumentError(msg)
         self._p = w / w.sum()
-        self._replacement = _parse_bool(replacement, "replacement")
+        self._replacement = parse_bool(replacement, "replacement")
         self._num_samples = (
             positive if num_samples is None else parse_positive_int(num_samples, "num_samples")
         )
@@ -117,12 +111,8 @@ class WeightedSampler(Sampler):
             msg = f"batch_size ({self._batch_size}) is larger than window_size ({window})"
             raise InvalidArgumentError(msg)
         self._window = window - window % self._batch_size
-        self._drop_last = _parse_bool(drop_last, "drop_last")
-        self._seeded = rng is not None
-        self._seed = int(parse_rng(rng).integers(2**63))
-        self._epoch = 0
-        self._explicit_epochs = False
-        self._rank, self._world_size = _parse_ranks(rank, world_size)
+        self._drop_last = parse_bool(drop_last, "drop_last")
+        super().__init__(rng, rank, world_size)
 
     @classmethod
     def balanced(
@@ -182,15 +172,8 @@ class WeightedSampler(Sampler):
         """Rows drawn per epoch (all ranks together)."""
         return self._num_samples
 
-    def ranks(self) -> tuple[int, int]:
-        """``(rank, world_size)`` this sampler draws for."""
-        if self._world_size is not None:
-            return self._rank, self._world_size
-        return _distributed_ranks()
-
     def _rank_rows(self) -> int:
-        world = self.ranks()[1]
-        return self._num_samples // world if self._drop_last else -(-self._num_samples // world)
+        return self._share(self._num_samples, drop=self._drop_last)
 
     def n_batches(self, n_obs: int) -> int:
         """Batches per epoch (of this rank)."""
@@ -202,49 +185,12 @@ class WeightedSampler(Sampler):
         if self._p.size != n_obs:
             msg = f"WeightedSampler has {self._p.size} weights; the Loader has {n_obs} rows"
             raise InvalidArgumentError(msg)
-        if self.ranks()[1] > 1 and not self._seeded:
-            msg = "a WeightedSampler split among ranks needs rng=np.random.default_rng(seed), one seed for all ranks"
-            raise InvalidArgumentError(msg)
-
-    # ------------------------------------------------------------------ epochs and state
-    def set_epoch(self, epoch: int) -> None:
-        """Draw epoch ``epoch`` next (see :meth:`ChunkSampler.set_epoch`)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
-            msg = f"epoch must be a non-negative integer, got {epoch!r}"
-            raise InvalidArgumentError(msg)
-        self._epoch, self._explicit_epochs = int(epoch), True
-
-    def state_dict(self) -> dict[str, Any]:
-        """The seed and the next epoch."""
-        return {"seed": self._seed, "epoch": self._epoch, "explicit_epochs": self._explicit_epochs}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        try:
-            self._seed, self._epoch = int(state["seed"]), int(state["epoch"])
-            self._explicit_epochs = bool(state.get("explicit_epochs", False))
-        except (KeyError, TypeError, ValueError) as e:
-            msg = f"not a WeightedSampler state: {state!r}"
-            raise InvalidArgumentError(msg) from e
-
-    def reseed(self, seed: int) -> None:
-        """Mix in a DataLoader epoch seed, unless epochs are explicit or ranks share the draw."""
-        if self._explicit_epochs or self.ranks()[1] > 1:
-            return
-        self._seed = int(np.random.default_rng([seed, self._seed]).integers(2**63))
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if self._world_size is None:  # read the ranks in the main process, see ChunkSampler
-            state["_rank"], state["_world_size"] = _distributed_ranks()
-        return state
+        self._check_ranks_seeded(needed=True)
 
     # ----------------------------------------------------------------------------- drawing
     def _sample(self, n_obs: int) -> Iterator[LoadRequest]:
-        epoch = self._epoch
-        self._epoch += 1
+        rng, _ = self._next_epoch()  # the draw is shared by all ranks; each takes its part
         rank = self.ranks()[0]
-        rng = np.random.default_rng([self._seed, epoch])
         drawn = rng.choice(n_obs, size=self._num_samples, replace=self._replacement, p=self._p)
         if not self._replacement:
             drawn = drawn[rng.permutation(drawn.size)]  # choice's order favours heavy rows

@@ -1,0 +1,53 @@
+"""Checks of sampler arguments, shared by the samplers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from annbatch.errors import InvalidArgumentError
+
+
+def parse_positive_int(value: object, name: str) -> int:
+    """Return ``value`` as an int, or raise naming ``name`` if it is not a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+        msg = f"{name} must be a positive integer, got {value!r}"
+        raise InvalidArgumentError(msg)
+    return int(value)
+
+
+def parse_rng(rng: object) -> np.random.Generator:
+    """Return ``rng``, or a fresh generator when it is None."""
+    if rng is None:
+        return np.random.default_rng()
+    if not isinstance(rng, np.random.Generator):
+        msg = f"rng must be a numpy.random.Generator or None, got {type(rng).__name__}"
+        raise InvalidArgumentError(msg)
+    return rng
+
+
+def parse_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        msg = f"{name} must be a bool, got {value!r}"
+        raise InvalidArgumentError(msg)
+    return bool(value)
+
+
+def parse_mask(mask: object) -> slice | np.ndarray | None:
+    if mask is None:
+        return None
+    if isinstance(mask, slice):
+        if (
+            mask.step not in (None, 1)
+            or (mask.start or 0) < 0
+            or (mask.stop is not None and mask.stop < 0)
+        ):
+            msg = f"a mask slice must have non-negative bounds and step 1, got {mask!r}"
+            raise InvalidArgumentError(msg)
+        return mask
+    array = np.asarray(mask)
+    if array.dtype != np.bool_ or array.ndim != 1:
+        msg = (
+            f"mask must be a slice or a 1-D boolean array, got {array.dtype} of shape {array.shape}"
+        )
+        raise InvalidArgumentError(msg)
+    return array

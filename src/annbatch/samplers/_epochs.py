@@ -1,0 +1,142 @@
+"""What every annbatch sampler shares: a seed, numbered epochs, ranks, and resumable state."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from annbatch.abc import Sampler
+from annbatch.errors import InvalidArgumentError
+from annbatch.samplers._args import parse_positive_int, parse_rng
+
+
+class EpochSampler(Sampler):
+    """A sampler whose epoch ``e`` is a pure function of its seed, ``e`` and its rank.
+
+    The seed is one number drawn from the ``rng`` the user gives. Ranks come from the
+    arguments or from an initialized ``torch.distributed`` process group. Subclasses call
+    :meth:`_next_epoch` at the start of each epoch and draw from the generators it gives.
+
+    Parameters
+    ----------
+    rng
+        Where the seed comes from; ``numpy.random.default_rng()`` when None.
+    rank, world_size
+        This process's rank among ``world_size``, or None (both) to ask torch.distributed.
+    """
+
+    def __init__(
+        self, rng: np.random.Generator | None, rank: int | None, world_size: int | None
+    ) -> None:
+        self._seeded = rng is not None
+        self._seed = int(parse_rng(rng).integers(2**63))
+        self._epoch = 0
+        self._explicit_epochs = False
+        self._rank, self._world_size = _parse_ranks(rank, world_size)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next call of :meth:`sample` draws."""
+        return self._epoch
+
+    def ranks(self) -> tuple[int, int]:
+        """``(rank, world_size)``: as given, else from torch.distributed, else ``(0, 1)``."""
+        if self._world_size is not None:
+            return self._rank, self._world_size
+        return distributed_ranks()
+
+    def _share(self, n_rows: int, *, drop: bool) -> int:
+        """Rows per rank when ``n_rows`` are split evenly: rounded down (the rest left out)
+        with ``drop``, else up (the shortfall repeated from the start)."""
+        world = self.ranks()[1]
+        return n_rows // world if drop else -(-n_rows // world)
+
+    def _next_epoch(self) -> tuple[np.random.Generator, np.random.Generator]:
+        """Start the next epoch: a generator shared by all ranks, and one for this rank."""
+        epoch = self._epoch
+        self._epoch += 1
+        rank = self.ranks()[0]
+        return (
+            np.random.default_rng([self._seed, epoch]),
+            np.random.default_rng([self._seed, epoch, rank + 1]),
+        )
+
+    def _check_ranks_seeded(self, *, needed: bool) -> None:
+        if needed and self.ranks()[1] > 1 and not self._seeded:
+            msg = (
+                f"a {type(self).__name__} split among ranks needs the same seed on every rank: "
+                "pass rng=np.random.default_rng(seed) with one seed for all ranks"
+            )
+            raise InvalidArgumentError(msg)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw epoch ``epoch`` next (as ``torch.utils.data.DistributedSampler.set_epoch``).
+
+        Without calls to it, each :meth:`sample` draws the epoch after the previous one.
+        Once it is called, the order no longer depends on DataLoader worker seeds: ranks and
+        resumed runs see the same order for the same epoch.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
+            msg = f"epoch must be a non-negative integer, got {epoch!r}"
+            raise InvalidArgumentError(msg)
+        self._epoch, self._explicit_epochs = int(epoch), True
+
+    def state_dict(self) -> dict[str, Any]:
+        """The seed and the next epoch: enough to draw the same epochs again."""
+        return {"seed": self._seed, "epoch": self._epoch, "explicit_epochs": self._explicit_epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        try:
+            seed, epoch = int(state["seed"]), int(state["epoch"])
+            explicit = bool(state.get("explicit_epochs", False))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            msg = (
+                f"not a {type(self).__name__} state: {state!r} (expected the dict of state_dict())"
+            )
+            raise InvalidArgumentError(msg) from e
+        self._seed, self._epoch, self._explicit_epochs = seed, epoch, explicit
+
+    def reseed(self, seed: int) -> None:
+        """Mix a DataLoader epoch seed into the sampler's seed (see :meth:`Sampler.reseed`).
+
+        Ignored once :meth:`set_epoch` was called or with several ranks: the order must then
+        depend on the epoch alone, which every rank and every resumed run knows.
+        """
+        if self._explicit_epochs or self.ranks()[1] > 1:
+            return
+        self._seed = int(np.random.default_rng([seed, self._seed]).integers(2**63))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled for DataLoader workers, in the main process: read the ranks here, where the
+        # process group lives (workers have none).
+        state = self.__dict__.copy()
+        if self._world_size is None:
+            state["_rank"], state["_world_size"] = distributed_ranks()
+        return state
+
+
+def distributed_ranks() -> tuple[int, int]:
+    """``(rank, world_size)`` of an initialized torch.distributed process group, else (0, 1)."""
+    torch = sys.modules.get("torch")  # not imported: no process group either
+    if torch is None:
+        return 0, 1
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()), int(dist.get_world_size())
+    return 0, 1
+
+
+def _parse_ranks(rank: object, world_size: object) -> tuple[int, int | None]:
+    if rank is None and world_size is None:
+        return 0, None
+    if rank is None or world_size is None:
+        msg = f"give rank and world_size together (got rank={rank!r}, world_size={world_size!r})"
+        raise InvalidArgumentError(msg)
+    size = parse_positive_int(world_size, "world_size")
+    if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or not 0 <= rank < size:
+        msg = f"rank must be an integer in 0..{size - 1} (world_size={size}), got {rank!r}"
+        raise InvalidArgumentError(msg)
+    return int(rank), size
