@@ -44,7 +44,7 @@ def default_splits(n_rows: int, batch_size: int) -> list[np.ndarray]:
     return [np.arange(i, min(i + batch_size, n_rows)) for i in range(0, n_rows, batch_size)]
 
 
-def _as_slice(positions: np.ndarray) -> slice | None:
+def as_slice(positions: np.ndarray) -> slice | None:
     """The equivalent slice if ``positions`` is a run of consecutive integers, else None."""
     n = positions.size
     if n == 0:
@@ -57,9 +57,9 @@ def _as_slice(positions: np.ndarray) -> slice | None:
 
 def take_rows(block: Block, positions: np.ndarray) -> Block:
     """Rows ``positions`` of ``block``, by slicing where they are consecutive."""
-    as_slice = _as_slice(positions)
-    if as_slice is not None:
-        return block[as_slice]
+    consecutive = as_slice(positions)
+    if consecutive is not None:
+        return block[consecutive]
     return block[positions]
 
 

@@ -6,9 +6,9 @@ import warnings
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import scipy.sparse as sp
 
 from annbatch._compat import import_optional
+from annbatch._core.types import canonical_csr
 
 if TYPE_CHECKING:
     from annbatch._core.types import Block
@@ -21,7 +21,7 @@ def to_torch(block: Block) -> Any:
     torch = import_optional("torch", purpose="to_torch=True", extra="torch")
     if isinstance(block, np.ndarray):
         return torch.from_numpy(block)
-    block = _canonical_csr(block)
+    block = canonical_csr(block)
     indptr, indices = block.indptr, block.indices
     if indptr.dtype != indices.dtype:
         # torch needs one index dtype for both; widening copies only the index arrays.
@@ -37,20 +37,6 @@ def to_torch(block: Block) -> Any:
             # scipy already guarantees a valid CSR layout; checking again would cost O(nnz).
             check_invariants=False,
         )
-
-
-def _canonical_csr(block: sp.csr_matrix) -> sp.csr_matrix:
-    # Slices of a CSR matrix can carry views with an offset indptr; torch wants indptr[0] == 0.
-    if block.indptr.size and block.indptr[0] != 0:
-        block = sp.csr_matrix(
-            (
-                block.data[block.indptr[0] : block.indptr[-1]],
-                block.indices[block.indptr[0] : block.indptr[-1]],
-                block.indptr - block.indptr[0],
-            ),
-            shape=block.shape,
-        )
-    return block
 
 
 def convert(block: Block, kind: OutputKind) -> Any:

@@ -4,10 +4,10 @@ and every batch is cut from it there with CuPy.
 Flow of one window:
 
 1. The reader fills the window's host buffers (decoding releases the GIL, as on the CPU path).
-2. :func:`to_device` copies them into page-locked (pinned) host memory and from there to the
-   GPU on a stream of its own, without blocking the thread that issues the copy; the read-ahead
-   thread waits for the copy to finish before it hands the window over, so the next window's
-   copy overlaps the current window's batches.
+2. :func:`to_device`, on the read-ahead thread, copies them into page-locked (pinned) host
+   memory and from there to the GPU on a CUDA stream of its own, and waits for the copy
+   before it hands the window over: the next window's copy overlaps the current window's
+   batches.
 3. The consumer cuts each batch from the device window when it asks for it
    (:func:`take_rows`): fancy indexing on the GPU, or a view when the rows are consecutive.
 4. When a window is used up, the consumer waits for the kernels that read it and returns the
@@ -21,8 +21,8 @@ Sparse data
     and float16 to float32, wider integers to float64 (exact up to 2**53). See
     :func:`device_sparse_dtype`. Dense arrays keep their dtype.
 
-CuPy is imported here only, and this module is imported only with ``preload_to_gpu=True``:
-``import annbatch`` and every CPU path work without CUDA or CuPy.
+CuPy is imported by the functions here when they first run, which only happens with
+``preload_to_gpu=True``: ``import annbatch`` and every CPU path work without CUDA or CuPy.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from annbatch._compat import import_optional
+from annbatch._core.assembler import as_slice
+from annbatch._core.types import canonical_csr
 from annbatch.errors import GPUUnavailableError, UnsupportedDatasetError
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ def to_device(blocks: Sequence[Block], copier: CopyStream) -> Any:
         return device
     import cupyx.scipy.sparse as cusp
 
-    csrs = [_canonical(b) for b in blocks]
+    csrs = [canonical_csr(b) for b in blocks]
     nnz = sum(b.nnz for b in csrs)
     if nnz >= 2**31:
         msg = (
@@ -211,28 +212,13 @@ def to_device(blocks: Sequence[Block], copier: CopyStream) -> Any:
     return matrix
 
 
-def _canonical(block: sp.csr_matrix) -> sp.csr_matrix:
-    """The same rows with indptr starting at 0 (row slices of scipy matrices may not)."""
-    if block.indptr.size and block.indptr[0] != 0:
-        lo, hi = int(block.indptr[0]), int(block.indptr[-1])
-        block = sp.csr_matrix(
-            (block.data[lo:hi], block.indices[lo:hi], block.indptr - lo), shape=block.shape
-        )
-    return block
-
-
 def take_rows(block: Any, positions: np.ndarray) -> Any:
-    """Rows ``positions`` of a device block: a view (dense) or slice when they are
+    """Rows ``positions`` of a device block: a slice (a view, for dense) when they are
     consecutive, otherwise a gather on the GPU."""
-    n = positions.size
-    if (
-        n
-        and int(positions[-1]) - int(positions[0]) == n - 1
-        and (n < 3 or bool(np.all(np.diff(positions) == 1)))
-    ):
-        return block[int(positions[0]) : int(positions[0]) + n]
-    cp = cupy()
-    return block[cp.asarray(positions)]
+    consecutive = as_slice(positions)
+    if consecutive is not None:
+        return block[consecutive]
+    return block[cupy().asarray(positions)]
 
 
 def to_torch(block: Any) -> Any:

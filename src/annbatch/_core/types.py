@@ -32,6 +32,21 @@ def csr_from_arrays(
     return matrix
 
 
+def canonical_csr(block: sp.csr_matrix) -> sp.csr_matrix:
+    """The same rows with ``indptr[0] == 0``: row slices of a CSR matrix can carry an offset
+    indptr, which torch and CuPy do not take."""
+    if block.indptr.size and block.indptr[0] != 0:
+        block = sp.csr_matrix(
+            (
+                block.data[block.indptr[0] : block.indptr[-1]],
+                block.indices[block.indptr[0] : block.indptr[-1]],
+                block.indptr - block.indptr[0],
+            ),
+            shape=block.shape,
+        )
+    return block
+
+
 @dataclass(frozen=True, slots=True)
 class ReadJob:
     """The work of reading some row ranges of one dataset, split into independent tasks.
