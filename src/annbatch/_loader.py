@@ -25,7 +25,7 @@ from annbatch._core.datasets import DenseSource, as_row_source
 from annbatch._core.planner import dataset_offsets, plan_placement, plan_reads
 from annbatch._core.prefetch import Prefetcher
 from annbatch._core.reader import TASKS_PER_THREAD, ReadCancelled, read_placed, read_plan
-from annbatch._core.workers import current_shard, remaining_requests
+from annbatch._core.workers import batches_of, current_shard, remaining_requests
 from annbatch.abc import Sampler
 from annbatch.errors import (
     FeatureNotAvailableError,
@@ -522,12 +522,16 @@ class Loader(_IterableBase):
         if self._preload_to_gpu:
             copier = gpu.CopyStream(executor, threads)  # made in the thread that uses it
         try:
-            requests = sampler.sample(int(offsets[-1]))
-            mine: Iterable[LoadRequest] = (
-                remaining_requests(requests, skip, shard, sampler.batch_size)
-                if skip
-                else (r for number, r in enumerate(requests) if shard.owns(number))
-            )
+            n_obs = int(offsets[-1])
+            mine: Iterable[LoadRequest]
+            if skip:  # resuming: count the epoch's batches first, then draw it again
+                state = sampler.state_dict()
+                counts = [batches_of(r, sampler.batch_size) for r in sampler.sample(n_obs)]
+                sampler.load_state_dict(state)
+                requests = sampler.sample(n_obs)
+                mine = remaining_requests(requests, counts, skip, shard, sampler.batch_size)
+            else:
+                mine = (r for i, r in enumerate(sampler.sample(n_obs)) if shard.owns(i))
             for request in mine:
                 yield self._read_window(request, offsets, strategy, executor, threads, stop, copier)
         except ReadCancelled:

@@ -75,34 +75,42 @@ def delivered_per_worker(totals: list[int], delivered: int) -> tuple[list[int], 
     return taken, (last + 1) % len(totals)
 
 
+def batches_of(request: LoadRequest, batch_size: int) -> int:
+    """Number of batches a load request yields."""
+    if request.splits is not None:
+        return len(request.splits)
+    return math.ceil(request.n_rows / batch_size)
+
+
 def remaining_requests(
-    requests: Iterable[LoadRequest], delivered: int, shard: WorkerShard, batch_size: int
+    requests: Iterable[LoadRequest],
+    counts: list[int],
+    delivered: int,
+    shard: WorkerShard,
+    batch_size: int,
 ) -> Iterator[LoadRequest]:
     """This worker's load requests of an epoch of which ``delivered`` batches (all workers
     together) were consumed, without those batches.
 
-    The new DataLoader's turns start at worker 0, so the workers swap roles: worker ``i``
-    takes the requests of the worker whose turn was ``i``-th next. The remaining batches
-    then come in the order the interrupted DataLoader would have yielded them. Requests whose
-    batches were all consumed are left out (never read); a partly consumed one keeps only its
-    remaining batches.
+    ``counts`` are the numbers of batches of the epoch's requests (from a first pass over
+    them). The new DataLoader's turns start at worker 0, so the workers swap roles: worker
+    ``i`` takes the requests of the worker whose turn was ``i``-th next, and the remaining
+    batches come in the order the interrupted DataLoader would have yielded them. Requests
+    whose batches were all consumed are left out (never read); a partly consumed one keeps
+    only its remaining batches.
     """
     from annbatch.abc import LoadRequest
 
-    requests = list(requests)
-    counts = [
-        len(r.splits) if r.splits is not None else math.ceil(r.n_rows / batch_size)
-        for r in requests
-    ]
     totals = [0] * shard.count
     for number, count in enumerate(counts):
         totals[number % shard.count] += count
     taken, next_turn = delivered_per_worker(totals, delivered)
     role = (shard.id + next_turn) % shard.count
     skip = taken[role]
-    for number, (request, count) in enumerate(zip(requests, counts, strict=True)):
+    for number, request in enumerate(requests):
         if number % shard.count != role:
             continue
+        count = batches_of(request, batch_size)
         if skip >= count:
             skip -= count
             continue
