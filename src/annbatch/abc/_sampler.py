@@ -101,9 +101,16 @@ class Sampler(ABC):
             msg = f"n_obs must be >= 0, got {n_obs}"
             raise InvalidArgumentError(msg)
         self.validate(n_obs)
+        if self._trusted:
+            yield from self._sample(n_obs)
+            return
         for i, request in enumerate(self._sample(n_obs)):
             _check_request(request, n_obs, position=i)
             yield request
+
+    _trusted = False
+    """annbatch's own samplers (their requests are property-tested) skip the per-request
+    checks, which cost a Python step per chunk; every other sampler is checked."""
 
 
 def _check_request(request: LoadRequest, n_obs: int, *, position: int) -> None:

@@ -27,6 +27,8 @@ class EpochSampler(Sampler):
         This process's rank among ``world_size``, or None (both) to ask torch.distributed.
     """
 
+    _trusted = True
+
     def __init__(
         self, rng: np.random.Generator | None, rank: int | None, world_size: int | None
     ) -> None:

@@ -204,10 +204,7 @@ class WeightedSampler(EpochSampler):
             breaks = np.flatnonzero(np.diff(unique) != 1) + 1
             starts = np.concatenate([[0], breaks])
             stops = np.concatenate([breaks, [unique.size]])
-            chunks = [
-                slice(int(unique[a]), int(unique[b - 1]) + 1)
-                for a, b in zip(starts, stops, strict=True)
-            ]
+            chunks = list(map(slice, unique[starts].tolist(), (unique[stops - 1] + 1).tolist()))
             positions = np.searchsorted(unique, rows)
             splits = [
                 positions[i : i + self._batch_size] for i in range(0, rows.size, self._batch_size)
