@@ -193,14 +193,26 @@ def decoded_fraction(path: Path, chunk: int, preload: int) -> float:
     return n_obs / decoded
 
 
-def run_child(python: str, args: dict) -> dict:
+def run_child(python: str, args: dict, *, child: str = CHILD, pythonpath: str | None = None) -> dict:
+    """Run ``child`` with ``args`` (as JSON) in a fresh ``python``; return the JSON it printed last.
+
+    ``pythonpath`` replaces PYTHONPATH; without it, another interpreter gets none, so that it
+    never imports our annbatch.
+    """
     env = dict(os.environ)
-    if python != sys.executable:  # another interpreter must not import our annbatch
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    elif python != sys.executable:
         env.pop("PYTHONPATH", None)
-    out = subprocess.run([python, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, check=False, env=env)
+    out = subprocess.run([python, "-c", child, json.dumps(args)], capture_output=True, text=True, check=False, env=env)
     if out.returncode:
         raise RuntimeError(f"{python} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def size_mb(path: Path) -> float:
+    """Size on disk of every file under ``path``, in MiB."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import BATCH, run_child  # noqa: E402
-from build_memory import write_inputs  # noqa: E402
+from bench import BATCH, run_child, size_mb
+from build_memory import write_inputs
 
 BUILD = r"""
 import sys, warnings
@@ -40,10 +40,6 @@ def build(python: str, out: Path, inputs: list[Path]) -> float:
     t0 = time.perf_counter()
     subprocess.run([python, "-c", BUILD, str(out), *map(str, inputs)], check=True, capture_output=True, env=env)
     return time.perf_counter() - t0
-
-
-def size_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
 def main() -> None:

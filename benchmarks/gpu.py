@@ -23,15 +23,13 @@ Usage: python benchmarks/gpu.py [--n-obs 100000] [--runs 3] [--reference-path DI
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import make_stores
+from bench import make_stores, run_child
 
 SETTINGS = [("sparse", 256, 64), ("sparse", 32, 512), ("dense", 256, 64)]
 BATCH = 4096
@@ -81,14 +79,6 @@ print(json.dumps({"rows": rows, "seconds": dt, "first_s": first, "gpu_mb": (torc
 """
 
 
-def run_child(args: dict, pythonpath: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=pythonpath)
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, check=False, env=env)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-2500:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", type=Path, default=Path("data/bench"))
@@ -123,7 +113,7 @@ def main() -> None:
                 args = {"path": str(paths[store]), "batch": BATCH, "chunk": chunk, "preload": preload,
                         "gpu": where == "gpu", "zarrs": who == "ref", "device": a.device, "max_rows": a.max_rows}
                 try:
-                    results[mode].append(run_child(args, paths_of[who]))
+                    results[mode].append(run_child(sys.executable, args, child=CHILD, pythonpath=paths_of[who]))
                 except RuntimeError as e:
                     errors[mode] = str(e).strip().splitlines()[-1]
         for mode in modes:

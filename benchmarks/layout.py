@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import BATCH, make_stores, run_child  # noqa: E402
+from bench import BATCH, make_stores, run_child, size_mb
 
 # (name, codec, inner chunk: elements for sparse data/indices, rows for dense)
 SPARSE_LAYOUTS = [
@@ -60,10 +60,6 @@ def rewrite(source: Path, target: Path, codec: str, inner: int) -> None:
             x = g["X"][...]
             kwargs = {"chunks": (inner, x.shape[1]), "shards": (inner * max(1, 8192 // inner), x.shape[1]), "compressors": _codec(codec)}
         ad.io.write_elem(out, "X", x, dataset_kwargs=kwargs)
-
-
-def size_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
 def main() -> None:

@@ -16,14 +16,15 @@ Usage: python benchmarks/shuffle_quality.py [--donors 100] [--cells-per-donor 10
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import run_child
 
 SETTINGS = [  # (source, sampler, chunk_size, preload_nchunks)
     ("sorted atlas", "chunk", 256, 64),
@@ -133,11 +134,7 @@ def main() -> None:
                 "sampler": sampler, "batch": BATCH, "chunk": chunk, "preload": preload}
         runs = []
         for _ in range(a.runs):
-            out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True,
-                                 check=False)
-            if out.returncode:
-                raise RuntimeError(out.stderr[-3000:])
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs.append(run_child(sys.executable, args, child=CHILD))
         speed = statistics.median(r["rows_s"] for r in runs)
         score = statistics.median(r["score"] for r in runs)
         again = statistics.median(r["again"] for r in runs)
