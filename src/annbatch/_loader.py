@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
 
 import pandas as pd
 
+from annbatch._args import parse_int
 from annbatch._compat import torch_available
 from annbatch._core import gpu
 from annbatch._core.assembler import (
@@ -185,10 +186,13 @@ class Loader(_IterableBase):
             gpu.check_available()  # CuPy and a device, before any data is added or read
         self._preload_to_gpu = preload_to_gpu
         self._concat_strategy = parse_concat_strategy(concat_strategy)
-        if isinstance(read_ahead, bool) or not isinstance(read_ahead, int) or read_ahead < 0:
-            msg = f"read_ahead must be a non-negative integer (windows read in the background), got {read_ahead!r}"
-            raise InvalidArgumentError(msg)
-        self._read_ahead = read_ahead
+        self._read_ahead = parse_int(
+            read_ahead,
+            "read_ahead",
+            minimum=0,
+            numpy=False,
+            hint=" (windows read in the background)",
+        )
         if not isinstance(return_index, bool):
             msg = f"return_index must be a bool, got {return_index!r}"
             raise InvalidArgumentError(msg)
@@ -411,11 +415,8 @@ class Loader(_IterableBase):
             pass the count taken from the DataLoader (and call :meth:`set_epoch` before each
             epoch, so that the workers' order depends on the epoch alone).
         """
-        if batches_seen is not None and (
-            isinstance(batches_seen, bool) or not isinstance(batches_seen, int) or batches_seen < 0
-        ):
-            msg = f"batches_seen must be a non-negative integer, got {batches_seen!r}"
-            raise InvalidArgumentError(msg)
+        if batches_seen is not None:
+            batches_seen = parse_int(batches_seen, "batches_seen", minimum=0, numpy=False)
         if self._epoch_running and self._epoch_state is not None:
             sampler, done = self._epoch_state, self._batches_done
         else:
@@ -431,10 +432,7 @@ class Loader(_IterableBase):
         if not isinstance(state, dict) or not {"sampler", "batches_done"} <= state.keys():
             msg = f"expected the dict of Loader.state_dict(), got {state!r}"
             raise InvalidArgumentError(msg)
-        done = state["batches_done"]
-        if isinstance(done, bool) or not isinstance(done, int) or done < 0:
-            msg = f"state['batches_done'] must be a non-negative integer, got {done!r}"
-            raise InvalidArgumentError(msg)
+        done = parse_int(state["batches_done"], "state['batches_done']", minimum=0, numpy=False)
         self._sampler.load_state_dict(state["sampler"])
         self._resume_batches = done
 
@@ -467,7 +465,6 @@ class Loader(_IterableBase):
         )
         obs = self._all_obs()
         stop = threading.Event()  # set when the consumer stops: the reader abandons its window
-        windows: Iterator[_Window]
         to_output = gpu.convert if self._preload_to_gpu else convert
         try:
             self._epoch_state = self._sampler.state_dict()
@@ -475,7 +472,7 @@ class Loader(_IterableBase):
             self._epoch_state = None
         skip, self._resume_batches = self._resume_batches, 0
         self._batches_done, self._epoch_running = skip, True
-        windows = self._load_windows(strategy, stop, skip)
+        windows: Iterator[_Window] = self._load_windows(strategy, stop, skip)
         prefetcher = None
         if self._read_ahead:
             windows = prefetcher = Prefetcher(windows, self._read_ahead, stop=stop)

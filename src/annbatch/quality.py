@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from annbatch._args import parse_int
 from annbatch.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -63,9 +64,7 @@ def mixing_score(
     if not labels or sum(b.size for b in labels) == 0:
         msg = "batch_labels holds no rows; pass one array of labels per batch"
         raise InvalidArgumentError(msg)
-    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 1:
-        msg = f"n_random must be a positive integer, got {n_random!r}"
-        raise InvalidArgumentError(msg)
+    parse_int(n_random, "n_random", minimum=1, numpy=False)
     codes, uniques = pd.factorize(np.concatenate(labels))
     if (codes < 0).any():
         msg = "batch_labels contains missing values (NaN/None); fill or drop them first"

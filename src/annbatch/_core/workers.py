@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from annbatch.abc import LoadRequest
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
-
-    from annbatch.abc import LoadRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +99,6 @@ def remaining_requests(
     whose batches were all consumed are left out (never read); a partly consumed one keeps
     only its remaining batches.
     """
-    from annbatch.abc import LoadRequest
-
     totals = [0] * shard.count
     for number, count in enumerate(counts):
         totals[number % shard.count] += count

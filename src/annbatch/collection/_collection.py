@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from annbatch._args import parse_int
 from annbatch.collection._build import (
     assign_datasets,
     distribute,
@@ -233,9 +234,7 @@ class DatasetCollection:
         -------
         The collection, to chain ``Loader().use_collection(...)``.
         """
-        if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
-            msg = f"dataset_size must be a positive integer, got {dataset_size!r}"
-            raise InvalidArgumentError(msg)
+        parse_int(dataset_size, "dataset_size", minimum=1, numpy=False)
         budget = parse_bytes(memory_budget)
         genes = None if var_names is None else pd.Index(list(var_names), dtype=object)
         if genes is not None and (not genes.is_unique or len(genes) == 0):

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from annbatch._args import parse_bool, parse_mask, parse_positive_int
 from annbatch.abc import LoadRequest
 from annbatch.errors import InvalidArgumentError
-from annbatch.samplers._args import parse_bool, parse_mask, parse_positive_int
 from annbatch.samplers._epochs import EpochSampler
 
 if TYPE_CHECKING:
@@ -198,7 +198,7 @@ class ChunkSampler(EpochSampler):
         n_allowed = int(lengths.sum())
         n_rows = self._rank_rows(n_allowed)
         ranges = _take_rows(chunks, lengths, rank * n_rows, n_rows) if n_allowed else chunks
-        n_keep = self.n_batches(n_obs) * self._batch_size if self._drop_last else n_rows
+        n_keep = n_rows - n_rows % self._batch_size if self._drop_last else n_rows
         emitted = 0
         for window in self._windows(ranges):
             n_window = sum(c.stop - c.start for c in window)

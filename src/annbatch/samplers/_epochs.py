@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from annbatch._args import parse_int, parse_positive_int, parse_rng
 from annbatch.abc import Sampler
 from annbatch.errors import InvalidArgumentError
-from annbatch.samplers._args import parse_positive_int, parse_rng
 
 
 class EpochSampler(Sampler):
@@ -80,10 +80,7 @@ class EpochSampler(Sampler):
         Once it is called, the order no longer depends on DataLoader worker seeds: ranks and
         resumed runs see the same order for the same epoch.
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
-            msg = f"epoch must be a non-negative integer, got {epoch!r}"
-            raise InvalidArgumentError(msg)
-        self._epoch, self._explicit_epochs = int(epoch), True
+        self._epoch, self._explicit_epochs = parse_int(epoch, "epoch", minimum=0), True
 
     def state_dict(self) -> dict[str, Any]:
         """The seed and the next epoch: enough to draw the same epochs again."""

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from annbatch._args import parse_bool, parse_mask, parse_positive_int
 from annbatch.abc import LoadRequest
 from annbatch.errors import InvalidArgumentError
-from annbatch.samplers._args import parse_bool, parse_mask, parse_positive_int
 from annbatch.samplers._epochs import EpochSampler
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ class WeightedSampler(EpochSampler):
         n_rows = self._rank_rows()
         mine = drawn[(rank * n_rows + np.arange(n_rows)) % drawn.size]
         if self._drop_last:
-            mine = mine[: self.n_batches(n_obs) * self._batch_size]
+            mine = mine[: n_rows - n_rows % self._batch_size]
         for lo in range(0, mine.size, self._window):
             rows = mine[lo : lo + self._window]
             unique = np.unique(rows)  # sorted: read in disk order, each row once

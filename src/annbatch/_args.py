@@ -1,4 +1,4 @@
-"""Checks of sampler arguments, shared by the samplers."""
+"""Checks of user arguments shared across annbatch (Loader, samplers, collections, quality)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,21 @@ import numpy as np
 from annbatch.errors import InvalidArgumentError
 
 
-def parse_positive_int(value: object, name: str) -> int:
-    """Return ``value`` as an int, or raise naming ``name`` if it is not a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
-        msg = f"{name} must be a positive integer, got {value!r}"
+def parse_int(value: object, name: str, *, minimum: int, numpy: bool = True, hint: str = "") -> int:
+    """Return ``value`` as an int, or raise naming ``name`` if it is not an integer of at least
+    ``minimum`` (1: "positive", 0: "non-negative"); ``numpy`` also accepts numpy integers, and
+    ``hint`` says what the argument means."""
+    kinds = int | np.integer if numpy else int
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+        kind = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f">= {minimum}"
+        msg = f"{name} must be a {kind} integer{hint}, got {value!r}"
         raise InvalidArgumentError(msg)
     return int(value)
+
+
+def parse_positive_int(value: object, name: str) -> int:
+    """Return ``value`` (a Python or numpy integer >= 1) as an int, or raise naming ``name``."""
+    return parse_int(value, name, minimum=1)
 
 
 def parse_rng(rng: object) -> np.random.Generator:
