@@ -26,17 +26,24 @@ def to_torch(block: Block) -> Any:
     if indptr.dtype != indices.dtype:
         # torch needs one index dtype for both; widening copies only the index arrays.
         indptr, indices = indptr.astype(np.int64), indices.astype(np.int64)
+    return csr_tensor(
+        torch,
+        torch.from_numpy(indptr),
+        torch.from_numpy(indices),
+        torch.from_numpy(block.data),
+        block.shape,
+    )
+
+
+def csr_tensor(torch: Any, indptr: Any, indices: Any, data: Any, shape: tuple[int, ...]) -> Any:
+    """A torch sparse CSR tensor over the given tensors (CPU or CUDA), without copying.
+
+    The layout comes from a valid CSR matrix (scipy's or CuPy's); checking it again would cost
+    O(nnz). torch's once-per-process note that sparse CSR support is in beta is silenced.
+    """
     with warnings.catch_warnings():
-        # torch announces once per process that sparse CSR support is in beta.
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(indptr),
-            torch.from_numpy(indices),
-            torch.from_numpy(block.data),
-            size=block.shape,
-            # scipy already guarantees a valid CSR layout; checking again would cost O(nnz).
-            check_invariants=False,
-        )
+        return torch.sparse_csr_tensor(indptr, indices, data, size=shape, check_invariants=False)
 
 
 def convert(block: Block, kind: OutputKind) -> Any:

@@ -28,13 +28,13 @@ CuPy is imported by the functions here when they first run, which only happens w
 from __future__ import annotations
 
 import itertools
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from annbatch._compat import import_optional
 from annbatch._core.assembler import as_slice
+from annbatch._core.convert import OutputKind, csr_tensor
 from annbatch._core.types import canonical_csr
 from annbatch.errors import GPUUnavailableError, UnsupportedDatasetError
 
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from concurrent.futures import Executor
 
-    from annbatch._core.convert import OutputKind
     from annbatch._core.types import Block
 
 _SPARSE_DTYPES = frozenset(
@@ -228,15 +227,13 @@ def to_torch(block: Any) -> Any:
     )
     if not hasattr(block, "indptr"):
         return torch.from_dlpack(block)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(
-            torch.from_dlpack(block.indptr),
-            torch.from_dlpack(block.indices),
-            torch.from_dlpack(block.data),
-            size=block.shape,
-            check_invariants=False,
-        )
+    return csr_tensor(
+        torch,
+        torch.from_dlpack(block.indptr),
+        torch.from_dlpack(block.indices),
+        torch.from_dlpack(block.data),
+        block.shape,
+    )
 
 
 def convert(block: Any, kind: OutputKind) -> Any:
