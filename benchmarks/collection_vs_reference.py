@@ -4,8 +4,8 @@ Writes seeded sparse h5ad inputs (``build_memory.py``'s generator), builds one c
 annbatch and one with the reference (annbatch 0.3.1, its defaults, in its own interpreter),
 then times each loader on its own collection, alternating, fresh process per run.
 
-Usage: python benchmarks/collections.py --reference-python /path/to/venv/bin/python
-       [--files 4] [--rows-per-file 50000] [--runs 3]
+Usage: python benchmarks/collection_vs_reference.py --reference-python /path/to/venv/bin/python
+       [--files 4] [--rows-per-file 50000] [--runs 3] [--compression none,lz4]
 """
 
 from __future__ import annotations
@@ -26,19 +26,20 @@ BUILD = r"""
 import sys, warnings
 warnings.simplefilter("ignore")
 import numpy as np, annbatch
-out, inputs = sys.argv[1], sys.argv[2:]
-annbatch.DatasetCollection(out).add_adatas(inputs, rng=np.random.default_rng(0))
+out, options, inputs = sys.argv[1], eval(sys.argv[2]), sys.argv[3:]
+annbatch.DatasetCollection(out).add_adatas(inputs, rng=np.random.default_rng(0), **options)
 """
 
 
-def build(python: str, out: Path, inputs: list[Path]) -> float:
+def build(python: str, out: Path, inputs: list[Path], options: dict | None = None) -> float:
     if out.exists():
         return float("nan")
     env = dict(os.environ)
     if python != sys.executable:  # the reference must build with its own annbatch, not ours
         env.pop("PYTHONPATH", None)
     t0 = time.perf_counter()
-    subprocess.run([python, "-c", BUILD, str(out), *map(str, inputs)], check=True, capture_output=True, env=env)
+    command = [python, "-c", BUILD, str(out), repr(options or {}), *map(str, inputs)]
+    subprocess.run(command, check=True, capture_output=True, env=env)
     return time.perf_counter() - t0
 
 
@@ -52,15 +53,18 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--max-rows", type=int, default=10**9, help="stop each run after this many rows (default: whole epochs)")
     p.add_argument("--reference-python", required=True)
+    p.add_argument("--compression", default="none,lz4", help="our collections to build and read, by codec")
     a = p.parse_args()
     inputs = write_inputs(a.dir / "inputs", a.files, a.rows_per_file, a.n_var, a.nnz)
     tag = f"{a.files}x{a.rows_per_file}_{a.n_var}_{a.nnz}"
     loaders = {
-        "annbatch (ours) on its collection": (sys.executable, a.dir / f"ours_{tag}.zarr", False),
-        "reference 0.3.1 + zarrs on its collection": (a.reference_python, a.dir / f"reference_{tag}.zarr", True),
+        f"annbatch (ours) on its collection ({codec})": (sys.executable, a.dir / f"ours_{tag}_{codec}.zarr", False)
+        for codec in a.compression.split(",")
     }
+    loaders["reference 0.3.1 + zarrs on its collection"] = (a.reference_python, a.dir / f"reference_{tag}.zarr", True)
     for name, (python, out, _) in loaders.items():
-        seconds = build(python, out, inputs)
+        codec = name.rsplit("(", 1)[-1].rstrip(")")
+        seconds = build(python, out, inputs, {"compression": codec} if python == sys.executable else None)
         print(f"{name.split(' on ')[0]}: built {out} ({size_mb(out):,.0f} MB) in {seconds:.0f} s", flush=True)
     print(f"\n{a.files} inputs x {a.rows_per_file:,} rows, {a.n_var:,} genes, {a.nnz} nnz/row; batch {BATCH}, "
           f"shuffled, median of {a.runs} runs\n")

@@ -108,13 +108,18 @@ def _digest(paths: list[str]) -> str:
     return h.hexdigest()
 
 
+CODEC_NAMES = {"none": "none", "lz4": "blosc(lz4)", "zstd": "zstd"}
+
+
+@pytest.mark.parametrize("compression", sorted(CODEC_NAMES))
 @pytest.mark.parametrize("sparse", [True, False])
-def test_every_row_once_with_its_values_and_obs(tmp_path, sparse):
+def test_every_row_once_with_its_values_and_obs(tmp_path, sparse, compression):
     paths, adatas = _inputs(tmp_path, sparse=sparse)
     before = _digest(paths)
     collection = DatasetCollection(tmp_path / "out.zarr").add_adatas(
-        paths, dataset_size=50, progress=False, rng=1
+        paths, dataset_size=50, progress=False, rng=1, compression=compression
     )
+    assert {d["codec"] for d in collection.info()["datasets"]} == {CODEC_NAMES[compression]}
     assert _digest(paths) == before  # inputs are only read
     assert collection.is_complete
     assert len(collection) == 3  # 148 rows in datasets of at most 50
@@ -181,11 +186,11 @@ def test_memory_budget_bounds_dataset_size(tmp_path):
     assert max(sizes) * 400 * 8 * build_module._WORKING_COPIES <= 2**20
 
 
-@pytest.mark.parametrize("read_ahead", [0, 1])
-def test_loader_reads_each_row_once_per_epoch(tmp_path, read_ahead):
+@pytest.mark.parametrize(("read_ahead", "compression"), [(0, "none"), (1, "none"), (1, "lz4")])
+def test_loader_reads_each_row_once_per_epoch(tmp_path, read_ahead, compression):
     paths, adatas = _inputs(tmp_path)
     collection = DatasetCollection(tmp_path / "out.zarr").add_adatas(
-        paths, dataset_size=40, progress=False
+        paths, dataset_size=40, progress=False, compression=compression
     )
     loader = Loader(
         chunk_size=4,
@@ -316,6 +321,8 @@ def test_bad_inputs_fail_before_anything_is_written(tmp_path):
         DatasetCollection(out).add_adatas(paths, memory_budget="lots")
     with pytest.raises(InvalidArgumentError, match="dataset_size"):
         DatasetCollection(out).add_adatas(paths, dataset_size=0)
+    with pytest.raises(InvalidArgumentError, match="compression must be one of"):
+        DatasetCollection(out).add_adatas(paths, compression="gzip")
     assert not out.exists()
 
 
@@ -349,7 +356,8 @@ def test_anndata_objects_as_inputs(tmp_path):
     assert set(obs[SOURCE_COLUMN]) == {"AnnData 0", "AnnData 1", "AnnData 2"}
 
 
-def test_command_line_build_and_info(tmp_path, capsys):
+@pytest.mark.parametrize("compression", [None, "lz4", "zstd"])
+def test_command_line_build_and_info(tmp_path, capsys, compression):
     paths, _ = _inputs(tmp_path)
     genes = tmp_path / "genes.txt"
     genes.write_text("g1\ng2\ng3\n")
@@ -367,6 +375,7 @@ def test_command_line_build_and_info(tmp_path, capsys):
                 "--seed",
                 "4",
                 "--quiet",
+                *([] if compression is None else ["--compression", compression]),
             ]
         )
         == 0
@@ -375,7 +384,7 @@ def test_command_line_build_and_info(tmp_path, capsys):
     assert cli(["info", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "148 rows x 3 genes" in printed
-    assert "blosc(lz4)" in printed
+    assert CODEC_NAMES[compression or "none"] in printed
     assert cli(["info", str(tmp_path / "nothing.zarr")]) == 1
     assert "holds no collection" in capsys.readouterr().err
     help_text = subprocess.run(

@@ -27,6 +27,10 @@ LAYOUTS = {
     "v3-sharded-padded-columns": (3, 2, "zstd", (5,), 3, (6,), "float64"),
     "v2-blosc": (2, None, "blosc", (6,), 4, (6,), "float32"),
     "v2-none-1d": (2, None, None, (), 9, (), "int32"),
+    # Uncompressed chunks of whole rows are read row range by row range, not chunk by chunk.
+    "v3-sharded-none-2d": (3, 3, None, (4,), 5, (4,), "float32"),
+    "v3-none-2d": (3, None, None, (3,), 4, (3,), "uint8"),
+    "v3-none-padded-columns": (3, None, None, (5,), 3, (7,), "float32"),
 }
 N_ROWS = 53
 
@@ -192,12 +196,19 @@ def test_no_file_descriptor_leaks(written):
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+@pytest.mark.parametrize("compressors", ["auto", None], ids=["zstd", "uncompressed"])
 @pytest.mark.parametrize("piece_rows", [1, 2, 40])
-def test_many_pieces_scattered_to_any_destination(tmp_path, piece_rows):
-    # Pieces short and long, landing in a shuffled order: both copy strategies are exercised.
+def test_many_pieces_scattered_to_any_destination(tmp_path, piece_rows, compressors):
+    # Pieces short and long, landing in a shuffled order: both copy strategies are exercised
+    # (and, uncompressed, reads of single pieces and of pieces that join up in the file).
     values = np.arange(4000, dtype=np.float32)
     array = zarr.create_array(
-        tmp_path / "a.zarr", shape=values.shape, chunks=(400,), shards=(1200,), dtype="f4"
+        tmp_path / "a.zarr",
+        shape=values.shape,
+        chunks=(400,),
+        shards=(1200,),
+        dtype="f4",
+        compressors=compressors,
     )
     array[:] = values
     direct = direct_array(zarr.open_array(tmp_path / "a.zarr", mode="r"))
@@ -214,6 +225,27 @@ def test_many_pieces_scattered_to_any_destination(tmp_path, piece_rows):
     np.testing.assert_array_equal(out, expected)
     contiguous = _read(direct, starts, stops)
     np.testing.assert_array_equal(contiguous, _expected(values, starts, stops))
+
+
+@pytest.mark.parametrize("layout", ["v3-none-2d", "v2-none-1d", "v3-sharded-none-2d"])
+def test_truncated_uncompressed_chunk_raises_a_clear_error(tmp_path, layout):
+    array, _ = _write(str(tmp_path / "a.zarr"), layout)
+    files = sorted(
+        (p for p in (tmp_path / "a.zarr").rglob("*") if p.is_file() and "zarr" not in p.name),
+        key=lambda p: p.stat().st_size,
+    )
+    victim = files[-1]  # a full chunk (or shard) file
+    raw = victim.read_bytes()
+    if layout.startswith("v3-sharded"):  # keep the index, shrink a chunk's recorded size
+        index = np.frombuffer(raw[-4 - 16 * 3 :][:-4], dtype="<u8").reshape(-1, 2).copy()
+        index[0, 1] -= 4
+        victim.write_bytes(raw[: -4 - 16 * 3] + index.tobytes() + raw[-4:])
+        match = "not the .* of an uncompressed chunk"
+    else:
+        victim.write_bytes(raw[: len(raw) // 2])
+        match = "truncated"
+    with pytest.raises(CorruptChunkError, match=match):
+        _read(direct_array(array), np.array([0]), np.array([N_ROWS]))
 
 
 def test_truncated_shard_raises_a_clear_error(tmp_path):

@@ -340,6 +340,9 @@ class DirectArray:
         layout = self._layout
         rows = layout.rows_per_chunk
         whole_rows = layout.chunk_shape[1:] == self.shape[1:] and out.dtype == self.dtype
+        if whole_rows and layout.compressor is None:
+            self._run_raw(out, pieces, start, stop)
+            return
         scratch: np.ndarray | None = None
         files: dict[str, int] = {}
         try:
@@ -363,6 +366,63 @@ class DirectArray:
                     self._decode(encoded, scratch, c)
                     _copy_pieces(scratch, out, src_lo[i:j], src_hi[i:j], dst[i:j], self.shape[1:])
                 i = j
+        finally:
+            for fd in files.values():
+                os.close(fd)
+
+    def _run_raw(
+        self, out: np.ndarray, pieces: tuple[np.ndarray, ...], start: int, stop: int
+    ) -> None:
+        """Uncompressed chunks of whole rows: read only the wanted rows' bytes, straight into
+        ``out``; pieces that follow each other both in the file and in ``out`` are one read."""
+        chunk, src_lo, src_hi, dst = (p[start:stop].tolist() for p in pieces)
+        row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        files: dict[str, int] = {}
+        run: list[Any] = []  # [fd, file offset, first row in out, rows]
+
+        def flush() -> None:
+            if run:
+                fd, offset, at, n = run
+                target = out[at : at + n]
+                if n and os.preadv(fd, [target.data], offset) != n * row_bytes:
+                    msg = (
+                        f"the zarr array in {self._layout.root} ends before the rows it stores "
+                        f"(a chunk file is truncated); the store is damaged"
+                    )
+                    raise CorruptChunkError(msg)
+                run.clear()
+
+        try:
+            for c, lo, hi, at in zip(chunk, src_lo, src_hi, dst, strict=True):
+                where = self._locate(c)
+                if where is None:
+                    flush()
+                    out[at : at + hi - lo] = self._fill
+                    continue
+                path, base, nbytes = where
+                if nbytes >= 0 and nbytes != self._layout.rows_per_chunk * row_bytes:
+                    msg = (
+                        f"chunk {c} (along the first axis) of the zarr array in "
+                        f"{self._layout.root} holds {nbytes} bytes, not the "
+                        f"{self._layout.rows_per_chunk * row_bytes} of an uncompressed chunk; "
+                        f"the store is damaged or truncated"
+                    )
+                    raise CorruptChunkError(msg)
+                fd = files.get(path)
+                if fd is None:
+                    fd = files[path] = os.open(path, os.O_RDONLY)
+                offset = base + lo * row_bytes
+                if (
+                    run
+                    and run[0] == fd
+                    and run[1] + run[3] * row_bytes == offset
+                    and run[2] + run[3] == at
+                ):
+                    run[3] += hi - lo
+                else:
+                    flush()
+                    run.extend([fd, offset, at, hi - lo])
+            flush()
         finally:
             for fd in files.values():
                 os.close(fd)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import zarr
 
     from annbatch.collection._inputs import Input
+    from annbatch.collection._layout import Compression
 
 _WORKING_COPIES = 6
 """Copies of a block (or dataset) alive at once while it is aligned, reordered and written."""
@@ -181,6 +182,7 @@ def write_datasets(
     *,
     sparse: bool,
     skip: set[str],
+    compression: Compression,
 ) -> None:
     """Pass 2: shuffle each bucket's rows and write it as a dataset, then delete the bucket."""
     for k, name in enumerate(names):
@@ -193,7 +195,7 @@ def write_datasets(
         x, ids = x[order], ids[order]
         if name in root:
             del root[name]  # a dataset left half-written by an interrupted build
-        write_dataset(root.create_group(name), x, obs.iloc[ids], var_names)
+        write_dataset(root.create_group(name), x, obs.iloc[ids], var_names, compression)
         shutil.rmtree(bucket.folder)
         on_written(name, int(ids.size))
 

@@ -22,7 +22,12 @@ from annbatch.collection._build import (
     write_datasets,
 )
 from annbatch.collection._inputs import open_inputs, union_var_names
-from annbatch.collection._layout import describe_x
+from annbatch.collection._layout import (
+    DEFAULT_COMPRESSION,
+    Compression,
+    describe_x,
+    parse_compression,
+)
 from annbatch.errors import (
     CollectionPathError,
     IncompleteCollectionError,
@@ -202,6 +207,7 @@ class DatasetCollection:
         memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
         rng: np.random.Generator | int | None = None,
         progress: bool = True,
+        compression: Compression = DEFAULT_COMPRESSION,
     ) -> Self:
         """Write ``inputs`` into the collection, their rows shuffled across datasets.
 
@@ -229,6 +235,14 @@ class DatasetCollection:
             collection.
         progress
             Show a progress bar with rows per second.
+        compression
+            Codec of the new datasets' X: ``"none"`` (default), ``"lz4"`` or ``"zstd"``.
+            Uncompressed datasets are the fastest to read by far, because the Loader reads
+            exactly the bytes of the rows it wants and decodes nothing (measured: 2.2x the
+            rows/s of LZ4 at ``chunk_size=256``, 3.3x at 32); they are also the largest
+            (3.3x LZ4 on random-valued counts, more on data that compresses well). Choose
+            ``"lz4"`` where disk space or a slow disk matters more, ``"zstd"`` for the
+            smallest store (it decodes about half as fast as LZ4).
 
         Returns
         -------
@@ -236,6 +250,7 @@ class DatasetCollection:
         """
         parse_int(dataset_size, "dataset_size", minimum=1, numpy=False)
         budget = parse_bytes(memory_budget)
+        compression = parse_compression(compression)
         genes = None if var_names is None else pd.Index(list(var_names), dtype=object)
         if genes is not None and (not genes.is_unique or len(genes) == 0):
             msg = "var_names must be a non-empty list of unique gene names"
@@ -243,7 +258,9 @@ class DatasetCollection:
         state = self._state()  # raises if the path holds something else
         opened = open_inputs(inputs)
         try:
-            self._build(opened, state, genes, dataset_size, budget, rng, progress=progress)
+            self._build(
+                opened, state, genes, dataset_size, budget, rng, compression, progress=progress
+            )
         finally:
             for inp in opened:
                 inp.close()
@@ -257,6 +274,7 @@ class DatasetCollection:
         dataset_size: int,
         budget: int,
         rng: np.random.Generator | int | None,
+        compression: Compression,
         *,
         progress: bool,
     ) -> None:
@@ -266,10 +284,11 @@ class DatasetCollection:
             "dataset_size": dataset_size,
             "memory_budget": budget,
             "var_names": None if var_names is None else list(var_names),
+            "compression": compression,
         }
         if state is not None and state["state"] != "complete":
             build = state["build"]
-            same = {k: build[k] for k in spec} == spec and all(
+            same = {k: build.get(k) for k in spec} == spec and all(
                 not name.startswith("AnnData ") for name in names
             )
             if not same:
@@ -347,6 +366,7 @@ class DatasetCollection:
                 on_written,
                 sparse=inputs[0].sparse,
                 skip=written,
+                compression=compression,
             )
         shutil.rmtree(scratch, ignore_errors=True)
         record["state"] = "complete"

@@ -1,21 +1,26 @@
 """How a collection's datasets are laid out on disk: chunking, sharding and codec.
 
-The numbers below were chosen with ``benchmarks/bench.py`` (see ``benchmarks/RESULTS.md``,
-"collection layout"): decoding is what bounds the Loader, and a loader chunk smaller than an
-on-disk chunk decodes data it then drops, so on-disk chunks are kept small, and the codec is
-one that decodes fast.
+The numbers below were chosen by measurement (``benchmarks/layout.py`` and
+``benchmarks/collection_vs_reference.py``; tables in ``benchmarks/RESULTS.md``, "collection
+layout"). With a codec, decoding is what bounds the Loader, and a loader chunk smaller than an
+on-disk chunk decodes data it then drops: on-disk chunks are kept small and the codec is one
+that decodes fast (LZ4). Without one (the default), the Loader reads exactly the bytes of the
+rows it wants, straight into its buffers: nothing is decoded or dropped, at the price of a
+store several times larger than a compressed one.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec
+from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec, ZstdCodec
+
+from annbatch.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     import zarr
@@ -30,9 +35,29 @@ DENSE_SHARD_CHUNKS = 64
 """Chunks per shard file of a dense dataset."""
 
 
-def compressor() -> Any:
-    """LZ4 inside blosc with byte shuffle: decodes several times faster than zstd."""
-    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+Compression = Literal["none", "lz4", "zstd"]
+COMPRESSIONS: tuple[str, ...] = get_args(Compression)
+DEFAULT_COMPRESSION: Compression = "none"
+"""Fastest to read (2.2-3.3x LZ4's rows/s with our Loader), largest on disk (3.3x LZ4 on
+random-valued counts)."""
+
+
+def parse_compression(value: object) -> Compression:
+    """Check a user's ``compression`` argument."""
+    if value not in COMPRESSIONS:
+        msg = f"compression must be one of {COMPRESSIONS}, got {value!r}"
+        raise InvalidArgumentError(msg)
+    return value  # type: ignore[return-value]
+
+
+def compressors(compression: Compression) -> Any:
+    """The zarr codec for ``compression``: none; LZ4 inside blosc with byte shuffle (decodes
+    about twice as fast as zstd); or zstd (smallest, slowest to decode)."""
+    if compression == "lz4":
+        return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    if compression == "zstd":
+        return ZstdCodec(level=3)
+    return None
 
 
 def dense_chunk_rows(n_var: int, itemsize: int) -> int:
@@ -40,7 +65,13 @@ def dense_chunk_rows(n_var: int, itemsize: int) -> int:
     return int(max(1, min(4096, DENSE_CHUNK_BYTES // max(1, n_var * itemsize))))
 
 
-def write_dataset(group: zarr.Group, x: Any, obs: pd.DataFrame, var_names: pd.Index) -> None:
+def write_dataset(
+    group: zarr.Group,
+    x: Any,
+    obs: pd.DataFrame,
+    var_names: pd.Index,
+    compression: Compression = DEFAULT_COMPRESSION,
+) -> None:
     """Write one AnnData (X, obs, var) into ``group`` (a new, empty zarr v3 group)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # anndata's notes about zarr v3 and string arrays
@@ -50,7 +81,7 @@ def write_dataset(group: zarr.Group, x: Any, obs: pd.DataFrame, var_names: pd.In
             kwargs = {
                 "chunks": (chunk,),
                 "shards": (chunk * min(SPARSE_SHARD // SPARSE_CHUNK, -(-n // chunk)),),
-                "compressors": compressor(),
+                "compressors": compressors(compression),
             }
         else:
             rows = dense_chunk_rows(x.shape[1], x.dtype.itemsize)
@@ -61,7 +92,7 @@ def write_dataset(group: zarr.Group, x: Any, obs: pd.DataFrame, var_names: pd.In
                     rows * min(DENSE_SHARD_CHUNKS, -(-max(1, x.shape[0]) // rows)),
                     x.shape[1],
                 ),
-                "compressors": compressor(),
+                "compressors": compressors(compression),
             }
         ad.io.write_elem(group, "X", x, dataset_kwargs=kwargs)
         ad.io.write_elem(group, "obs", obs)
