@@ -11,6 +11,7 @@ Usage: python benchmarks/collection_vs_reference.py --reference-python /path/to/
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -23,10 +24,10 @@ from bench import BATCH, run_child, size_mb
 from build_memory import write_inputs
 
 BUILD = r"""
-import sys, warnings
+import json, sys, warnings
 warnings.simplefilter("ignore")
 import numpy as np, annbatch
-out, options, inputs = sys.argv[1], eval(sys.argv[2]), sys.argv[3:]
+out, options, inputs = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
 annbatch.DatasetCollection(out).add_adatas(inputs, rng=np.random.default_rng(0), **options)
 """
 
@@ -38,7 +39,7 @@ def build(python: str, out: Path, inputs: list[Path], options: dict | None = Non
     if python != sys.executable:  # the reference must build with its own annbatch, not ours
         env.pop("PYTHONPATH", None)
     t0 = time.perf_counter()
-    command = [python, "-c", BUILD, str(out), repr(options or {}), *map(str, inputs)]
+    command = [python, "-c", BUILD, str(out), json.dumps(options or {}), *map(str, inputs)]
     subprocess.run(command, check=True, capture_output=True, env=env)
     return time.perf_counter() - t0
 
