@@ -25,12 +25,14 @@ SPARSE_LAYOUTS = [
     ("blosc-lz4, 131072", "lz4", 131_072),
     ("blosc-lz4, 32768", "lz4", 32_768),
     ("blosc-lz4, 8192", "lz4", 8_192),
+    ("none, 32768", "none", 32_768),
 ]
 DENSE_LAYOUTS = [
     ("zstd, 256 rows", "zstd", 256),
     ("blosc-lz4, 256 rows", "lz4", 256),
     ("blosc-lz4, 128 rows", "lz4", 128),
     ("blosc-lz4, 32 rows", "lz4", 32),
+    ("none, 128 rows", "none", 128),
 ]
 SETTINGS = [(256, 64), (32, 512), (1, 16384)]
 
@@ -38,6 +40,8 @@ SETTINGS = [(256, 64), (32, 512), (1, 16384)]
 def _codec(name: str) -> object:
     from zarr.codecs import BloscCodec, ZstdCodec
 
+    if name == "none":
+        return None
     return ZstdCodec(level=0) if name == "zstd" else BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 

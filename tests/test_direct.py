@@ -100,7 +100,7 @@ def _expected(values, starts, stops):
 @pytest.fixture(scope="module", params=sorted(LAYOUTS))
 def written(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("direct")
-    holes = request.param.startswith("v3-sharded") or request.param == "v2-blosc"
+    holes = request.param.startswith("v3-sharded") or request.param in ("v2-blosc", "v3-none-2d")
     array, values = _write(str(root / f"{request.param}.zarr"), request.param, holes=holes)
     return array, values
 

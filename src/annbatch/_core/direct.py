@@ -340,7 +340,7 @@ class DirectArray:
         layout = self._layout
         rows = layout.rows_per_chunk
         whole_rows = layout.chunk_shape[1:] == self.shape[1:] and out.dtype == self.dtype
-        if whole_rows and layout.compressor is None:
+        if whole_rows and layout.compressor is None and out.flags.c_contiguous:
             self._run_raw(out, pieces, start, stop)
             return
         scratch: np.ndarray | None = None
@@ -410,7 +410,12 @@ class DirectArray:
                     raise CorruptChunkError(msg)
                 fd = files.get(path)
                 if fd is None:
-                    fd = files[path] = os.open(path, os.O_RDONLY)
+                    try:
+                        fd = files[path] = os.open(path, os.O_RDONLY)
+                    except FileNotFoundError:  # a chunk file never written: the fill value
+                        flush()
+                        out[at : at + hi - lo] = self._fill
+                        continue
                 offset = base + lo * row_bytes
                 if (
                     run
