@@ -75,7 +75,9 @@ def main() -> None:
     p.add_argument("--dense-var", type=int, default=2_000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--max-rows", type=int, default=49_152)
+    p.add_argument("--codecs", default="zstd,lz4,none", help="comma-separated codecs to measure")
     a = p.parse_args()
+    codecs = a.codecs.split(",")
     stores = make_stores(a.dir, a.n_obs, a.n_var, a.nnz, a.dense_var, seed=0)
     print(f"Loader rows/s (median of {a.runs}), batch {BATCH}, shuffled; sparse {a.n_obs:,} x {a.n_var:,} "
           f"({a.nnz} nnz/row), dense {a.n_obs:,} x {a.dense_var:,}\n")
@@ -84,6 +86,8 @@ def main() -> None:
     print("|---|---|---|" + "---|" * len(SETTINGS))
     for kind, layouts in (("sparse", SPARSE_LAYOUTS), ("dense", DENSE_LAYOUTS)):
         for name, codec, inner in layouts:
+            if codec not in codecs:
+                continue
             target = a.dir / "layouts" / f"{stores[kind].stem}_{codec}_{inner}.zarr"
             rewrite(stores[kind], target, codec, inner)
             cells = []

@@ -275,6 +275,8 @@ def test_interrupted_build_reads_as_incomplete_then_resumes(tmp_path, monkeypatc
         Loader().use_collection(target)
     with pytest.raises(CollectionPathError, match="interrupted build of other inputs"):
         target.add_adatas(paths[:2], dataset_size=40, rng=3, progress=False)
+    with pytest.raises(CollectionPathError, match="other inputs or arguments"):
+        target.add_adatas(paths, dataset_size=40, rng=3, progress=False, compression="zstd")
     target.add_adatas(paths, dataset_size=40, rng=3, progress=False)  # resumes
     assert target.is_complete
     assert target.dataset_names == reference.dataset_names

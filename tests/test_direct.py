@@ -197,7 +197,7 @@ def test_no_file_descriptor_leaks(written):
 
 
 @pytest.mark.parametrize("compressors", ["auto", None], ids=["zstd", "uncompressed"])
-@pytest.mark.parametrize("piece_rows", [1, 2, 40])
+@pytest.mark.parametrize("piece_rows", [1, 2, 40, 150])
 def test_many_pieces_scattered_to_any_destination(tmp_path, piece_rows, compressors):
     # Pieces short and long, landing in a shuffled order: both copy strategies are exercised
     # (and, uncompressed, reads of single pieces and of pieces that join up in the file).

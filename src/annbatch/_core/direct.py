@@ -25,6 +25,7 @@ the same shard).
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -373,64 +374,108 @@ class DirectArray:
     def _run_raw(
         self, out: np.ndarray, pieces: tuple[np.ndarray, ...], start: int, stop: int
     ) -> None:
-        """Uncompressed chunks of whole rows: read only the wanted rows' bytes, straight into
-        ``out``; pieces that follow each other both in the file and in ``out`` are one read."""
-        chunk, src_lo, src_hi, dst = (p[start:stop].tolist() for p in pieces)
+        """Uncompressed chunks of whole rows: read only the wanted rows' bytes.
+
+        A chunk with few wanted pieces has each piece read straight into ``out`` (pieces that
+        follow each other both in the file and in ``out`` are one read). A chunk with many
+        (rows scattered to batch order) has the span from its first to its last wanted row
+        read once, into a scratch buffer, and the pieces copied out in one step: a read per
+        row measured 2x slower on dense rows of 8 KB.
+        """
+        chunk, src_lo, src_hi, dst = (p[start:stop] for p in pieces)
         row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        chunk_bytes = self._layout.rows_per_chunk * row_bytes
         files: dict[str, int] = {}
         run: list[Any] = []  # [fd, file offset, first row in out, rows]
+
+        def read(fd: int, into: np.ndarray, offset: int) -> None:
+            if into.size and os.preadv(fd, [into.data], offset) != into.nbytes:
+                msg = (
+                    f"the zarr array in {self._layout.root} ends before the rows it stores "
+                    f"(a chunk file is truncated); the store is damaged"
+                )
+                raise CorruptChunkError(msg)
 
         def flush() -> None:
             if run:
                 fd, offset, at, n = run
-                target = out[at : at + n]
-                if n and os.preadv(fd, [target.data], offset) != n * row_bytes:
-                    msg = (
-                        f"the zarr array in {self._layout.root} ends before the rows it stores "
-                        f"(a chunk file is truncated); the store is damaged"
-                    )
-                    raise CorruptChunkError(msg)
+                read(fd, out[at : at + n], offset)
                 run.clear()
 
+        bounds = np.flatnonzero(np.diff(chunk)) + 1
         try:
-            for c, lo, hi, at in zip(chunk, src_lo, src_hi, dst, strict=True):
+            for i, j in zip([0, *bounds.tolist()], [*bounds.tolist(), chunk.size], strict=True):
+                c = int(chunk[i])
                 where = self._locate(c)
-                if where is None:
-                    flush()
-                    out[at : at + hi - lo] = self._fill
-                    continue
-                path, base, nbytes = where
-                if nbytes >= 0 and nbytes != self._layout.rows_per_chunk * row_bytes:
-                    msg = (
-                        f"chunk {c} (along the first axis) of the zarr array in "
-                        f"{self._layout.root} holds {nbytes} bytes, not the "
-                        f"{self._layout.rows_per_chunk * row_bytes} of an uncompressed chunk; "
-                        f"the store is damaged or truncated"
-                    )
-                    raise CorruptChunkError(msg)
-                fd = files.get(path)
-                if fd is None:
-                    try:
-                        fd = files[path] = os.open(path, os.O_RDONLY)
-                    except FileNotFoundError:  # a chunk file never written: the fill value
-                        flush()
+                fd = None
+                if where is not None:
+                    path, base, nbytes = where
+                    if nbytes >= 0 and nbytes != chunk_bytes:
+                        msg = (
+                            f"chunk {c} (along the first axis) of the zarr array in "
+                            f"{self._layout.root} holds {nbytes} bytes, not the {chunk_bytes} "
+                            f"of an uncompressed chunk; the store is damaged or truncated"
+                        )
+                        raise CorruptChunkError(msg)
+                    fd = files.get(path)
+                    if fd is None:
+                        try:
+                            fd = files[path] = os.open(path, os.O_RDONLY)
+                        except FileNotFoundError:  # a chunk file never written
+                            fd = None
+                if fd is None:  # never written: the fill value
+                    for lo, hi, at in zip(
+                        src_lo[i:j].tolist(), src_hi[i:j].tolist(), dst[i:j].tolist(), strict=True
+                    ):
                         out[at : at + hi - lo] = self._fill
-                        continue
-                offset = base + lo * row_bytes
-                if (
-                    run
-                    and run[0] == fd
-                    and run[1] + run[3] * row_bytes == offset
-                    and run[2] + run[3] == at
-                ):
-                    run[3] += hi - lo
-                else:
+                    continue
+                if j - i >= _SPAN_MIN_PIECES:
                     flush()
-                    run.extend([fd, offset, at, hi - lo])
+                    first, last = int(src_lo[i:j].min()), int(src_hi[i:j].max())
+                    span = _thread_scratch((last - first) * row_bytes)
+                    span = span.view(self.dtype).reshape(last - first, *self.shape[1:])
+                    read(fd, span, base + first * row_bytes)
+                    _copy_pieces(
+                        span,
+                        out,
+                        src_lo[i:j] - first,
+                        src_hi[i:j] - first,
+                        dst[i:j],
+                        self.shape[1:],
+                    )
+                    continue
+                for lo, hi, at in zip(
+                    src_lo[i:j].tolist(), src_hi[i:j].tolist(), dst[i:j].tolist(), strict=True
+                ):
+                    offset = base + lo * row_bytes
+                    if (
+                        run
+                        and run[0] == fd
+                        and run[1] + run[3] * row_bytes == offset
+                        and run[2] + run[3] == at
+                    ):
+                        run[3] += hi - lo
+                    else:
+                        flush()
+                        run.extend([fd, offset, at, hi - lo])
             flush()
         finally:
             for fd in files.values():
                 os.close(fd)
+
+
+_SPAN_MIN_PIECES = 4
+"""Wanted pieces of one uncompressed chunk from which its span is read once, not piece by piece."""
+
+_scratch = threading.local()
+
+
+def _thread_scratch(nbytes: int) -> np.ndarray:
+    """``nbytes`` bytes that the calling thread reuses from one call to the next."""
+    buffer: np.ndarray | None = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.nbytes < nbytes:
+        buffer = _scratch.buffer = np.empty(nbytes, dtype=np.uint8)
+    return buffer[:nbytes]
 
 
 # Copying pieces of a decoded chunk: a slice per piece when pieces hold at least this many

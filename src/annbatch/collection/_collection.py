@@ -288,9 +288,10 @@ class DatasetCollection:
         }
         if state is not None and state["state"] != "complete":
             build = state["build"]
-            same = {k: build.get(k) for k in spec} == spec and all(
-                not name.startswith("AnnData ") for name in names
-            )
+            # Builds begun before the compression option wrote LZ4.
+            same = {
+                k: build.get(k, "lz4" if k == "compression" else None) for k in spec
+            } == spec and all(not name.startswith("AnnData ") for name in names)
             if not same:
                 msg = (
                     f"an interrupted build of other inputs or arguments is in {self._path}; run it "
