@@ -25,7 +25,13 @@ from annbatch._core.convert import convert
 from annbatch._core.datasets import DenseSource, as_row_source
 from annbatch._core.planner import dataset_offsets, plan_placement, plan_reads
 from annbatch._core.prefetch import Prefetcher
-from annbatch._core.reader import TASKS_PER_THREAD, ReadCancelled, read_placed, read_plan
+from annbatch._core.reader import (
+    TASKS_PER_THREAD,
+    ReadCancelled,
+    empty_window,
+    read_placed,
+    read_plan,
+)
 from annbatch._core.workers import batches_of, current_shard, remaining_requests
 from annbatch.abc import Sampler
 from annbatch.errors import (
@@ -563,7 +569,8 @@ class Loader(_IterableBase):
         if len(dense) == len(self._sources):
             placement = plan_placement(request.chunks, splits, offsets)
             if placement is not None:  # None: a row repeats within the window
-                out = read_placed(placement, dense, executor, threads, stop)
+                allocate = copier.allocate if copier is not None else empty_window
+                out = read_placed(placement, dense, executor, threads, stop, allocate)
                 if copier is not None:
                     out = gpu.to_device([out], copier)  # batches: views of the device window
                 edges = list(itertools.pairwise(placement.bounds.tolist()))
@@ -576,7 +583,8 @@ class Loader(_IterableBase):
         # each chunk once by themselves need no merging across gaps.
         grids = [None if s.reads_chunks_once else s for s in self._sources]
         plan = plan_reads(request.chunks, offsets, grids)
-        blocks = read_plan(plan, self._sources, executor, threads, stop)
+        allocate = copier.allocate if copier is not None else empty_window
+        blocks = read_plan(plan, self._sources, executor, threads, stop, allocate)
         splits = [plan.positions[s] for s in splits]  # request order -> memory order
         indices = [plan.index[s] for s in splits]
         if copier is not None:

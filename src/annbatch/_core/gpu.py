@@ -105,6 +105,18 @@ class CopyStream:
         self._threads = threads
         self._staging: list[np.ndarray] = []
 
+    def allocate(self, role: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """Where the reader puts a window (see :data:`annbatch._core.reader.Allocate`): the
+        pinned staging buffer that :meth:`upload` copies that part from, so that the window
+        is decoded straight into pinned memory and never copied on the host.
+
+        Indices that the GPU takes in another dtype (not int32) get ordinary memory: they
+        are converted while staged.
+        """
+        if role == "indices" and np.dtype(dtype) != np.int32:
+            return np.empty(shape, dtype=dtype)
+        return self._stage(1 if role == "indices" else 0, shape, np.dtype(dtype))
+
     def _stage(self, slot: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A pinned array of ``shape`` over staging buffer ``slot``, grown when too small."""
         import cupyx
@@ -124,19 +136,22 @@ class CopyStream:
         axis 0, as ``dtypes[i]``.
 
         Each part is written once, into a pinned buffer (the only host copy: concatenating and
-        staging are one step), and copied to the GPU on :attr:`stream`. All copies are done
-        when this returns.
+        staging are one step), and copied to the GPU on :attr:`stream`; a part that was read
+        into that buffer (:meth:`allocate`) is not copied on the host at all. All copies are
+        done when this returns.
         """
         cp = self._cp
         staged, copies = [], []
         for slot, (pieces, dtype) in enumerate(zip(parts, dtypes, strict=True)):
             rows = sum(p.shape[0] for p in pieces)
             pinned = self._stage(slot, (rows, *pieces[0].shape[1:]), np.dtype(dtype))
+            staged.append(pinned)
+            if len(pieces) == 1 and _same_memory(pieces[0], pinned):
+                continue  # read straight into the staging buffer
             at = 0
             for piece in pieces:
                 copies.extend(_split_copy(pinned[at : at + piece.shape[0]], piece, self._threads))
                 at += piece.shape[0]
-            staged.append(pinned)
         if self._executor is None or len(copies) < 2:
             for copy in copies:
                 copy()
@@ -158,6 +173,16 @@ class CopyStream:
 
 
 _COPY_MIN_BYTES = 1 << 22  # below this, one thread copies a piece
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` is exactly the array ``b``: same start, dtype and shape."""
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.ctypes.data == b.ctypes.data
+        and a.flags.c_contiguous
+    )
 
 
 def _split_copy(dest: np.ndarray, src: np.ndarray, pieces: int) -> list[Callable[[], None]]:

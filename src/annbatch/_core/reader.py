@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, wait
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -12,7 +13,7 @@ from annbatch._core.types import csr_from_arrays
 
 if TYPE_CHECKING:
     import threading
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
     from concurrent.futures import Executor
 
     from annbatch._core.datasets import DenseSource, RowSource
@@ -22,6 +23,17 @@ if TYPE_CHECKING:
 TASKS_PER_THREAD = 4
 """Tasks per read thread and dataset: enough to keep threads busy to the end of a window."""
 
+Role = Literal["dense", "data", "indices"]
+Allocate = Callable[[Role, tuple[int, ...], np.dtype], np.ndarray]
+"""Where a window is read into: ``allocate(role, shape, dtype)`` returns an uninitialised
+C-contiguous array for a dense window (``"dense"``) or a CSR window's values (``"data"``) or
+column indices (``"indices"``). The default is ``np.empty``; the GPU path passes pinned memory."""
+
+
+def empty_window(role: Role, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The default :data:`Allocate`: new memory."""
+    return np.empty(shape, dtype=dtype)
+
 
 def read_plan(
     plan: ReadPlan,
@@ -29,14 +41,16 @@ def read_plan(
     executor: Executor | None = None,
     threads: int = 1,
     cancel: threading.Event | None = None,
+    allocate: Allocate = empty_window,
 ) -> list[Block]:
     """Read every segment of ``plan``; the blocks hold the segments' rows in plan order.
 
     Each dataset's segments become one :class:`~annbatch._core.types.ReadJob`; the tasks of all
     jobs go to ``executor`` together (or run here, in order, without one), so datasets and
     chunks are read and decoded concurrently. CSR datasets that are read chunk by chunk all
-    decode into one set of window arrays: the window is then one block, never concatenated
-    (which, single-threaded, cost as much as a third of a window's time over two datasets).
+    decode into one set of window arrays, from ``allocate``: the window is then one block,
+    never concatenated (which, single-threaded, cost as much as a third of a window's time
+    over two datasets).
     """
     groups = []
     bounds = np.flatnonzero(np.diff(plan.datasets)) + 1  # reads are grouped by dataset
@@ -45,8 +59,8 @@ def read_plan(
             groups.append((sources[int(plan.datasets[lo])], plan.starts[lo:hi], plan.stops[lo:hi]))
     n_tasks = TASKS_PER_THREAD * threads
     csr = [g[0] for g in groups if isinstance(g[0], CSRSource) and g[0].reads_chunks_once]
-    if len(groups) > 1 and len(csr) == len(groups):
-        return [_read_csr_window(groups, n_tasks, executor, cancel)]
+    if csr and len(csr) == len(groups):
+        return [_read_csr_window(groups, n_tasks, executor, cancel, allocate)]
     jobs = [source.read_job(starts, stops, n_tasks) for source, starts, stops in groups]
     _run([task for job in jobs for task in job.tasks], executor, cancel)
     return [block for job in jobs for block in job.result()]
@@ -58,8 +72,10 @@ def read_placed(
     executor: Executor | None = None,
     threads: int = 1,
     cancel: threading.Event | None = None,
+    allocate: Allocate = empty_window,
 ) -> np.ndarray:
-    """Read a window of dense rows straight into batch order, into one buffer.
+    """Read a window of dense rows straight into batch order, into one buffer (from
+    ``allocate``).
 
     Every source must read chunks directly (:attr:`RowSource.reads_chunks_once`). Each chunk
     is decoded once, into a scratch buffer (or, when a whole chunk lands in one piece, into
@@ -67,7 +83,7 @@ def read_placed(
     chunk is still in cache. No copy of the window in disk order is made.
     """
     first = sources[0]
-    out = np.empty((placement.rows.size, *first.shape[1:]), dtype=first.dtype)
+    out = allocate("dense", (placement.rows.size, *first.shape[1:]), np.dtype(first.dtype))
     n_tasks = TASKS_PER_THREAD * threads
     tasks = [
         task
@@ -83,13 +99,16 @@ def _read_csr_window(
     n_tasks: int,
     executor: Executor | None,
     cancel: threading.Event | None,
+    allocate: Allocate = empty_window,
 ) -> Block:
-    """CSR rows of several datasets decoded into one window's arrays: no concatenation after."""
+    """CSR rows of one or more datasets decoded into one window's arrays: no concatenation
+    after."""
     sizes = [source.nnz_of(starts, stops) for source, starts, stops in groups]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     first = groups[0][0]
-    data = np.empty(int(offsets[-1]), dtype=first.dtype)
-    indices = np.empty(int(offsets[-1]), dtype=np.result_type(*(g[0].index_dtype for g in groups)))
+    nnz = (int(offsets[-1]),)
+    data = allocate("data", nnz, np.dtype(first.dtype))
+    indices = allocate("indices", nnz, np.result_type(*(g[0].index_dtype for g in groups)))
     jobs = [
         source.read_job(starts, stops, n_tasks, out=(data[a:b], indices[a:b]))
         for (source, starts, stops), a, b in zip(groups, offsets[:-1], offsets[1:], strict=True)
