@@ -60,7 +60,8 @@ else:
     pool = None
 sync()
 t0 = time.perf_counter(); first = None; rows = 0; peak_pool = 0
-for batch in loader:
+batches = (batch for _ in range(args["epochs"]) for batch in loader)
+for batch in batches:
     X = batch["X"]
     if X.device != device:
         X = X.to(device, non_blocking=True)
@@ -88,6 +89,7 @@ def main() -> None:
     p.add_argument("--dense-var", type=int, default=2_000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--max-rows", type=int, default=10**9)
+    p.add_argument("--epochs", type=int, default=1, help="epochs per process (rows/s over all of them)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--modes", default="ours-gpu,ours-cpu,ref-gpu,ref-cpu")
     p.add_argument("--reference-path", help="a folder holding annbatch==0.3.1 (and zarrs) to put on PYTHONPATH")
@@ -111,7 +113,7 @@ def main() -> None:
                     continue
                 who, where = mode.split("-")
                 args = {"path": str(paths[store]), "batch": BATCH, "chunk": chunk, "preload": preload,
-                        "gpu": where == "gpu", "zarrs": who == "ref", "device": a.device, "max_rows": a.max_rows}
+                        "gpu": where == "gpu", "zarrs": who == "ref", "device": a.device, "max_rows": a.max_rows, "epochs": a.epochs}
                 try:
                     results[mode].append(run_child(sys.executable, args, child=CHILD, pythonpath=paths_of[who]))
                 except RuntimeError as e:
