@@ -196,29 +196,35 @@ def test_no_file_descriptor_leaks(written):
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+@pytest.mark.parametrize("gaps", [True, False], ids=["gaps", "adjacent"])
+@pytest.mark.parametrize("trailing", [(), (3,)], ids=["1d", "2d"])
 @pytest.mark.parametrize("compressors", ["auto", None], ids=["zstd", "uncompressed"])
 @pytest.mark.parametrize("piece_rows", [1, 2, 40, 150])
-def test_many_pieces_scattered_to_any_destination(tmp_path, piece_rows, compressors):
-    # Pieces short and long, landing in a shuffled order: both copy strategies are exercised
-    # (and, uncompressed, reads of single pieces and of pieces that join up in the file).
-    values = np.arange(4000, dtype=np.float32)
+def test_many_pieces_scattered_to_any_destination(
+    tmp_path, piece_rows, compressors, trailing, gaps
+):
+    # Pieces short and long, landing in a shuffled order: every copy strategy is exercised
+    # (single rows, consecutive or not; uncompressed, reads of single pieces, of pieces that
+    # join up in the file, and of a chunk's span).
+    width = int(np.prod(trailing))
+    values = np.arange(4000 * width, dtype=np.float32).reshape(4000, *trailing)
     array = zarr.create_array(
         tmp_path / "a.zarr",
         shape=values.shape,
-        chunks=(400,),
-        shards=(1200,),
+        chunks=(400, *trailing),
+        shards=(1200, *trailing),
         dtype="f4",
         compressors=compressors,
     )
     array[:] = values
     direct = direct_array(zarr.open_array(tmp_path / "a.zarr", mode="r"))
-    starts = np.arange(0, 4000 - piece_rows, 2 * piece_rows + 1)
+    starts = np.arange(0, 4000 - piece_rows, (2 * piece_rows + 1) if gaps else piece_rows)
     stops = starts + piece_rows
     rng = np.random.default_rng(piece_rows)
     order = rng.permutation(starts.size)
     dest = np.empty(starts.size, dtype=np.int64)
     dest[order] = np.arange(starts.size) * piece_rows  # range order[k] lands k-th
-    out = np.full(starts.size * piece_rows, -1, dtype=np.float32)
+    out = np.full((starts.size * piece_rows, *trailing), -1, dtype=np.float32)
     for task in direct.tasks(starts, stops, out, 3, dst=dest):
         task()
     expected = np.concatenate([values[starts[k] : stops[k]] for k in order])
