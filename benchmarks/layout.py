@@ -26,6 +26,8 @@ SPARSE_LAYOUTS = [
     ("blosc-lz4, 32768", "lz4", 32_768),
     ("blosc-lz4, 8192", "lz4", 8_192),
     ("none, 32768", "none", 32_768),
+    ("none, 131072", "none", 131_072),
+    ("none, 524288", "none", 524_288),
 ]
 DENSE_LAYOUTS = [
     ("zstd, 256 rows", "zstd", 256),
@@ -33,6 +35,8 @@ DENSE_LAYOUTS = [
     ("blosc-lz4, 128 rows", "lz4", 128),
     ("blosc-lz4, 32 rows", "lz4", 32),
     ("none, 128 rows", "none", 128),
+    ("none, 32 rows", "none", 32),
+    ("none, 512 rows", "none", 512),
 ]
 SETTINGS = [(256, 64), (32, 512), (1, 16384)]
 

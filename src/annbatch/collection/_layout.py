@@ -26,7 +26,10 @@ if TYPE_CHECKING:
     import zarr
 
 SPARSE_CHUNK = 32_768
-"""Elements per on-disk chunk of a sparse dataset's data and indices."""
+"""Elements per on-disk chunk of a compressed sparse dataset's data and indices."""
+SPARSE_CHUNK_UNCOMPRESSED = 131_072
+"""The same, uncompressed: only the wanted rows are read, so larger chunks waste nothing and
+cost less per chunk (chunk 32: 1.3x, chunk 1: 1.4x the rows/s of 32,768; same at chunk 256)."""
 SPARSE_SHARD = 2**22
 """Elements per shard file of data and indices."""
 DENSE_CHUNK_BYTES = 2**20
@@ -77,10 +80,11 @@ def write_dataset(
         warnings.simplefilter("ignore")  # anndata's notes about zarr v3 and string arrays
         if sp.issparse(x):
             n = max(1, int(x.nnz))
-            chunk = min(SPARSE_CHUNK, n)
+            per_chunk = SPARSE_CHUNK_UNCOMPRESSED if compression == "none" else SPARSE_CHUNK
+            chunk = min(per_chunk, n)
             kwargs = {
                 "chunks": (chunk,),
-                "shards": (chunk * min(SPARSE_SHARD // SPARSE_CHUNK, -(-n // chunk)),),
+                "shards": (chunk * min(SPARSE_SHARD // per_chunk, -(-n // chunk)),),
                 "compressors": compressors(compression),
             }
         else:
