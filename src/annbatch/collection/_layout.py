@@ -41,7 +41,7 @@ DENSE_SHARD_CHUNKS = 64
 Compression = Literal["none", "lz4", "zstd"]
 COMPRESSIONS: tuple[str, ...] = get_args(Compression)
 DEFAULT_COMPRESSION: Compression = "none"
-"""Fastest to read (2.6-2.9x LZ4's rows/s with our Loader), largest on disk (3.3x LZ4 on
+"""Fastest to read (1.8-3.0x LZ4's rows/s with our Loader), largest on disk (3.3x LZ4 on
 random-valued counts)."""
 
 
