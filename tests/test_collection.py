@@ -20,6 +20,7 @@ import annbatch.collection._build as build_module
 from annbatch import DatasetCollection, Loader, load_x_and_obs
 from annbatch._cli import main as cli
 from annbatch.collection import SOURCE_COLUMN
+from annbatch.collection._layout import COMPRESSIONS
 from annbatch.errors import (
     CollectionPathError,
     IncompatibleDatasetsError,
@@ -397,3 +398,4 @@ def test_command_line_build_and_info(tmp_path, capsys, compression):
     ).stdout
     for option in ("--genes", "--dataset-size", "--memory-budget", "--seed"):
         assert option in help_text
+    assert "--compression {" + ",".join(COMPRESSIONS) + "}" in help_text  # the same choices

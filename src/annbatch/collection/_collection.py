@@ -241,9 +241,8 @@ class DatasetCollection:
             exactly the bytes of the rows it wants and decodes nothing (measured: 1.8-2.6x the
             rows/s of LZ4 at ``chunk_size=256``, 2.8-3.0x at 32); they are also the largest
             (3.3x LZ4 on random-valued counts; on real data it depends on how well it
-            compresses). Choose
-            ``"lz4"`` where disk space or a slow disk matters more, ``"zstd"`` for the
-            smallest store (it decodes about half as fast as LZ4).
+            compresses). Choose ``"lz4"`` where disk space or a slow disk matters more,
+            ``"zstd"`` for the smallest store (it decodes about half as fast as LZ4).
 
         Returns
         -------

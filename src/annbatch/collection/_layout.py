@@ -29,7 +29,7 @@ SPARSE_CHUNK = 32_768
 """Elements per on-disk chunk of a compressed sparse dataset's data and indices."""
 SPARSE_CHUNK_UNCOMPRESSED = 131_072
 """The same, uncompressed: only the wanted rows are read, so larger chunks waste nothing and
-cost less per chunk (chunk 32: 1.3x, chunk 1: 1.4x the rows/s of 32,768; same at chunk 256)."""
+cost less per chunk (chunk 32: 1.05-1.3x, chunk 1: 1.4x the rows/s of 32,768; same at 256)."""
 SPARSE_SHARD = 2**22
 """Elements per shard file of data and indices."""
 DENSE_CHUNK_BYTES = 2**20
