@@ -58,14 +58,18 @@ def main() -> None:
     a = p.parse_args()
     inputs = write_inputs(a.dir / "inputs", a.files, a.rows_per_file, a.n_var, a.nnz)
     tag = f"{a.files}x{a.rows_per_file}_{a.n_var}_{a.nnz}"
+    # name -> (interpreter, collection, zarrs pipeline, build options)
     loaders = {
-        f"annbatch (ours) on its collection ({codec})": (sys.executable, a.dir / f"ours_{tag}_{codec}.zarr", False)
+        f"annbatch (ours) on its collection ({codec})": (
+            sys.executable, a.dir / f"ours_{tag}_{codec}.zarr", False, {"compression": codec}
+        )
         for codec in a.compression.split(",")
     }
-    loaders["reference 0.3.1 + zarrs on its collection"] = (a.reference_python, a.dir / f"reference_{tag}.zarr", True)
-    for name, (python, out, _) in loaders.items():
-        codec = name.rsplit("(", 1)[-1].rstrip(")")
-        seconds = build(python, out, inputs, {"compression": codec} if python == sys.executable else None)
+    loaders["reference 0.3.1 + zarrs on its collection"] = (
+        a.reference_python, a.dir / f"reference_{tag}.zarr", True, None
+    )
+    for name, (python, out, _, options) in loaders.items():
+        seconds = build(python, out, inputs, options)
         print(f"{name.split(' on ')[0]}: built {out} ({size_mb(out):,.0f} MB) in {seconds:.0f} s", flush=True)
     print(f"\n{a.files} inputs x {a.rows_per_file:,} rows, {a.n_var:,} genes, {a.nnz} nnz/row; batch {BATCH}, "
           f"shuffled, median of {a.runs} runs\n")
@@ -74,7 +78,7 @@ def main() -> None:
     for chunk, preload in ((256, 64), (32, 512)):
         results: dict[str, list[dict]] = {name: [] for name in loaders}
         for _ in range(a.runs):
-            for name, (python, out, zarrs) in loaders.items():
+            for name, (python, out, zarrs, _) in loaders.items():
                 args = {"path": str(out), "batch": BATCH, "chunk": chunk, "preload": preload, "shuffle": True,
                         "hold_s": 0, "max_rows": a.max_rows, "checksum": False, "zarrs": zarrs, "collection": True}
                 results[name].append(run_child(python, args))

@@ -561,6 +561,8 @@ class Loader(_IterableBase):
         if splits is None:
             n_rows = sum(c.stop - c.start for c in request.chunks)
             splits = default_splits(n_rows, self._sampler.batch_size)
+        # On the GPU path, our chunk reader decodes straight into the pinned staging buffers.
+        allocate = copier.allocate if copier is not None else empty_window
         # Dense rows from chunk-readable sources go straight into batch order: one row copy,
         # from a chunk still in cache, and batches are views of one buffer per window. CSR rows
         # are short runs of elements that numpy can only scatter element by element (an 8-byte
@@ -569,7 +571,6 @@ class Loader(_IterableBase):
         if len(dense) == len(self._sources):
             placement = plan_placement(request.chunks, splits, offsets)
             if placement is not None:  # None: a row repeats within the window
-                allocate = copier.allocate if copier is not None else empty_window
                 out = read_placed(placement, dense, executor, threads, stop, allocate)
                 if copier is not None:
                     out = gpu.to_device([out], copier)  # batches: views of the device window
@@ -583,7 +584,6 @@ class Loader(_IterableBase):
         # each chunk once by themselves need no merging across gaps.
         grids = [None if s.reads_chunks_once else s for s in self._sources]
         plan = plan_reads(request.chunks, offsets, grids)
-        allocate = copier.allocate if copier is not None else empty_window
         blocks = read_plan(plan, self._sources, executor, threads, stop, allocate)
         splits = [plan.positions[s] for s in splits]  # request order -> memory order
         indices = [plan.index[s] for s in splits]

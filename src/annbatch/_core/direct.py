@@ -355,10 +355,7 @@ class DirectArray:
                     j += 1
                 encoded = self._read_encoded(c, files)
                 if encoded is None:
-                    for lo, hi, at in zip(
-                        src_lo[i:j].tolist(), src_hi[i:j].tolist(), dst[i:j].tolist(), strict=True
-                    ):
-                        out[at : at + hi - lo] = self._fill
+                    self._fill_pieces(out, src_lo[i:j], src_hi[i:j], dst[i:j])
                 elif j == i + 1 and whole_rows and src_lo[i] == 0 and src_hi[i] == rows:
                     self._decode(encoded, out[dst[i] : dst[i] + rows], c)
                 else:
@@ -370,6 +367,13 @@ class DirectArray:
         finally:
             for fd in files.values():
                 os.close(fd)
+
+    def _fill_pieces(
+        self, out: np.ndarray, src_lo: np.ndarray, src_hi: np.ndarray, dst: np.ndarray
+    ) -> None:
+        """Pieces of a chunk that was never written: the array's fill value."""
+        for lo, hi, at in zip(src_lo.tolist(), src_hi.tolist(), dst.tolist(), strict=True):
+            out[at : at + hi - lo] = self._fill
 
     def _run_raw(
         self, out: np.ndarray, pieces: tuple[np.ndarray, ...], start: int, stop: int
@@ -424,10 +428,7 @@ class DirectArray:
                         except FileNotFoundError:  # a chunk file never written
                             fd = None
                 if fd is None:  # never written: the fill value
-                    for lo, hi, at in zip(
-                        src_lo[i:j].tolist(), src_hi[i:j].tolist(), dst[i:j].tolist(), strict=True
-                    ):
-                        out[at : at + hi - lo] = self._fill
+                    self._fill_pieces(out, src_lo[i:j], src_hi[i:j], dst[i:j])
                     continue
                 if j - i >= _SPAN_MIN_PIECES:
                     flush()

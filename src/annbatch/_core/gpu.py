@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from concurrent.futures import Executor
 
+    from annbatch._core.reader import Role
     from annbatch._core.types import Block
 
 _SPARSE_DTYPES = frozenset(
@@ -109,7 +110,7 @@ class CopyStream:
         self._threads = threads
         self._staging: list[np.ndarray] = []
 
-    def allocate(self, role: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    def allocate(self, role: Role, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """Where the reader puts a window (see :data:`annbatch._core.reader.Allocate`): the
         pinned staging buffer that :meth:`upload` copies that part from, so that the window
         is decoded straight into pinned memory and never copied on the host.
