@@ -100,7 +100,7 @@ def test_read_error_reaches_the_loop(tmp_path):
     batches = iter(loader)
     seen = [next(batches)["X"] for _ in range(5)]  # the batches before the damaged chunk
     np.testing.assert_array_equal(np.concatenate(seen), x[:40])
-    with pytest.raises(CorruptChunkError, match="chunk 5") as info:
+    with pytest.raises(CorruptChunkError, match="chunk c/5/0") as info:
         next(batches)
     assert "_decode" in [f.name for f in traceback.extract_tb(info.value.__traceback__)]
     _wait_for_no_producers()

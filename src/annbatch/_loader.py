@@ -125,6 +125,11 @@ class Loader(_IterableBase):
         Number of windows read in a background thread while the current window's batches are
         consumed; 0 reads in the consuming thread. Each window in flight holds
         ``chunk_size * preload_nchunks`` rows in memory.
+    verify_checksums
+        Chunks that carry a CRC32C checksum (annbatch collections do) are verified whenever
+        they are read whole, which is always the case for compressed chunks. Uncompressed
+        chunks are read in part, only the wanted rows' bytes; ``True`` reads each of those
+        whole too, and verifies it (slower: see the README for the measured cost).
 
     Examples
     --------
@@ -154,6 +159,7 @@ class Loader(_IterableBase):
         rng: np.random.Generator | None = None,
         to: Literal["numpy", "torch", "jax"] | None = None,
         read_ahead: int = 1,
+        verify_checksums: bool = False,
     ) -> None:
         sampler_args = {
             "chunk_size": chunk_size,
@@ -199,10 +205,12 @@ class Loader(_IterableBase):
             numpy=False,
             hint=" (windows read in the background)",
         )
-        if not isinstance(return_index, bool):
-            msg = f"return_index must be a bool, got {return_index!r}"
-            raise InvalidArgumentError(msg)
+        for name, flag in (("return_index", return_index), ("verify_checksums", verify_checksums)):
+            if not isinstance(flag, bool):
+                msg = f"{name} must be a bool, got {flag!r}"
+                raise InvalidArgumentError(msg)
         self._return_index = return_index
+        self._verify_checksums = verify_checksums
         self._sources: list[RowSource] = []
         self._obs: list[pd.DataFrame | None] = []
         self._obs_all: pd.DataFrame | None = None  # concatenation of self._obs, built lazily
@@ -303,7 +311,10 @@ class Loader(_IterableBase):
             )
             raise ObsMismatchError(msg)
         first = len(self._sources)
-        new = [as_row_source(d, where=f"dataset {first + i}") for i, d in enumerate(datasets)]
+        new = [
+            as_row_source(d, where=f"dataset {first + i}", verify_checksums=self._verify_checksums)
+            for i, d in enumerate(datasets)
+        ]
         for i, (source, o) in enumerate(zip(new, obs_list, strict=True)):
             self._check_compatible(
                 source,

@@ -10,7 +10,11 @@ fits it, so callers can catch either::
     ├── UnsupportedDatasetError   (TypeError)     an array type or sparse format we cannot read
     ├── ClosedDatasetError        (ValueError)    an HDF5 dataset whose file was closed
     ├── LoaderBusyError           (RuntimeError)  changing a Loader while it is being iterated
-    ├── CorruptChunkError         (OSError)       on-disk bytes that do not decode
+    ├── StoreReadError            (OSError)       reading stored rows failed (names store, array, rows)
+    │   └── CorruptChunkError     (OSError)       on-disk bytes that do not decode, or the wrong size
+    │       └── ChecksumMismatchError (OSError)   a chunk whose bytes do not match their checksum
+    ├── CorruptDataError          (ValueError)    stored structure that contradicts itself (CSR indptr,
+    │                                             column indices out of range, array metadata)
     ├── InputFileError            (OSError)       a collection input that is missing or unreadable
     ├── CollectionPathError       (FileExistsError)  a collection path that holds something else
     ├── IncompleteCollectionError (RuntimeError)  a collection whose build did not finish
@@ -49,8 +53,27 @@ class LoaderBusyError(AnnbatchError, RuntimeError):
     """A Loader was changed while an iteration over it was running."""
 
 
-class CorruptChunkError(AnnbatchError, OSError):
-    """A chunk's bytes on disk could not be decoded (truncated or damaged file)."""
+class StoreReadError(AnnbatchError, OSError):
+    """Reading stored rows failed; the message names the store, the array and the rows or chunk.
+
+    The error of the library underneath (h5py, zarr, a codec, the operating system) is chained
+    as ``__cause__``.
+    """
+
+
+class CorruptChunkError(StoreReadError):
+    """A chunk's bytes on disk could not be decoded, or have the wrong size (a truncated or
+    damaged file)."""
+
+
+class ChecksumMismatchError(CorruptChunkError):
+    """A chunk's bytes do not match the CRC32C checksum stored with them."""
+
+
+class CorruptDataError(AnnbatchError, ValueError):
+    """Stored data contradicts itself: a CSR ``indptr`` that decreases or does not match the
+    stored entries, column indices outside ``[0, n_var)``, or array metadata that does not fit
+    the files. Raised before the data reaches any code that trusts it."""
 
 
 class InputFileError(AnnbatchError, OSError):

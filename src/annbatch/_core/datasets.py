@@ -9,6 +9,7 @@ reopen them read-only in the receiving process (DataLoader workers).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
@@ -22,10 +23,17 @@ import zarr
 from annbatch._core.direct import DirectArray, direct_array
 from annbatch._core.ranges import expand_ranges
 from annbatch._core.types import ReadJob, csr_from_arrays
-from annbatch.errors import ClosedDatasetError, UnsupportedDatasetError
+from annbatch._core.validate import check_indices, check_indptr
+from annbatch.errors import (
+    AnnbatchError,
+    ClosedDatasetError,
+    CorruptDataError,
+    StoreReadError,
+    UnsupportedDatasetError,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from annbatch._core.types import Block
 
@@ -116,9 +124,24 @@ def _describe_array(arr: Any) -> str:
             return f"{arr.name} in {arr.file.filename}"
         except (ValueError, RuntimeError):  # closed file: h5py can no longer resolve names
             return "HDF5 object in a closed file"
-    if isinstance(arr, zarr.Array):
-        return f"zarr array {arr.store_path}"
+    if isinstance(arr, zarr.Array | zarr.Group):
+        return f"{arr.store_path}"
     return "in-memory array"
+
+
+@contextmanager
+def read_errors(source: RowSource, rows: str) -> Iterator[None]:
+    """Turn a failure of the library underneath (h5py, zarr, a codec, the OS) while reading
+    ``rows`` of ``source`` into a :class:`~annbatch.errors.StoreReadError` that names them,
+    or a :class:`~annbatch.errors.ClosedDatasetError` if the source's file was closed."""
+    try:
+        yield
+    except (AnnbatchError, MemoryError):
+        raise
+    except Exception as e:
+        source.check_open()  # an HDF5 file closed mid-iteration: say so
+        msg = f"reading {rows} of {source.describe()} failed: {type(e).__name__}: {e}"
+        raise StoreReadError(msg) from e
 
 
 def _chunk_len(array: Any) -> int | None:
@@ -156,10 +179,12 @@ class DenseSource:
 
     is_sparse = False
 
-    def __init__(self, array: zarr.Array | h5py.Dataset | np.ndarray) -> None:
+    def __init__(
+        self, array: zarr.Array | h5py.Dataset | np.ndarray, *, verify_checksums: bool = False
+    ) -> None:
         self._array = array
         self._type: type = type(array) if not isinstance(array, np.ndarray) else np.ndarray
-        self._direct = direct_array(array)
+        self._direct = direct_array(array, verify_checksums=verify_checksums)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -196,7 +221,9 @@ class DenseSource:
     def read(self, start: int, stop: int) -> np.ndarray:
         # A slice of an in-memory array is a view: copy it, so that yielded batches (and the
         # tensors sharing their memory) never alias the user's array.
-        return _owned(self._array[start:stop], in_memory=isinstance(self._array, np.ndarray))
+        with read_errors(self, f"rows {start}:{stop}"):
+            rows = self._array[start:stop]
+        return _owned(rows, in_memory=isinstance(self._array, np.ndarray))
 
     def check_open(self) -> None:
         _check_h5_open(self._array, self.describe())
@@ -217,8 +244,11 @@ class DenseSource:
         self._direct = state["direct"]
 
 
-def _direct_pair(data: Any, indices: Any) -> tuple[DirectArray, DirectArray] | None:
-    direct_data, direct_indices = direct_array(data), direct_array(indices)
+def _direct_pair(
+    data: Any, indices: Any, *, verify_checksums: bool
+) -> tuple[DirectArray, DirectArray] | None:
+    direct_data = direct_array(data, verify_checksums=verify_checksums)
+    direct_indices = direct_array(indices, verify_checksums=verify_checksums)
     if direct_data is None or direct_indices is None:
         return None
     return direct_data, direct_indices
@@ -241,25 +271,68 @@ class CSRSource:
         shape: tuple[int, int],
         dataset_type: type,
         container: Any = None,
+        *,
+        verify_checksums: bool = False,
     ) -> None:
         self._data = data
         self._indices = indices
-        self._indptr = np.asarray(indptr, dtype=np.int64)
         self._shape = shape
         self._type = dataset_type
         self._container = container
-        self._direct = _direct_pair(data, indices)
+        self._indptr = self._checked_indptr(indptr)
+        self._direct = _direct_pair(data, indices, verify_checksums=verify_checksums)
+
+    def _checked_indptr(self, indptr: np.ndarray) -> np.ndarray:
+        """``indptr`` as int64, after checking the structure around it (see
+        :mod:`annbatch._core.validate`)."""
+        where = self.describe()
+        for name, array in (("data", self._data), ("indices", self._indices)):
+            if len(getattr(array, "shape", ())) != 1:
+                msg = f"{where}: {name} must be a 1-D array, got shape {getattr(array, 'shape', None)}"
+                raise CorruptDataError(msg)
+        if np.dtype(self._indices.dtype).kind not in "iu":
+            msg = f"{where}: column indices have dtype {self._indices.dtype}; expected integers"
+            raise CorruptDataError(msg)
+        if len(self._shape) != 2 or min(self._shape) < 0:
+            msg = f"{where}: shape {self._shape} is not that of a matrix"
+            raise CorruptDataError(msg)
+        nnz = min(int(self._data.shape[0]), int(self._indices.shape[0]))
+        return check_indptr(
+            indptr,
+            n_obs=self._shape[0],
+            nnz=nnz,
+            exact=not isinstance(self._data, np.ndarray),
+            where=where,
+        )
 
     @classmethod
-    def from_anndata(cls, dataset: anndata.abc.CSRDataset) -> CSRSource:
+    def from_anndata(
+        cls, dataset: anndata.abc.CSRDataset, *, verify_checksums: bool = False
+    ) -> CSRSource:
         group = dataset.group
+        where = f"anndata.abc.CSRDataset ({_describe_array(group)})"
+        missing = [k for k in ("data", "indices", "indptr") if k not in group]
+        if missing:
+            msg = (
+                f"{where} has no {', '.join(missing)}; it is not a CSR matrix in anndata's encoding"
+            )
+            raise CorruptDataError(msg)
+        try:
+            indptr = np.asarray(group["indptr"][...])
+            shape = tuple(int(n) for n in dataset.shape)
+        except (AnnbatchError, MemoryError):
+            raise
+        except Exception as e:
+            msg = f"reading indptr of {where} failed: {type(e).__name__}: {e}"
+            raise StoreReadError(msg) from e
         return cls(
             group["data"],
             group["indices"],
-            np.asarray(group["indptr"][...]),
-            tuple(int(n) for n in dataset.shape),  # type: ignore[arg-type]
+            indptr,
+            shape,  # type: ignore[arg-type]
             anndata.abc.CSRDataset,
             container=group,
+            verify_checksums=verify_checksums,
         )
 
     @classmethod
@@ -322,15 +395,35 @@ class CSRSource:
         indptr = np.zeros(rows.size + 1, dtype=np.int64)
         np.cumsum(self._indptr[rows + 1] - self._indptr[rows], out=indptr[1:])
         shape = (rows.size, self._shape[1])
-        return ReadJob(tasks, lambda: [csr_from_arrays(data, indices, indptr, shape)])
+
+        def result() -> list[Block]:
+            check_indices(indices, n_var=self._shape[1], where=self._rows_read(starts, stops))
+            return [csr_from_arrays(data, indices, indptr, shape)]
+
+        return ReadJob(tasks, result)
+
+    def _rows_read(self, starts: np.ndarray, stops: np.ndarray) -> str:
+        """The rows of a read, as named in errors."""
+        span = f"rows {int(starts[0])}:{int(stops[-1])}" if len(starts) else "no rows"
+        return f"{self.describe()}, {span}"
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         lo, hi = int(self._indptr[start]), int(self._indptr[stop])
         in_memory = isinstance(self._data, np.ndarray)  # see DenseSource.read
-        data = _owned(self._data[lo:hi], in_memory=in_memory)
-        indices = _owned(self._indices[lo:hi], in_memory=in_memory)
+        with read_errors(self, f"rows {start}:{stop} (entries {lo}:{hi})"):
+            data = _owned(self._data[lo:hi], in_memory=in_memory)
+            indices = _owned(self._indices[lo:hi], in_memory=in_memory)
+        if data.shape != (hi - lo,) or indices.shape != (hi - lo,):
+            msg = (
+                f"{self.describe()}, rows {start}:{stop}: read {data.size} values and "
+                f"{indices.size} column indices where indptr says {hi - lo}; the store is damaged"
+            )
+            raise CorruptDataError(msg)
+        check_indices(
+            indices, n_var=self._shape[1], where=f"{self.describe()}, rows {start}:{stop}"
+        )
         indptr = self._indptr[start : stop + 1] - lo
-        return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self._shape[1]))
+        return csr_from_arrays(data, indices, indptr, (stop - start, self._shape[1]))
 
     def check_open(self) -> None:
         _check_h5_open(self._container, self.describe())
@@ -374,7 +467,7 @@ class CSRSource:
         self._direct = state["direct"]
 
 
-def as_row_source(dataset: object, *, where: str) -> RowSource:
+def as_row_source(dataset: object, *, where: str, verify_checksums: bool = False) -> RowSource:
     """Wrap a user's array in the matching :class:`RowSource`, or explain why it cannot be.
 
     Parameters
@@ -383,6 +476,9 @@ def as_row_source(dataset: object, *, where: str) -> RowSource:
         The array to read from.
     where
         How to name the dataset in errors, e.g. ``"dataset 2"``.
+    verify_checksums
+        Verify the checksum of every chunk read, also of chunks that are only partly wanted
+        (see :func:`annbatch._core.direct.direct_array`).
     """
     if isinstance(dataset, anndata.abc.CSCDataset):
         msg = (
@@ -392,7 +488,7 @@ def as_row_source(dataset: object, *, where: str) -> RowSource:
         raise UnsupportedDatasetError(msg)
     if isinstance(dataset, anndata.abc.CSRDataset):
         _check_h5_open(dataset.group, where)
-        return CSRSource.from_anndata(dataset)
+        return CSRSource.from_anndata(dataset, verify_checksums=verify_checksums)
     if isinstance(dataset, sp.sparray | sp.spmatrix):
         if not isinstance(dataset, sp.csr_matrix | sp.csr_array):
             msg = f"{where} is a scipy.sparse matrix in {dataset.format.upper()} format; expected CSR (convert with `.tocsr()`)"
@@ -403,7 +499,7 @@ def as_row_source(dataset: object, *, where: str) -> RowSource:
         if dataset.ndim < 2:
             msg = f"{where} has shape {dataset.shape}; expected at least 2 dimensions (rows, columns, ...)"
             raise UnsupportedDatasetError(msg)
-        return DenseSource(dataset)
+        return DenseSource(dataset, verify_checksums=verify_checksums)
     if isinstance(dataset, zarr.Group | h5py.Group):
         msg = (
             f"{where} is a {type(dataset).__name__}; if it holds a sparse matrix, open it with "
