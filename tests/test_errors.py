@@ -52,11 +52,12 @@ def test_mixed_dataset_types(pool, loader):
     loader.add_dataset(pool.get("zarr", "dense", 10).x)
     with pytest.raises(
         IncompatibleDatasetsError,
-        match=r"dataset 1 .* is a CSRDataset; the Loader's datasets are Array",
+        match=r"dataset 1 .* has type anndata.abc.CSRDataset; the Loader's datasets have type zarr.Array",
     ):
         loader.add_dataset(pool.get("zarr", "sparse", 10).x)
     with pytest.raises(
-        IncompatibleDatasetsError, match="is a Dataset; the Loader's datasets are Array"
+        IncompatibleDatasetsError,
+        match="has type h5py.Dataset; the Loader's datasets have type zarr.Array",
     ):
         loader.add_dataset(pool.get("h5ad", "dense", 10).x)
 

@@ -15,6 +15,7 @@ from annbatch.samplers import ChunkSampler
 if TYPE_CHECKING:
     from annbatch._anndata_io import load_x_and_obs
     from annbatch._loader import Loader
+    from annbatch._scrub import verify
     from annbatch.collection import DatasetCollection
 
 __version__ = "0.1.0.dev0"
@@ -27,12 +28,14 @@ __all__ = [
     "errors",
     "load_x_and_obs",
     "samplers",
+    "verify",
 ]
 
 _LAZY = {
     "Loader": "annbatch._loader",
     "load_x_and_obs": "annbatch._anndata_io",
     "DatasetCollection": "annbatch.collection",
+    "verify": "annbatch._scrub",
 }
 
 

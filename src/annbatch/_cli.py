@@ -1,4 +1,5 @@
-"""Command line: ``annbatch build`` writes a collection, ``annbatch info`` describes one."""
+"""Command line: ``annbatch build`` writes a collection, ``annbatch info`` describes one,
+``annbatch verify`` scrubs a store or a collection."""
 
 from __future__ import annotations
 
@@ -68,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
         description="Print a collection's datasets: rows, genes, dtype, codec, chunking and size on disk.",
     )
     info.add_argument("store", type=Path, help="the collection's folder")
+    verify = commands.add_parser(
+        "verify",
+        help="read and check every chunk of a store or a collection",
+        description=(
+            "Read every chunk of every array of a zarr store (an AnnData store or a "
+            "collection) or an h5ad file: decode it, verify its CRC32C checksum where it has "
+            "one, check shard indexes and CSR structure (indptr, column indices). Prints every "
+            "bad chunk (array, chunk, what is wrong); exits 1 if there is any."
+        ),
+    )
+    verify.add_argument("store", type=Path, help="a .zarr folder, a collection or a .h5ad file")
     return parser
 
 
@@ -79,6 +91,19 @@ def _human(n_bytes: float) -> str:
     return f"{n_bytes:.1f} TB"
 
 
+def _verify(store: Path) -> int:
+    from annbatch._scrub import verify
+
+    problems = verify(store)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{store}: {len(problems)} bad chunks or arrays", file=sys.stderr)
+        return 1
+    print(f"{store}: every chunk read and checked, no problems")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -86,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from annbatch.errors import AnnbatchError
 
     try:
+        if args.command == "verify":
+            return _verify(args.store)
         if args.command == "build":
             genes = None
             if args.genes is not None:

@@ -390,8 +390,9 @@ class Loader(_IterableBase):
         ref = earlier[0]
         if source.dataset_type is not ref.dataset_type:
             msg = (
-                f"{where} is a {source.dataset_type.__name__}; the Loader's datasets are "
-                f"{ref.dataset_type.__name__}. All datasets of one Loader must be of one type"
+                f"{where} has type {_type_name(source.dataset_type)}; the Loader's datasets "
+                f"have type {_type_name(ref.dataset_type)}. All datasets of one Loader must "
+                "be of one type"
             )
             raise IncompatibleDatasetsError(msg)
         if source.shape[1:] != ref.shape[1:]:
@@ -633,6 +634,13 @@ class _Window:
     """The batches: futures being cut on the read threads, or batches cut on the GPU."""
     indices: list[np.ndarray]
     """Global row positions of each batch's rows."""
+
+
+def _type_name(t: type) -> str:
+    """A type as users spell it: ``zarr.Array``, ``anndata.abc.CSRDataset``..."""
+    if t.__name__ == "CSRDataset":
+        return "anndata.abc.CSRDataset"
+    return f"{t.__module__.split('.')[0]}.{t.__qualname__}"
 
 
 def _parse_output(*, to_torch: bool | None, to: str | None) -> OutputKind:

@@ -66,7 +66,8 @@ def direct_array(array: object, *, verify_checksums: bool = False) -> DirectArra
 
 def _crc32c(buffer: Any) -> bytes:
     """The CRC32C of ``buffer`` as zarr's ``crc32c`` codec stores it (4 bytes, little-endian)."""
-    return int(google_crc32c.value(buffer)).to_bytes(4, "little")
+    # google_crc32c takes numpy arrays (any buffer, without a copy), but not memoryviews.
+    return int(google_crc32c.value(np.frombuffer(buffer, dtype=np.uint8))).to_bytes(4, "little")
 
 
 class DirectArray:

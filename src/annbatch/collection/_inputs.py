@@ -71,7 +71,8 @@ def _x_of(x: Any, name: str) -> tuple[Any, bool]:
         return x, True
     if isinstance(x, np.ndarray | h5py.Dataset | zarr.Array) and x.ndim == 2:
         return x, False
-    msg = f"{name}: X is a {type(x).__name__}; expected a 2-D dense array or a CSR matrix"
+    kind = f"{type(x).__module__.split('.')[0]}.{type(x).__qualname__}"
+    msg = f"{name}: X has type {kind}; expected a 2-D dense array or a CSR matrix"
     raise UnsupportedDatasetError(msg)
 
 

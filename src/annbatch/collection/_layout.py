@@ -7,6 +7,10 @@ on-disk chunk decodes data it then drops: on-disk chunks are kept small and the 
 that decodes fast (LZ4). Without one (the default), the Loader reads exactly the bytes of the
 rows it wants, straight into its buffers: nothing is decoded or dropped, at the price of a
 store several times larger than a compressed one.
+
+Every array of a collection (X's, and obs' and var's columns) carries a CRC32C checksum per
+chunk (zarr v3's ``crc32c`` codec, last in the chain): the Loader verifies it whenever it reads
+a chunk whole, zarr-python whenever it reads one, and ``annbatch verify`` scrubs them all.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
 from annbatch.errors import InvalidArgumentError
 
@@ -53,14 +57,19 @@ def parse_compression(value: object) -> Compression:
     return value  # type: ignore[return-value]
 
 
-def compressors(compression: Compression) -> Any:
-    """The zarr codec for ``compression``: none; LZ4 inside blosc with byte shuffle (decodes
-    about twice as fast as zstd); or zstd (smallest, slowest to decode)."""
+def compressors(compression: Compression) -> list[Any]:
+    """The zarr bytes-to-bytes codecs for ``compression``, then a CRC32C checksum: none; LZ4
+    inside blosc with byte shuffle (decodes about twice as fast as zstd); or zstd (smallest,
+    slowest to decode)."""
     if compression == "lz4":
-        return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
     if compression == "zstd":
-        return ZstdCodec(level=3)
-    return None
+        return [ZstdCodec(level=3), Crc32cCodec()]
+    return [Crc32cCodec()]
+
+
+OBS_CODECS = {"compressors": [ZstdCodec(level=3), Crc32cCodec()]}
+"""Codecs of obs' and var's arrays: read once, when a dataset is opened; small is what counts."""
 
 
 def dense_chunk_rows(n_var: int, itemsize: int) -> int:
@@ -99,8 +108,8 @@ def write_dataset(
                 "compressors": compressors(compression),
             }
         ad.io.write_elem(group, "X", x, dataset_kwargs=kwargs)
-        ad.io.write_elem(group, "obs", obs)
-        ad.io.write_elem(group, "var", pd.DataFrame(index=var_names))
+        ad.io.write_elem(group, "obs", obs, dataset_kwargs=OBS_CODECS)
+        ad.io.write_elem(group, "var", pd.DataFrame(index=var_names), dataset_kwargs=OBS_CODECS)
     group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
 
 
@@ -113,7 +122,7 @@ def describe_x(group: zarr.Group) -> dict[str, Any]:
     codecs = list(getattr(array.metadata, "codecs", ()))
     if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
         codecs = list(codecs[0].codecs)
-    names = [_codec_name(c) for c in codecs if not isinstance(c, BytesCodec)]
+    names = [_codec_name(c) for c in codecs if not isinstance(c, BytesCodec | Crc32cCodec)]
     return {
         "n_obs": int(shape[0]),
         "n_var": int(shape[1]),
@@ -122,6 +131,7 @@ def describe_x(group: zarr.Group) -> dict[str, Any]:
         "chunks": tuple(array.chunks),
         "shards": tuple(array.shards) if array.shards else None,
         "codec": " + ".join(names) or "none",
+        "checksum": any(isinstance(c, Crc32cCodec) for c in codecs),
     }
 
 

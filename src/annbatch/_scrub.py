@@ -1,0 +1,190 @@
+"""Scrub a store: read every chunk of every array, check it, and name every bad one.
+
+``annbatch verify STORE`` and :func:`annbatch.verify` run this over a zarr store (an AnnData
+store or a whole collection) or an h5ad file. Each chunk is read on its own, so one bad chunk
+is reported and the scrub goes on:
+
+- zarr arrays that annbatch's chunk reader understands are read with it, with every check it
+  makes (shard index entries inside their file, CRC32C of shard indexes and of every chunk that
+  carries one, the decoded size); other zarr arrays are read through zarr-python chunk by chunk;
+- HDF5 datasets are read chunk by chunk (or in blocks, when not chunked) through h5py;
+- CSR matrices in anndata's encoding get the Loader's structural checks: ``indptr`` (length,
+  starts at 0, never decreases, ends at the stored entries) and every column index in range.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import h5py
+import numpy as np
+import zarr
+
+from annbatch._core.direct import direct_array
+from annbatch._core.validate import check_indices, check_indptr
+from annbatch.errors import AnnbatchError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+_BLOCK_BYTES = 64 * 2**20  # rows read at once from an array that is not chunked
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong in a store."""
+
+    array: str
+    """The array (or group), as a path inside the store."""
+    chunk: str
+    """The chunk (its key, or the rows), or ``"-"`` for the array as a whole."""
+    problem: str
+    """What was wrong."""
+
+    def __str__(self) -> str:
+        return f"{self.array} [{self.chunk}]: {self.problem}"
+
+
+def verify(path: str | os.PathLike[str]) -> list[Problem]:
+    """Read and check every chunk of every array of a store; return what is wrong (empty: all
+    good).
+
+    Parameters
+    ----------
+    path
+        A zarr store's directory (an AnnData store or an annbatch collection) or an ``.h5ad``
+        file.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        msg = f"{path} does not exist"
+        raise InvalidArgumentError(msg)
+    if os.path.isfile(path):
+        try:
+            with h5py.File(path, "r") as f:
+                return list(_scrub_h5(f))
+        except OSError as e:
+            return [Problem("/", "-", f"not readable as an HDF5 file: {e}")]
+    try:
+        root = zarr.open_group(path, mode="r")
+    except Exception as e:
+        return [Problem("/", "-", f"not readable as a zarr group: {type(e).__name__}: {e}")]
+    return list(_scrub_zarr(root))
+
+
+def _scrub_zarr(group: zarr.Group, prefix: str = "") -> Iterator[Problem]:
+    try:
+        members = sorted(group.members(), key=lambda m: m[0])
+    except Exception as e:
+        yield Problem(prefix or "/", "-", f"cannot list its members: {type(e).__name__}: {e}")
+        return
+    for name, member in members:
+        where = f"{prefix}/{name}"
+        if isinstance(member, zarr.Group):
+            yield from _scrub_zarr(member, where)
+            if member.attrs.get("encoding-type") == "csr_matrix":
+                yield from _check_csr(member, where)
+        else:
+            yield from _scrub_zarr_array(member, where)
+
+
+def _scrub_zarr_array(array: zarr.Array, where: str) -> Iterator[Problem]:
+    direct = direct_array(array, verify_checksums=True)
+    if direct is not None:
+        rows, n = direct.rows_per_chunk, int(array.shape[0])
+        seen: set[str] = set()
+        scratch = np.empty((min(rows, max(n, 1)), *direct.shape[1:]), dtype=direct.dtype)
+        for c in range(-(-n // rows)):
+            lo, hi = c * rows, min(n, (c + 1) * rows)
+            try:
+                for task in direct.tasks(np.array([lo]), np.array([hi]), scratch[: hi - lo], 1):
+                    task()
+            except AnnbatchError as e:
+                if str(e) not in seen:  # a bad shard index fails each of its chunks alike
+                    seen.add(str(e))
+                    yield Problem(where, _chunk_key(array, (c,)), str(e))
+        return
+    grid = [range(-(-int(s) // int(c))) for s, c in zip(array.shape, array.chunks, strict=True)]
+    for coords in np.ndindex(*(len(g) for g in grid)) if grid else [()]:
+        region = tuple(
+            slice(i * int(c), (i + 1) * int(c)) for i, c in zip(coords, array.chunks, strict=True)
+        )
+        yield from _attempt(partial(array.__getitem__, region), where, _chunk_key(array, coords))
+
+
+def _chunk_key(array: zarr.Array, coords: tuple[int, ...]) -> str:
+    coords = coords + (0,) * (array.ndim - len(coords))
+    try:
+        return str(array.metadata.encode_chunk_key(coords))
+    except Exception:
+        return "/".join(map(str, coords)) or "0"
+
+
+def _attempt(read: Callable[[], Any], where: str, chunk: str) -> Iterator[Problem]:
+    try:
+        read()
+    except MemoryError:
+        raise
+    except Exception as e:
+        yield Problem(where, chunk, f"{type(e).__name__}: {e}")
+
+
+def _scrub_h5(group: h5py.Group, prefix: str = "") -> Iterator[Problem]:
+    for name in sorted(group):
+        where = f"{prefix}/{name}"
+        try:
+            member = group[name]
+        except Exception as e:
+            yield Problem(where, "-", f"cannot open: {type(e).__name__}: {e}")
+            continue
+        if isinstance(member, h5py.Group):
+            yield from _scrub_h5(member, where)
+            if member.attrs.get("encoding-type") == "csr_matrix":
+                yield from _check_csr(member, where)
+        elif isinstance(member, h5py.Dataset):
+            yield from _scrub_h5_dataset(member, where)
+
+
+def _scrub_h5_dataset(dataset: h5py.Dataset, where: str) -> Iterator[Problem]:
+    if dataset.shape is None or dataset.ndim == 0:
+        yield from _attempt(partial(dataset.__getitem__, ()), where, "-")
+        return
+    if dataset.chunks is not None:
+        for region in dataset.iter_chunks():
+            key = ",".join(f"{s.start}:{s.stop}" for s in region)
+            yield from _attempt(partial(dataset.__getitem__, region), where, key)
+        return
+    row_bytes = max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:], dtype=np.int64)))
+    step = max(1, _BLOCK_BYTES // row_bytes)
+    for lo in range(0, dataset.shape[0], step):
+        hi = min(dataset.shape[0], lo + step)
+        yield from _attempt(partial(dataset.__getitem__, slice(lo, hi)), where, f"rows {lo}:{hi}")
+
+
+def _check_csr(group: Any, where: str) -> Iterator[Problem]:
+    """The Loader's structural checks of a CSR matrix in anndata's encoding."""
+    try:
+        shape = tuple(int(n) for n in group.attrs["shape"])
+        data, indices = group["data"], group["indices"]
+        indptr = check_indptr(
+            group["indptr"][...],
+            n_obs=shape[0],
+            nnz=min(int(data.shape[0]), int(indices.shape[0])),
+            exact=True,
+            where=f"{where}/indptr",
+        )
+        step = max(1, _BLOCK_BYTES // max(1, indices.dtype.itemsize))
+        for lo in range(0, int(indptr[-1]), step):
+            hi = min(int(indptr[-1]), lo + step)
+            try:
+                block = np.asarray(indices[lo:hi])
+            except Exception:
+                continue  # reported by the chunk scrub above
+            check_indices(block, n_var=shape[1], where=f"{where}/indices, entries {lo}:{hi}")
+    except AnnbatchError as e:
+        yield Problem(where, "-", str(e))
+    except Exception as e:
+        yield Problem(where, "-", f"not a readable CSR matrix: {type(e).__name__}: {e}")
