@@ -57,7 +57,7 @@ def test_mixed_dataset_types(pool, loader):
         loader.add_dataset(pool.get("zarr", "sparse", 10).x)
     with pytest.raises(
         IncompatibleDatasetsError,
-        match="has type h5py.Dataset; the Loader's datasets have type zarr.Array",
+        match=r"has type h5py\.Dataset; the Loader's datasets have type zarr.Array",
     ):
         loader.add_dataset(pool.get("h5ad", "dense", 10).x)
 
