@@ -306,3 +306,36 @@ def test_dataloader_workers_are_refused(cp, pool):
     # torch's iterator, dropped after its workers failed, reports an error while it reaps
     # them: let that happen here, where it is expected, not at the end of the session.
     gc.collect()
+
+
+@gpu
+@pytest.mark.parametrize("read_ahead", [0, 1])
+@pytest.mark.parametrize("kind", KINDS)
+def test_windows_land_on_the_consumers_device(cp, pool, kind, read_ahead):
+    # Under DDP each rank makes its own GPU current before iterating; the read-ahead thread
+    # must copy to that device, not to device 0. Checked on the last device there is.
+    device = cp.cuda.runtime.getDeviceCount() - 1
+    store = pool.get("zarr", kind, 100)
+    with cp.cuda.Device(device):
+        loader = Loader(
+            preload_to_gpu=True,
+            to_torch=False,
+            chunk_size=5,
+            preload_nchunks=4,
+            batch_size=10,
+            read_ahead=read_ahead,
+        ).add_anndata(store.adata())
+        for batch in loader:
+            x = batch["X"]
+            assert (x.data if hasattr(x, "indptr") else x).device.id == device
+        torch = pytest.importorskip("torch")
+        loader = Loader(
+            preload_to_gpu=True,
+            to_torch=True,
+            chunk_size=5,
+            preload_nchunks=4,
+            batch_size=10,
+            read_ahead=read_ahead,
+        ).add_anndata(store.adata())
+        for batch in loader:
+            assert batch["X"].device == torch.device("cuda", device)

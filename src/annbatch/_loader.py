@@ -462,9 +462,11 @@ class Loader(_IterableBase):
             raise InvalidArgumentError(msg)
         for source in self._sources:
             source.check_open()
+        device = None
         if self._preload_to_gpu:
             self._check_gpu_iteration()
-        return self._iterate()
+            device = gpu.current_device()  # the consumer's (under DDP, the rank's) device
+        return self._iterate(device)
 
     def _check_gpu_iteration(self) -> None:
         if current_shard().count > 1:
@@ -477,7 +479,7 @@ class Loader(_IterableBase):
         if self._sources[0].is_sparse:
             gpu.device_sparse_dtype(self._sources[0].dtype)  # raises for dtypes CuPy cannot hold
 
-    def _iterate(self) -> Iterator[dict[str, Any]]:
+    def _iterate(self, device: int | None = None) -> Iterator[dict[str, Any]]:
         strategy: ConcatStrategy = self._concat_strategy or (
             "concat-shuffle" if self._sources[0].is_sparse else "shuffle-concat"
         )
@@ -490,7 +492,7 @@ class Loader(_IterableBase):
             self._epoch_state = None
         skip, self._resume_batches = self._resume_batches, 0
         self._batches_done, self._epoch_running = skip, True
-        windows: Iterator[_Window] = self._load_windows(strategy, stop, skip)
+        windows: Iterator[_Window] = self._load_windows(strategy, stop, skip, device)
         prefetcher = None
         if self._read_ahead:
             windows = prefetcher = Prefetcher(windows, self._read_ahead, stop=stop)
@@ -522,20 +524,33 @@ class Loader(_IterableBase):
                 gpu.release()
 
     def _load_windows(
-        self, strategy: ConcatStrategy, stop: threading.Event, skip: int = 0
+        self,
+        strategy: ConcatStrategy,
+        stop: threading.Event,
+        skip: int = 0,
+        device: int | None = None,
     ) -> Iterator[_Window]:
         """Read this process's windows of one epoch (runs in the read-ahead thread), leaving
-        out the first ``skip`` batches of the epoch (counted over all workers)."""
+        out the first ``skip`` batches of the epoch (counted over all workers). With
+        ``device`` (the GPU path), every thread it uses works on that CUDA device."""
         sampler = self._sampler
         shard = current_shard()
         if shard.seed is not None:
             sampler.reseed(shard.seed)
         offsets = dataset_offsets([s.shape[0] for s in self._sources])
         threads = read_threads(shard.count)
-        executor = ThreadPoolExecutor(threads, thread_name_prefix="annbatch-read")
         copier = None
-        if self._preload_to_gpu:
+        if device is not None:
+            gpu.use_device(device)  # before the stream and the staging buffers are made
+            executor = ThreadPoolExecutor(
+                threads,
+                thread_name_prefix="annbatch-read",
+                initializer=gpu.use_device,
+                initargs=(device,),
+            )
             copier = gpu.CopyStream(executor, threads)  # made in the thread that uses it
+        else:
+            executor = ThreadPoolExecutor(threads, thread_name_prefix="annbatch-read")
         try:
             n_obs = int(offsets[-1])
             mine: Iterable[LoadRequest]

@@ -76,6 +76,20 @@ def check_available() -> None:
         raise GPUUnavailableError(msg)
 
 
+def current_device() -> int:
+    """The calling thread's current CUDA device (under DDP, the rank's own)."""
+    return int(cupy().cuda.runtime.getDevice())
+
+
+def use_device(device: int) -> None:
+    """Make ``device`` the calling thread's current CUDA device.
+
+    The current device is per thread: a thread the Loader starts (read-ahead, read threads)
+    would otherwise work on device 0, whatever device the consumer chose.
+    """
+    cupy().cuda.Device(device).use()
+
+
 def device_sparse_dtype(dtype: np.dtype) -> np.dtype:
     """The value dtype a sparse window of ``dtype`` gets on the GPU (see the module docstring)."""
     dtype = np.dtype(dtype)
