@@ -22,7 +22,6 @@ from annbatch._core.assembler import (
     split_rows,
 )
 from annbatch._core.convert import convert
-from annbatch._core.datasets import DenseSource, as_row_source
 from annbatch._core.planner import dataset_offsets, plan_placement, plan_reads
 from annbatch._core.prefetch import Prefetcher
 from annbatch._core.reader import (
@@ -32,6 +31,7 @@ from annbatch._core.reader import (
     read_placed,
     read_plan,
 )
+from annbatch._core.sources import DenseSource, as_row_source
 from annbatch._core.workers import batches_of, current_shard, remaining_requests
 from annbatch.abc import Sampler
 from annbatch.errors import (
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
     from annbatch._core.assembler import ConcatStrategy
     from annbatch._core.convert import OutputKind
-    from annbatch._core.datasets import RowSource
+    from annbatch._core.sources import RowSource
     from annbatch.abc import LoadRequest
     from annbatch.collection import DatasetCollection
 

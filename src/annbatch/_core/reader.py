@@ -4,20 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, wait
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-
-from annbatch._core.datasets import CSRSource
-from annbatch._core.types import csr_from_arrays
 
 if TYPE_CHECKING:
     import threading
     from collections.abc import Sequence
     from concurrent.futures import Executor
 
-    from annbatch._core.datasets import DenseSource, RowSource
     from annbatch._core.planner import Placement, ReadPlan
+    from annbatch._core.sources import DenseSource, RowSource
     from annbatch._core.types import Block
 
 TASKS_PER_THREAD = 4
@@ -45,25 +42,21 @@ def read_plan(
 ) -> list[Block]:
     """Read every segment of ``plan``; the blocks hold the segments' rows in plan order.
 
-    Each dataset's segments become one :class:`~annbatch._core.types.ReadJob`; the tasks of all
-    jobs go to ``executor`` together (or run here, in order, without one), so datasets and
-    chunks are read and decoded concurrently. CSR datasets that are read chunk by chunk all
-    decode into one set of window arrays, from ``allocate``: the window is then one block,
-    never concatenated (which, single-threaded, cost as much as a third of a window's time
-    over two datasets).
+    The segments of each dataset become one part of the window; the first source builds the
+    window's job from all parts (:meth:`RowSource.window_job`), and its tasks go to
+    ``executor`` (or run here, in order, without one), so datasets and chunks are read and
+    decoded concurrently.
     """
-    groups = []
+    parts = []
     bounds = np.flatnonzero(np.diff(plan.datasets)) + 1  # reads are grouped by dataset
     for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), plan.datasets.size], strict=True):
         if hi > lo:
-            groups.append((sources[int(plan.datasets[lo])], plan.starts[lo:hi], plan.stops[lo:hi]))
-    n_tasks = TASKS_PER_THREAD * threads
-    csr = [g[0] for g in groups if isinstance(g[0], CSRSource) and g[0].reads_chunks_once]
-    if csr and len(csr) == len(groups):
-        return [_read_csr_window(groups, n_tasks, executor, cancel, allocate)]
-    jobs = [source.read_job(starts, stops, n_tasks) for source, starts, stops in groups]
-    _run([task for job in jobs for task in job.tasks], executor, cancel)
-    return [block for job in jobs for block in job.result()]
+            parts.append((sources[int(plan.datasets[lo])], plan.starts[lo:hi], plan.stops[lo:hi]))
+    if not parts:
+        return []
+    job = parts[0][0].window_job(parts, TASKS_PER_THREAD * threads, allocate)
+    _run(job.tasks, executor, cancel)
+    return job.result()
 
 
 def read_placed(
@@ -92,37 +85,6 @@ def read_placed(
     ]
     _run(tasks, executor, cancel)
     return out
-
-
-def _read_csr_window(
-    groups: list[tuple[Any, np.ndarray, np.ndarray]],
-    n_tasks: int,
-    executor: Executor | None,
-    cancel: threading.Event | None,
-    allocate: Allocate = empty_window,
-) -> Block:
-    """CSR rows of one or more datasets decoded into one window's arrays: no concatenation
-    after."""
-    sizes = [source.nnz_of(starts, stops) for source, starts, stops in groups]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    first = groups[0][0]
-    nnz = (int(offsets[-1]),)
-    data = allocate("data", nnz, np.dtype(first.dtype))
-    indices = allocate("indices", nnz, np.result_type(*(g[0].index_dtype for g in groups)))
-    jobs = [
-        source.read_job(starts, stops, n_tasks, out=(data[a:b], indices[a:b]))
-        for (source, starts, stops), a, b in zip(groups, offsets[:-1], offsets[1:], strict=True)
-    ]
-    _run([task for job in jobs for task in job.tasks], executor, cancel)
-    parts = [job.result()[0] for job in jobs]  # views of data and indices, each from entry 0
-    indptr = np.concatenate(
-        [
-            [0],
-            *(p.indptr[1:].astype(np.int64) + o for p, o in zip(parts, offsets[:-1], strict=True)),
-        ]
-    )
-    n_rows = sum(p.shape[0] for p in parts)
-    return csr_from_arrays(data, indices, indptr, (n_rows, first.shape[1]))
 
 
 class ReadCancelled(Exception):

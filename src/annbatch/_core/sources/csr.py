@@ -1,0 +1,314 @@
+"""CSR rows: matrices in anndata's on-disk CSR encoding (zarr or HDF5) and scipy CSR matrices.
+
+The structure is checked when a source is made (:mod:`annbatch._core.validate`): ``indptr``
+once, in full; column indices per window, while it is assembled.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anndata.abc
+import numpy as np
+
+from annbatch._core.direct import DirectArray, direct_array
+from annbatch._core.ranges import expand_ranges
+from annbatch._core.reader import empty_window
+from annbatch._core.sources._common import (
+    check_h5_open,
+    chunk_len,
+    describe_array,
+    h5_restore,
+    h5_state,
+    joint_job,
+    owned,
+    per_range_job,
+    read_errors,
+)
+from annbatch._core.types import ReadJob, csr_from_arrays
+from annbatch._core.validate import check_indices, check_indptr
+from annbatch.errors import AnnbatchError, CorruptDataError, StoreReadError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import scipy.sparse as sp
+
+    from annbatch._core.reader import Allocate
+    from annbatch._core.sources import RowSource
+    from annbatch._core.types import Block
+
+
+def _direct_pair(
+    data: Any, indices: Any, *, verify_checksums: bool
+) -> tuple[DirectArray, DirectArray] | None:
+    direct_data = direct_array(data, verify_checksums=verify_checksums)
+    direct_indices = direct_array(indices, verify_checksums=verify_checksums)
+    if direct_data is None or direct_indices is None:
+        return None
+    return direct_data, direct_indices
+
+
+class CSRSource:
+    """CSR rows from anndata's on-disk CSR encoding (zarr or HDF5), or from a scipy CSR matrix.
+
+    ``indptr`` is held in memory (8 bytes per row) so that any row range maps to one
+    contiguous slice of ``data`` and ``indices`` without an extra read.
+    """
+
+    is_sparse = True
+
+    def __init__(
+        self,
+        data: Any,
+        indices: Any,
+        indptr: np.ndarray,
+        shape: tuple[int, int],
+        dataset_type: type,
+        container: Any = None,
+        *,
+        verify_checksums: bool = False,
+    ) -> None:
+        self._data = data
+        self._indices = indices
+        self._shape = shape
+        self._type = dataset_type
+        self._container = container
+        self._indptr = self._checked_indptr(indptr)
+        self._direct = _direct_pair(data, indices, verify_checksums=verify_checksums)
+
+    def _checked_indptr(self, indptr: np.ndarray) -> np.ndarray:
+        """``indptr`` as int64, after checking the structure around it (see
+        :mod:`annbatch._core.validate`)."""
+        where = self.describe()
+        for name, array in (("data", self._data), ("indices", self._indices)):
+            if len(getattr(array, "shape", ())) != 1:
+                msg = f"{where}: {name} must be a 1-D array, got shape {getattr(array, 'shape', None)}"
+                raise CorruptDataError(msg)
+        if np.dtype(self._indices.dtype).kind not in "iu":
+            msg = f"{where}: column indices have dtype {self._indices.dtype}; expected integers"
+            raise CorruptDataError(msg)
+        if len(self._shape) != 2 or min(self._shape) < 0:
+            msg = f"{where}: shape {self._shape} is not that of a matrix"
+            raise CorruptDataError(msg)
+        nnz = min(int(self._data.shape[0]), int(self._indices.shape[0]))
+        return check_indptr(
+            indptr,
+            n_obs=self._shape[0],
+            nnz=nnz,
+            exact=not isinstance(self._data, np.ndarray),
+            where=where,
+        )
+
+    @classmethod
+    def from_anndata(
+        cls, dataset: anndata.abc.CSRDataset, *, verify_checksums: bool = False
+    ) -> CSRSource:
+        group = dataset.group
+        where = f"anndata.abc.CSRDataset ({describe_array(group)})"
+        missing = [k for k in ("data", "indices", "indptr") if k not in group]
+        if missing:
+            msg = (
+                f"{where} has no {', '.join(missing)}; it is not a CSR matrix in anndata's encoding"
+            )
+            raise CorruptDataError(msg)
+        try:
+            indptr = np.asarray(group["indptr"][...])
+            shape = tuple(int(n) for n in dataset.shape)
+        except (AnnbatchError, MemoryError):
+            raise
+        except Exception as e:
+            msg = f"reading indptr of {where} failed: {type(e).__name__}: {e}"
+            raise StoreReadError(msg) from e
+        return cls(
+            group["data"],
+            group["indices"],
+            indptr,
+            shape,  # type: ignore[arg-type]
+            anndata.abc.CSRDataset,
+            container=group,
+            verify_checksums=verify_checksums,
+        )
+
+    @classmethod
+    def from_scipy(cls, matrix: sp.csr_matrix | sp.csr_array) -> CSRSource:
+        return cls(
+            matrix.data,
+            matrix.indices,
+            matrix.indptr,
+            tuple(int(n) for n in matrix.shape),  # type: ignore[arg-type]
+            type(matrix),
+        )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._data.dtype)
+
+    @property
+    def dataset_type(self) -> type:
+        return self._type
+
+    @property
+    def reads_chunks_once(self) -> bool:
+        return self._direct is not None
+
+    def nnz_of(self, starts: np.ndarray, stops: np.ndarray) -> int:
+        """Stored entries in rows ``starts[i]:stops[i]``, all ranges together."""
+        return int(np.sum(self._indptr[stops] - self._indptr[starts]))
+
+    @property
+    def index_dtype(self) -> np.dtype:
+        """Dtype of the stored column indices."""
+        return np.dtype(self._indices.dtype)
+
+    def read_job(self, starts: np.ndarray, stops: np.ndarray, n_tasks: int) -> ReadJob:
+        """See :meth:`RowSource.read_job`."""
+        if self._direct is None:
+            return per_range_job(self.read, starts, stops)
+        return self._direct_job(starts, stops, n_tasks, empty_window)
+
+    def window_job(
+        self,
+        parts: Sequence[tuple[RowSource, np.ndarray, np.ndarray]],
+        n_tasks: int,
+        allocate: Allocate = empty_window,
+    ) -> ReadJob:
+        """See :meth:`RowSource.window_job`. When every part is read chunk by chunk, all of
+        them decode into one set of window arrays from ``allocate``: the window is one block,
+        never concatenated (which, single-threaded, cost as much as a third of a window's time
+        over two datasets)."""
+        csr = [
+            (source, starts, stops)
+            for source, starts, stops in parts
+            if isinstance(source, CSRSource) and source.reads_chunks_once
+        ]
+        if len(csr) != len(parts):
+            return joint_job(
+                [source.read_job(starts, stops, n_tasks) for source, starts, stops in parts]
+            )
+        sizes = [s.nnz_of(starts, stops) for s, starts, stops in csr]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        nnz = (int(offsets[-1]),)
+        data = allocate("data", nnz, np.dtype(self.dtype))
+        indices = allocate("indices", nnz, np.result_type(*(s.index_dtype for s, _, _ in csr)))
+        jobs = [
+            source._direct_job(starts, stops, n_tasks, empty_window, out=(data[a:b], indices[a:b]))
+            for (source, starts, stops), a, b in zip(csr, offsets[:-1], offsets[1:], strict=True)
+        ]
+
+        def result() -> list[Block]:
+            # Views of data and indices, each from entry 0 of its part.
+            blocks: list[sp.csr_matrix] = [job.result()[0] for job in jobs]
+            indptr = np.concatenate(
+                [
+                    [0],
+                    *(
+                        b.indptr[1:].astype(np.int64) + o
+                        for b, o in zip(blocks, offsets[:-1], strict=True)
+                    ),
+                ]
+            )
+            n_rows = sum(b.shape[0] for b in blocks)
+            return [csr_from_arrays(data, indices, indptr, (n_rows, self._shape[1]))]
+
+        return ReadJob([task for job in jobs for task in job.tasks], result)
+
+    def _direct_job(
+        self,
+        starts: np.ndarray,
+        stops: np.ndarray,
+        n_tasks: int,
+        allocate: Allocate,
+        out: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> ReadJob:
+        """Rows read by the chunk reader into ``out`` (data, indices) of :meth:`nnz_of`
+        entries, or into arrays from ``allocate``."""
+        assert self._direct is not None
+        lo, hi = self._indptr[starts], self._indptr[stops]
+        nnz = int(np.sum(hi - lo))
+        if out is None:
+            data = allocate("data", (nnz,), self.dtype)
+            indices = allocate("indices", (nnz,), self.index_dtype)
+        else:
+            data, indices = out
+        direct_data, direct_indices = self._direct
+        half = max(1, n_tasks // 2)
+        tasks = direct_data.tasks(lo, hi, data, half) + direct_indices.tasks(lo, hi, indices, half)
+        rows = expand_ranges(starts, stops)
+        indptr = np.zeros(rows.size + 1, dtype=np.int64)
+        np.cumsum(self._indptr[rows + 1] - self._indptr[rows], out=indptr[1:])
+        shape = (rows.size, self._shape[1])
+
+        def result() -> list[Block]:
+            check_indices(indices, n_var=self._shape[1], where=self._rows_read(starts, stops))
+            return [csr_from_arrays(data, indices, indptr, shape)]
+
+        return ReadJob(tasks, result)
+
+    def _rows_read(self, starts: np.ndarray, stops: np.ndarray) -> str:
+        """The rows of a read, as named in errors."""
+        span = f"rows {int(starts[0])}:{int(stops[-1])}" if len(starts) else "no rows"
+        return f"{self.describe()}, {span}"
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        lo, hi = int(self._indptr[start]), int(self._indptr[stop])
+        in_memory = isinstance(self._data, np.ndarray)  # see DenseSource.read
+        with read_errors(self, f"rows {start}:{stop} (entries {lo}:{hi})"):
+            data = owned(self._data[lo:hi], in_memory=in_memory)
+            indices = owned(self._indices[lo:hi], in_memory=in_memory)
+        if data.shape != (hi - lo,) or indices.shape != (hi - lo,):
+            msg = (
+                f"{self.describe()}, rows {start}:{stop}: read {data.size} values and "
+                f"{indices.size} column indices where indptr says {hi - lo}; the store is damaged"
+            )
+            raise CorruptDataError(msg)
+        check_indices(
+            indices, n_var=self._shape[1], where=f"{self.describe()}, rows {start}:{stop}"
+        )
+        indptr = self._indptr[start : stop + 1] - lo
+        return csr_from_arrays(data, indices, indptr, (stop - start, self._shape[1]))
+
+    def check_open(self) -> None:
+        check_h5_open(self._container, self.describe())
+        check_h5_open(self._data, self.describe())
+
+    def shares_chunk(self, row_a: int, row_b: int) -> bool:
+        last_a, first_b = int(self._indptr[row_a + 1]) - 1, int(self._indptr[row_b])
+        for array in (self._data, self._indices):
+            elems = chunk_len(array)
+            if elems is None or last_a // elems != first_b // elems:
+                return False
+        return True
+
+    def describe(self) -> str:
+        if self._type is anndata.abc.CSRDataset:
+            return f"anndata.abc.CSRDataset ({describe_array(self._container)})"
+        return f"scipy.sparse.{self._type.__name__}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {
+            "data": self._data,
+            "indices": self._indices,
+            "container": self._container,
+        }
+        state = {k: h5_state(v) for k, v in state.items()}
+        return {
+            **state,
+            "indptr": self._indptr,
+            "shape": self._shape,
+            "type": self._type,
+            "direct": self._direct,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._data = h5_restore(state["data"])
+        self._indices = h5_restore(state["indices"])
+        self._container = h5_restore(state["container"])
+        self._indptr = state["indptr"]
+        self._shape = state["shape"]
+        self._type = state["type"]
+        self._direct = state["direct"]
