@@ -1,38 +1,23 @@
-"""The Loader: streams batches of rows from on-disk AnnData arrays."""
+"""The Loader: streams batches of rows from on-disk AnnData arrays.
+
+A facade: it checks arguments, keeps the datasets added (one :class:`~annbatch._core.sources.
+RowSource` each, with their obs) and the resume state, and hands each epoch to
+:class:`~annbatch._core.epoch.Epoch`.
+"""
 
 from __future__ import annotations
 
-import itertools
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import pandas as pd
 
 from annbatch._args import parse_int
 from annbatch._compat import torch_available
 from annbatch._core import gpu
-from annbatch._core.assembler import (
-    assemble,
-    default_splits,
-    done,
-    parse_concat_strategy,
-    split_rows,
-)
-from annbatch._core.convert import convert
-from annbatch._core.planner import dataset_offsets, plan_placement, plan_reads
-from annbatch._core.prefetch import Prefetcher
-from annbatch._core.reader import (
-    TASKS_PER_THREAD,
-    ReadCancelled,
-    empty_window,
-    read_placed,
-    read_plan,
-)
-from annbatch._core.sources import DenseSource, as_row_source
-from annbatch._core.workers import batches_of, current_shard, remaining_requests
+from annbatch._core.assembler import parse_concat_strategy
+from annbatch._core.epoch import Epoch, read_threads
+from annbatch._core.sources import as_row_source
+from annbatch._core.workers import current_shard
 from annbatch.abc import Sampler
 from annbatch.errors import (
     FeatureNotAvailableError,
@@ -46,8 +31,7 @@ from annbatch.errors import (
 from annbatch.samplers import ChunkSampler
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Sequence
-    from concurrent.futures import Executor
+    from collections.abc import Callable, Iterator, Sequence
 
     import numpy as np
     import zarr
@@ -56,8 +40,9 @@ if TYPE_CHECKING:
     from annbatch._core.assembler import ConcatStrategy
     from annbatch._core.convert import OutputKind
     from annbatch._core.sources import RowSource
-    from annbatch.abc import LoadRequest
     from annbatch.collection import DatasetCollection
+
+__all__ = ["Loader", "read_threads"]
 
 if torch_available():
     from torch.utils.data import IterableDataset as _IterableBase
@@ -66,16 +51,6 @@ else:  # torch stays optional: without it the Loader is a plain iterable.
 
 _SAMPLER_ARGS = ("chunk_size", "preload_nchunks", "batch_size", "shuffle", "drop_last", "rng")
 _OUTPUTS = ("numpy", "torch", "jax")
-_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-
-
-def read_threads(workers: int = 1) -> int:
-    """Threads that read and decode a window's chunks in each of ``workers`` processes.
-
-    Decompression releases the GIL, so one thread per core keeps every core decoding; the
-    cores are shared among DataLoader workers; at least 2, so file reads overlap decoding.
-    """
-    return max(2, _CPUS // max(1, workers))
 
 
 class Loader(_IterableBase):
@@ -480,146 +455,36 @@ class Loader(_IterableBase):
             gpu.device_sparse_dtype(self._sources[0].dtype)  # raises for dtypes CuPy cannot hold
 
     def _iterate(self, device: int | None = None) -> Iterator[dict[str, Any]]:
-        strategy: ConcatStrategy = self._concat_strategy or (
-            "concat-shuffle" if self._sources[0].is_sparse else "shuffle-concat"
-        )
-        obs = self._all_obs()
-        stop = threading.Event()  # set when the consumer stops: the reader abandons its window
-        to_output = gpu.convert if self._preload_to_gpu else convert
+        """One epoch (see :class:`~annbatch._core.epoch.Epoch`), with the bookkeeping that
+        :meth:`state_dict` reads."""
         try:
             self._epoch_state = self._sampler.state_dict()
         except InvalidArgumentError:  # a sampler that cannot be resumed
             self._epoch_state = None
         skip, self._resume_batches = self._resume_batches, 0
         self._batches_done, self._epoch_running = skip, True
-        windows: Iterator[_Window] = self._load_windows(strategy, stop, skip, device)
-        prefetcher = None
-        if self._read_ahead:
-            windows = prefetcher = Prefetcher(windows, self._read_ahead, stop=stop)
+        epoch = Epoch(
+            sources=self._sources,
+            sampler=self._sampler,
+            strategy=self._concat_strategy
+            or ("concat-shuffle" if self._sources[0].is_sparse else "shuffle-concat"),
+            obs=self._all_obs(),
+            output=self._output,
+            return_index=self._return_index,
+            read_ahead=self._read_ahead,
+            skip=skip,
+            device=device,
+        )
+        batches = epoch.batches()
         self._active_iterations += 1
         try:
-            for window in windows:
-                pending: _Pending | None = None
-                for index, pending in zip(window.indices, window.batches, strict=True):
-                    # Cut on the read threads (raises what cutting raised), or on the GPU.
-                    batch = {
-                        "X": to_output(pending.result(), self._output),
-                        "obs": None if obs is None else obs.iloc[index],
-                        "index": index if self._return_index else None,
-                    }
-                    self._batches_done += 1  # counted as consumed once handed over
-                    yield batch
-                if self._preload_to_gpu:
-                    del window, pending  # the device window goes back to CuPy's pool ...
-                    gpu.release()  # ... and from there to the driver
+            for batch in batches:
+                self._batches_done += 1  # counted as consumed once handed over
+                yield batch
             self._epoch_running = False
         finally:
             self._active_iterations -= 1
-            stop.set()
-            if prefetcher is not None:
-                prefetcher.close()
-            else:
-                windows.close()  # type: ignore[attr-defined]  # a generator
-            if self._preload_to_gpu:
-                gpu.release()
-
-    def _load_windows(
-        self,
-        strategy: ConcatStrategy,
-        stop: threading.Event,
-        skip: int = 0,
-        device: int | None = None,
-    ) -> Iterator[_Window]:
-        """Read this process's windows of one epoch (runs in the read-ahead thread), leaving
-        out the first ``skip`` batches of the epoch (counted over all workers). With
-        ``device`` (the GPU path), every thread it uses works on that CUDA device."""
-        sampler = self._sampler
-        shard = current_shard()
-        if shard.seed is not None:
-            sampler.reseed(shard.seed)
-        offsets = dataset_offsets([s.shape[0] for s in self._sources])
-        threads = read_threads(shard.count)
-        copier = None
-        if device is not None:
-            gpu.use_device(device)  # before the stream and the staging buffers are made
-            executor = ThreadPoolExecutor(
-                threads,
-                thread_name_prefix="annbatch-read",
-                initializer=gpu.use_device,
-                initargs=(device,),
-            )
-            copier = gpu.CopyStream(executor, threads)  # made in the thread that uses it
-        else:
-            executor = ThreadPoolExecutor(threads, thread_name_prefix="annbatch-read")
-        try:
-            n_obs = int(offsets[-1])
-            mine: Iterable[LoadRequest]
-            if skip:  # resuming: count the epoch's batches first, then draw it again
-                state = sampler.state_dict()
-                counts = [batches_of(r, sampler.batch_size) for r in sampler.sample(n_obs)]
-                sampler.load_state_dict(state)
-                requests = sampler.sample(n_obs)
-                mine = remaining_requests(requests, counts, skip, shard, sampler.batch_size)
-            else:
-                mine = (r for i, r in enumerate(sampler.sample(n_obs)) if shard.owns(i))
-            for request in mine:
-                yield self._read_window(request, offsets, strategy, executor, threads, stop, copier)
-        except ReadCancelled:
-            return
-        finally:
-            if copier is not None:
-                copier.close()
-            # Stopped early: drop batch cutting nobody will wait for. At the end of an epoch,
-            # the last window's batches may still be being cut: let them finish.
-            executor.shutdown(wait=True, cancel_futures=stop.is_set())
-
-    def _read_window(
-        self,
-        request: LoadRequest,
-        offsets: np.ndarray,
-        strategy: ConcatStrategy,
-        executor: Executor,
-        threads: int,
-        stop: threading.Event,
-        copier: gpu.CopyStream | None = None,
-    ) -> _Window:
-        """Read one load request and cut it into batches (on the GPU, given a ``copier``)."""
-        splits = request.splits
-        if splits is None:
-            n_rows = sum(c.stop - c.start for c in request.chunks)
-            splits = default_splits(n_rows, self._sampler.batch_size)
-        # On the GPU path, our chunk reader decodes straight into the pinned staging buffers.
-        allocate = copier.allocate if copier is not None else empty_window
-        # Dense rows from chunk-readable sources go straight into batch order: one row copy,
-        # from a chunk still in cache, and batches are views of one buffer per window. CSR rows
-        # are short runs of elements that numpy can only scatter element by element (an 8-byte
-        # index per 4-byte value), which measured 1.4x slower than the general path below.
-        dense = [s for s in self._sources if isinstance(s, DenseSource) and s.reads_chunks_once]
-        if len(dense) == len(self._sources):
-            placement = plan_placement(request.chunks, splits, offsets)
-            if placement is not None:  # None: a row repeats within the window
-                out = read_placed(placement, dense, executor, threads, stop, allocate)
-                if copier is not None:
-                    out = gpu.to_device([out], copier)  # batches: views of the device window
-                edges = list(itertools.pairwise(placement.bounds.tolist()))
-                return _Window(
-                    batches=[done(b) for b in split_rows(out, placement.bounds)],
-                    indices=[placement.rows[a:b] for a, b in edges],
-                )
-        # General path: read the window in disk order, then cut batches from it (on the read
-        # threads: numpy and scipy release the GIL while they copy rows). Sources that decode
-        # each chunk once by themselves need no merging across gaps.
-        grids = [None if s.reads_chunks_once else s for s in self._sources]
-        plan = plan_reads(request.chunks, offsets, grids)
-        blocks = read_plan(plan, self._sources, executor, threads, stop, allocate)
-        splits = [plan.positions[s] for s in splits]  # request order -> memory order
-        indices = [plan.index[s] for s in splits]
-        if copier is not None:
-            # One copy to the GPU concatenates the blocks; the consumer cuts each batch there.
-            window = gpu.to_device(blocks, copier)
-            return _Window(batches=[gpu.DeviceBatch(window, s) for s in splits], indices=indices)
-        batches = assemble(blocks, splits, strategy, executor, TASKS_PER_THREAD * threads)
-        return _Window(batches=batches, indices=indices)
+            batches.close()
 
     def _all_obs(self) -> pd.DataFrame | None:
         if self._obs_all is None and self._obs and self._obs[0] is not None:
@@ -635,20 +500,6 @@ class Loader(_IterableBase):
         state["_active_iterations"] = 0
         state["_obs_all"] = None
         return state
-
-
-class _Pending(Protocol):
-    def result(self) -> Any: ...
-
-
-@dataclass(frozen=True, slots=True)
-class _Window:
-    """One load request, read into memory."""
-
-    batches: Sequence[_Pending]
-    """The batches: futures being cut on the read threads, or batches cut on the GPU."""
-    indices: list[np.ndarray]
-    """Global row positions of each batch's rows."""
 
 
 def _type_name(t: type) -> str:
