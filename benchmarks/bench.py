@@ -13,6 +13,10 @@ reader), and the bound uses the fastest.
 
 Usage: python benchmarks/bench.py [--n-obs 200000] [--n-var 20000] [--nnz 1500] [--runs 3]
        [--reference-python /path/to/venv/bin/python] [--hold-ms 20] [--max-rows 49152]
+       [--baseline-src /path/to/other/checkout/src]
+
+With --baseline-src, annbatch from that source tree (an earlier commit, e.g. a `git worktree`)
+runs too, alternating with ours: a before/after measurement in one run.
 """
 
 from __future__ import annotations
@@ -229,15 +233,19 @@ def main() -> None:
     p.add_argument("--settings", default="all", help="comma-separated indices into SETTINGS, or 'all'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-checksum", action="store_true", help="skip the same-rows check (shuffle=False)")
+    p.add_argument("--baseline-src", help="src folder of another annbatch checkout, run as a third loader")
     a = p.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
     paths = make_stores(a.dir, a.n_obs, a.n_var, a.nnz, a.dense_var, a.seed)
     all_rates = {kind: decode_rates(path) for kind, path in paths.items()}
     rates = {kind: max(r.values()) for kind, r in all_rates.items()}
     chosen = SETTINGS if a.settings == "all" else [SETTINGS[int(i)] for i in a.settings.split(",")]
-    loaders = {"annbatch (ours)": (sys.executable, False)}
+    # name -> (interpreter, zarrs pipeline, PYTHONPATH)
+    loaders: dict[str, tuple[str, bool, str | None]] = {"annbatch (ours)": (sys.executable, False, None)}
+    if a.baseline_src:
+        loaders["annbatch (baseline)"] = (sys.executable, False, a.baseline_src)
     if a.reference_python:
-        loaders["reference 0.3.1 + zarrs"] = (a.reference_python, True)
+        loaders["reference 0.3.1 + zarrs"] = (a.reference_python, True, None)
     print(f"stores: sparse {a.n_obs:,} x {a.n_var:,} ({a.nnz} nnz/row), dense {a.n_obs:,} x {a.dense_var:,}; "
           f"batch {BATCH}, shuffled, {a.runs} runs, hold {a.hold_ms} ms/batch")
     for kind, r in all_rates.items():
@@ -250,10 +258,10 @@ def main() -> None:
         bound = rates[kind] * decoded_fraction(paths[kind], chunk, preload)
         results: dict[str, list[dict]] = {name: [] for name in loaders}
         for _ in range(a.runs):  # alternate loaders within each run
-            for name, (python, zarrs) in loaders.items():
+            for name, (python, zarrs, pythonpath) in loaders.items():
                 args = {"path": str(paths[kind]), "batch": BATCH, "chunk": chunk, "preload": preload, "shuffle": True,
                         "hold_s": a.hold_ms / 1000, "max_rows": a.max_rows, "checksum": False, "zarrs": zarrs}
-                results[name].append(run_child(python, args))
+                results[name].append(run_child(python, args, pythonpath=pythonpath))
         for name, runs in results.items():
             speeds = sorted(r["rows"] / r["seconds"] for r in runs)
             med = statistics.median(speeds)
@@ -265,10 +273,10 @@ def main() -> None:
     if a.reference_python and not a.no_checksum:  # same rows out of both loaders, unshuffled
         for kind, path in paths.items():
             sums = {}
-            for name, (python, zarrs) in loaders.items():
+            for name, (python, zarrs, pythonpath) in loaders.items():
                 args = {"path": str(path), "batch": BATCH, "chunk": 256, "preload": 64, "shuffle": False,
                         "hold_s": 0, "max_rows": 10**9, "checksum": True, "zarrs": zarrs}
-                sums[name] = run_child(python, args)["checksum"]
+                sums[name] = run_child(python, args, pythonpath=pythonpath)["checksum"]
             print(f"\nchecksum ({kind}, shuffle=False): {sums}")
 
 

@@ -6,6 +6,10 @@ then times each loader on its own collection, alternating, fresh process per run
 
 Usage: python benchmarks/collection_vs_reference.py --reference-python /path/to/venv/bin/python
        [--files 4] [--rows-per-file 50000] [--runs 3] [--compression none,lz4]
+       [--baseline-src /path/to/other/checkout/src]
+
+With --baseline-src, annbatch from that source tree (an earlier commit) builds its own
+collections and reads them too, alternating with ours: a before/after measurement in one run.
 """
 
 from __future__ import annotations
@@ -32,11 +36,15 @@ annbatch.DatasetCollection(out).add_adatas(inputs, rng=np.random.default_rng(0),
 """
 
 
-def build(python: str, out: Path, inputs: list[Path], options: dict | None = None) -> float:
+def build(
+    python: str, out: Path, inputs: list[Path], options: dict | None = None, pythonpath: str | None = None
+) -> float:
     if out.exists():
         return float("nan")
     env = dict(os.environ)
-    if python != sys.executable:  # the reference must build with its own annbatch, not ours
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    elif python != sys.executable:  # the reference must build with its own annbatch, not ours
         env.pop("PYTHONPATH", None)
     t0 = time.perf_counter()
     command = [python, "-c", BUILD, str(out), json.dumps(options or {}), *map(str, inputs)]
@@ -55,21 +63,25 @@ def main() -> None:
     p.add_argument("--max-rows", type=int, default=10**9, help="stop each run after this many rows (default: whole epochs)")
     p.add_argument("--reference-python", required=True)
     p.add_argument("--compression", default="none,lz4", help="our collections to build and read, by codec")
+    p.add_argument("--baseline-src", help="src folder of another annbatch checkout, run as further loaders")
     a = p.parse_args()
     inputs = write_inputs(a.dir / "inputs", a.files, a.rows_per_file, a.n_var, a.nnz)
     tag = f"{a.files}x{a.rows_per_file}_{a.n_var}_{a.nnz}"
-    # name -> (interpreter, collection, zarrs pipeline, build options)
-    loaders = {
-        f"annbatch (ours) on its collection ({codec})": (
-            sys.executable, a.dir / f"ours_{tag}_{codec}.zarr", False, {"compression": codec}
+    # name -> (interpreter, collection, zarrs pipeline, build options, PYTHONPATH)
+    loaders: dict[str, tuple[str, Path, bool, dict | None, str | None]] = {}
+    for codec in a.compression.split(","):
+        loaders[f"annbatch (ours) on its collection ({codec})"] = (
+            sys.executable, a.dir / f"ours_{tag}_{codec}.zarr", False, {"compression": codec}, None
         )
-        for codec in a.compression.split(",")
-    }
+        if a.baseline_src:
+            loaders[f"annbatch (baseline) on its collection ({codec})"] = (
+                sys.executable, a.dir / f"baseline_{tag}_{codec}.zarr", False, {"compression": codec}, a.baseline_src
+            )
     loaders["reference 0.3.1 + zarrs on its collection"] = (
-        a.reference_python, a.dir / f"reference_{tag}.zarr", True, None
+        a.reference_python, a.dir / f"reference_{tag}.zarr", True, None, None
     )
-    for name, (python, out, _, options) in loaders.items():
-        seconds = build(python, out, inputs, options)
+    for name, (python, out, _, options, pythonpath) in loaders.items():
+        seconds = build(python, out, inputs, options, pythonpath)
         print(f"{name.split(' on ')[0]}: built {out} ({size_mb(out):,.0f} MB) in {seconds:.0f} s", flush=True)
     print(f"\n{a.files} inputs x {a.rows_per_file:,} rows, {a.n_var:,} genes, {a.nnz} nnz/row; batch {BATCH}, "
           f"shuffled, median of {a.runs} runs\n")
@@ -78,10 +90,10 @@ def main() -> None:
     for chunk, preload in ((256, 64), (32, 512)):
         results: dict[str, list[dict]] = {name: [] for name in loaders}
         for _ in range(a.runs):
-            for name, (python, out, zarrs, _) in loaders.items():
+            for name, (python, out, zarrs, _, pythonpath) in loaders.items():
                 args = {"path": str(out), "batch": BATCH, "chunk": chunk, "preload": preload, "shuffle": True,
                         "hold_s": 0, "max_rows": a.max_rows, "checksum": False, "zarrs": zarrs, "collection": True}
-                results[name].append(run_child(python, args))
+                results[name].append(run_child(python, args, pythonpath=pythonpath))
         for name, runs in results.items():
             speeds = sorted(r["rows"] / r["seconds"] for r in runs)
             print(f"| {chunk} / {preload} | {name} | {statistics.median(speeds):,.0f} ({speeds[0]:,.0f}-{speeds[-1]:,.0f}) "

@@ -20,8 +20,8 @@ import zarr
 import annbatch._core.zarr_layout as zarr_layout
 from annbatch import DatasetCollection, Loader, load_x_and_obs, verify
 from annbatch._cli import main as cli
-from annbatch._core.sources import as_row_source
 from annbatch._core.direct import direct_array
+from annbatch._core.sources import as_row_source
 from annbatch.errors import (
     AnnbatchError,
     ChecksumMismatchError,

@@ -8,7 +8,12 @@ import anndata
 import h5py
 import zarr
 
-from annbatch.errors import UnsupportedDatasetError
+from annbatch.errors import (
+    AnnbatchError,
+    CorruptDataError,
+    StoreReadError,
+    UnsupportedDatasetError,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -35,8 +40,18 @@ def load_x_and_obs(group: zarr.Group | h5py.Group) -> AnnData:
         missing = [k for k in ("X", "obs") if k not in group]
         msg = f"{group} is not an AnnData store: it has no {' or '.join(missing)}"
         raise UnsupportedDatasetError(msg)
-    x = group["X"]
-    if isinstance(x, zarr.Group | h5py.Group):
-        x = anndata.io.sparse_dataset(x)
-    obs = anndata.io.read_elem(group["obs"])
+    where = group.file.filename if isinstance(group, h5py.Group) else str(group.store_path)
+    try:
+        x = group["X"]
+        if isinstance(x, zarr.Group | h5py.Group):
+            x = anndata.io.sparse_dataset(x)
+        obs = anndata.io.read_elem(group["obs"])
+    except (AnnbatchError, MemoryError):
+        raise
+    except Exception as e:  # zarr, h5py or anndata on a damaged or foreign store
+        msg = f"reading X and obs of the AnnData store {where} failed: {type(e).__name__}: {e}"
+        raise StoreReadError(msg) from e
+    if len(obs) != x.shape[0]:
+        msg = f"the AnnData store {where} has {x.shape[0]} rows in X but {len(obs)} in obs; the store is damaged"
+        raise CorruptDataError(msg)
     return anndata.AnnData(X=x, obs=obs)

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import google_crc32c
+import numcodecs
 import numpy as np
 
 from annbatch._core.ranges import expand_ranges
@@ -62,6 +64,45 @@ def direct_array(array: object, *, verify_checksums: bool = False) -> DirectArra
     shape = tuple(int(n) for n in array.shape)  # type: ignore[attr-defined]
     dtype = np.dtype(array.dtype)  # type: ignore[attr-defined]
     return DirectArray(layout, shape, dtype, fill, verify_checksums=verify_checksums)
+
+
+_SIZE_MODULUS: dict[type, int] = defaultdict(lambda: 2**64, {numcodecs.GZip: 2**32})
+"""What :func:`_decoded_nbytes` states the size modulo."""
+
+
+def _decoded_nbytes(compressor: Any, encoded: memoryview) -> int | None:
+    """The size an encoded chunk decodes to, as its header states it (None: it does not).
+
+    Decoding into a buffer of the expected size does not say how much was written: a chunk
+    that decodes to fewer bytes (metadata that claims a wider dtype or more rows per chunk
+    than were written) would leave the rest of the buffer as it was.
+    """
+    if isinstance(compressor, numcodecs.Blosc):  # a blosc header: nbytes at 4:8
+        return int.from_bytes(encoded[4:8], "little") if len(encoded) >= 16 else None
+    if isinstance(compressor, numcodecs.Zstd):
+        return _zstd_content_size(encoded)
+    if isinstance(compressor, numcodecs.GZip) and len(encoded) >= 18:
+        # A gzip member ends with the input size modulo 2**32 (RFC 1952); zlib checks the rest
+        # (the CRC32 of the decoded bytes) while it decodes.
+        return int.from_bytes(encoded[-4:], "little")
+    return None
+
+
+def _zstd_content_size(encoded: memoryview) -> int | None:
+    """Frame_Content_Size of a zstd frame's header (RFC 8878, 3.1.1.1), if the frame has one."""
+    head = bytes(encoded[:18])
+    if len(head) < 6 or head[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = head[4]
+    single_segment = (descriptor >> 5) & 1
+    size = (single_segment, 2, 4, 8)[descriptor >> 6]
+    if size == 0:
+        return None
+    at = 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3]
+    if len(head) < at + size:
+        return None
+    value = int.from_bytes(head[at : at + size], "little")
+    return value + 256 if size == 2 else value
 
 
 def _crc32c(buffer: Any) -> bytes:
@@ -266,14 +307,24 @@ class DirectArray:
     def _decode(self, encoded: memoryview, into: np.ndarray, chunk: int) -> None:
         """Decode one chunk into ``into`` (C-contiguous, exactly one chunk's bytes)."""
         compressor = self._layout.compressor
+        flat = into.reshape(-1).view(np.uint8)
         try:
             if compressor is None:
                 if len(encoded) != into.nbytes:
                     msg = f"holds {len(encoded)} bytes, not {into.nbytes}"
                     raise ValueError(msg)
-                into.reshape(-1).view(np.uint8)[:] = np.frombuffer(encoded, dtype=np.uint8)
-            else:
+                flat[:] = np.frombuffer(encoded, dtype=np.uint8)
+            elif (
+                _decoded_nbytes(compressor, encoded)
+                == into.nbytes % _SIZE_MODULUS[type(compressor)]
+            ):
                 compressor.decode(encoded, out=into)
+            else:  # the header says otherwise, or nothing: decode, then compare the sizes
+                decoded = np.frombuffer(compressor.decode(encoded), dtype=np.uint8)
+                if decoded.size != into.nbytes:
+                    msg = f"decodes to {decoded.size} bytes"
+                    raise ValueError(msg)
+                flat[:] = decoded
         except Exception as e:  # codecs raise many types (RuntimeError, EOFError, zlib.error...)
             msg = (
                 f"{self._where(chunk)} does not decode to {into.nbytes} bytes ({e}); the store "
