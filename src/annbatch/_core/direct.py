@@ -162,12 +162,15 @@ class DirectArray:
         out: np.ndarray,
         n_tasks: int,
         dst: np.ndarray | None = None,
+        check: Callable[[np.ndarray], None] | None = None,
     ) -> list[Callable[[], None]]:
         """Tasks that together copy rows ``starts[i]:stops[i]`` into ``out``, decoding each
         chunk the ranges touch once.
 
         ``starts`` must be sorted and the ranges must not overlap. Range ``i`` lands at
         ``out[dst[i]:]``; without ``dst``, the ranges land one after another from row 0.
+        ``check``, if given, is called by each task on the parts of ``out`` it has filled,
+        while they are still in cache (the CSR source range-checks column indices so).
         """
         starts = np.asarray(starts, dtype=np.int64)
         stops = np.asarray(stops, dtype=np.int64)
@@ -195,7 +198,9 @@ class DirectArray:
         groups = np.array_split(np.arange(firsts.size), min(n_tasks, firsts.size))
         pieces = (chunk, lo - base, hi - base, dst)
         return [
-            _Task(self, out, pieces, int(firsts[g[0]]), int(lasts[g[-1]])) for g in groups if g.size
+            _Task(self, out, pieces, int(firsts[g[0]]), int(lasts[g[-1]]), check)
+            for g in groups
+            if g.size
         ]
 
     # ------------------------------------------------------------------------------ reading
@@ -548,6 +553,14 @@ class _Task:
     pieces: tuple[np.ndarray, ...]
     start: int
     stop: int
+    check: Callable[[np.ndarray], None] | None = None
+    """Called on the parts of ``out`` the task filled (runs of consecutive rows)."""
 
     def __call__(self) -> None:
         self.array._run(self.out, self.pieces, self.start, self.stop)
+        if self.check is not None:
+            _, lo, hi, dst = (p[self.start : self.stop] for p in self.pieces)
+            ends = dst + hi - lo
+            breaks = np.flatnonzero(dst[1:] != ends[:-1]) + 1
+            for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), dst.size], strict=True):
+                self.check(self.out[int(dst[a]) : int(ends[b - 1])])

@@ -6,6 +6,7 @@ once, in full; column indices per window, while it is assembled.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anndata.abc
@@ -237,14 +238,16 @@ class CSRSource:
             data, indices = out
         direct_data, direct_indices = self._direct
         half = max(1, n_tasks // 2)
-        tasks = direct_data.tasks(lo, hi, data, half) + direct_indices.tasks(lo, hi, indices, half)
+        # Column indices are range-checked by the read threads, as each task decodes them.
+        check = partial(check_indices, n_var=self._shape[1], where=self._rows_read(starts, stops))
+        tasks = direct_data.tasks(lo, hi, data, half)
+        tasks += direct_indices.tasks(lo, hi, indices, half, check=check)
         rows = expand_ranges(starts, stops)
         indptr = np.zeros(rows.size + 1, dtype=np.int64)
         np.cumsum(self._indptr[rows + 1] - self._indptr[rows], out=indptr[1:])
         shape = (rows.size, self._shape[1])
 
         def result() -> list[Block]:
-            check_indices(indices, n_var=self._shape[1], where=self._rows_read(starts, stops))
             return [csr_from_arrays(data, indices, indptr, shape)]
 
         return ReadJob(tasks, result)
