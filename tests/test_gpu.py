@@ -309,9 +309,10 @@ def test_dataloader_workers_are_refused(cp, pool):
 
 
 @gpu
+@pytest.mark.parametrize("to_torch", [False, True])
 @pytest.mark.parametrize("read_ahead", [0, 1])
 @pytest.mark.parametrize("kind", KINDS)
-def test_windows_land_on_the_consumers_device(cp, pool, kind, read_ahead):
+def test_windows_land_on_the_consumers_device(cp, pool, kind, read_ahead, to_torch):
     # Under DDP each rank makes its own GPU current before iterating; the read-ahead thread
     # must copy to that device, not to device 0. Checked on the last device there is.
     device = cp.cuda.runtime.getDeviceCount() - 1
@@ -319,7 +320,7 @@ def test_windows_land_on_the_consumers_device(cp, pool, kind, read_ahead):
     with cp.cuda.Device(device):
         loader = Loader(
             preload_to_gpu=True,
-            to_torch=False,
+            to_torch=to_torch,
             chunk_size=5,
             preload_nchunks=4,
             batch_size=10,
@@ -327,15 +328,8 @@ def test_windows_land_on_the_consumers_device(cp, pool, kind, read_ahead):
         ).add_anndata(store.adata())
         for batch in loader:
             x = batch["X"]
-            assert (x.data if hasattr(x, "indptr") else x).device.id == device
-        torch = pytest.importorskip("torch")
-        loader = Loader(
-            preload_to_gpu=True,
-            to_torch=True,
-            chunk_size=5,
-            preload_nchunks=4,
-            batch_size=10,
-            read_ahead=read_ahead,
-        ).add_anndata(store.adata())
-        for batch in loader:
-            assert batch["X"].device == torch.device("cuda", device)
+            if to_torch:
+                assert x.device.type == "cuda"
+                assert x.device.index == device
+            else:
+                assert (x.data if hasattr(x, "indptr") else x).device.id == device
