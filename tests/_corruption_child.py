@@ -269,8 +269,12 @@ def _compare(
     rows: Rows,
     names: np.ndarray | None,
     n_var: int | None,
+    *,
+    whole_epoch: bool = True,
 ) -> str:
-    """Empty if the epoch yielded exactly ``rows`` (each once), else the first difference."""
+    """Empty if the epoch yielded exactly ``rows`` (each once), else the first difference.
+    Without ``whole_epoch``, the batches are those yielded before an error: each must hold
+    the right rows, none twice, but rows may be missing."""
     seen = []
     for index, batch_rows, obs_index in batches:
         for k, i in enumerate(index.tolist()):
@@ -284,6 +288,8 @@ def _compare(
                 return "obs rows do not match the index"
         seen.append(index)
     order = np.sort(np.concatenate(seen)) if seen else np.empty(0, dtype=np.int64)
+    if not whole_epoch:
+        return "" if np.unique(order).size == order.size else "a row was yielded twice"
     if not np.array_equal(order, np.arange(rows.n)):
         return f"the epoch yielded {order.size} rows ({np.unique(order).size} distinct), not each of {rows.n} once"
     if n_var is not None and n_var != rows.n_var:
@@ -379,6 +385,21 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
         fields = _error_fields(e, path)
         if stage == "Loader":  # reads nothing: an error here is the harness's arguments
             fields["outcome"] = "harness_error"
+        elif batches:  # what was yielded before the error must be right too
+            fields["rows_before_error"] = int(sum(b[0].size for b in batches))
+            before = _compare(batches, pristine, names, n_var, whole_epoch=False)
+            if before:
+                vs_oracle = "no oracle"
+                if oracle is not None:
+                    vs_oracle = _compare(batches, oracle, names, n_var, whole_epoch=False)
+                if vs_oracle:
+                    return result | {
+                        "outcome": "wrong_values",
+                        "mismatch": f"before the error ({fields.get('error_type')}): "
+                        f"pristine: {before}; oracle: {vs_oracle}",
+                        "stage": stage,
+                    }
+                fields["before_error"] = "equals_oracle"
         return result | fields | {"stage": stage}
     finally:
         if handle is not None and family == "h5ad":

@@ -676,7 +676,14 @@ def verdict(store: Pristine, damage: Damage | None, run: ChildRun) -> str:
             "" if outcome == "ok_exact_pristine" else "an undamaged store did not read back exactly"
         )
     if outcome == "annbatch_error":
-        return "" if res["names_store"] else "the AnnbatchError does not name the damaged store"
+        if not res["names_store"]:
+            return "the AnnbatchError does not name the damaged store"
+        if res.get("before_error") == "equals_oracle":  # damaged rows yielded, then an error
+            if store.checksummed and damage.content:
+                return "changed bytes of a checksummed collection were yielded before the error"
+            if not damage.undetectable:
+                return "detectable damage was yielded as values before the error"
+        return ""
     if outcome in ("ok_exact_pristine", "open_failed"):
         return ""
     if outcome == "ok_equals_oracle":

@@ -379,3 +379,72 @@ def test_verify_command_line_on_a_missing_path(tmp_path):
     )
     assert result.returncode == 1
     assert "does not exist" in result.stderr
+
+
+# ----------------------------------------------------------- metadata that does not fit data
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("data_type", "float32"), ("data_type", "int16"), ("chunk_shape", [3, N_VAR])],
+)
+def test_metadata_that_does_not_fit_the_chunks_is_an_error(tmp_path, field, value, compressed):
+    # float64 rows of 6 per chunk on disk; zarr.json then claims narrower values or fewer rows
+    # per chunk: each chunk holds more bytes than the metadata says.
+    x = _matrix().toarray().astype(np.float64)
+    path = _write_zarr(
+        tmp_path / "a.zarr", x, chunks=(6, N_VAR), compressors="auto" if compressed else None
+    )
+    meta_path = path / "X" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    if field == "data_type":
+        meta["data_type"] = value
+        meta["fill_value"] = 0
+    else:
+        meta["chunk_grid"]["configuration"]["chunk_shape"] = value
+    meta_path.write_text(json.dumps(meta))
+    array = zarr.open_group(path, mode="r")["X"]
+    assert direct_array(array) is not None
+    with pytest.raises(CorruptChunkError, match=r"a\.zarr/X") as info:
+        _epoch(_loader().add_dataset(array))
+    assert "chunk" in str(info.value)
+
+
+def test_blosc_frame_whose_header_lies_is_an_error(tmp_path):
+    import numcodecs
+
+    x = _matrix().toarray()
+    path = tmp_path / "v2.zarr"
+    zarr.create_array(
+        path, data=x, chunks=(6, N_VAR), zarr_format=2, compressors=numcodecs.Blosc(cname="lz4")
+    )
+    victim = path / "3.0"
+    raw = bytearray(victim.read_bytes())
+    raw[12:16] = (len(raw) + 1000).to_bytes(4, "little")  # cbytes beyond the frame
+    victim.write_bytes(bytes(raw))
+    array = zarr.open_array(path, mode="r")
+    assert direct_array(array) is not None
+    with pytest.raises(CorruptChunkError, match="blosc frame"):
+        _epoch(_loader().add_dataset(array))
+
+
+@pytest.mark.parametrize("verify_checksums", [False, True])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_uncompressed_checksummed_chunks_read_exactly_whole_and_in_part(
+    tmp_path, sharded, verify_checksums
+):
+    from zarr.codecs import Crc32cCodec
+
+    values = np.arange(103 * N_VAR, dtype=np.float32).reshape(103, N_VAR)  # a partial last chunk
+    kwargs = {"shards": (40, N_VAR)} if sharded else {}
+    zarr.create_array(
+        tmp_path / "a.zarr", data=values, chunks=(10, N_VAR), compressors=[Crc32cCodec()], **kwargs
+    )
+    array = zarr.open_array(tmp_path / "a.zarr", mode="r")
+    direct = direct_array(array, verify_checksums=verify_checksums)
+    assert direct is not None
+    # Whole chunks (several in one task), parts of chunks, and the partial last chunk.
+    starts, stops = np.array([0, 25, 33, 60, 95]), np.array([20, 27, 50, 80, 103])
+    out = np.empty((int(np.sum(stops - starts)), N_VAR), dtype=np.float32)
+    for task in direct.tasks(starts, stops, out, 2):
+        task()
+    np.testing.assert_array_equal(out, np.concatenate([values[a:b] for a, b in zip(starts, stops)]))

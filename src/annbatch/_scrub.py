@@ -64,10 +64,11 @@ def verify(path: str | os.PathLike[str]) -> list[Problem]:
         raise InvalidArgumentError(msg)
     if os.path.isfile(path):
         try:
-            with h5py.File(path, "r") as f:
-                return list(_scrub_h5(f))
+            f = h5py.File(path, "r")
         except OSError as e:
             return [Problem("/", "-", f"not readable as an HDF5 file: {e}")]
+        with f:
+            return list(_scrub_h5(f))
     try:
         root = zarr.open_group(path, mode="r")
     except Exception as e:
@@ -77,12 +78,17 @@ def verify(path: str | os.PathLike[str]) -> list[Problem]:
 
 def _scrub_zarr(group: zarr.Group, prefix: str = "") -> Iterator[Problem]:
     try:
-        members = sorted(group.members(), key=lambda m: m[0])
+        names = sorted(group.keys())
     except Exception as e:
         yield Problem(prefix or "/", "-", f"cannot list its members: {type(e).__name__}: {e}")
         return
-    for name, member in members:
+    for name in names:
         where = f"{prefix}/{name}"
+        try:  # opened one by one: bad metadata of one member does not hide its siblings
+            member = group[name]
+        except Exception as e:
+            yield Problem(where, "-", f"cannot open: {type(e).__name__}: {e}")
+            continue
         if isinstance(member, zarr.Group):
             yield from _scrub_zarr(member, where)
             if member.attrs.get("encoding-type") == "csr_matrix":
@@ -105,7 +111,7 @@ def _scrub_zarr_array(array: zarr.Array, where: str) -> Iterator[Problem]:
             except AnnbatchError as e:
                 if str(e) not in seen:  # a bad shard index fails each of its chunks alike
                     seen.add(str(e))
-                    yield Problem(where, _chunk_key(array, (c,)), str(e))
+                    yield Problem(where, direct.chunk_name(c), str(e))
         return
     grid = [range(-(-int(s) // int(c))) for s, c in zip(array.shape, array.chunks, strict=True)]
     for coords in np.ndindex(*(len(g) for g in grid)) if grid else [()]:
@@ -133,16 +139,24 @@ def _attempt(read: Callable[[], Any], where: str, chunk: str) -> Iterator[Proble
 
 
 def _scrub_h5(group: h5py.Group, prefix: str = "") -> Iterator[Problem]:
-    for name in sorted(group):
+    try:
+        names = sorted(group)
+    except Exception as e:
+        yield Problem(prefix or "/", "-", f"cannot list its members: {type(e).__name__}: {e}")
+        return
+    for name in names:
         where = f"{prefix}/{name}"
         try:
             member = group[name]
+            csr = (
+                isinstance(member, h5py.Group) and member.attrs.get("encoding-type") == "csr_matrix"
+            )
         except Exception as e:
             yield Problem(where, "-", f"cannot open: {type(e).__name__}: {e}")
             continue
         if isinstance(member, h5py.Group):
             yield from _scrub_h5(member, where)
-            if member.attrs.get("encoding-type") == "csr_matrix":
+            if csr:
                 yield from _check_csr(member, where)
         elif isinstance(member, h5py.Dataset):
             yield from _scrub_h5_dataset(member, where)

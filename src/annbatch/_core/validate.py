@@ -81,8 +81,5 @@ def check_indices(indices: np.ndarray, *, n_var: int, where: str) -> None:
     largest = int(unsigned.max())
     if largest >= n_var:
         bad = int(np.flatnonzero(unsigned >= n_var)[0])
-        msg = (
-            f"{where}: column index {int(indices[bad])} (entry {bad} of the rows read) is outside "
-            f"[0, {n_var}); the store is damaged"
-        )
+        msg = f"{where}: column index {int(indices[bad])} is outside [0, {n_var}); the store is damaged"
         raise CorruptDataError(msg)

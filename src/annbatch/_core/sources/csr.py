@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import anndata.abc
 import numpy as np
+import scipy.sparse as sp
 
 from annbatch._core.direct import DirectArray, direct_array
 from annbatch._core.ranges import expand_ranges
@@ -32,8 +33,6 @@ from annbatch.errors import AnnbatchError, CorruptDataError, StoreReadError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-
-    import scipy.sparse as sp
 
     from annbatch._core.reader import Allocate
     from annbatch._core.sources import RowSource
@@ -114,6 +113,7 @@ class CSRSource:
             )
             raise CorruptDataError(msg)
         try:
+            data, indices = group["data"], group["indices"]
             indptr = np.asarray(group["indptr"][...])
             shape = tuple(int(n) for n in dataset.shape)
         except (AnnbatchError, MemoryError):
@@ -122,8 +122,8 @@ class CSRSource:
             msg = f"reading indptr of {where} failed: {type(e).__name__}: {e}"
             raise StoreReadError(msg) from e
         return cls(
-            group["data"],
-            group["indices"],
+            data,
+            indices,
             indptr,
             shape,  # type: ignore[arg-type]
             anndata.abc.CSRDataset,
@@ -273,7 +273,7 @@ class CSRSource:
             indices, n_var=self._shape[1], where=f"{self.describe()}, rows {start}:{stop}"
         )
         indptr = self._indptr[start : stop + 1] - lo
-        return csr_from_arrays(data, indices, indptr, (stop - start, self._shape[1]))
+        return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self._shape[1]))
 
     def check_open(self) -> None:
         check_h5_open(self._container, self.describe())
