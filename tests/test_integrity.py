@@ -447,4 +447,6 @@ def test_uncompressed_checksummed_chunks_read_exactly_whole_and_in_part(
     out = np.empty((int(np.sum(stops - starts)), N_VAR), dtype=np.float32)
     for task in direct.tasks(starts, stops, out, 2):
         task()
-    np.testing.assert_array_equal(out, np.concatenate([values[a:b] for a, b in zip(starts, stops)]))
+    np.testing.assert_array_equal(
+        out, np.concatenate([values[a:b] for a, b in zip(starts, stops, strict=True)])
+    )
