@@ -26,6 +26,7 @@ are read in part (only the wanted rows' bytes): their checksum is verified only 
 from __future__ import annotations
 
 import os
+import struct
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ _SIZE_MODULUS: dict[type, int] = defaultdict(lambda: 2**64, {numcodecs.GZip: 2**
 """What :func:`_decoded_nbytes` states the size modulo."""
 
 
-def _decoded_nbytes(compressor: Any, encoded: memoryview) -> int | None:
+def _decoded_nbytes(compressor: Any, encoded: bytes | memoryview) -> int | None:
     """The size an encoded chunk decodes to, as its header states it (None: it does not).
 
     Decoding into a buffer of the expected size does not say how much was written: a chunk
@@ -78,11 +79,12 @@ def _decoded_nbytes(compressor: Any, encoded: memoryview) -> int | None:
     than were written) would leave the rest of the buffer as it was.
     """
     if isinstance(compressor, numcodecs.Blosc):  # a blosc header: nbytes at 4:8, cbytes at 12:16
-        if len(encoded) < 16 or int.from_bytes(encoded[12:16], "little") != len(encoded):
+        nbytes, cbytes = _BLOSC_SIZES.unpack_from(encoded) if len(encoded) >= 16 else (0, -1)
+        if cbytes != len(encoded):
             # blosc trusts cbytes and would read past the buffer (numcodecs issue 228)
             msg = f"a blosc frame of {len(encoded)} bytes whose header says otherwise"
             raise ValueError(msg)
-        return int.from_bytes(encoded[4:8], "little")
+        return int(nbytes)
     if isinstance(compressor, numcodecs.Zstd):
         return _zstd_content_size(encoded)
     if isinstance(compressor, numcodecs.GZip) and len(encoded) >= 18:
@@ -92,7 +94,11 @@ def _decoded_nbytes(compressor: Any, encoded: memoryview) -> int | None:
     return None
 
 
-def _zstd_content_size(encoded: memoryview) -> int | None:
+_BLOSC_SIZES = struct.Struct("<4xI4xI")
+"""nbytes and cbytes in a blosc (1.x) frame header."""
+
+
+def _zstd_content_size(encoded: bytes | memoryview) -> int | None:
     """Frame_Content_Size of a zstd frame's header (RFC 8878, 3.1.1.1), if the frame has one."""
     head = bytes(encoded[:18])
     if len(head) < 6 or head[:4] != b"\x28\xb5\x2f\xfd":
@@ -292,7 +298,7 @@ class DirectArray:
         path = os.path.join(layout.root, layout.key((shard, *layout.trailing)))
         return (path, int(offset), int(nbytes))
 
-    def _read_encoded(self, chunk: int, files: dict[str, int]) -> memoryview | None:
+    def _read_encoded(self, chunk: int, files: dict[str, int]) -> bytes | memoryview | None:
         """The encoded bytes of a chunk, checksum verified and removed; None: never written."""
         where = self._locate(chunk)
         if where is None:
@@ -303,12 +309,12 @@ class DirectArray:
             return None
         if nbytes < 0:
             nbytes = os.fstat(fd).st_size
-        encoded = memoryview(os.pread(fd, nbytes, offset))
+        encoded = os.pread(fd, nbytes, offset)
         if len(encoded) != nbytes:
             msg = f"{self._where(chunk)} ends after {len(encoded)} of its {nbytes} bytes; the store is damaged or truncated"
             raise CorruptChunkError(msg)
         if self._layout.checksum:
-            encoded = self._verified(encoded, chunk)
+            return self._verified(memoryview(encoded), chunk)
         return encoded
 
     def _verified(self, encoded: memoryview, chunk: int) -> memoryview:
@@ -318,16 +324,15 @@ class DirectArray:
             raise ChecksumMismatchError(msg)
         return encoded[:-4]
 
-    def _decode(self, encoded: memoryview, into: np.ndarray, chunk: int) -> None:
+    def _decode(self, encoded: bytes | memoryview, into: np.ndarray, chunk: int) -> None:
         """Decode one chunk into ``into`` (C-contiguous, exactly one chunk's bytes)."""
         compressor = self._layout.compressor
-        flat = into.reshape(-1).view(np.uint8)
         try:
             if compressor is None:
                 if len(encoded) != into.nbytes:
                     msg = f"holds {len(encoded)} bytes, not {into.nbytes}"
                     raise ValueError(msg)
-                flat[:] = np.frombuffer(encoded, dtype=np.uint8)
+                into.reshape(-1).view(np.uint8)[:] = np.frombuffer(encoded, dtype=np.uint8)
             else:
                 stated = _decoded_nbytes(compressor, encoded)
                 if stated is not None:
@@ -341,7 +346,7 @@ class DirectArray:
                 if decoded.size != into.nbytes:
                     msg = f"decodes to {decoded.size} bytes"
                     raise ValueError(msg)
-                flat[:] = decoded
+                into.reshape(-1).view(np.uint8)[:] = decoded
         except Exception as e:  # codecs raise many types (RuntimeError, EOFError, zlib.error...)
             msg = (
                 f"{self._where(chunk)} does not decode to {into.nbytes} bytes ({e}); the store "
