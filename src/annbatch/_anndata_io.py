@@ -8,10 +8,9 @@ import anndata
 import h5py
 import zarr
 
+from annbatch._core.failures import store_errors
 from annbatch.errors import (
-    AnnbatchError,
     CorruptDataError,
-    StoreReadError,
     UnsupportedDatasetError,
 )
 
@@ -41,16 +40,11 @@ def load_x_and_obs(group: zarr.Group | h5py.Group) -> AnnData:
         msg = f"{group} is not an AnnData store: it has no {' or '.join(missing)}"
         raise UnsupportedDatasetError(msg)
     where = group.file.filename if isinstance(group, h5py.Group) else str(group.store_path)
-    try:
+    with store_errors(lambda: f"reading X and obs of the AnnData store {where}"):
         x = group["X"]
         if isinstance(x, zarr.Group | h5py.Group):
             x = anndata.io.sparse_dataset(x)
         obs = anndata.io.read_elem(group["obs"])
-    except (AnnbatchError, MemoryError):
-        raise
-    except Exception as e:  # zarr, h5py or anndata on a damaged or foreign store
-        msg = f"reading X and obs of the AnnData store {where} failed: {type(e).__name__}: {e}"
-        raise StoreReadError(msg) from e
     if len(obs) != x.shape[0]:
         msg = f"the AnnData store {where} has {x.shape[0]} rows in X but {len(obs)} in obs; the store is damaged"
         raise CorruptDataError(msg)

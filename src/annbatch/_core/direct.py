@@ -36,9 +36,10 @@ import google_crc32c
 import numcodecs
 import numpy as np
 
+from annbatch._core.failures import store_errors
 from annbatch._core.ranges import expand_ranges
 from annbatch._core.zarr_layout import Layout, layout_of
-from annbatch.errors import AnnbatchError, ChecksumMismatchError, CorruptChunkError, StoreReadError
+from annbatch.errors import ChecksumMismatchError, CorruptChunkError, StoreReadError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -355,14 +356,10 @@ class DirectArray:
             raise CorruptChunkError(msg) from e
 
     def _run(self, out: np.ndarray, pieces: tuple[np.ndarray, ...], start: int, stop: int) -> None:
-        try:
+        # Failures of the OS (EIO, a file removed under us...) or numpy name the first chunk.
+        first = int(pieces[0][start])
+        with store_errors(lambda: f"reading {self._where(first)} and the chunks after it"):
             self._run_unchecked(out, pieces, start, stop)
-        except (AnnbatchError, MemoryError):
-            raise
-        except Exception as e:  # the OS (EIO, a file removed under us...), or numpy
-            chunk = int(pieces[0][start])
-            msg = f"reading {self._where(chunk)} and the chunks after it failed: {type(e).__name__}: {e}"
-            raise StoreReadError(msg) from e
 
     def _run_unchecked(
         self, out: np.ndarray, pieces: tuple[np.ndarray, ...], start: int, stop: int

@@ -3,7 +3,6 @@ for errors, and turning the failures of the libraries underneath into annbatch e
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -12,11 +11,13 @@ import h5py
 import numpy as np
 import zarr
 
+from annbatch._core.failures import store_errors
 from annbatch._core.types import ReadJob
-from annbatch.errors import AnnbatchError, ClosedDatasetError, StoreReadError
+from annbatch.errors import ClosedDatasetError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Sequence
+    from contextlib import AbstractContextManager
 
     from annbatch._core.sources import RowSource
     from annbatch._core.types import Block
@@ -66,19 +67,11 @@ def describe_array(arr: Any) -> str:
     return "in-memory array"
 
 
-@contextmanager
-def read_errors(source: RowSource, rows: str) -> Iterator[None]:
-    """Turn a failure of the library underneath (h5py, zarr, a codec, the OS) while reading
-    ``rows`` of ``source`` into a :class:`~annbatch.errors.StoreReadError` that names them,
-    or a :class:`~annbatch.errors.ClosedDatasetError` if the source's file was closed."""
-    try:
-        yield
-    except (AnnbatchError, MemoryError):
-        raise
-    except Exception as e:
-        source.check_open()  # an HDF5 file closed mid-iteration: say so
-        msg = f"reading {rows} of {source.describe()} failed: {type(e).__name__}: {e}"
-        raise StoreReadError(msg) from e
+def read_errors(source: RowSource, rows: str) -> AbstractContextManager[None]:
+    """A failure while reading ``rows`` of ``source`` becomes a
+    :class:`~annbatch.errors.StoreReadError` that names them, or a
+    :class:`~annbatch.errors.ClosedDatasetError` if the source's file was closed."""
+    return store_errors(lambda: f"reading {rows} of {source.describe()}", first=source.check_open)
 
 
 def chunk_len(array: Any) -> int | None:
@@ -111,8 +104,12 @@ def owned(values: Any, *, in_memory: bool) -> np.ndarray:
     return np.array(values) if in_memory else np.asarray(values)
 
 
-def joint_job(jobs: Sequence[ReadJob]) -> ReadJob:
-    """Several jobs as one: all their tasks, then all their blocks in order."""
+def block_per_part(
+    parts: Sequence[tuple[RowSource, np.ndarray, np.ndarray]], n_tasks: int
+) -> ReadJob:
+    """A window's parts read by each source's own :meth:`RowSource.read_job`, as one job:
+    all their tasks, then all their blocks in order."""
+    jobs = [source.read_job(starts, stops, n_tasks) for source, starts, stops in parts]
     return ReadJob(
         [task for job in jobs for task in job.tasks],
         lambda: [block for job in jobs for block in job.result()],

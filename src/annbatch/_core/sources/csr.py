@@ -14,22 +14,23 @@ import numpy as np
 import scipy.sparse as sp
 
 from annbatch._core.direct import DirectArray, direct_array
+from annbatch._core.failures import store_errors
 from annbatch._core.ranges import expand_ranges
 from annbatch._core.reader import empty_window
 from annbatch._core.sources._common import (
+    block_per_part,
     check_h5_open,
     chunk_len,
     describe_array,
     h5_restore,
     h5_state,
-    joint_job,
     owned,
     per_range_job,
     read_errors,
 )
 from annbatch._core.types import ReadJob, csr_from_arrays
 from annbatch._core.validate import check_indices, check_indptr
-from annbatch.errors import AnnbatchError, CorruptDataError, StoreReadError
+from annbatch.errors import CorruptDataError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -105,22 +106,17 @@ class CSRSource:
         cls, dataset: anndata.abc.CSRDataset, *, verify_checksums: bool = False
     ) -> CSRSource:
         group = dataset.group
-        where = f"anndata.abc.CSRDataset ({describe_array(group)})"
+        where = f"anndata.abc.CSRDataset ({describe_array(group)})"  # as describe() names it
         missing = [k for k in ("data", "indices", "indptr") if k not in group]
         if missing:
             msg = (
                 f"{where} has no {', '.join(missing)}; it is not a CSR matrix in anndata's encoding"
             )
             raise CorruptDataError(msg)
-        try:
+        with store_errors(lambda: f"reading indptr of {where}"):
             data, indices = group["data"], group["indices"]
             indptr = np.asarray(group["indptr"][...])
             shape = tuple(int(n) for n in dataset.shape)
-        except (AnnbatchError, MemoryError):
-            raise
-        except Exception as e:
-            msg = f"reading indptr of {where} failed: {type(e).__name__}: {e}"
-            raise StoreReadError(msg) from e
         return cls(
             data,
             indices,
@@ -188,9 +184,7 @@ class CSRSource:
             if isinstance(source, CSRSource) and source.reads_chunks_once
         ]
         if len(csr) != len(parts):
-            return joint_job(
-                [source.read_job(starts, stops, n_tasks) for source, starts, stops in parts]
-            )
+            return block_per_part(parts, n_tasks)
         sizes = [s.nnz_of(starts, stops) for s, starts, stops in csr]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         nnz = (int(offsets[-1]),)

@@ -10,12 +10,12 @@ import numpy as np
 from annbatch._core.direct import direct_array
 from annbatch._core.reader import empty_window
 from annbatch._core.sources._common import (
+    block_per_part,
     check_h5_open,
     chunk_len,
     describe_array,
     h5_restore,
     h5_state,
-    joint_job,
     owned,
     per_range_job,
     read_errors,
@@ -73,9 +73,7 @@ class DenseSource:
         allocate: Allocate = empty_window,
     ) -> ReadJob:
         """See :meth:`RowSource.window_job`: a block per part, in memory of its own."""
-        return joint_job(
-            [source.read_job(starts, stops, n_tasks) for source, starts, stops in parts]
-        )
+        return block_per_part(parts, n_tasks)
 
     def placed_tasks(
         self, starts: np.ndarray, stops: np.ndarray, dest: np.ndarray, out: np.ndarray, n_tasks: int
