@@ -113,8 +113,8 @@ def _scrub_zarr_array(array: zarr.Array, where: str) -> Iterator[Problem]:
                     seen.add(str(e))
                     yield Problem(where, direct.chunk_name(c), str(e))
         return
-    grid = [range(-(-int(s) // int(c))) for s, c in zip(array.shape, array.chunks, strict=True)]
-    for coords in np.ndindex(*(len(g) for g in grid)) if grid else [()]:
+    counts = [-(-int(s) // int(c)) for s, c in zip(array.shape, array.chunks, strict=True)]
+    for coords in np.ndindex(*counts):  # a 0-d array has one chunk, ()
         region = tuple(
             slice(i * int(c), (i + 1) * int(c)) for i, c in zip(coords, array.chunks, strict=True)
         )
@@ -122,7 +122,6 @@ def _scrub_zarr_array(array: zarr.Array, where: str) -> Iterator[Problem]:
 
 
 def _chunk_key(array: zarr.Array, coords: tuple[int, ...]) -> str:
-    coords = coords + (0,) * (array.ndim - len(coords))
     try:
         return str(array.metadata.encode_chunk_key(coords))
     except Exception:

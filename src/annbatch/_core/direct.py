@@ -39,7 +39,7 @@ import numpy as np
 from annbatch._core.failures import store_errors
 from annbatch._core.ranges import expand_ranges
 from annbatch._core.zarr_layout import Layout, layout_of
-from annbatch.errors import ChecksumMismatchError, CorruptChunkError, StoreReadError
+from annbatch.errors import ChecksumMismatchError, CorruptChunkError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -248,10 +248,7 @@ class DirectArray:
                 raw = os.pread(f.fileno(), nbytes, max(0, offset))
         except FileNotFoundError:
             index = None
-        except OSError as e:
-            msg = f"reading the shard index of {path} failed: {e}"
-            raise StoreReadError(msg) from e
-        else:
+        else:  # other OS errors become a StoreReadError naming the chunk (_run)
             if offset < 0 or len(raw) != nbytes:
                 msg = f"shard {path} is {size} bytes, too short for its index of {nbytes}; the store is damaged or truncated"
                 raise CorruptChunkError(msg)
