@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from annbatch._core.convert import OutputKind
     from annbatch._core.sources import RowSource
     from annbatch._core.window import Pending, Window
+    from annbatch._core.workers import WorkerShard
     from annbatch.abc import LoadRequest, Sampler
 
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
@@ -122,7 +123,7 @@ class Epoch:
         else:
             executor = ThreadPoolExecutor(threads, thread_name_prefix="annbatch-read")
         try:
-            for request in self._requests(int(offsets[-1])):
+            for request in self._requests(int(offsets[-1]), shard):
                 yield load_window(
                     request,
                     self.sources,
@@ -143,9 +144,10 @@ class Epoch:
             # the last window's batches may still be being cut: let them finish.
             executor.shutdown(wait=True, cancel_futures=stop.is_set())
 
-    def _requests(self, n_obs: int) -> Iterable[LoadRequest]:
-        """This process's load requests of the epoch, without the :attr:`skip` batches."""
-        sampler, shard = self.sampler, current_shard()
+    def _requests(self, n_obs: int, shard: WorkerShard) -> Iterable[LoadRequest]:
+        """This process's (``shard``'s) load requests of the epoch, without the :attr:`skip`
+        batches."""
+        sampler = self.sampler
         if not self.skip:
             return (r for i, r in enumerate(sampler.sample(n_obs)) if shard.owns(i))
         # Resuming: count the epoch's batches first, then draw it again.
