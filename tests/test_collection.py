@@ -241,7 +241,7 @@ def test_append_adds_datasets_and_drops_unknown_genes(tmp_path):
     first = collection.dataset_names
     extra = _adata(9, 12, ["g3", "brand_new_gene"])
     with pytest.warns(UserWarning, match="1 genes of the new inputs are not in the collection"):
-        collection.add_adatas([_write(extra, tmp_path / "extra.h5ad")], progress=False)
+        collection.add_adatas([_write(extra, tmp_path / "extra.h5ad")], progress=False, append=True)
     assert collection.dataset_names[:n_before] == first  # existing datasets untouched
     assert len(collection) == n_before + 1
     assert collection.n_obs == 160

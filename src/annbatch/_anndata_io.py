@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import warnings
+from typing import TYPE_CHECKING, Any
 
 import anndata
 import h5py
+import pandas as pd
 import zarr
 
 from annbatch._core.failures import store_errors
@@ -17,9 +19,68 @@ from annbatch.errors import (
 if TYPE_CHECKING:
     from anndata import AnnData
 
+DTYPE_ATTR = "annbatch-dtype"
+"""Attribute of an obs column that a collection stores in another type than the user's
+(datetimes, which anndata cannot write, as ISO 8601 strings); the value is the type to restore."""
+
+
+def is_legacy(group: zarr.Group | h5py.Group) -> bool:
+    """Whether a store's obs predates anndata's element encodings (a compound dataset, as in
+    files written by anndata < 0.7, e.g. scanpy's bundled datasets)."""
+    obs = group["obs"]
+    return not (
+        isinstance(obs, zarr.Group | h5py.Group) and obs.attrs.get("encoding-type") == "dataframe"
+    )
+
+
+def read_legacy(group: zarr.Group | h5py.Group) -> AnnData:
+    """The store as anndata itself reads it (X backed for h5ad); close ``.file`` when done."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's OldFormatWarning and friends
+        if isinstance(group, h5py.Group):
+            return anndata.read_h5ad(group.file.filename, backed="r")
+        return anndata.read_zarr(group.store)
+
+
+def read_obs(group: zarr.Group | h5py.Group) -> pd.DataFrame:
+    """A store's obs, in any encoding anndata reads, with the types annbatch collections
+    stored differently restored."""
+    if is_legacy(group):
+        adata = read_legacy(group)
+        try:
+            return adata.obs
+        finally:
+            if adata.isbacked:
+                adata.file.close()
+    elem = group["obs"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        obs = anndata.io.read_elem(elem)
+    return restore_types(obs, elem)
+
+
+def restore_types(obs: pd.DataFrame, elem: Any) -> pd.DataFrame:
+    """Columns of ``obs`` (read from the obs element ``elem``) back in the type whose
+    ``annbatch-dtype`` attribute they carry."""
+    for column in obs.columns:
+        key = str(column)
+        dtype = elem[key].attrs.get(DTYPE_ATTR) if key in elem else None
+        if dtype is None:
+            continue
+        target = pd.api.types.pandas_dtype(dtype)
+        stamps = pd.to_datetime(obs[column].astype(object), format="ISO8601", utc=True)
+        if isinstance(target, pd.DatetimeTZDtype):
+            obs[column] = stamps.dt.tz_convert(target.tz)
+        else:
+            obs[column] = stamps.dt.tz_localize(None).astype(target)
+    return obs
+
 
 def load_x_and_obs(group: zarr.Group | h5py.Group) -> AnnData:
     """Open an AnnData store with ``X`` on disk and ``obs`` in memory.
+
+    Stores in older encodings (files written by anndata < 0.7, such as scanpy's bundled
+    datasets) are read through anndata's own readers.
 
     Parameters
     ----------
@@ -44,7 +105,7 @@ def load_x_and_obs(group: zarr.Group | h5py.Group) -> AnnData:
         x = group["X"]
         if isinstance(x, zarr.Group | h5py.Group):
             x = anndata.io.sparse_dataset(x)
-        obs = anndata.io.read_elem(group["obs"])
+        obs = read_obs(group)
     if len(obs) != x.shape[0]:
         msg = f"the AnnData store {where} has {x.shape[0]} rows in X but {len(obs)} in obs; the store is damaged"
         raise CorruptDataError(msg)

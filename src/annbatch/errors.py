@@ -18,6 +18,8 @@ fits it, so callers can catch either::
     ├── InputFileError            (OSError)       a collection input that is missing or unreadable
     ├── CollectionPathError       (FileExistsError)  a collection path that holds something else
     ├── IncompleteCollectionError (RuntimeError)  a collection whose build did not finish
+    ├── CollectionCompleteError   (RuntimeError)  new inputs for a finished collection without append=True
+    ├── DuplicateInputError       (ValueError)    an input that is already in the collection (or given twice)
     ├── GPUUnavailableError       (RuntimeError)  preload_to_gpu without CuPy or a CUDA device
     └── FeatureNotAvailableError  (NotImplementedError)  documented, not built yet
 """
@@ -86,6 +88,14 @@ class CollectionPathError(AnnbatchError, FileExistsError):
 
 class IncompleteCollectionError(AnnbatchError, RuntimeError):
     """A collection whose build was interrupted: it cannot be read until the build finishes."""
+
+
+class CollectionCompleteError(AnnbatchError, RuntimeError):
+    """A finished collection was given inputs it does not hold, without ``append=True``."""
+
+
+class DuplicateInputError(AnnbatchError, ValueError):
+    """An input whose data the collection already holds (or that a call names twice)."""
 
 
 class GPUUnavailableError(AnnbatchError, RuntimeError):

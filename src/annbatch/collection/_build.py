@@ -3,13 +3,19 @@
 Two passes, each within the memory budget:
 
 1. **Distribute.** Every input row is given a dataset at random (balanced, from the seed).
-   Inputs are read in order, a block of rows at a time; each block's rows are aligned to the
-   collection's genes and appended to their dataset's bucket: plain files in a scratch folder.
+   Inputs are read in order: obs one column at a time, X a block of rows at a time; each
+   block's rows are aligned to the collection's genes, each column converted to the
+   collection's type, and appended to their dataset's bucket: plain files in a scratch folder.
 2. **Write.** Each bucket is loaded (a dataset is at most a budget's worth of rows), its rows
    are put in a random order, and it is written as one sharded zarr dataset with its obs.
 
-So every input is read once, sequentially, and no more than one block or one dataset is in
-memory at a time.
+So every input is read once, sequentially, and no more than one block, one obs column or one
+dataset is in memory at a time.
+
+Every write step (a bucket append, a dataset, a scratch deletion; the caller's manifest writes)
+is preceded by :func:`checkpoint`, where the crash-safety tests kill the build. The order of the
+steps makes any prefix of them resumable: a dataset is recorded before its bucket is deleted,
+and an unrecorded dataset is rewritten from its bucket.
 """
 
 from __future__ import annotations
@@ -25,6 +31,15 @@ from tqdm.auto import tqdm
 
 from annbatch.collection._inputs import SOURCE_COLUMN, align_rows, column_map
 from annbatch.collection._layout import write_dataset
+from annbatch.collection._obs import (
+    STRING,
+    ColumnType,
+    decode,
+    encode,
+    encode_missing,
+    encode_strings,
+    part_dtypes,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -34,6 +49,17 @@ if TYPE_CHECKING:
 
     from annbatch.collection._inputs import Input
     from annbatch.collection._layout import Compression
+    from annbatch.collection._obs import ObsSchema
+
+crash_hook: Callable[[str], None] | None = None
+"""Called by :func:`checkpoint` when set: the crash-safety tests kill the process from it."""
+
+
+def checkpoint(step: str) -> None:
+    """Mark the point before a write step of a build (see the module docstring)."""
+    if crash_hook is not None:
+        crash_hook(step)
+
 
 _WORKING_COPIES = 6
 """Copies of a block (or dataset) alive at once while it is aligned, reordered and written."""
@@ -92,26 +118,30 @@ def assign_datasets(n_obs: int, rows_per_dataset: int, rng: np.random.Generator)
 
 
 class _Bucket:
-    """The rows of one dataset-to-be, appended to plain files as blocks are read."""
+    """The rows of one dataset-to-be, appended to plain files as inputs are read: X, the rows'
+    ids, and each obs column (the obs names as column ``index``) in fixed-width parts."""
 
     def __init__(self, folder: Path, *, sparse: bool) -> None:
         self.folder = folder
         self.sparse = sparse
-        folder.mkdir(parents=True, exist_ok=True)
+
+    def _append(self, name: str, array: np.ndarray) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / name, "ab") as f:
+            np.ascontiguousarray(array).tofile(f)
 
     def append(self, rows: Any, ids: np.ndarray) -> None:
-        with open(self.folder / "ids", "ab") as f:
-            ids.astype(np.int64).tofile(f)
+        self._append("ids", ids.astype(np.int64))
         if self.sparse:
-            with open(self.folder / "nnz", "ab") as f:
-                np.diff(rows.indptr).astype(np.int64).tofile(f)
-            with open(self.folder / "data", "ab") as f:
-                rows.data.tofile(f)
-            with open(self.folder / "indices", "ab") as f:
-                rows.indices.astype(np.int32).tofile(f)
+            self._append("nnz", np.diff(rows.indptr).astype(np.int64))
+            self._append("data", rows.data)
+            self._append("indices", rows.indices.astype(np.int32))
         else:
-            with open(self.folder / "x", "ab") as f:
-                np.ascontiguousarray(rows).tofile(f)
+            self._append("x", rows)
+
+    def append_obs(self, column: int | str, parts: Sequence[np.ndarray]) -> None:
+        for p, part in enumerate(parts):
+            self._append(f"obs_{column}.{p}", part)
 
     def load(self, dtype: np.dtype, n_var: int) -> tuple[Any, np.ndarray]:
         ids = np.fromfile(self.folder / "ids", dtype=np.int64)
@@ -124,56 +154,89 @@ class _Bucket:
         x = np.fromfile(self.folder / "x", dtype=dtype).reshape(ids.size, n_var)
         return x, ids
 
+    def load_obs(self, column: int | str, t: ColumnType) -> Any:
+        parts = []
+        for p, dtype in enumerate(part_dtypes(t)):
+            path = self.folder / f"obs_{column}.{p}"
+            parts.append(np.fromfile(path, dtype=dtype) if path.exists() else np.empty(0, dtype))
+        return decode(parts, t)
 
-def union_obs(inputs: Sequence[Input]) -> pd.DataFrame:
-    """All inputs' obs, one after another: union of columns (NA where missing), plus the
-    ``source_file`` column."""
-    frames = []
-    categorical: set[str] = set()
-    for inp in inputs:
-        obs = inp.obs.copy()
-        categorical.update(c for c in obs.columns if isinstance(obs[c].dtype, pd.CategoricalDtype))
-        obs[SOURCE_COLUMN] = inp.name
-        frames.append(obs)
-    obs = pd.concat(frames, axis=0, join="outer") if len(frames) > 1 else frames[0]
-    for column in [*categorical, SOURCE_COLUMN]:
-        obs[column] = obs[column].astype("category")
-    obs.index = obs.index.astype(str)
-    return obs
+
+def _scatter(owner: np.ndarray) -> list[np.ndarray]:
+    """Positions of ``owner`` grouped by value (ascending within each), in value order."""
+    order = np.argsort(owner, kind="stable")
+    bounds = np.flatnonzero(np.diff(owner[order])) + 1
+    return np.split(order, bounds)
 
 
 def distribute(
     inputs: Sequence[Input],
     var_names: pd.Index,
+    schema: ObsSchema,
     plan: BuildPlan,
     assignment: np.ndarray,
     scratch: Path,
     progress: Callable[[int], None],
 ) -> None:
-    """Pass 1: read every input once, in blocks, and append each row to its dataset's bucket."""
+    """Pass 1: read every input once (obs a column at a time, X in blocks) and append each
+    row to its dataset's bucket."""
     buckets = [
         _Bucket(scratch / f"{k:06d}", sparse=inputs[0].sparse) for k in range(plan.n_datasets)
     ]
     first_row = 0
-    for inp in inputs:
+    for i, inp in enumerate(inputs):
+        owner = assignment[first_row : first_row + inp.n_obs]
+        groups = _scatter(owner)
+        checkpoint(f"distribute obs of input {i}")
+        _distribute_column(buckets, owner, groups, "index", encode_strings(inp.obs.index()))
+        for j, (column, t) in enumerate(schema.types.items()):
+            parts = (
+                encode(inp.obs.column(column), t)
+                if column in inp.obs.columns
+                else encode_missing(t, inp.n_obs)
+            )
+            _distribute_column(buckets, owner, groups, j, parts)
         mapping = column_map(inp, var_names)
         for lo in range(0, inp.n_obs, plan.rows_per_block):
             hi = min(inp.n_obs, lo + plan.rows_per_block)
+            checkpoint(f"distribute rows {lo}:{hi} of input {i}")
             rows = align_rows(inp.x[lo:hi], mapping, len(var_names))
             ids = np.arange(first_row + lo, first_row + hi, dtype=np.int64)
-            owner = assignment[first_row + lo : first_row + hi]
-            order = np.argsort(owner, kind="stable")
-            bounds = np.flatnonzero(np.diff(owner[order])) + 1
-            for part in np.split(order, bounds):
-                buckets[int(owner[part[0]])].append(rows[part], ids[part])
+            for part in _scatter(owner[lo:hi]):
+                buckets[int(owner[lo + part[0]])].append(rows[part], ids[part])
             progress(hi - lo)
         first_row += inp.n_obs
+
+
+def _distribute_column(
+    buckets: Sequence[_Bucket],
+    owner: np.ndarray,
+    groups: Sequence[np.ndarray],
+    column: int | str,
+    parts: Sequence[np.ndarray],
+) -> None:
+    """Append each bucket's values of one encoded column (strings: lengths, then bytes)."""
+    if len(parts) == 2 and parts[1].size != owner.size:  # strings: the bytes follow lengths
+        lengths, blob = parts
+        ends = np.cumsum(np.maximum(lengths, 0))
+        starts = ends - np.maximum(lengths, 0)
+        for rows in groups:
+            pieces = [
+                blob[a:b] for a, b in zip(starts[rows].tolist(), ends[rows].tolist(), strict=True)
+            ]
+            data = np.concatenate(pieces) if pieces else np.empty(0, np.uint8)
+            buckets[int(owner[rows[0]])].append_obs(column, [lengths[rows], data])
+        return
+    for rows in groups:
+        buckets[int(owner[rows[0]])].append_obs(column, [part[rows] for part in parts])
 
 
 def write_datasets(
     root: zarr.Group,
     names: Sequence[str],
-    obs: pd.DataFrame,
+    schema: ObsSchema,
+    sources: Sequence[str],
+    offsets: np.ndarray,
     var_names: pd.Index,
     dtype: np.dtype,
     scratch: Path,
@@ -184,20 +247,36 @@ def write_datasets(
     skip: set[str],
     compression: Compression,
 ) -> None:
-    """Pass 2: shuffle each bucket's rows and write it as a dataset, then delete the bucket."""
+    """Pass 2: shuffle each bucket's rows and write it as a dataset with its obs (the
+    ``source_file`` column from ``sources``, the inputs' names, and ``offsets``, their first
+    row ids); record it (``on_written``), then delete the bucket."""
+    source_dtype = pd.CategoricalDtype(list(dict.fromkeys(sources)))
+    source_codes = source_dtype.categories.get_indexer(list(sources))
     for k, name in enumerate(names):
         order_rng = np.random.default_rng(rng.integers(2**63))  # same stream on resume
-        if name in skip:
-            continue
         bucket = _Bucket(scratch / f"{k:06d}", sparse=sparse)
+        if name in skip:
+            if bucket.folder.exists():  # recorded, then interrupted before the deletion
+                checkpoint(f"delete bucket {k}")
+                shutil.rmtree(bucket.folder)
+            continue
         x, ids = bucket.load(dtype, len(var_names))
         order = order_rng.permutation(ids.size)
-        x, ids = x[order], ids[order]
+        columns = {
+            column: bucket.load_obs(j, t) for j, (column, t) in enumerate(schema.types.items())
+        }
+        obs = pd.DataFrame(columns, index=pd.Index(bucket.load_obs("index", STRING), dtype=object))
+        obs[SOURCE_COLUMN] = pd.Categorical.from_codes(
+            source_codes[np.searchsorted(offsets, ids, side="right") - 1], dtype=source_dtype
+        )
+        x, obs = x[order], obs.iloc[order]
+        checkpoint(f"write dataset {name}")
         if name in root:
             del root[name]  # a dataset left half-written by an interrupted build
-        write_dataset(root.create_group(name), x, obs.iloc[ids], var_names, compression)
-        shutil.rmtree(bucket.folder)
+        write_dataset(root.create_group(name), x, obs, var_names, compression, checkpoint)
         on_written(name, int(ids.size))
+        checkpoint(f"delete bucket {k}")
+        shutil.rmtree(bucket.folder)
 
 
 def progress_bar(total: int, desc: str, *, show: bool) -> tqdm:

@@ -15,21 +15,31 @@ import zarr
 from annbatch._args import parse_int
 from annbatch.collection._build import (
     assign_datasets,
+    checkpoint,
     distribute,
     plan_build,
     progress_bar,
-    union_obs,
     write_datasets,
 )
-from annbatch.collection._inputs import open_inputs, union_var_names
+from annbatch.collection._inputs import SOURCE_COLUMN, fingerprint, open_inputs, union_var_names
 from annbatch.collection._layout import (
     DEFAULT_COMPRESSION,
     Compression,
     describe_x,
     parse_compression,
 )
+from annbatch.collection._obs import (
+    ColumnType,
+    ObsColumns,
+    TypesOnly,
+    build_schema,
+    dataset_types,
+)
 from annbatch.errors import (
+    CollectionCompleteError,
     CollectionPathError,
+    DuplicateInputError,
+    IncompatibleDatasetsError,
     IncompleteCollectionError,
     InvalidArgumentError,
 )
@@ -39,6 +49,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
     import anndata as ad
+
+    from annbatch.collection._inputs import Input
 
 ATTR = "annbatch-collection"
 """Root attribute holding the collection's state."""
@@ -208,21 +220,33 @@ class DatasetCollection:
         rng: np.random.Generator | int | None = None,
         progress: bool = True,
         compression: Compression = DEFAULT_COMPRESSION,
+        append: bool = False,
+        force: bool = False,
     ) -> Self:
         """Write ``inputs`` into the collection, their rows shuffled across datasets.
 
-        On an empty path this builds the collection. On a complete collection it appends:
-        the new rows are shuffled among themselves into new datasets, aligned to the
+        On an empty path this builds the collection. After an interrupted build, the same
+        call resumes it. On a finished collection, the same call (same inputs and options)
+        writes nothing and says so (a ``UserWarning``); other inputs need ``append=True``.
+        Inputs are only read, never modified.
+
+        Appending shuffles the new rows among themselves into new datasets, aligned to the
         collection's genes (genes it lacks are dropped, with a warning); existing datasets
         are not rewritten, so old and new rows mix only when the Loader reads chunks of both
-        into one window. To mix everything, build a new collection from all inputs. After an
-        interrupted build, the same call resumes it. Inputs are only read, never modified.
+        into one window. To mix everything, build a new collection from all inputs.
+
+        obs keeps its types: a column missing from some inputs becomes pandas' nullable type
+        of its kind (``boolean``, ``Int64``, ``string``; NaN for floats), categoricals get the
+        union of their categories, ints meeting floats become floats, strings meeting
+        categoricals become categoricals; any other disagreement is an error before anything
+        is written.
 
         Parameters
         ----------
         inputs
-            Paths to ``.h5ad`` files or zarr AnnData stores, or AnnData objects (in memory
-            or backed). X must be dense in all of them or CSR in all, with one dtype.
+            Paths to ``.h5ad`` files or zarr AnnData stores (any encoding anndata reads), or
+            AnnData objects (in memory or backed). X must be dense in all of them or CSR in
+            all, with one dtype.
         var_names
             The genes to keep, in this order (missing ones are zeros). Default: every gene of
             any input, in order of first appearance.
@@ -243,6 +267,12 @@ class DatasetCollection:
             (3.3x LZ4 on random-valued counts; on real data it depends on how well it
             compresses). Choose ``"lz4"`` where disk space or a slow disk matters more,
             ``"zstd"`` for the smallest store (it decodes about half as fast as LZ4).
+        append
+            Add the inputs to a finished collection. Checked before anything is written: X's
+            dtype and kind (dense or sparse), obs column types and genes must fit.
+        force
+            Add inputs whose data the collection already holds (same shape, obs and gene
+            names, and values), or that ``inputs`` names twice; refused otherwise.
 
         Returns
         -------
@@ -258,52 +288,61 @@ class DatasetCollection:
         state = self._state()  # raises if the path holds something else
         opened = open_inputs(inputs)
         try:
-            self._build(
-                opened, state, genes, dataset_size, budget, rng, compression, progress=progress
-            )
+            prints = [fingerprint(inp) for inp in opened]
+            options: dict[str, Any] = {
+                "var_names": None if genes is None else list(genes),
+                "dataset_size": dataset_size,
+                "memory_budget": budget,
+                "compression": compression,
+            }
+            complete = state is not None and state["state"] == "complete"
+            if complete and not append:
+                _nothing_to_append(state, prints, options, self._path)  # type: ignore[arg-type]
+                return self
+            if not force:
+                _refuse_repeats(opened, prints, state if complete else None)
+            if complete:
+                _check_append(opened, state, self._path)  # type: ignore[arg-type]
+            self._build(opened, prints, state, options, rng, progress=progress)
         finally:
             for inp in opened:
                 inp.close()
         return self
 
+    def _save(self, root: zarr.Group, record: dict[str, Any], step: str) -> None:
+        """Write the collection's state (one atomic write of the root's metadata)."""
+        checkpoint(f"manifest: {step}")
+        root.attrs[ATTR] = record
+
     def _build(
         self,
-        inputs: list[Any],
+        inputs: list[Input],
+        prints: list[str],
         state: dict[str, Any] | None,
-        var_names: pd.Index | None,
-        dataset_size: int,
-        budget: int,
+        options: dict[str, Any],
         rng: np.random.Generator | int | None,
-        compression: Compression,
         *,
         progress: bool,
     ) -> None:
         names = [inp.name for inp in inputs]
-        spec: dict[str, Any] = {
-            "inputs": names,
-            "dataset_size": dataset_size,
-            "memory_budget": budget,
-            "var_names": None if var_names is None else list(var_names),
-            "compression": compression,
-        }
-        if state is not None and state["state"] != "complete":
-            build = state["build"]
-            # Builds begun before the compression option wrote LZ4.
-            same = {
-                k: build.get(k, "lz4" if k == "compression" else None) for k in spec
-            } == spec and all(not name.startswith("AnnData ") for name in names)
-            if not same:
+        var_names = None if options["var_names"] is None else pd.Index(options["var_names"])
+        appending = state is not None and state["state"] == "complete"
+        resuming = state is not None and not appending
+        if resuming:
+            build = state["build"]  # type: ignore[index]
+            if build.get("fingerprints") != prints or {k: build.get(k) for k in options} != options:
                 msg = (
                     f"an interrupted build of other inputs or arguments is in {self._path}; run it "
-                    "again with the same paths and arguments to resume, or delete the folder"
+                    "again with the same inputs and arguments to resume, or delete the folder"
                 )
                 raise CollectionPathError(msg)
             seed = build["seed"]
         else:
             seed = int(np.random.default_rng(rng).integers(2**63))
         done: list[dict[str, Any]] = [] if state is None else list(state["datasets"])
-        if state is not None and state["state"] == "complete":  # appending
-            existing = pd.Index(state["var_names"], dtype=object)
+        prior: dict[str, ColumnType] = {}
+        if appending:
+            existing = pd.Index(state["var_names"], dtype=object)  # type: ignore[index]
             extra = union_var_names(inputs).difference(existing)
             if var_names is not None and not var_names.equals(existing):
                 msg = "var_names of an append must be the collection's own genes (collection.var_names)"
@@ -316,50 +355,77 @@ class DatasetCollection:
                     stacklevel=4,
                 )
             var_names = existing
-        elif state is not None:  # resuming: the genes were fixed when the build began
-            var_names = pd.Index(state["var_names"], dtype=object)
+        elif resuming:  # the genes were fixed when the build began
+            var_names = pd.Index(state["var_names"], dtype=object)  # type: ignore[index]
         elif var_names is None:
             var_names = union_var_names(inputs)
-        first = (
-            len(done) if state is None or state["state"] == "complete" else state["build"]["first"]
-        )
-        plan = plan_build(inputs, len(var_names), dataset_size, budget)
+        if state is not None and state["datasets"]:
+            root_r = zarr.open_group(self._path, mode="r")
+            prior_first = state["build"]["first"] if resuming else len(done)
+            prior = dataset_types([root_r[d["name"]] for d in done[:prior_first]])
+        sources: list[tuple[str, ObsColumns]] = []
+        if prior:
+            sources.append((f"the collection {self._path}", TypesOnly(prior)))
+        sources += [(inp.name, inp.obs) for inp in inputs]
+        schema = build_schema(sources, skip=SOURCE_COLUMN)
+        first = state["build"]["first"] if resuming else len(done)  # type: ignore[index]
+        plan = plan_build(inputs, len(var_names), options["dataset_size"], options["memory_budget"])
         dataset_names = [f"dataset_{first + k:06d}" for k in range(plan.n_datasets)]
         scratch = self._path / SCRATCH
-        root = zarr.open_group(self._path, mode="a", zarr_format=3)
-        resuming = state is not None and state["state"] != "complete"
         distributed = resuming and state["build"].get("distributed", False)  # type: ignore[index]
         # The collection's state, rewritten to the root's attributes at every step of the build.
         record: dict[str, Any] = {
             "version": FORMAT_VERSION,
             "state": "building",
             "var_names": list(var_names),
+            "x": {"dtype": inputs[0].dtype.str, "sparse": inputs[0].sparse},
+            "inputs": [] if state is None else list(state.get("inputs", [])),
+            "builds": [] if state is None else list(state.get("builds", [])),
             "datasets": done,
-            "build": {**spec, "seed": seed, "first": first, "distributed": distributed},
+            "build": {
+                **options,
+                "inputs": names,
+                "fingerprints": prints,
+                "seed": seed,
+                "first": first,
+                "distributed": distributed,
+            },
         }
-        root.attrs[ATTR] = record
+        if state is None:
+            checkpoint("manifest: begin")
+            root = zarr.create_group(self._path, zarr_format=3, attributes={ATTR: record})
+        else:
+            root = zarr.open_group(self._path, mode="r+", zarr_format=3)
+            if not resuming:
+                self._save(root, record, "begin append")
         gen = np.random.default_rng(seed)
         assignment = assign_datasets(plan.n_obs, plan.rows_per_dataset, gen)
         if not distributed:
-            shutil.rmtree(scratch, ignore_errors=True)
+            if scratch.exists():
+                checkpoint("delete scratch")
+                shutil.rmtree(scratch)
             with progress_bar(plan.n_obs, "distributing rows", show=progress) as bar:
-                distribute(inputs, var_names, plan, assignment, scratch, bar.update)
+                distribute(inputs, var_names, schema, plan, assignment, scratch, bar.update)
             record["build"]["distributed"] = True
-            root.attrs[ATTR] = record
+            self._save(root, record, "distributed")
         del assignment
-        obs = union_obs(inputs)
         written = {d["name"] for d in done}
+        offsets = np.cumsum([0] + [inp.n_obs for inp in inputs])[:-1]
+        already = sum(d["n_obs"] for d in done[first:])
         with progress_bar(plan.n_obs, "writing datasets", show=progress) as bar:
+            bar.update(already)
 
             def on_written(name: str, n_obs: int) -> None:
                 done.append({"name": name, "n_obs": n_obs})
-                root.attrs[ATTR] = record
+                self._save(root, record, f"recorded {name}")
                 bar.update(n_obs)
 
             write_datasets(
                 root,
                 dataset_names,
-                obs,
+                schema,
+                names,
+                offsets,
                 var_names,
                 inputs[0].dtype,
                 scratch,
@@ -367,12 +433,83 @@ class DatasetCollection:
                 on_written,
                 sparse=inputs[0].sparse,
                 skip=written,
-                compression=compression,
+                compression=options["compression"],
             )
-        shutil.rmtree(scratch, ignore_errors=True)
+        if scratch.exists():
+            checkpoint("delete scratch")
+            shutil.rmtree(scratch)
         record["state"] = "complete"
         del record["build"]
-        root.attrs[ATTR] = record
+        record["inputs"] += [
+            {"name": n, "fingerprint": f} for n, f in zip(names, prints, strict=True)
+        ]
+        record["builds"].append({**options, "fingerprints": prints})
+        self._save(root, record, "complete")
+
+
+def _refuse_repeats(
+    inputs: Sequence[Input], prints: Sequence[str], state: dict[str, Any] | None
+) -> None:
+    """Raise if one input's data is given twice, or is in the finished collection ``state``."""
+    seen: dict[str, str] = {}
+    for inp, digest in zip(inputs, prints, strict=True):
+        if digest in seen:
+            msg = f"{inp.name} holds the same data as {seen[digest]}; pass each input once (or force=True to add it twice)"
+            raise DuplicateInputError(msg)
+        seen[digest] = inp.name
+    held = {} if state is None else {e["fingerprint"]: e["name"] for e in state.get("inputs", [])}
+    repeats = [(inp.name, held[d]) for inp, d in zip(inputs, prints, strict=True) if d in held]
+    if repeats:
+        listed = "; ".join(f"{new} (added as {old})" for new, old in repeats[:5])
+        msg = f"the collection already holds the data of {len(repeats)} of these inputs: {listed}; nothing was written. Leave them out, or pass force=True to add them again"
+        raise DuplicateInputError(msg)
+
+
+def _nothing_to_append(
+    state: dict[str, Any], prints: list[str], options: dict[str, Any], path: Path
+) -> None:
+    """Warn when a finished collection was built by this very call (nothing to do); raise
+    otherwise: adding rows to a finished collection takes ``append=True``."""
+    same = [b for b in state.get("builds", []) if b["fingerprints"] == prints]
+    if any({k: b.get(k) for k in options} == options for b in same):
+        warnings.warn(
+            f"{path} is finished and holds these inputs, built with these options; nothing was "
+            "written",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    if same:
+        msg = (
+            f"{path} already holds these inputs, built with other options; nothing was "
+            "written. To lay them out otherwise, build a new collection at another path"
+        )
+    else:
+        msg = (
+            f"{path} is a finished collection ({sum(d['n_obs'] for d in state['datasets']):,} "
+            "rows) built from other inputs; nothing was written. Pass append=True (annbatch "
+            "build --append) to add these inputs to it, or build into another path"
+        )
+    raise CollectionCompleteError(msg)
+
+
+def _check_append(inputs: Sequence[Input], state: dict[str, Any], path: Path) -> None:
+    """Raise before anything is written if the inputs cannot join the collection's datasets."""
+    x = state.get("x")
+    if x is None:  # collections written before the manifest recorded X
+        described = describe_x(zarr.open_group(path, mode="r")[state["datasets"][0]["name"]])  # type: ignore[arg-type]
+        x = {
+            "dtype": np.dtype(described["dtype"]).str,
+            "sparse": described["encoding"] == "csr_matrix",
+        }
+    kinds = {True: "sparse CSR", False: "dense"}
+    first = inputs[0]
+    if first.sparse != x["sparse"]:
+        msg = f"{first.name}: X is {kinds[first.sparse]} but the collection {path} holds {kinds[x['sparse']]} X; a collection holds one kind"
+        raise IncompatibleDatasetsError(msg)
+    if first.dtype != np.dtype(x["dtype"]):
+        msg = f"{first.name}: X has dtype {first.dtype} but the collection {path} holds {np.dtype(x['dtype'])}; cast the inputs to {np.dtype(x['dtype'])} first"
+        raise IncompatibleDatasetsError(msg)
 
 
 def _size_on_disk(path: Path) -> int:

@@ -7,6 +7,7 @@ naming the input.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
+from annbatch._anndata_io import is_legacy, read_legacy
+from annbatch.collection._obs import FrameColumns, GroupColumns, ObsColumns
 from annbatch.errors import (
     IncompatibleDatasetsError,
     InputFileError,
@@ -43,7 +46,8 @@ class Input:
     """How the input is named in errors and in the ``source_file`` obs column."""
     x: Any
     """Row-sliceable matrix: ``x[a:b]`` gives numpy rows or scipy CSR rows."""
-    obs: pd.DataFrame
+    obs: ObsColumns
+    """obs, read a column at a time."""
     var_names: pd.Index
     dtype: np.dtype
     sparse: bool
@@ -96,7 +100,9 @@ def open_input(item: str | os.PathLike[str] | ad.AnnData, position: int) -> Inpu
     if isinstance(item, ad.AnnData):
         name = str(item.filename) if item.isbacked else f"AnnData {position}"
         x, sparse = _x_of(item.X, name)
-        return Input(name, x, item.obs.copy(), pd.Index(item.var_names), np.dtype(x.dtype), sparse)
+        return Input(
+            name, x, FrameColumns(item.obs), pd.Index(item.var_names), np.dtype(x.dtype), sparse
+        )
     if not isinstance(item, str | os.PathLike):
         msg = f"input {position} is a {type(item).__name__}; expected a path or an AnnData"
         raise InvalidArgumentError(msg)
@@ -106,11 +112,20 @@ def open_input(item: str | os.PathLike[str] | ad.AnnData, position: int) -> Inpu
         if "X" not in group or "obs" not in group or "var" not in group:
             msg = f"input {path} holds no AnnData (it needs X, obs and var)"
             raise InputFileError(msg)
+        if is_legacy(group):  # an encoding older than anndata 0.7: anndata reads it
+            adata = read_legacy(group)
+            try:
+                obs: ObsColumns = FrameColumns(adata.obs)
+                var_names = pd.Index(adata.var_names)
+            finally:
+                if adata.isbacked:
+                    adata.file.close()
+        else:
+            obs = GroupColumns(group["obs"], str(path))
+            var_names = GroupColumns(group["var"], str(path)).index()
+        x_elem = group["X"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # anndata's notes on old encodings
-            obs = ad.io.read_elem(group["obs"])
-            var = ad.io.read_elem(group["var"])
-            x_elem = group["X"]
             x = (
                 ad.io.sparse_dataset(x_elem)
                 if isinstance(x_elem, h5py.Group | zarr.Group)
@@ -121,7 +136,7 @@ def open_input(item: str | os.PathLike[str] | ad.AnnData, position: int) -> Inpu
         if handle is not None:
             handle.close()
         raise
-    return Input(str(path), x, obs, pd.Index(var.index), np.dtype(x.dtype), sparse, handle)
+    return Input(str(path), x, obs, var_names, np.dtype(x.dtype), sparse, handle)
 
 
 def open_inputs(items: Sequence[str | os.PathLike[str] | ad.AnnData]) -> list[Input]:
@@ -150,8 +165,8 @@ def check_inputs(inputs: Sequence[Input]) -> None:
             dup = inp.var_names[inp.var_names.duplicated()].unique()[:5].tolist()
             msg = f"{inp.name}: gene names are not unique (for example {dup}); make them unique first (`adata.var_names_make_unique()`)"
             raise IncompatibleDatasetsError(msg)
-        if len(inp.obs) != inp.n_obs:
-            msg = f"{inp.name}: obs has {len(inp.obs)} rows but X has {inp.n_obs}"
+        if inp.obs.n_obs != inp.n_obs:
+            msg = f"{inp.name}: obs has {inp.obs.n_obs} rows but X has {inp.n_obs}"
             raise IncompatibleDatasetsError(msg)
     if sum(inp.n_obs for inp in inputs) == 0:
         msg = f"the inputs hold no rows ({', '.join(inp.name for inp in inputs)})"
@@ -165,6 +180,31 @@ def check_inputs(inputs: Sequence[Input]) -> None:
         if inp.dtype != first.dtype:
             msg = f"{inp.name}: X has dtype {inp.dtype} but {first.name} has {first.dtype}; cast them to one dtype first"
             raise IncompatibleDatasetsError(msg)
+
+
+def fingerprint(inp: Input) -> str:
+    """A digest of what an input holds: shape, dtype, obs and gene names, and its first and
+    last rows' values. Two inputs with the same digest are taken to be the same data."""
+    digest = hashlib.sha256()
+    n_obs, n_var = inp.n_obs, len(inp.var_names)
+    digest.update(f"{n_obs} {n_var} {inp.dtype.str} {inp.sparse}".encode())
+    for names in (inp.obs.index(), inp.var_names.astype(str)):
+        digest.update("\n".join(names).encode())
+        digest.update(b"\0")
+    k = min(n_obs, 16)
+    for rows in (inp.x[:k], inp.x[n_obs - k :]):
+        if sp.issparse(rows):
+            rows = sp.csr_matrix(rows)
+            arrays = [
+                (rows.indptr - rows.indptr[0]).astype(np.int64),
+                rows.indices.astype(np.int64),
+                rows.data,
+            ]
+        else:
+            arrays = [np.asarray(rows)]
+        for array in arrays:
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def union_var_names(inputs: Sequence[Input]) -> pd.Index:

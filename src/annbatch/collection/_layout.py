@@ -24,9 +24,13 @@ import pandas as pd
 import scipy.sparse as sp
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
+from annbatch._anndata_io import DTYPE_ATTR
+from annbatch.collection._obs import prepare_for_write
 from annbatch.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import zarr
 
 SPARSE_CHUNK = 32_768
@@ -83,9 +87,16 @@ def write_dataset(
     obs: pd.DataFrame,
     var_names: pd.Index,
     compression: Compression = DEFAULT_COMPRESSION,
+    checkpoint: Callable[[str], None] | None = None,
 ) -> None:
-    """Write one AnnData (X, obs, var) into ``group`` (a new, empty zarr v3 group)."""
-    with warnings.catch_warnings():
+    """Write one AnnData (X, obs, var) into ``group`` (a new, empty zarr v3 group).
+
+    obs columns anndata cannot write (datetimes) are stored as ISO 8601 strings marked with
+    the ``annbatch-dtype`` attribute (see :func:`annbatch.load_x_and_obs`); ``checkpoint`` is
+    called between the elements (see :func:`annbatch.collection._build.checkpoint`).
+    """
+    obs, restore = prepare_for_write(obs)
+    with warnings.catch_warnings(), ad.settings.override(allow_write_nullable_strings=True):
         warnings.simplefilter("ignore")  # anndata's notes about zarr v3 and string arrays
         if sp.issparse(x):
             n = max(1, int(x.nnz))
@@ -108,7 +119,12 @@ def write_dataset(
                 "compressors": compressors(compression),
             }
         ad.io.write_elem(group, "X", x, dataset_kwargs=kwargs)
+        if checkpoint is not None:
+            checkpoint(f"write obs and var of {group.basename}")
         ad.io.write_elem(group, "obs", obs, dataset_kwargs=OBS_CODECS)
+        obs_group: Any = group["obs"]
+        for column, dtype in restore.items():
+            obs_group[column].attrs[DTYPE_ATTR] = dtype
         ad.io.write_elem(group, "var", pd.DataFrame(index=var_names), dataset_kwargs=OBS_CODECS)
     group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
 
