@@ -16,13 +16,16 @@ Layout mimics scanpy's bundled ``datasets/10x_pbmc68k_reduced.h5ad``:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from os import PathLike
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 import pandas as pd
 from scipy import sparse
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from os import PathLike
 
 
 def _fixed_bytes(values: Sequence[str]) -> np.ndarray:
