@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="annbatch",
         description="Build and inspect annbatch collections (AnnData rows shuffled across files).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser(
         "build",
@@ -24,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Combine AnnData files (.h5ad or .zarr) into a collection: every row goes to a random "
             "dataset and a random place in it, written as sharded zarr v3. Running it again after "
-            "an interruption resumes the build; on an existing collection it appends the inputs."
+            "an interruption resumes the build; running it again on a finished collection writes "
+            "nothing; --append adds new inputs to a finished collection."
         ),
     )
     build.add_argument(
@@ -62,6 +65,16 @@ def _parser() -> argparse.ArgumentParser:
         "the bytes of the rows it wants), several times larger on disk; lz4: compressed, "
         "decodes fast; zstd: smallest, decodes about half as fast as lz4",
     )
+    build.add_argument(
+        "--append",
+        action="store_true",
+        help="add the inputs to a finished collection (in new datasets)",
+    )
+    build.add_argument(
+        "--force",
+        action="store_true",
+        help="add inputs whose data the collection already holds, or that are named twice",
+    )
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     info = commands.add_parser(
         "info",
@@ -81,6 +94,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("store", type=Path, help="a .zarr folder, a collection or a .h5ad file")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("annbatch")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
 
 
 def _human(n_bytes: float) -> str:
@@ -105,8 +127,22 @@ def _verify(store: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status (130 after Ctrl-C)."""
     args = _parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            status = _run(args)
+        for warning in caught:
+            print(f"annbatch {args.command}: {warning.message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        hint = "; run the same command again to resume" if args.command == "build" else ""
+        print(f"annbatch {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    return status
+
+
+def _run(args: argparse.Namespace) -> int:
     from annbatch.collection import DatasetCollection
     from annbatch.errors import AnnbatchError
 
@@ -127,9 +163,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rng=args.seed,
                 progress=not args.quiet,
                 compression=args.compression,
+                append=args.append,
+                force=args.force,
             )
             print(collection)
             return 0
+        if not args.store.exists():
+            print(f"annbatch info: error: {args.store} does not exist", file=sys.stderr)
+            return 1
         info = DatasetCollection(args.store).info()
     except (AnnbatchError, OSError) as e:
         print(f"annbatch {args.command}: error: {e}", file=sys.stderr)
