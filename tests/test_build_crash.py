@@ -1,0 +1,126 @@
+"""Crash safety of collection builds: a build killed (SIGKILL) before any one of its write
+steps, then run again, gives the same bytes as a build that was never interrupted; until
+then, the collection never reads as complete.
+
+The write steps are the build's checkpoints (``annbatch.collection._build.checkpoint``): every
+manifest write, every bucket append of pass 1, every dataset written (and between its X and
+its obs), every scratch deletion. The children are real processes, forked from a server that
+has annbatch imported already.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import signal
+import warnings
+from typing import TYPE_CHECKING
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from tests import _build_child
+
+from annbatch import DatasetCollection, Loader
+from annbatch.collection import _build
+from annbatch.errors import IncompleteCollectionError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.slow
+
+OPTIONS = {"dataset_size": 450, "memory_budget": "1MB", "rng": 5}
+
+
+def _input(path: Path, i: int, n_obs: int) -> str:
+    rng = np.random.default_rng(i)
+    x = sp.random(n_obs, 200, density=0.1, format="csr", dtype=np.float32, random_state=rng)
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(rng.choice(["T", "B", f"only{i}"], n_obs)),
+            "n_counts": rng.integers(0, 1000, n_obs),
+            **(
+                {"flag": rng.random(n_obs) < 0.5}
+                if i % 2
+                else {"note": [f"n{k}" for k in range(n_obs)]}
+            ),
+        },
+        index=[f"in{i}_c{k}" for k in range(n_obs)],
+    )
+    var = pd.DataFrame(index=[f"g{j}" for j in range(i % 2, 200 + i % 2)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ad.AnnData(X=x, obs=obs, var=var).write_h5ad(path)
+    return str(path)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {
+        str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()
+    }
+
+
+def _steps(out: Path, inputs: list[str], **extra) -> list[str]:
+    """The checkpoints of an uninterrupted build, in order (run in this process)."""
+    steps: list[str] = []
+    _build.crash_hook = steps.append
+    try:
+        DatasetCollection(out).add_adatas(inputs, progress=False, **OPTIONS, **extra)
+    finally:
+        _build.crash_hook = None
+    return steps
+
+
+@pytest.fixture(scope="module")
+def fork():
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["annbatch", "anndata", "tests._build_child"])
+    return context
+
+
+def _run(fork, out: Path, inputs: list[str], kill_at: int | None, **extra) -> int:
+    process = fork.Process(
+        target=_build_child.build, args=(str(out), inputs, {**OPTIONS, **extra}, kill_at)
+    )
+    process.start()
+    process.join(120)
+    assert process.exitcode is not None, "the build hung"
+    return process.exitcode
+
+
+@pytest.mark.parametrize("phase", ["first build", "append"])
+def test_killed_at_every_write_step_then_resumed_equals_uninterrupted(tmp_path, fork, phase):
+    inputs = [_input(tmp_path / f"in{i}.h5ad", i, n) for i, n in enumerate([700, 500, 600])]
+    first, added = inputs[:2], inputs[2:]
+    base = tmp_path / "base.zarr"  # the collection an append starts from
+    _steps(base, first)
+    reference = tmp_path / "reference.zarr"
+    if phase == "first build":
+        steps = _steps(reference, first)
+        todo, extra = first, {}
+    else:
+        shutil.copytree(base, reference)
+        steps = _steps(reference, added, append=True)
+        todo, extra = added, {"append": True}
+    expected = _files(reference)
+    before = _files(base) if phase == "append" else {}
+    kinds = {step.split(" ")[0].rstrip(":") for step in steps}
+    assert {"manifest", "distribute", "write", "delete"} <= kinds, steps
+    assert len(steps) >= 12
+    for k, step in enumerate(steps, start=1):
+        out = tmp_path / f"killed_{k}.zarr"
+        if phase == "append":
+            shutil.copytree(base, out)
+        assert _run(fork, out, todo, kill_at=k, **extra) == -signal.SIGKILL, step
+        untouched = _files(out) == before if out.exists() else True
+        if not untouched:  # something was written: the collection must not read as complete
+            collection = DatasetCollection(out)
+            assert not collection.is_complete, step
+            with pytest.raises(IncompleteCollectionError):
+                Loader().use_collection(collection)
+        assert _run(fork, out, todo, kill_at=None, **extra) == 0, step
+        assert _files(out) == expected, f"killed before {step!r}"
+        shutil.rmtree(out)
