@@ -389,6 +389,9 @@ def test_command_line_build_and_info(tmp_path, capsys, compression):
     assert "148 rows x 3 genes" in printed
     assert CODEC_NAMES[compression or "none"] in printed
     assert cli(["info", str(tmp_path / "nothing.zarr")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty.zarr").mkdir()
+    assert cli(["info", str(tmp_path / "empty.zarr")]) == 1
     assert "holds no collection" in capsys.readouterr().err
     help_text = subprocess.run(
         [sys.executable, "-m", "annbatch", "build", "--help"],
