@@ -92,13 +92,13 @@ def test_the_same_call_on_a_finished_collection_writes_nothing(tmp_path):
     before = _tree_digest(out)
     for _ in range(2):
         with pytest.warns(
-            UserWarning, match="holds these inputs, built with these options; nothing was written"
+            UserWarning, match="holds these inputs, added with these options; nothing was written"
         ):
             DatasetCollection(out).add_adatas(paths, rng=1, progress=False)
     assert _tree_digest(out) == before
     assert collection.n_obs == 60
     # Other options on the same inputs: an error, nothing written.
-    with pytest.raises(CollectionCompleteError, match="built with other options"):
+    with pytest.raises(CollectionCompleteError, match="other calls or with other options"):
         DatasetCollection(out).add_adatas(paths, progress=False, compression="zstd")
     # New inputs without append=True: an error, nothing written.
     extra = _write(_adata(2, 10), tmp_path / "in2.h5ad")
@@ -116,11 +116,13 @@ def test_append_adds_new_inputs_once(tmp_path):
     assert collection.n_obs == 75
     pd.testing.assert_frame_equal(_rows(collection), _expected(adatas), check_dtype=False)
     after = _tree_digest(out)
-    # The same append again, or an input already in, or a copy of one under another name.
+    # The same append again: nothing to do.
+    with pytest.warns(UserWarning, match="nothing was written"):
+        collection.add_adatas(paths[2:], append=True, progress=False)
+    # An input already in, or a copy of one under another name.
     copy = tmp_path / "copy_of_in0.h5ad"
     copy.write_bytes(Path(paths[0]).read_bytes())
     for inputs in (
-        paths[2:],
         paths[:1],
         [str(copy)],
         [paths[0], _write(_adata(7, 5), tmp_path / "n.h5ad")],
@@ -429,3 +431,132 @@ def test_ctrl_c_prints_one_line_and_exits_130_then_resumes(tmp_path):
     assert not DatasetCollection(out).is_complete
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     assert "60,000 rows" in done.stdout
+
+
+# -------------------------------------------------------------- edge cases found in review
+def test_obs_edge_values_round_trip(tmp_path):
+    n = 8
+    adatas = [
+        _adata(
+            0,
+            n,
+            {
+                "short": np.array(["", "ab"] * 4, dtype=object),  # bytes == rows: not a hint
+                "unicode": np.array(["é", "日本", "", "x"] * 2, dtype=object),
+                "all_na_cat": pd.Categorical([None] * n, categories=["a"]).remove_categories("a"),
+                "int_cat": pd.Categorical(np.array([1, 2] * 4, dtype=np.int8)),
+                "obj_bool": np.array([True, None, False, True] * 2, dtype=object),
+            },
+        ),
+        _adata(1, 5, {"int_cat": pd.Categorical(np.array([1000, 1, 1000, 7, 1], dtype=np.int64))}),
+        _adata(2, 0),  # no rows at all
+    ]
+    collection = DatasetCollection(tmp_path / "out.zarr").add_adatas(adatas, progress=False)
+    obs = _obs(collection)
+    first = obs.loc[adatas[0].obs_names]
+    assert first["short"].tolist() == ["", "ab"] * 4
+    assert first["unicode"].tolist() == ["é", "日本", "", "x"] * 2
+    assert obs["all_na_cat"].isna().all()
+    assert sorted(obs["int_cat"].cat.categories) == [1, 2, 7, 1000]
+    assert obs.loc[adatas[1].obs_names, "int_cat"].tolist() == [1000, 1, 1000, 7, 1]
+    assert str(obs["obj_bool"].dtype) == "boolean"
+    assert first["obj_bool"].isna().tolist() == [False, True, False, False] * 2
+    with pytest.raises(IncompatibleDatasetsError, match="no one integer type"):
+        DatasetCollection(tmp_path / "u.zarr").add_adatas(
+            [
+                _adata(0, 3, {"c": np.array([1, 2, 3], dtype=np.uint64)}),
+                _adata(1, 3, {"c": np.array([-1, 2, 3], dtype=np.int64)}),
+            ],
+            progress=False,
+        )
+
+
+def test_resume_with_paths_spelled_otherwise(tmp_path, monkeypatch):
+    from annbatch.collection import _build
+
+    monkeypatch.chdir(tmp_path)
+    paths = [_write(_adata(i, 40), tmp_path / f"in{i}.h5ad") for i in range(2)]
+    options = {"dataset_size": 20, "rng": 2, "progress": False}
+    reference = DatasetCollection(tmp_path / "ref.zarr").add_adatas(paths, **options)
+
+    def interrupt(step: str) -> None:
+        if step.startswith("manifest: recorded dataset_000001"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_build, "crash_hook", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        DatasetCollection(tmp_path / "out.zarr").add_adatas(paths, **options)
+    monkeypatch.setattr(_build, "crash_hook", None)
+    DatasetCollection("out.zarr").add_adatas([f"in{i}.h5ad" for i in range(2)], **options)
+    assert set(_obs(DatasetCollection("out.zarr"))[SOURCE_COLUMN]) == set(paths)
+    assert _tree_digest(tmp_path / "out.zarr") == _tree_digest(tmp_path / "ref.zarr")
+    assert reference.is_complete
+
+
+def test_a_failed_append_leaves_the_collection_as_it_was(tmp_path, monkeypatch):
+    from annbatch.collection import _build
+
+    out = tmp_path / "out.zarr"
+    collection = DatasetCollection(out).add_adatas([_adata(0, 30)], progress=False)
+    before = _tree_digest(out)
+
+    def fail(step: str) -> None:
+        if step.startswith("write obs and var"):
+            raise OSError("disk full")
+
+    monkeypatch.setattr(_build, "crash_hook", fail)
+    with pytest.raises(OSError, match="disk full"):
+        collection.add_adatas([_adata(1, 30)], append=True, progress=False)
+    monkeypatch.setattr(_build, "crash_hook", None)
+    assert collection.is_complete
+    assert _tree_digest(out) == before
+    collection.add_adatas([_adata(1, 30)], append=True, progress=False)
+    assert collection.n_obs == 60
+
+
+def test_append_sharing_no_gene_is_refused(tmp_path):
+    out = tmp_path / "out.zarr"
+    collection = DatasetCollection(out).add_adatas([_adata(0, 10)], progress=False)
+    other = _adata(1, 5)
+    other.var_names = [f"other{j}" for j in range(other.n_vars)]
+    with pytest.raises(IncompatibleDatasetsError, match="shares no gene"):
+        collection.add_adatas([other], append=True, progress=False)
+
+
+def test_repeating_an_append_writes_nothing(tmp_path):
+    out = tmp_path / "out.zarr"
+    collection = DatasetCollection(out).add_adatas([_adata(0, 10)], progress=False)
+    collection.add_adatas([_adata(1, 10)], append=True, progress=False)
+    before = _tree_digest(out)
+    with pytest.warns(UserWarning, match="nothing was written"):
+        collection.add_adatas([_adata(1, 10)], append=True, progress=False)
+    with pytest.raises(CollectionCompleteError, match="other calls or with other options"):
+        collection.add_adatas([_adata(0, 10), _adata(1, 10)], progress=False)
+    assert _tree_digest(out) == before
+
+
+def test_anndata_07_dataframes_keep_their_categories(tmp_path):
+    """anndata 0.7 kept categories apart (``obs/__categories``), referenced from the codes."""
+    path = tmp_path / "v07.h5ad"
+    text = h5py.special_dtype(vlen=str)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("X", data=np.arange(8, dtype=np.float32).reshape(4, 2))
+        for name, index in (("obs", ["c0", "c1", "c2", "c3"]), ("var", ["g1", "g2"])):
+            group = f.create_group(name)
+            group.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.1.0"})
+            group.attrs["_index"] = "_index"
+            columns = ["cell_type"] if name == "obs" else []
+            group.attrs["column-order"] = np.array(columns, dtype=text)
+            group.create_dataset("_index", data=np.array(index, dtype=object), dtype=text)
+        categories = f["obs"].create_group("__categories")
+        names = categories.create_dataset(
+            "cell_type", data=np.array(["B", "T"], dtype=object), dtype=text
+        )
+        f["obs"].create_dataset("cell_type", data=np.array([0, 1, 1, 0], np.int8))
+        f["obs"]["cell_type"].attrs["categories"] = names.ref
+    with h5py.File(path) as f:
+        assert load_x_and_obs(f).obs["cell_type"].tolist() == ["B", "T", "T", "B"]
+    collection = DatasetCollection(tmp_path / "out.zarr").add_adatas([str(path)], progress=False)
+    obs = _obs(collection)
+    assert obs["cell_type"].dtype == "category"
+    assert obs["cell_type"].tolist() == ["B", "T", "T", "B"]

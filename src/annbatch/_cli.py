@@ -133,8 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             status = _run(args)
-        for warning in caught:
-            print(f"annbatch {args.command}: {warning.message}", file=sys.stderr)
+        for w in caught:  # annbatch's own notes as one line each; others as Python shows them
+            if issubclass(w.category, UserWarning) and "annbatch" in Path(w.filename).parts:
+                print(f"annbatch {args.command}: {w.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     except KeyboardInterrupt:
         hint = "; run the same command again to resume" if args.command == "build" else ""
         print(f"annbatch {args.command}: interrupted{hint}", file=sys.stderr)

@@ -80,9 +80,15 @@ class BuildPlan:
 
 
 def plan_build(
-    inputs: Sequence[Input], n_var: int, dataset_size: int, memory_budget: int
+    inputs: Sequence[Input],
+    n_var: int,
+    dataset_size: int,
+    memory_budget: int,
+    obs_bytes: float = 0.0,
 ) -> BuildPlan:
-    """Sizes of datasets and read blocks that keep the build within ``memory_budget`` bytes."""
+    """Sizes of datasets and read blocks that keep the build within ``memory_budget`` bytes
+    (``obs_bytes``: an estimate of a row's obs in memory, see
+    :func:`~annbatch.collection._obs.obs_bytes_per_row`)."""
     n_obs = sum(inp.n_obs for inp in inputs)
     itemsize = inputs[0].dtype.itemsize
     if inputs[0].sparse:
@@ -90,6 +96,7 @@ def plan_build(
         bytes_per_row = nnz / max(1, n_obs) * (itemsize + 8) + 16
     else:
         bytes_per_row = float(n_var * itemsize + 8)
+    bytes_per_row += obs_bytes
     fits = max(1, int(memory_budget / (_WORKING_COPIES * bytes_per_row)))
     return BuildPlan(
         n_obs=n_obs,
@@ -164,6 +171,8 @@ class _Bucket:
 
 def _scatter(owner: np.ndarray) -> list[np.ndarray]:
     """Positions of ``owner`` grouped by value (ascending within each), in value order."""
+    if owner.size == 0:
+        return []
     order = np.argsort(owner, kind="stable")
     bounds = np.flatnonzero(np.diff(owner[order])) + 1
     return np.split(order, bounds)
@@ -188,14 +197,15 @@ def distribute(
         owner = assignment[first_row : first_row + inp.n_obs]
         groups = _scatter(owner)
         checkpoint(f"distribute obs of input {i}")
-        _distribute_column(buckets, owner, groups, "index", encode_strings(inp.obs.index()))
+        index = encode_strings(inp.obs.index())
+        _distribute_column(buckets, owner, groups, "index", index, strings=True)
         for j, (column, t) in enumerate(schema.types.items()):
             parts = (
                 encode(inp.obs.column(column), t)
                 if column in inp.obs.columns
                 else encode_missing(t, inp.n_obs)
             )
-            _distribute_column(buckets, owner, groups, j, parts)
+            _distribute_column(buckets, owner, groups, j, parts, strings=t.kind == "string")
         mapping = column_map(inp, var_names)
         for lo in range(0, inp.n_obs, plan.rows_per_block):
             hi = min(inp.n_obs, lo + plan.rows_per_block)
@@ -214,9 +224,11 @@ def _distribute_column(
     groups: Sequence[np.ndarray],
     column: int | str,
     parts: Sequence[np.ndarray],
+    *,
+    strings: bool,
 ) -> None:
-    """Append each bucket's values of one encoded column (strings: lengths, then bytes)."""
-    if len(parts) == 2 and parts[1].size != owner.size:  # strings: the bytes follow lengths
+    """Append each bucket's values of one encoded column (``strings``: lengths, then bytes)."""
+    if strings:
         lengths, blob = parts
         ends = np.cumsum(np.maximum(lengths, 0))
         starts = ends - np.maximum(lengths, 0)

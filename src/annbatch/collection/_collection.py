@@ -14,6 +14,7 @@ import zarr
 
 from annbatch._args import parse_int
 from annbatch.collection._build import (
+    BuildPlan,
     assign_datasets,
     checkpoint,
     distribute,
@@ -31,9 +32,11 @@ from annbatch.collection._layout import (
 from annbatch.collection._obs import (
     ColumnType,
     ObsColumns,
+    ObsSchema,
     TypesOnly,
     build_schema,
     dataset_types,
+    obs_bytes_per_row,
 )
 from annbatch.errors import (
     CollectionCompleteError,
@@ -294,11 +297,14 @@ class DatasetCollection:
                 "dataset_size": dataset_size,
                 "memory_budget": budget,
                 "compression": compression,
+                "rng": int(rng) if isinstance(rng, int | np.integer) else None,
             }
             complete = state is not None and state["state"] == "complete"
-            if complete and not append:
-                _nothing_to_append(state, prints, options, self._path)  # type: ignore[arg-type]
-                return self
+            if complete:
+                if not force and _built_by(state, prints, options, self._path):  # type: ignore[arg-type]
+                    return self
+                if not append:
+                    _refuse_without_append(state, prints, self._path)  # type: ignore[arg-type]
             if not force:
                 _refuse_repeats(opened, prints, state if complete else None)
             if complete:
@@ -337,6 +343,7 @@ class DatasetCollection:
                 )
                 raise CollectionPathError(msg)
             seed = build["seed"]
+            names = list(build["inputs"])  # as the build began, however they are spelled now
         else:
             seed = int(np.random.default_rng(rng).integers(2**63))
         done: list[dict[str, Any]] = [] if state is None else list(state["datasets"])
@@ -369,9 +376,14 @@ class DatasetCollection:
         sources += [(inp.name, inp.obs) for inp in inputs]
         schema = build_schema(sources, skip=SOURCE_COLUMN)
         first = state["build"]["first"] if resuming else len(done)  # type: ignore[index]
-        plan = plan_build(inputs, len(var_names), options["dataset_size"], options["memory_budget"])
+        plan = plan_build(
+            inputs,
+            len(var_names),
+            options["dataset_size"],
+            options["memory_budget"],
+            obs_bytes_per_row(schema),
+        )
         dataset_names = [f"dataset_{first + k:06d}" for k in range(plan.n_datasets)]
-        scratch = self._path / SCRATCH
         distributed = resuming and state["build"].get("distributed", False)  # type: ignore[index]
         # The collection's state, rewritten to the root's attributes at every step of the build.
         record: dict[str, Any] = {
@@ -389,6 +401,7 @@ class DatasetCollection:
                 "seed": seed,
                 "first": first,
                 "distributed": distributed,
+                "dataset_names": dataset_names,
             },
         }
         if state is None:
@@ -398,8 +411,42 @@ class DatasetCollection:
             root = zarr.open_group(self._path, mode="r+", zarr_format=3)
             if not resuming:
                 self._save(root, record, "begin append")
-        gen = np.random.default_rng(seed)
+        try:
+            self._write(root, record, inputs, names, var_names, schema, plan, progress=progress)
+        except Exception:
+            if first > 0:  # a failed append: the collection goes back to what it was
+                self._roll_back(root, record, first)
+            raise
+
+    def _roll_back(self, root: zarr.Group, record: dict[str, Any], first: int) -> None:
+        """Undo a failed append: the manifest as before it, then its datasets and scratch."""
+        restored = {k: v for k, v in record.items() if k != "build"}
+        restored["state"] = "complete"
+        restored["datasets"] = record["datasets"][:first]
+        root.attrs[ATTR] = restored
+        for name in record["build"]["dataset_names"]:
+            if name in root:
+                del root[name]
+        shutil.rmtree(self._path / SCRATCH, ignore_errors=True)
+
+    def _write(
+        self,
+        root: zarr.Group,
+        record: dict[str, Any],
+        inputs: list[Input],
+        names: list[str],
+        var_names: pd.Index,
+        schema: ObsSchema,
+        plan: BuildPlan,
+        *,
+        progress: bool,
+    ) -> None:
+        """Both passes of a build (resumed where ``record`` says), then the manifest."""
+        build = record["build"]
+        first, done, scratch = build["first"], record["datasets"], self._path / SCRATCH
+        gen = np.random.default_rng(build["seed"])
         assignment = assign_datasets(plan.n_obs, plan.rows_per_dataset, gen)
+        distributed = build["distributed"]
         if not distributed:
             if scratch.exists():
                 checkpoint("delete scratch")
@@ -422,7 +469,7 @@ class DatasetCollection:
 
             write_datasets(
                 root,
-                dataset_names,
+                build["dataset_names"],
                 schema,
                 names,
                 offsets,
@@ -433,18 +480,23 @@ class DatasetCollection:
                 on_written,
                 sparse=inputs[0].sparse,
                 skip=written,
-                compression=options["compression"],
+                compression=build["compression"],
             )
         if scratch.exists():
             checkpoint("delete scratch")
             shutil.rmtree(scratch)
-        record["state"] = "complete"
-        del record["build"]
-        record["inputs"] += [
-            {"name": n, "fingerprint": f} for n, f in zip(names, prints, strict=True)
-        ]
-        record["builds"].append({**options, "fingerprints": prints})
-        self._save(root, record, "complete")
+        added = zip(names, build["fingerprints"], strict=True)
+        options = {
+            k: build[k]
+            for k in ("var_names", "dataset_size", "memory_budget", "compression", "rng")
+        }
+        complete = {k: v for k, v in record.items() if k != "build"}
+        complete.update(
+            state="complete",
+            inputs=record["inputs"] + [{"name": n, "fingerprint": f} for n, f in added],
+            builds=[*record["builds"], {**options, "fingerprints": build["fingerprints"]}],
+        )
+        self._save(root, complete, "complete")
 
 
 def _refuse_repeats(
@@ -465,24 +517,30 @@ def _refuse_repeats(
         raise DuplicateInputError(msg)
 
 
-def _nothing_to_append(
+def _built_by(
     state: dict[str, Any], prints: list[str], options: dict[str, Any], path: Path
-) -> None:
-    """Warn when a finished collection was built by this very call (nothing to do); raise
-    otherwise: adding rows to a finished collection takes ``append=True``."""
-    same = [b for b in state.get("builds", []) if b["fingerprints"] == prints]
-    if any({k: b.get(k) for k in options} == options for b in same):
-        warnings.warn(
-            f"{path} is finished and holds these inputs, built with these options; nothing was "
-            "written",
-            UserWarning,
-            stacklevel=3,
-        )
-        return
-    if same:
+) -> bool:
+    """Whether a build (or append) of these inputs with these options made the finished
+    collection ``state``; says so with a warning (nothing is to be done)."""
+    for build in state.get("builds", []):
+        if build["fingerprints"] == prints and {k: build.get(k) for k in options} == options:
+            warnings.warn(
+                f"{path} is finished and already holds these inputs, added with these options; "
+                "nothing was written",
+                UserWarning,
+                stacklevel=3,
+            )
+            return True
+    return False
+
+
+def _refuse_without_append(state: dict[str, Any], prints: list[str], path: Path) -> None:
+    """Adding rows to a finished collection takes ``append=True``."""
+    held = {entry["fingerprint"] for entry in state.get("inputs", [])}
+    if all(d in held for d in prints):
         msg = (
-            f"{path} already holds these inputs, built with other options; nothing was "
-            "written. To lay them out otherwise, build a new collection at another path"
+            f"{path} already holds these inputs, added by other calls or with other options; "
+            "nothing was written. To lay them out otherwise, build a new collection at another path"
         )
     else:
         msg = (
@@ -502,6 +560,11 @@ def _check_append(inputs: Sequence[Input], state: dict[str, Any], path: Path) ->
             "dtype": np.dtype(described["dtype"]).str,
             "sparse": described["encoding"] == "csr_matrix",
         }
+    genes = pd.Index(state["var_names"])
+    for inp in inputs:
+        if inp.n_obs and not genes.isin(inp.var_names.astype(str)).any():
+            msg = f"{inp.name} shares no gene with the collection {path} (its genes are e.g. {list(inp.var_names[:3])}, the collection's {list(genes[:3])}); its rows would be all zeros"
+            raise IncompatibleDatasetsError(msg)
     kinds = {True: "sparse CSR", False: "dense"}
     first = inputs[0]
     if first.sparse != x["sparse"]:

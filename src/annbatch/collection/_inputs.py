@@ -120,6 +120,10 @@ def open_input(item: str | os.PathLike[str] | ad.AnnData, position: int) -> Inpu
             finally:
                 if adata.isbacked:
                     adata.file.close()
+        elif group["obs"].attrs.get("encoding-version") != "0.2.0":
+            # anndata 0.7's dataframes (categories kept apart): read whole, by anndata
+            obs = FrameColumns(_read_elem(group["obs"]))
+            var_names = pd.Index(_read_elem(group["var"]).index)
         else:
             obs = GroupColumns(group["obs"], str(path))
             var_names = GroupColumns(group["var"], str(path)).index()
@@ -137,6 +141,12 @@ def open_input(item: str | os.PathLike[str] | ad.AnnData, position: int) -> Inpu
             handle.close()
         raise
     return Input(str(path), x, obs, var_names, np.dtype(x.dtype), sparse, handle)
+
+
+def _read_elem(elem: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's notes on old encodings
+        return ad.io.read_elem(elem)
 
 
 def open_inputs(items: Sequence[str | os.PathLike[str] | ad.AnnData]) -> list[Input]:

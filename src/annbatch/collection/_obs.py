@@ -167,7 +167,8 @@ class ColumnType:
             return f"category of {_kind_of_dtype(self.dtype)}"
         if self.kind == "datetime":
             return f"datetime{'' if self.tz is None else f' ({self.tz})'}"
-        return f"{self.dtype.name}{' (nullable)' if self.nullable else ''}"
+        name = "str" if self.kind == "string" else self.dtype.name
+        return f"{name}{' (nullable)' if self.nullable else ''}"
 
     def pandas_dtype(self) -> Any:
         """The dtype of the column in the collection's obs."""
@@ -191,7 +192,7 @@ _NULLABLE = {
 
 def _kind_of_dtype(dtype: np.dtype) -> str:
     return {"b": "bool", "i": "int", "u": "int", "f": "float", "M": "datetime"}.get(
-        dtype.kind, "string"
+        dtype.kind, "str"
     )
 
 
@@ -218,8 +219,11 @@ def observe(column: pd.Series) -> ColumnType:
         return ColumnType(_kind_of_dtype(dtype), dtype)
     if dtype.kind == "M":
         return ColumnType("datetime", np.dtype("datetime64[ns]"))
-    if dtype.kind in "OUS" and pd.api.types.infer_dtype(column, skipna=True) in {"string", "empty"}:
+    inferred = pd.api.types.infer_dtype(column, skipna=True)
+    if dtype.kind in "OUS" and inferred in {"string", "empty"}:
         return ColumnType("string", np.dtype(object), nullable=bool(column.isna().any()))
+    if dtype.kind == "O" and inferred == "boolean":  # bools with None: pandas' boolean
+        return ColumnType("bool", np.dtype(bool), nullable=bool(column.isna().any()))
     raise TypeError(pd.api.types.infer_dtype(column, skipna=True))
 
 
@@ -233,7 +237,8 @@ def merge_types(observed: Sequence[tuple[str, ColumnType | None]], column: str) 
         return ColumnType("float", np.dtype(dtype))
     if kinds == {"string", "category"}:
         cats = [t for _, t in present if t.kind == "category"]
-        if all(_kind_of_dtype(t.dtype) == "string" for t in cats) and not any(
+        typed = [t for t in cats if t.categories is not None and len(t.categories)]
+        if all(_kind_of_dtype(t.dtype) == "str" for t in typed) and not any(
             t.ordered for t in cats
         ):
             return ColumnType("category", np.dtype(object), categories=pd.Index([], dtype=object))
@@ -257,18 +262,22 @@ def merge_types(observed: Sequence[tuple[str, ColumnType | None]], column: str) 
             raise IncompatibleDatasetsError(msg)
         return ColumnType("datetime", np.dtype("datetime64[ns]"), tz=zones.pop())
     dtype = np.result_type(*(t.dtype for t in types)) if kind != "string" else np.dtype(object)
+    if kind == "int" and np.dtype(dtype).kind == "f":  # uint64 meeting a signed int
+        names = ", ".join(f"{t.dtype} in {n}" for n, t in present)
+        msg = f"obs column {column!r} has integers no one integer type holds ({names}); cast them first"
+        raise IncompatibleDatasetsError(msg)
     nullable = missing or any(t.nullable for t in types)
     return ColumnType(kind, np.dtype(dtype), nullable=nullable and kind != "float")
 
 
 def _merge_categories(present: Sequence[tuple[str, ColumnType]], column: str) -> ColumnType:
-    kinds = {_kind_of_dtype(t.dtype) for _, t in present}
+    typed = [t for _, t in present if t.categories is not None and len(t.categories)]
+    kinds = {_kind_of_dtype(t.dtype) for t in typed}  # an all-NA column's categories have no type
     if len(kinds) > 1:
         msg = f"obs column {column!r} is categorical with categories of different types across inputs ({sorted(kinds)})"
         raise IncompatibleDatasetsError(msg)
-    ordered = [t.ordered for _, t in present]
     first = present[0][1]
-    if any(ordered):
+    if any(t.ordered for _, t in present):
         same = all(t.ordered and t.categories.equals(first.categories) for _, t in present)  # type: ignore[union-attr]
         if not same:
             msg = (
@@ -278,13 +287,15 @@ def _merge_categories(present: Sequence[tuple[str, ColumnType]], column: str) ->
             raise IncompatibleDatasetsError(msg)
         return first
     union: dict[Any, None] = {}
-    for _, t in present:
+    for t in typed:
         union.update(dict.fromkeys(t.categories.tolist()))  # type: ignore[union-attr]
-    assert first.categories is not None
-    categories = pd.Index(
-        list(union), dtype=first.categories.dtype if kinds != {"string"} else object
-    )
-    return ColumnType("category", first.dtype, categories=categories)
+    if kinds and kinds != {"str"}:
+        dtype = np.result_type(*(t.dtype for t in typed))
+        categories = pd.Index(np.asarray(list(union), dtype=dtype))
+    else:
+        dtype = np.dtype(object)
+        categories = pd.Index(list(union), dtype=object)
+    return ColumnType("category", np.dtype(dtype), categories=categories)
 
 
 @dataclass
@@ -292,6 +303,23 @@ class ObsSchema:
     """The collection's obs columns, in order, each with its merged type."""
 
     types: dict[str, ColumnType] = field(default_factory=dict)
+
+
+STRING_BYTES = 64
+"""Bytes a short string takes in memory as a Python object (an estimate for the budget)."""
+
+
+def obs_bytes_per_row(schema: ObsSchema) -> float:
+    """About how many bytes a row's obs takes in memory (obs names included)."""
+    total = STRING_BYTES
+    for t in schema.types.values():
+        if t.kind == "string":
+            total += STRING_BYTES
+        elif t.kind == "category":
+            total += 4
+        else:
+            total += t.dtype.itemsize + int(t.nullable)
+    return float(total)
 
 
 def build_schema(sources: Sequence[tuple[str, ObsColumns]], skip: str) -> ObsSchema:
@@ -330,11 +358,11 @@ def _categories_from_strings(
     first appearance (one column of one input in memory at a time)."""
     union: dict[Any, None] = {}
     for (_, t), columns in zip(observed, obs, strict=True):
-        if t is None or isinstance(columns, TypesOnly):
+        if t is None:
             continue
         if t.kind == "category":
             union.update(dict.fromkeys(t.categories.tolist()))  # type: ignore[union-attr]
-        else:
+        elif not isinstance(columns, TypesOnly):  # a collection's strings stay strings there
             values = columns.column(column)
             union.update(dict.fromkeys(pd.unique(values[values.notna()].astype(str))))
     return ColumnType("category", np.dtype(object), categories=pd.Index(list(union), dtype=object))
@@ -348,7 +376,9 @@ def encode(values: pd.Series, t: ColumnType) -> list[np.ndarray]:
         if isinstance(values.dtype, pd.CategoricalDtype):
             mapping = t.categories.get_indexer(values.cat.categories)  # type: ignore[union-attr]
             codes = values.cat.codes.to_numpy()
-            out = np.where(codes < 0, -1, mapping[codes])
+            out = np.full(codes.size, -1, dtype=np.int64)
+            valid = codes >= 0
+            out[valid] = mapping[codes[valid]]
         else:
             strings = values.astype(object).where(values.notna(), None)
             out = t.categories.get_indexer(strings.map(lambda v: None if v is None else str(v)))  # type: ignore[union-attr]
