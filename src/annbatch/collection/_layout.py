@@ -106,6 +106,7 @@ def write_dataset(
                 "chunks": (chunk,),
                 "shards": (chunk * min(SPARSE_SHARD // per_chunk, -(-n // chunk)),),
                 "compressors": compressors(compression),
+                "config": {"write_empty_chunks": True},
             }
         else:
             rows = dense_chunk_rows(x.shape[1], x.dtype.itemsize)
@@ -117,6 +118,7 @@ def write_dataset(
                     x.shape[1],
                 ),
                 "compressors": compressors(compression),
+                "config": {"write_empty_chunks": True},
             }
         ad.io.write_elem(group, "X", x, dataset_kwargs=kwargs)
         if checkpoint is not None:
