@@ -560,3 +560,24 @@ def test_anndata_07_dataframes_keep_their_categories(tmp_path):
     obs = _obs(collection)
     assert obs["cell_type"].dtype == "category"
     assert obs["cell_type"].tolist() == ["B", "T", "T", "B"]
+
+
+def test_a_resumed_build_counts_what_is_written(tmp_path, monkeypatch, capsys):
+    from annbatch.collection import _build
+
+    inputs = [_adata(i, 40) for i in range(2)]
+
+    def interrupt(step: str) -> None:
+        if step == "manifest: recorded dataset_000002":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_build, "crash_hook", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        DatasetCollection(tmp_path / "out.zarr").add_adatas(inputs, dataset_size=20)
+    monkeypatch.setattr(_build, "crash_hook", None)
+    capsys.readouterr()
+    DatasetCollection(tmp_path / "out.zarr").add_adatas(inputs, dataset_size=20)
+    err = capsys.readouterr().err
+    assert "distributing rows" not in err  # pass 1 was finished
+    first = err[err.index("writing datasets") :].split("\r")[0]
+    assert "40.0/80.0" in first, err  # its first display: the 40 rows written before

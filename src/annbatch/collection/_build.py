@@ -291,8 +291,15 @@ def write_datasets(
         shutil.rmtree(bucket.folder)
 
 
-def progress_bar(total: int, desc: str, *, show: bool) -> tqdm:
-    """A tqdm bar counting rows (with rows/s), or a silent one when not ``show``."""
+def progress_bar(total: int, desc: str, *, show: bool, initial: int = 0) -> tqdm:
+    """A tqdm bar counting rows (with rows/s) from ``initial`` (rows a resumed build has
+    written already), or a silent one when not ``show``."""
     return tqdm(
-        total=total, desc=desc, unit=" rows", unit_scale=True, smoothing=0.1, disable=not show
+        total=total,
+        desc=desc,
+        initial=initial,
+        unit=" rows",
+        unit_scale=True,
+        smoothing=0.1,
+        disable=not show,
     )

@@ -459,8 +459,7 @@ class DatasetCollection:
         written = {d["name"] for d in done}
         offsets = np.cumsum([0] + [inp.n_obs for inp in inputs])[:-1]
         already = sum(d["n_obs"] for d in done[first:])
-        with progress_bar(plan.n_obs, "writing datasets", show=progress) as bar:
-            bar.update(already)
+        with progress_bar(plan.n_obs, "writing datasets", show=progress, initial=already) as bar:
 
             def on_written(name: str, n_obs: int) -> None:
                 done.append({"name": name, "n_obs": n_obs})
