@@ -62,7 +62,9 @@ def checkpoint(step: str) -> None:
 
 
 _WORKING_COPIES = 6
-"""Copies of a block (or dataset) alive at once while it is aligned, reordered and written."""
+"""Copies of a block (or dataset) of X alive at once while it is aligned, reordered and written."""
+_OBS_COPIES = 3
+"""Copies of a dataset's obs alive at once: decoded, reordered, converted by anndata to write."""
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,7 @@ def plan_build(
         bytes_per_row = nnz / max(1, n_obs) * (itemsize + 8) + 16
     else:
         bytes_per_row = float(n_var * itemsize + 8)
-    bytes_per_row += obs_bytes
-    fits = max(1, int(memory_budget / (_WORKING_COPIES * bytes_per_row)))
+    fits = max(1, int(memory_budget / (_WORKING_COPIES * bytes_per_row + _OBS_COPIES * obs_bytes)))
     return BuildPlan(
         n_obs=n_obs,
         bytes_per_row=bytes_per_row,
