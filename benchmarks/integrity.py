@@ -31,7 +31,7 @@ warnings.simplefilter("ignore")
 import numpy as np, annbatch
 args = json.loads(sys.argv[1])
 loader = annbatch.Loader(batch_size=args["batch"], chunk_size=args["chunk"], preload_nchunks=args["preload"],
-                         shuffle=True, rng=np.random.default_rng(0), to_torch=False,
+                         shuffle=True, rng=np.random.default_rng(0), to=None,
                          verify_checksums=args["verify"])
 loader.use_collection(annbatch.DatasetCollection(args["path"]))
 base = [l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]

@@ -58,7 +58,7 @@ if args["sampler"] == "balanced":
 else:
     sampler = annbatch.ChunkSampler(args["chunk"], args["preload"], args["batch"], shuffle=True,
                                     random_offset=args["sampler"] == "chunk+offset", rng=np.random.default_rng(0))
-loader = annbatch.Loader(batch_sampler=sampler, to_torch=False, return_index=True).add_anndatas(adatas)
+loader = annbatch.Loader(batch_sampler=sampler, to=None, return_index=True).add_anndatas(adatas)
 epochs, rates = [], []
 for epoch in range(2):
     batch_of = np.full(len(donors), -1)

@@ -350,7 +350,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
             "preload_nchunks": args["preload_nchunks"],
             "shuffle": True,
             "return_index": True,
-            "to_torch": False,
+            "to": None,
             "read_ahead": args["read_ahead"],
             "rng": np.random.default_rng(args["seed"]),
         }

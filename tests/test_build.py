@@ -353,7 +353,7 @@ def test_legacy_anndata_files(tmp_path, sparse):
                 preload_nchunks=2,
                 shuffle=True,
                 return_index=True,
-                to_torch=False,
+                to=None,
             ).add_anndata(opened)
         )
     x = adata.X.toarray() if sparse else adata.X

@@ -198,7 +198,7 @@ def test_loader_reads_each_row_once_per_epoch(tmp_path, read_ahead, compression)
         preload_nchunks=3,
         batch_size=5,
         shuffle=True,
-        to_torch=False,
+        to=None,
         read_ahead=read_ahead,
     )
     loader.use_collection(collection)
@@ -224,9 +224,7 @@ def test_use_collection_with_own_loader_and_only_once(tmp_path):
             X=ad.io.sparse_dataset(group["X"]), obs=ad.io.read_elem(group["obs"])[["cell_type"]]
         )
 
-    loader = Loader(batch_size=16, to_torch=False).use_collection(
-        collection, load_adata=cell_type_only
-    )
+    loader = Loader(batch_size=16, to=None).use_collection(collection, load_adata=cell_type_only)
     assert list(next(iter(loader))["obs"].columns) == ["cell_type"]
     with pytest.raises(InvalidArgumentError, match="once per Loader"):
         loader.use_collection(collection)

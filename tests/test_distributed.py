@@ -208,7 +208,7 @@ def test_resume_yields_the_rest_of_the_epoch(pool, fmt, kind, stop_after, read_a
             batch_size=4,
             shuffle=True,
             return_index=True,
-            to_torch=False,
+            to=None,
             read_ahead=read_ahead,
             rng=np.random.default_rng(seed),
         ).add_anndatas([s.adata() for s in stores])
@@ -261,7 +261,7 @@ def _rank_main(rank: int, world_size: int, port: int, path: str, workers: int, o
             batch_size=4,
             shuffle=True,
             return_index=True,
-            to_torch=False,
+            to=None,
             rng=np.random.default_rng(5),
         ).add_dataset(zarr.open_group(path, mode="r")["X"])
         epochs = []
@@ -325,7 +325,7 @@ def test_resume_under_dataloader_workers(pool, stop_after):
             batch_size=3,
             shuffle=True,
             return_index=True,
-            to_torch=False,
+            to=None,
             rng=np.random.default_rng(seed),
         ).add_anndatas([s.adata() for s in stores])
         lo.set_epoch(4)
@@ -361,7 +361,7 @@ def test_a_sampler_without_state_cannot_be_resumed(pool):
         def _sample(self, n_obs):
             yield LoadRequest(chunks=[slice(0, n_obs)])
 
-    loader = Loader(batch_sampler=Plain(), to_torch=False).add_anndata(
+    loader = Loader(batch_sampler=Plain(), to=None).add_anndata(
         pool.get("memory", "dense", 9).adata()
     )
     assert sum(b["X"].shape[0] for b in loader) == 9  # iterating needs no state

@@ -17,9 +17,7 @@ SIZES = [(37,), (20, 0, 45), (1, 64, 13)]
 
 
 def _loader(stores, **kwargs) -> Loader:
-    return Loader(return_index=True, to_torch=False, **kwargs).add_anndatas(
-        [s.adata() for s in stores]
-    )
+    return Loader(return_index=True, to=None, **kwargs).add_anndatas([s.adata() for s in stores])
 
 
 def assert_epoch(loader: Loader, stores, *, drop_last: bool, batch_size: int) -> np.ndarray:
@@ -146,16 +144,14 @@ def test_concat_strategies_yield_the_same_rows(pool, fmt, kind, shuffle):
 
 def test_return_index_false_yields_none(pool):
     store = pool.get("zarr", "dense", 37)
-    batch = next(iter(Loader(batch_size=4, to_torch=False).add_anndata(store.adata())))
+    batch = next(iter(Loader(batch_size=4, to=None).add_anndata(store.adata())))
     assert batch["index"] is None
     assert set(batch) == {"X", "obs", "index"}
 
 
 def test_no_obs_yields_none(pool):
     store = pool.get("zarr", "sparse", 37)
-    loader = Loader(
-        batch_size=8, chunk_size=8, preload_nchunks=2, to_torch=False, return_index=True
-    )
+    loader = Loader(batch_size=8, chunk_size=8, preload_nchunks=2, to=None, return_index=True)
     batches = list(loader.add_dataset(store.x))
     assert all(b["obs"] is None for b in batches)
     assert np.concatenate([b["index"] for b in batches]).tolist() == list(range(37))
@@ -163,7 +159,7 @@ def test_no_obs_yields_none(pool):
 
 def test_defaults(pool):
     store = pool.get("h5ad", "dense", 37)
-    loader = Loader(to_torch=False).add_anndata(store.adata())
+    loader = Loader(to=None).add_anndata(store.adata())
     sampler = loader.batch_sampler
     assert (sampler.chunk_size, sampler.preload_nchunks, sampler.batch_size) == (512, 32, 1)
     assert (sampler.shuffle, sampler.drop_last) == (False, False)

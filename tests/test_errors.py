@@ -14,7 +14,6 @@ from annbatch import Loader
 from annbatch.errors import (
     AnnbatchError,
     ClosedDatasetError,
-    FeatureNotAvailableError,
     IncompatibleDatasetsError,
     InvalidArgumentError,
     LoaderBusyError,
@@ -25,7 +24,7 @@ from annbatch.errors import (
 
 @pytest.fixture
 def loader() -> Loader:
-    return Loader(chunk_size=4, preload_nchunks=2, batch_size=4, to_torch=False)
+    return Loader(chunk_size=4, preload_nchunks=2, batch_size=4, to=None)
 
 
 def test_different_column_counts(pool, loader):
@@ -173,8 +172,9 @@ def test_anndata_without_x(loader):
             {"concat_strategy": "concat"},
             "concat_strategy must be one of .*'concat-shuffle', 'shuffle-concat'.* got 'concat'",
         ),
-        ({"to": "tensorflow"}, "to must be one of"),
-        ({"to": "torch", "to_torch": False}, "to='torch' contradicts to_torch=False"),
+        ({"to": "tensorflow"}, "to must be 'torch', 'jax', 'numpy' or None"),
+        ({"to": "torch", "to_torch": False}, "pass either to='torch' or to_torch=False, not both"),
+        ({"to": None, "to_torch": False}, "pass either to=None or to_torch=False, not both"),
         ({"to_torch": "yes"}, "to_torch must be a bool"),
         ({"return_index": 1}, "return_index must be a bool"),
         ({"batch_sampler": "chunks"}, "batch_sampler must be an annbatch.abc.Sampler, got str"),
@@ -268,11 +268,6 @@ def test_iterating_without_data(loader):
         iter(loader)
 
 
-def test_not_yet_available_options(pool):
-    with pytest.raises(FeatureNotAvailableError, match="to='jax' is not available yet"):
-        Loader(to="jax")
-
-
 def test_errors_are_catchable_as_builtins():
     with pytest.raises(ValueError, match="chunk_size"):
         Loader(chunk_size=0)
@@ -280,5 +275,3 @@ def test_errors_are_catchable_as_builtins():
         Loader(chunk_size=0)
     with pytest.raises(TypeError):
         Loader().add_dataset([1, 2])
-    with pytest.raises(NotImplementedError):
-        Loader(to="jax")

@@ -83,7 +83,7 @@ def test_preload_to_gpu_without_cupy_says_what_to_install():
             assert "cupy" in str(e) and "annbatch[gpu]" in str(e), str(e)
         else:
             raise AssertionError("preload_to_gpu=True without cupy must fail")
-        loader = annbatch.Loader(batch_size=3, to_torch=False).add_dataset(np.ones((7, 2)))
+        loader = annbatch.Loader(batch_size=3, to=None).add_dataset(np.ones((7, 2)))
         assert sum(b["X"].shape[0] for b in loader) == 7
         print("ok")
         """
@@ -123,7 +123,7 @@ def cp():
 
 def _epoch(stores, *, to_torch: bool, preload_to_gpu: bool, **kwargs):
     loader = Loader(
-        return_index=True, to_torch=to_torch, preload_to_gpu=preload_to_gpu, **kwargs
+        return_index=True, to="torch" if to_torch else None, preload_to_gpu=preload_to_gpu, **kwargs
     ).add_anndatas([s.adata() for s in stores])
     return loader, list(loader)
 
@@ -147,7 +147,7 @@ def test_same_rows_as_the_cpu(
         "concat_strategy": strategy,
     }
     _, on_cpu = _epoch(
-        stores, to_torch=False, preload_to_gpu=False, rng=np.random.default_rng(3), **settings
+        stores, to=None, preload_to_gpu=False, rng=np.random.default_rng(3), **settings
     )
     _, on_gpu = _epoch(
         stores, to_torch=to_torch, preload_to_gpu=True, rng=np.random.default_rng(3), **settings
@@ -178,7 +178,7 @@ def test_integer_sparse_values_arrive_as_exact_floats(cp, dtype):
     matrix.data = rng.integers(0, np.iinfo(dtype).max, matrix.nnz, dtype=dtype)
     loader = Loader(
         preload_to_gpu=True,
-        to_torch=False,
+        to=None,
         batch_size=7,
         chunk_size=4,
         preload_nchunks=3,
@@ -213,7 +213,7 @@ def test_windows_read_straight_into_pinned_memory(cp, tmp_path, layout, compress
     stored = group["X"]
     loader = Loader(
         preload_to_gpu=True,
-        to_torch=False,
+        to=None,
         batch_size=32,
         chunk_size=8,
         preload_nchunks=6,
@@ -252,7 +252,7 @@ def test_no_memory_growth_over_many_windows(cp, pool, kind):
     store = pool.get("zarr", kind, 1280)
     loader = Loader(
         preload_to_gpu=True,
-        to_torch=False,
+        to=None,
         chunk_size=4,
         preload_nchunks=8,
         batch_size=8,
@@ -275,9 +275,7 @@ def test_no_memory_growth_over_many_windows(cp, pool, kind):
 @gpu
 def test_break_on_the_gpu_path(cp, pool):
     store = pool.get("zarr", "sparse", 200)
-    loader = Loader(
-        preload_to_gpu=True, to_torch=False, chunk_size=5, preload_nchunks=2, batch_size=5
-    )
+    loader = Loader(preload_to_gpu=True, to=None, chunk_size=5, preload_nchunks=2, batch_size=5)
     loader.add_anndata(store.adata())
     for i, _batch in enumerate(loader):
         if i == 3:
@@ -320,7 +318,7 @@ def test_windows_land_on_the_consumers_device(cp, pool, kind, read_ahead, to_tor
     with cp.cuda.Device(device):
         loader = Loader(
             preload_to_gpu=True,
-            to_torch=to_torch,
+            to="torch" if to_torch else None,
             chunk_size=5,
             preload_nchunks=4,
             batch_size=10,

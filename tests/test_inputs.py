@@ -27,7 +27,7 @@ from conftest import check_epoch, to_numpy
 )
 def test_attributes(pool, fmt, kind, expected_type):
     stores = pool.many(fmt, kind, [10, 25])
-    loader = Loader(to_torch=False).add_anndatas([s.adata() for s in stores])
+    loader = Loader(to=None).add_anndatas([s.adata() for s in stores])
     assert loader.dataset_type is expected_type
     assert loader.n_obs == 35
     assert loader.n_var == 6
@@ -41,13 +41,13 @@ def test_attributes_before_data():
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
 def test_yielded_cpu_types(pool, kind):
     store = pool.get("zarr", kind, 10)
-    batch = next(iter(Loader(batch_size=4, to_torch=False).add_anndata(store.adata())))
+    batch = next(iter(Loader(batch_size=4, to=None).add_anndata(store.adata())))
     assert type(batch["X"]) is (np.ndarray if kind == "dense" else sp.csr_matrix)
 
 
 def test_scipy_csr_array_input(pool):
     store = pool.get("memory", "sparse", 12)
-    loader = Loader(batch_size=4, return_index=True, to_torch=False)
+    loader = Loader(batch_size=4, return_index=True, to=None)
     batches = list(loader.add_dataset(sp.csr_array(store.matrix), obs=store.obs))
     check_epoch(batches, [store])
     assert loader.dataset_type is sp.csr_array
@@ -64,7 +64,7 @@ def test_nd_dense_streams_along_axis_0(pool, fmt, shuffle, strategy):
         batch_size=3,
         shuffle=shuffle,
         return_index=True,
-        to_torch=False,
+        to=None,
         concat_strategy=strategy,
         rng=np.random.default_rng(0),
     ).add_datasets([s.x for s in stores], obs=[s.obs for s in stores])  # AnnData's X is 2-D only
@@ -84,7 +84,7 @@ def test_load_x_and_obs(pool, fmt, kind):
     assert adata.n_obs == 17
     assert isinstance(adata.X, zarr.Array | h5py.Dataset | ad.abc.CSRDataset)
     loader = Loader(
-        chunk_size=4, preload_nchunks=2, batch_size=4, return_index=True, to_torch=False
+        chunk_size=4, preload_nchunks=2, batch_size=4, return_index=True, to=None
     ).add_anndata(adata)
     check_epoch(list(loader), [store])
 
@@ -117,7 +117,7 @@ def test_written_anndata_round_trip(tmp_path):
                 preload_nchunks=8,
                 shuffle=True,
                 return_index=True,
-                to_torch=False,
+                to=None,
             )
             loader.add_anndata(load_x_and_obs(root))
             seen = []
@@ -135,7 +135,7 @@ def test_alternative_spellings(pool):
         .add_adata(stores[0].adata())
         .add_adatas([stores[1].adata()])
     )
-    b = Loader(batch_size=4, to_torch=True, return_index=True).add_anndatas(
+    b = Loader(batch_size=4, to="torch", return_index=True).add_anndatas(
         [s.adata() for s in stores]
     )
     for x, y in zip(a, b, strict=True):
@@ -146,7 +146,7 @@ def test_alternative_spellings(pool):
 
 def test_methods_chain(pool):
     store = pool.get("memory", "dense", 8)
-    loader = Loader(to_torch=False)
+    loader = Loader(to=None)
     assert loader.add_dataset(store.x, store.obs) is loader
     assert loader.add_datasets([store.x], [store.obs]) is loader
     assert loader.add_anndata(store.adata()) is loader is loader.add_anndatas([])

@@ -56,9 +56,7 @@ def _write_zarr(path: Path, x, **kwargs) -> Path:
 
 
 def _loader(**kwargs) -> Loader:
-    return Loader(
-        chunk_size=5, preload_nchunks=4, batch_size=10, shuffle=True, to_torch=False, **kwargs
-    )
+    return Loader(chunk_size=5, preload_nchunks=4, batch_size=10, shuffle=True, to=None, **kwargs)
 
 
 def _epoch(loader: Loader) -> list:
@@ -226,7 +224,7 @@ def test_partial_reads_of_uncompressed_chunks_are_not_verified_by_default(tmp_pa
     raw = bytearray(shard.read_bytes())
     raw[100] ^= 0x5A
     shard.write_bytes(bytes(raw))
-    loader = Loader(chunk_size=1, preload_nchunks=7, batch_size=7, to_torch=False)
+    loader = Loader(chunk_size=1, preload_nchunks=7, batch_size=7, to=None)
     rows = sum(b["X"].shape[0] for b in loader.use_collection(DatasetCollection(out)))
     assert rows == 300
 
@@ -240,7 +238,7 @@ def test_undamaged_collection_reads_the_same_with_and_without_verification(tmp_p
             preload_nchunks=4,
             batch_size=32,
             return_index=True,
-            to_torch=False,
+            to=None,
             verify_checksums=verify_checksums,
         ).use_collection(DatasetCollection(out))
         rows = {}
@@ -257,7 +255,7 @@ def test_h5py_file_closed_mid_iteration_gives_closed_dataset_error(tmp_path):
     with h5py.File(path, "w") as f:
         ad.io.write_elem(f, "X", _matrix().toarray())
     f = h5py.File(path, "r")
-    loader = Loader(chunk_size=5, preload_nchunks=1, batch_size=5, read_ahead=0, to_torch=False)
+    loader = Loader(chunk_size=5, preload_nchunks=1, batch_size=5, read_ahead=0, to=None)
     it = iter(loader.add_dataset(f["X"]))
     next(it)
     f.close()
@@ -309,9 +307,7 @@ def test_moved_zarr_internals_fall_back_to_zarr_python(tmp_path, monkeypatch, mo
     zarr_layout._internals.cache_clear()
     try:
         assert direct_array(x.group["data"]) is None
-        loader = Loader(
-            chunk_size=7, preload_nchunks=3, batch_size=9, return_index=True, to_torch=False
-        )
+        loader = Loader(chunk_size=7, preload_nchunks=3, batch_size=9, return_index=True, to=None)
         loader.add_dataset(x)
         want = _matrix().toarray()
         seen = 0

@@ -32,7 +32,7 @@ def _wait_for_no_producers(timeout: float = 5.0) -> None:
 def _loader(pool, read_ahead=1, **kwargs):
     store = pool.get("zarr", "sparse", 64)
     kwargs = {"chunk_size": 4, "preload_nchunks": 2, "batch_size": 4, **kwargs}
-    return Loader(read_ahead=read_ahead, return_index=True, to_torch=False, **kwargs).add_anndata(
+    return Loader(read_ahead=read_ahead, return_index=True, to=None, **kwargs).add_anndata(
         store.adata()
     ), store
 
@@ -95,7 +95,7 @@ def test_read_error_reaches_the_loop(tmp_path):
     array[:] = x
     damaged = tmp_path / "x.zarr" / "c" / "5" / "0"
     damaged.write_bytes(damaged.read_bytes()[:5])
-    loader = Loader(chunk_size=8, preload_nchunks=1, batch_size=8, shuffle=False, to_torch=False)
+    loader = Loader(chunk_size=8, preload_nchunks=1, batch_size=8, shuffle=False, to=None)
     loader.add_dataset(zarr.open_array(tmp_path / "x.zarr", mode="r"))
     batches = iter(loader)
     seen = [next(batches)["X"] for _ in range(5)]  # the batches before the damaged chunk
@@ -179,7 +179,7 @@ def test_stopping_early_abandons_the_window_being_read(tmp_path, monkeypatch):
         original(self)
 
     monkeypatch.setattr(direct._Task, "__call__", slow_task)
-    loader = Loader(chunk_size=10, preload_nchunks=40, batch_size=100, shuffle=True, to_torch=False)
+    loader = Loader(chunk_size=10, preload_nchunks=40, batch_size=100, shuffle=True, to=None)
     loader.add_dataset(zarr.open_array(tmp_path / "x.zarr", mode="r"))
     for batch in loader:
         per_window = calls["n"]  # the first window is read

@@ -119,7 +119,7 @@ class EveryOtherRowFirst(Sampler):
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
 def test_user_defined_sampler(pool, fmt, kind):
     stores = pool.many(fmt, kind, [11, 6])
-    loader = Loader(batch_sampler=EveryOtherRowFirst(), return_index=True, to_torch=False)
+    loader = Loader(batch_sampler=EveryOtherRowFirst(), return_index=True, to=None)
     loader.add_anndatas([s.adata() for s in stores])
     batches = list(loader)
     order = check_epoch(batches, stores)
@@ -160,7 +160,7 @@ class BadSampler(Sampler):
 )
 def test_faulty_sampler_is_caught_before_reading(pool, request_, match):
     store = pool.get("zarr", "dense", 11)
-    loader = Loader(batch_sampler=BadSampler(request_), to_torch=False).add_anndata(store.adata())
+    loader = Loader(batch_sampler=BadSampler(request_), to=None).add_anndata(store.adata())
     with pytest.raises(InvalidArgumentError, match=match):
         list(loader)
 
@@ -187,7 +187,7 @@ class Overlapping(Sampler):
 def test_overlapping_chunks_yield_the_requested_rows(pool, fmt, kind, strategy):
     store = pool.get(fmt, kind, 11)
     loader = Loader(
-        batch_sampler=Overlapping(), return_index=True, to_torch=False, concat_strategy=strategy
+        batch_sampler=Overlapping(), return_index=True, to=None, concat_strategy=strategy
     )
     batches = list(loader.add_anndata(store.adata()))
     order = check_epoch(batches, [store])

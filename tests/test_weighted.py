@@ -75,7 +75,7 @@ def test_balanced_classes_through_the_loader(pool):
     sampler = WeightedSampler.balanced(
         labels, num_samples=6000, batch_size=50, window_size=1000, rng=np.random.default_rng(0)
     )
-    loader = Loader(batch_sampler=sampler, return_index=True, to_torch=False)
+    loader = Loader(batch_sampler=sampler, return_index=True, to=None)
     loader.add_anndata(store.adata())
     batches = list(loader)
     order = check_epoch(batches, [store])  # yielded rows equal the stored rows, obs aligned
@@ -135,9 +135,7 @@ def test_bad_weighted_arguments(args, kwargs, match):
 
 def test_weights_must_match_the_loader(pool):
     store = pool.get("memory", "dense", 20)
-    loader = Loader(batch_sampler=WeightedSampler(np.ones(19)), to_torch=False).add_anndata(
-        store.adata()
-    )
+    loader = Loader(batch_sampler=WeightedSampler(np.ones(19)), to=None).add_anndata(store.adata())
     with pytest.raises(InvalidArgumentError, match="19 weights; the Loader has 20 rows"):
         list(loader)
 
@@ -157,9 +155,7 @@ def test_weighted_epochs_resume(pool, stop_after):
             window_size=24,
             rng=np.random.default_rng(seed),
         )
-        return Loader(batch_sampler=sampler, return_index=True, to_torch=False).add_anndata(
-            store.adata()
-        )
+        return Loader(batch_sampler=sampler, return_index=True, to=None).add_anndata(store.adata())
 
     first = loader(5)
     batches = iter(first)

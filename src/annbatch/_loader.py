@@ -7,12 +7,13 @@ RowSource` each, with their obs) and the resume state, and hands each epoch to
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import pandas as pd
 
 from annbatch._args import parse_int
-from annbatch._compat import torch_available
+from annbatch._compat import import_optional, torch_available
 from annbatch._core import gpu
 from annbatch._core.assembler import parse_concat_strategy
 from annbatch._core.epoch import Epoch, read_threads
@@ -20,7 +21,6 @@ from annbatch._core.sources import as_row_source
 from annbatch._core.workers import current_shard
 from annbatch.abc import Sampler
 from annbatch.errors import (
-    FeatureNotAvailableError,
     GPUUnavailableError,
     IncompatibleDatasetsError,
     InvalidArgumentError,
@@ -51,6 +51,8 @@ else:  # torch stays optional: without it the Loader is a plain iterable.
 
 _SAMPLER_ARGS = ("chunk_size", "preload_nchunks", "batch_size", "shuffle", "drop_last", "rng")
 _OUTPUTS = ("numpy", "torch", "jax")
+_UNSET: Any = type("Unset", (), {"__repr__": lambda self: "<unset>"})()
+"""Default of ``to``: not given (``to=None`` means no conversion)."""
 
 
 class Loader(_IterableBase):
@@ -78,15 +80,16 @@ class Loader(_IterableBase):
     preload_to_gpu
         Copy each window to the GPU once (through pinned memory, overlapping the previous
         window's batches) and cut its batches there with CuPy: yield CuPy arrays or
-        ``cupyx.scipy.sparse.csr_matrix``, or torch CUDA tensors with ``to_torch``. Needs CuPy
+        ``cupyx.scipy.sparse.csr_matrix``, or torch CUDA tensors with ``to="torch"``. Needs CuPy
         and a CUDA device, and cannot run inside DataLoader worker processes. CuPy's default
         memory pool is emptied after every window. Sparse integer values become floats on the
         GPU (see :mod:`annbatch._core.gpu`).
     drop_last
         Drop the epoch's last batch if it is short (default False). Sampler argument.
     to_torch
-        Yield torch tensors (sparse CSR tensors for sparse data) sharing memory with the
-        numpy buffers. Default: True if torch is installed.
+        Deprecated (a ``DeprecationWarning``): ``to_torch=True`` is ``to="torch"``,
+        ``to_torch=False`` is ``to=None``. Used only when ``to`` is not given; giving both is
+        an error.
     concat_strategy
         ``"concat-shuffle"`` or ``"shuffle-concat"``, see :mod:`annbatch._core.assembler`;
         both yield the same rows. Default: ``"concat-shuffle"`` for sparse data, otherwise
@@ -94,8 +97,13 @@ class Loader(_IterableBase):
     rng
         Generator for shuffling (default ``numpy.random.default_rng()``). Sampler argument.
     to
-        The spelling of later releases of the reference library: ``"torch"`` equals
-        ``to_torch=True``, ``"numpy"`` equals ``to_torch=False``.
+        What to yield: ``"torch"``, tensors (sparse CSR tensors for sparse data) sharing memory
+        with the numpy buffers; ``"jax"``, ``jax.Array`` or ``jax.experimental.sparse.BCSR``
+        (64-bit values stay 64-bit only with ``jax_enable_x64``); ``None`` (or ``"numpy"``),
+        no conversion: numpy arrays and scipy CSR matrices, or CuPy ones with
+        ``preload_to_gpu``. A missing package is an ``ImportError`` here. Not given: torch if
+        it is installed, else no conversion (the documented default; the reference's 0.3.1
+        defaults to no conversion).
     read_ahead
         Number of windows read in a background thread while the current window's batches are
         consumed; 0 reads in the consuming thread. Each window in flight holds
@@ -132,7 +140,7 @@ class Loader(_IterableBase):
         to_torch: bool | None = None,
         concat_strategy: ConcatStrategy | None = None,
         rng: np.random.Generator | None = None,
-        to: Literal["numpy", "torch", "jax"] | None = None,
+        to: Literal["numpy", "torch", "jax"] | None = _UNSET,
         read_ahead: int = 1,
         verify_checksums: bool = False,
     ) -> None:
@@ -168,6 +176,9 @@ class Loader(_IterableBase):
         self._output: OutputKind = _parse_output(to_torch=to_torch, to=to)
         if not isinstance(preload_to_gpu, bool):
             msg = f"preload_to_gpu must be a bool, got {preload_to_gpu!r}"
+            raise InvalidArgumentError(msg)
+        if preload_to_gpu and self._output == "jax":
+            msg = "to='jax' cannot be combined with preload_to_gpu; use to='torch' or to=None there"
             raise InvalidArgumentError(msg)
         if preload_to_gpu:
             gpu.check_available()  # CuPy and a device, before any data is added or read
@@ -509,24 +520,30 @@ def _type_name(t: type) -> str:
     return f"{t.__module__.split('.')[0]}.{t.__qualname__}"
 
 
-def _parse_output(*, to_torch: bool | None, to: str | None) -> OutputKind:
-    if to is not None:
-        if to not in _OUTPUTS:
-            msg = f"to must be one of {_OUTPUTS} or None, got {to!r}"
+def _parse_output(*, to_torch: bool | None, to: object) -> OutputKind:
+    """The output kind from ``to`` (``"torch"``, ``"jax"``, ``"numpy"`` or None: no conversion)
+    or, when ``to`` is not given, the deprecated ``to_torch`` (unset: torch if importable)."""
+    if to is not _UNSET:
+        if to_torch is not None:
+            msg = f"pass either to={to!r} or to_torch={to_torch!r}, not both (to_torch is deprecated)"
             raise InvalidArgumentError(msg)
-        if to_torch is not None and to_torch != (to == "torch"):
-            msg = f"to={to!r} contradicts to_torch={to_torch}; pass only one of them"
+        if to is not None and to not in _OUTPUTS:
+            msg = f"to must be 'torch', 'jax', 'numpy' or None (no conversion), got {to!r}"
             raise InvalidArgumentError(msg)
-        if to == "jax":
-            msg = "to='jax' is not available yet; use to='torch' or to='numpy'"
-            raise FeatureNotAvailableError(msg)
-        return "torch" if to == "torch" else "numpy"
+        kind: OutputKind = "numpy" if to is None else to  # type: ignore[assignment]
+        if kind != "numpy":
+            import_optional(kind, purpose=f"to={kind!r}", extra=kind)  # ImportError now, not later
+        return kind
     if to_torch is None:
         return "torch" if torch_available() else "numpy"
     if not isinstance(to_torch, bool):
         msg = f"to_torch must be a bool or None, got {to_torch!r}"
         raise InvalidArgumentError(msg)
-    if to_torch and not torch_available():
-        msg = "to_torch=True needs torch; install it with `pip install 'annbatch[torch]'`"
-        raise InvalidArgumentError(msg)
+    warnings.warn(
+        "to_torch is deprecated; pass to='torch' or to=None (no conversion) instead",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if to_torch:
+        import_optional("torch", purpose="to_torch=True", extra="torch")
     return "torch" if to_torch else "numpy"

@@ -13,7 +13,7 @@ from annbatch._core.types import canonical_csr
 if TYPE_CHECKING:
     from annbatch._core.types import Block
 
-OutputKind = Literal["numpy", "torch"]
+OutputKind = Literal["numpy", "torch", "jax"]
 
 
 def to_torch(block: Block) -> Any:
@@ -46,8 +46,26 @@ def csr_tensor(torch: Any, indptr: Any, indices: Any, data: Any, shape: tuple[in
         return torch.sparse_csr_tensor(indptr, indices, data, size=shape, check_invariants=False)
 
 
+def to_jax(block: Block) -> Any:
+    """A ``jax.Array`` (dense) or ``jax.experimental.sparse.BCSR`` (copied to jax's device).
+
+    jax keeps 64-bit values only with ``jax_enable_x64``; otherwise it stores float64 and
+    int64 as their 32-bit types (jax's own rule).
+    """
+    jax = import_optional("jax", purpose="to='jax'", extra="jax")
+    if isinstance(block, np.ndarray):
+        return jax.numpy.asarray(block)
+    from jax.experimental import sparse
+
+    block = canonical_csr(block)
+    arrays = (block.data, block.indices, block.indptr)
+    return sparse.BCSR(tuple(jax.numpy.asarray(a) for a in arrays), shape=block.shape)
+
+
 def convert(block: Block, kind: OutputKind) -> Any:
     """Convert one batch to the output kind."""
     if kind == "torch":
         return to_torch(block)
+    if kind == "jax":
+        return to_jax(block)
     return block

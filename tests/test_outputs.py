@@ -1,0 +1,109 @@
+"""What the Loader yields: ``to="torch" | "jax" | None`` (and the deprecated ``to_torch``)."""
+
+from __future__ import annotations
+
+import builtins
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from annbatch import Loader
+from annbatch.errors import InvalidArgumentError
+
+jax = pytest.importorskip("jax")
+from jax.experimental import sparse as jax_sparse  # noqa: E402
+
+N_OBS, N_VAR = 37, 9
+
+
+def _data(sparse: bool):
+    rng = np.random.default_rng(0)
+    dense = ((rng.random((N_OBS, N_VAR)) < 0.4) * rng.integers(1, 9, (N_OBS, N_VAR))).astype(
+        np.float32
+    )
+    return (sp.csr_matrix(dense) if sparse else dense), dense
+
+
+def _batches(x, **kwargs):
+    loader = Loader(
+        batch_size=5, chunk_size=4, preload_nchunks=3, shuffle=True, return_index=True, **kwargs
+    )
+    return list(loader.add_dataset(x))
+
+
+def _dense(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return (x.to_dense() if x.layout != torch.strided else x).numpy()
+    if isinstance(x, jax_sparse.BCSR):
+        return np.asarray(x.todense())
+    if sp.issparse(x):
+        return x.toarray()
+    return np.asarray(x)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
+@pytest.mark.parametrize(
+    ("to", "dense_type", "sparse_type"),
+    [
+        ("torch", torch.Tensor, torch.Tensor),
+        ("jax", jax.Array, jax_sparse.BCSR),
+        (None, np.ndarray, sp.csr_matrix),
+        ("numpy", np.ndarray, sp.csr_matrix),
+    ],
+)
+def test_each_output_kind_yields_its_types_and_the_exact_rows(sparse, to, dense_type, sparse_type):
+    x, dense = _data(sparse)
+    batches = _batches(x, to=to)
+    seen = []
+    for batch in batches:
+        assert isinstance(batch["X"], sparse_type if sparse else dense_type), type(batch["X"])
+        if to == "torch" and sparse:
+            assert batch["X"].layout == torch.sparse_csr
+        np.testing.assert_array_equal(_dense(batch["X"]), dense[batch["index"]])
+        seen.append(batch["index"])
+    assert sorted(np.concatenate(seen).tolist()) == list(range(N_OBS))
+
+
+def test_unset_to_means_torch_when_installed_and_to_torch_is_deprecated():
+    assert Loader()._output == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Loader(to="torch")
+        Loader(to=None)
+    for flag, kind in ((True, "torch"), (False, "numpy")):
+        with pytest.warns(DeprecationWarning, match="to_torch is deprecated"):
+            assert Loader(to_torch=flag)._output == kind
+
+
+@pytest.mark.parametrize("to_torch", [True, False])
+@pytest.mark.parametrize("to", [None, "torch"])
+def test_to_and_to_torch_together_are_an_error(to, to_torch):
+    with pytest.raises(ValueError, match="not both"):  # an InvalidArgumentError, no warning first
+        Loader(to=to, to_torch=to_torch)
+
+
+@pytest.mark.parametrize("package", ["torch", "jax"])
+def test_a_missing_backend_is_an_import_error_at_construction(monkeypatch, package):
+    real_import = builtins.__import__
+
+    def without(name, *args, **kwargs):
+        if name == package or name.startswith(f"{package}."):
+            raise ImportError(f"No module named {package!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without)
+    monkeypatch.delitem(__import__("sys").modules, package)
+    with pytest.raises(
+        ImportError, match=f"to='{package}' needs the optional dependency '{package}'"
+    ):
+        Loader(to=package)
+
+
+def test_jax_with_preload_to_gpu_is_refused():
+    with pytest.raises(
+        InvalidArgumentError, match="to='jax' cannot be combined with preload_to_gpu"
+    ):
+        Loader(to="jax", preload_to_gpu=True)
