@@ -6,12 +6,13 @@ import builtins
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
 
 from annbatch import Loader
-from annbatch.errors import InvalidArgumentError
+from annbatch.errors import IncompatibleDatasetsError, InvalidArgumentError, ObsMismatchError
 
 jax = pytest.importorskip("jax")
 from jax.experimental import sparse as jax_sparse  # noqa: E402
@@ -107,3 +108,60 @@ def test_jax_with_preload_to_gpu_is_refused():
         InvalidArgumentError, match="to='jax' cannot be combined with preload_to_gpu"
     ):
         Loader(to="jax", preload_to_gpu=True)
+
+
+# ----------------------------------------------------------------------------------- var
+def _var(n: int = N_VAR, tag: str = "g") -> pd.DataFrame:
+    return pd.DataFrame(
+        {"symbol": [f"S{j}" for j in range(n)]}, index=[f"{tag}{j}" for j in range(n)]
+    )
+
+
+def test_var_is_kept_and_yielded_with_every_batch():
+    x, _ = _data(True)
+    loader = Loader(batch_size=8, to=None).add_datasets([x, x], var=_var())
+    pd.testing.assert_frame_equal(loader.var, _var())
+    batches = list(loader)
+    assert len(batches) == 10
+    assert all(b["var"] is loader.var for b in batches)
+    assert list(batches[0]) == ["X", "obs", "var", "index"]
+    plain = Loader(batch_size=8, to=None).add_dataset(x)
+    assert plain.var is None
+    assert next(iter(plain))["var"] is None
+
+
+def test_var_must_be_equal_and_fit_the_columns():
+    x, _ = _data(False)
+    loader = Loader(to=None).add_dataset(x, var=_var())
+    with pytest.raises(IncompatibleDatasetsError, match="differs from the Loader's var"):
+        loader.add_dataset(x, var=_var(tag="h"))
+    with pytest.raises(ValueError, match="differs"):
+        Loader(to=None).add_datasets([x, x], var=[_var(), _var().assign(symbol="other")])
+    with pytest.raises(ObsMismatchError, match="has 3 rows; the dataset has 9 columns"):
+        Loader(to=None).add_dataset(x, var=_var(3))
+    assert loader.n_obs == N_OBS  # nothing was added by the failed calls
+
+
+def test_anndata_var_and_collections():
+    import anndata as ad
+
+    x, _ = _data(True)
+    adatas = [ad.AnnData(X=x, var=_var()), ad.AnnData(X=x, var=_var())]
+    loader = Loader(to=None).add_adatas(adatas)
+    pd.testing.assert_frame_equal(loader.var, _var())
+    with pytest.raises(IncompatibleDatasetsError):
+        Loader(to=None).add_adatas([adatas[0], ad.AnnData(X=x, var=_var(tag="h"))])
+
+
+def test_use_collection_yields_the_collections_genes_as_var(tmp_path):
+    import anndata as ad
+
+    from annbatch import DatasetCollection
+
+    x, _ = _data(True)
+    collection = DatasetCollection(tmp_path / "c.zarr").add_adatas(
+        [ad.AnnData(X=x, var=_var())], dataset_size=10, progress=False
+    )
+    loader = Loader(batch_size=8, to=None).use_collection(collection)
+    assert list(loader.var.index) == list(collection.var_names)
+    assert next(iter(loader))["var"] is loader.var

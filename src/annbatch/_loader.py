@@ -200,6 +200,7 @@ class Loader(_IterableBase):
         self._sources: list[RowSource] = []
         self._obs: list[pd.DataFrame | None] = []
         self._obs_all: pd.DataFrame | None = None  # concatenation of self._obs, built lazily
+        self._var: pd.DataFrame | None = None
         self._active_iterations = 0
         self._used_collection = False
         self._epoch_state: dict[str, Any] | None = None  # sampler state when the epoch began
@@ -217,6 +218,11 @@ class Loader(_IterableBase):
     def dataset_type(self) -> type | None:
         """Type of the added datasets (e.g. ``zarr.Array``); None before any is added."""
         return self._sources[0].dataset_type if self._sources else None
+
+    @property
+    def var(self) -> pd.DataFrame | None:
+        """The datasets' var (one row per column), or None if none was given."""
+        return self._var
 
     @property
     def n_obs(self) -> int:
@@ -262,9 +268,12 @@ class Loader(_IterableBase):
                 raise InvalidArgumentError(msg)
             datasets.append(x)
             obs.append(adata.obs)
-        return self.add_datasets(datasets, obs)
+        var = [getattr(adata, "var", None) for adata in adatas]
+        return self.add_datasets(datasets, obs, var=None if all(v is None for v in var) else var)
 
-    def add_dataset(self, dataset: Any, obs: pd.DataFrame | None = None) -> Self:
+    def add_dataset(
+        self, dataset: Any, obs: pd.DataFrame | None = None, var: pd.DataFrame | None = None
+    ) -> Self:
         """Append one array (``zarr.Array``, ``h5py.Dataset``, CSR dataset, numpy or scipy CSR).
 
         Parameters
@@ -273,15 +282,22 @@ class Loader(_IterableBase):
             Rows along axis 0.
         obs
             One row per dataset row, yielded with the batches.
+        var
+            One row per column; every dataset of the Loader must have an equal one. Yielded
+            with every batch (``batch["var"]``) and kept as :attr:`var`.
         """
-        return self.add_datasets([dataset], None if obs is None else [obs])
+        return self.add_datasets([dataset], None if obs is None else [obs], var=var)
 
     def add_datasets(
-        self, datasets: Sequence[Any], obs: Sequence[pd.DataFrame] | None = None
+        self,
+        datasets: Sequence[Any],
+        obs: Sequence[pd.DataFrame] | None = None,
+        var: pd.DataFrame | Sequence[pd.DataFrame | None] | None = None,
     ) -> Self:
         """Append several arrays of the same type and column count; see :meth:`add_dataset`.
 
-        Nothing is added unless every dataset is valid.
+        ``var`` is one DataFrame for all of them, or one per dataset (all equal). Nothing is
+        added unless every dataset is valid.
         """
         if self._active_iterations:
             msg = (
@@ -309,10 +325,42 @@ class Loader(_IterableBase):
                 earlier=[*self._sources, *new[:i]],
                 earlier_obs=[*self._obs, *obs_list[:i]],
             )
+        var_frame = self._check_var(var, new, first)
         self._sources.extend(new)
         self._obs.extend(obs_list)
         self._obs_all = None
+        if var_frame is not None:
+            self._var = var_frame
         return self
+
+    def _check_var(
+        self,
+        var: pd.DataFrame | Sequence[pd.DataFrame | None] | None,
+        new: Sequence[RowSource],
+        first: int,
+    ) -> pd.DataFrame | None:
+        """The one var of ``var`` (given for the new datasets), checked against the columns and
+        the Loader's var; None when none is given."""
+        frames = [var] * len(new) if var is None or isinstance(var, pd.DataFrame) else list(var)
+        if len(frames) != len(new):
+            msg = f"got {len(new)} datasets but {len(frames)} var tables; pass one, or one per dataset"
+            raise ObsMismatchError(msg)
+        found = self._var
+        for i, (frame, source) in enumerate(zip(frames, new, strict=True)):
+            if frame is None:
+                continue
+            where = f"var of dataset {first + i} ({source.describe()})"
+            if not isinstance(frame, pd.DataFrame):
+                msg = f"{where} is a {type(frame).__name__}; expected a pandas.DataFrame"
+                raise ObsMismatchError(msg)
+            if len(source.shape) == 2 and len(frame) != source.shape[1]:
+                msg = f"{where} has {len(frame)} rows; the dataset has {source.shape[1]} columns"
+                raise ObsMismatchError(msg)
+            if found is not None and not (frame.index.equals(found.index) and frame.equals(found)):
+                msg = f"{where} differs from the Loader's var; every dataset of one Loader needs the same var"
+                raise IncompatibleDatasetsError(msg)
+            found = frame
+        return found
 
     # The spellings of later releases of the reference library.
     add_adata = add_anndata
@@ -480,6 +528,7 @@ class Loader(_IterableBase):
             strategy=self._concat_strategy
             or ("concat-shuffle" if self._sources[0].is_sparse else "shuffle-concat"),
             obs=self._all_obs(),
+            var=self._var,
             output=self._output,
             return_index=self._return_index,
             read_ahead=self._read_ahead,
@@ -525,7 +574,9 @@ def _parse_output(*, to_torch: bool | None, to: object) -> OutputKind:
     or, when ``to`` is not given, the deprecated ``to_torch`` (unset: torch if importable)."""
     if to is not _UNSET:
         if to_torch is not None:
-            msg = f"pass either to={to!r} or to_torch={to_torch!r}, not both (to_torch is deprecated)"
+            msg = (
+                f"pass either to={to!r} or to_torch={to_torch!r}, not both (to_torch is deprecated)"
+            )
             raise InvalidArgumentError(msg)
         if to is not None and to not in _OUTPUTS:
             msg = f"to must be 'torch', 'jax', 'numpy' or None (no conversion), got {to!r}"

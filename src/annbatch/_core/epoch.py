@@ -56,6 +56,8 @@ class Epoch:
     strategy: ConcatStrategy
     obs: pd.DataFrame | None
     """All datasets' obs, one after another (None: no obs)."""
+    var: pd.DataFrame | None
+    """The datasets' var (one for all; None: none given), handed out with every batch."""
     output: OutputKind
     return_index: bool
     read_ahead: int
@@ -66,7 +68,7 @@ class Epoch:
     """The consumer's CUDA device: the GPU path. None: the CPU path."""
 
     def batches(self) -> Generator[dict[str, Any], None, None]:
-        """Yield this process's batches: ``{"X": ..., "obs": ..., "index": ...}``.
+        """Yield this process's batches: ``{"X": ..., "obs": ..., "var": ..., "index": ...}``.
 
         Closing the iterator (a ``break`` in the training loop, an exception) abandons the
         window being read and joins every thread this epoch started.
@@ -86,6 +88,7 @@ class Epoch:
                     yield {
                         "X": to_output(pending.result(), self.output),
                         "obs": None if self.obs is None else self.obs.iloc[index],
+                        "var": self.var,
                         "index": index if self.return_index else None,
                     }
                 if on_gpu:
