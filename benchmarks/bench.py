@@ -54,8 +54,13 @@ if args.get("zarrs"):
     zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
 import annbatch
 import inspect
-# numpy/scipy output: 0.3.1 spells it to=None, the documented API to_torch=False.
-out = {"to_torch": False} if "to_torch" in inspect.signature(annbatch.Loader).parameters else {}
+# numpy/scipy output: to=None (0.3.1 and ours now); our releases before to= meant "unset"
+# by None spelled it to_torch=False.
+params = inspect.signature(annbatch.Loader).parameters
+if "to" in params and params["to"].default is not None:
+    out = {"to": None}
+else:
+    out = {"to_torch": False} if "to_torch" in params else {}
 loader = annbatch.Loader(batch_size=args["batch"], chunk_size=args["chunk"], preload_nchunks=args["preload"],
                          shuffle=args["shuffle"], rng=np.random.default_rng(0), **out)
 if args.get("collection"):  # a DatasetCollection (ours, or the reference's own)

@@ -4,10 +4,10 @@ For each setting and each mode, a fresh process iterates one shuffled epoch (or 
 and ends every batch as a dense CUDA tensor (sparse batches are densified on the GPU):
 
 ``ours-gpu``
-    our Loader with ``preload_to_gpu=True, to_torch=True``: windows are copied to the GPU
+    our Loader with ``preload_to_gpu=True, to="torch"``: windows are copied to the GPU
     once and batches are cut there.
 ``ours-cpu``
-    our Loader on the CPU (``to_torch=True``), each batch then copied to the GPU.
+    our Loader on the CPU (``to="torch"``), each batch then copied to the GPU.
 ``ref-gpu`` / ``ref-cpu``
     the same with the reference loader (annbatch 0.3.1 with the zarrs codec pipeline), when
     ``--reference-path`` names a folder where it is installed (it is put first on PYTHONPATH
@@ -45,7 +45,7 @@ if args["zarrs"]:
     zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
 import annbatch
 params = inspect.signature(annbatch.Loader).parameters
-out = {"to_torch": True} if "to_torch" in params else {"to": "torch"}
+out = {"to": "torch"} if "to" in params else {"to_torch": True}
 loader = annbatch.Loader(batch_size=args["batch"], chunk_size=args["chunk"], preload_nchunks=args["preload"],
                          shuffle=True, rng=np.random.default_rng(0), preload_to_gpu=args["gpu"], **out)
 x = zarr.open_group(args["path"], mode="r")["X"]
