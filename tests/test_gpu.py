@@ -147,7 +147,7 @@ def test_same_rows_as_the_cpu(
         "concat_strategy": strategy,
     }
     _, on_cpu = _epoch(
-        stores, to=None, preload_to_gpu=False, rng=np.random.default_rng(3), **settings
+        stores, to_torch=False, preload_to_gpu=False, rng=np.random.default_rng(3), **settings
     )
     _, on_gpu = _epoch(
         stores, to_torch=to_torch, preload_to_gpu=True, rng=np.random.default_rng(3), **settings

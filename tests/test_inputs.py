@@ -140,6 +140,12 @@ def test_alternative_spellings(pool):
     )
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(to_numpy(x["X"]), to_numpy(y["X"]))
+    with pytest.warns(DeprecationWarning, match="to_torch is deprecated"):
+        c = Loader(batch_size=4, to_torch=True, return_index=True).add_anndatas(
+            [s.adata() for s in stores]
+        )
+    for x, y in zip(b, c, strict=True):
+        np.testing.assert_array_equal(to_numpy(x["X"]), to_numpy(y["X"]))
     numpy_loader = Loader(batch_size=4, to="numpy").add_adata(stores[0].adata())
     assert sp.issparse(next(iter(numpy_loader))["X"])
 

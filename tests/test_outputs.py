@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import builtins
+import sys
 import warnings
 
 import numpy as np
@@ -88,19 +88,30 @@ def test_to_and_to_torch_together_are_an_error(to, to_torch):
 
 @pytest.mark.parametrize("package", ["torch", "jax"])
 def test_a_missing_backend_is_an_import_error_at_construction(monkeypatch, package):
-    real_import = builtins.__import__
-
-    def without(name, *args, **kwargs):
-        if name == package or name.startswith(f"{package}."):
-            raise ImportError(f"No module named {package!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", without)
-    monkeypatch.delitem(__import__("sys").modules, package)
+    monkeypatch.setitem(sys.modules, package, None)  # import of it now fails
     with pytest.raises(
         ImportError, match=f"to='{package}' needs the optional dependency '{package}'"
     ):
         Loader(to=package)
+
+
+def test_preload_to_gpu_without_cupy_is_an_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(
+        ImportError, match="preload_to_gpu=True needs the optional dependency 'cupy'"
+    ):
+        Loader(to=None, preload_to_gpu=True)
+
+
+def test_the_unset_default_survives_copies_and_pickles():
+    import copy
+    import pickle
+
+    from annbatch._loader import _UNSET
+
+    assert copy.deepcopy(_UNSET) is _UNSET
+    assert pickle.loads(pickle.dumps(_UNSET)) is _UNSET
+    assert Loader(to=copy.deepcopy(_UNSET))._output == "torch"
 
 
 def test_jax_with_preload_to_gpu_is_refused():
@@ -153,15 +164,32 @@ def test_anndata_var_and_collections():
         Loader(to=None).add_adatas([adatas[0], ad.AnnData(X=x, var=_var(tag="h"))])
 
 
-def test_use_collection_yields_the_collections_genes_as_var(tmp_path):
+def test_use_collection_gives_no_var_unless_asked(tmp_path):
     import anndata as ad
 
-    from annbatch import DatasetCollection
+    from annbatch import DatasetCollection, load_x_and_obs
 
     x, _ = _data(True)
     collection = DatasetCollection(tmp_path / "c.zarr").add_adatas(
         [ad.AnnData(X=x, var=_var())], dataset_size=10, progress=False
     )
-    loader = Loader(batch_size=8, to=None).use_collection(collection)
+    assert Loader(batch_size=8, to=None).use_collection(collection).var is None
+
+    def with_var(group):
+        adata = load_x_and_obs(group)
+        return ad.AnnData(X=adata.X, obs=adata.obs, var=ad.io.read_elem(group["var"]))
+
+    assert Loader(to=None).use_collection(collection, load_adata=with_var).var is None
+    loader = Loader(batch_size=8, to=None).add_adatas([with_var(g) for g in collection])
     assert list(loader.var.index) == list(collection.var_names)
     assert next(iter(loader))["var"] is loader.var
+
+
+def test_add_anndata_keeps_its_documented_behaviour_without_var():
+    import anndata as ad
+
+    x, _ = _data(True)
+    loader = Loader(to=None).add_anndatas(
+        [ad.AnnData(X=x, var=_var()), ad.AnnData(X=x, var=_var(tag="h"))]
+    )
+    assert loader.var is None

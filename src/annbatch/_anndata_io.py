@@ -42,13 +42,13 @@ def read_legacy(group: zarr.Group | h5py.Group) -> AnnData:
         return anndata.read_zarr(group.store)
 
 
-def read_obs_var(group: zarr.Group | h5py.Group) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """A store's obs and var (None if it has none), in any encoding anndata reads, with the
-    types annbatch collections stored differently restored."""
+def read_obs(group: zarr.Group | h5py.Group) -> pd.DataFrame:
+    """A store's obs, in any encoding anndata reads, with the types annbatch collections
+    stored differently restored."""
     if is_legacy(group):
         adata = read_legacy(group)
         try:
-            return adata.obs, adata.var
+            return adata.obs
         finally:
             if adata.isbacked:
                 adata.file.close()
@@ -56,8 +56,7 @@ def read_obs_var(group: zarr.Group | h5py.Group) -> tuple[pd.DataFrame, pd.DataF
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         obs = anndata.io.read_elem(elem)
-        var = anndata.io.read_elem(group["var"]) if "var" in group else None
-    return restore_types(obs, elem), var
+    return restore_types(obs, elem)
 
 
 def restore_types(obs: pd.DataFrame, elem: Any) -> pd.DataFrame:
@@ -78,7 +77,10 @@ def restore_types(obs: pd.DataFrame, elem: Any) -> pd.DataFrame:
 
 
 def load_x_and_obs(group: zarr.Group | h5py.Group) -> AnnData:
-    """Open an AnnData store with ``X`` on disk and ``obs`` and ``var`` in memory.
+    """Open an AnnData store with ``X`` on disk and ``obs`` in memory.
+
+    var is not loaded: a Loader hands its var out with every batch, and checks that all its
+    datasets' var are equal; pass your own ``load_adata`` to ``use_collection`` to get it.
 
     Stores in older encodings (files written by anndata < 0.7, such as scanpy's bundled
     datasets) are read through anndata's own readers.
@@ -92,7 +94,7 @@ def load_x_and_obs(group: zarr.Group | h5py.Group) -> AnnData:
     Returns
     -------
     An AnnData whose ``X`` is a ``zarr.Array`` / ``h5py.Dataset`` (dense) or an
-    :class:`anndata.abc.CSRDataset` (sparse), with its ``obs`` and ``var``.
+    :class:`anndata.abc.CSRDataset` (sparse), and whose ``obs`` is a DataFrame.
     """
     if not isinstance(group, zarr.Group | h5py.Group):
         msg = f"expected a zarr.Group or h5py.Group (an AnnData store's root), got {type(group).__name__}"
@@ -106,11 +108,8 @@ def load_x_and_obs(group: zarr.Group | h5py.Group) -> AnnData:
         x = group["X"]
         if isinstance(x, zarr.Group | h5py.Group):
             x = anndata.io.sparse_dataset(x)
-        obs, var = read_obs_var(group)
+        obs = read_obs(group)
     if len(obs) != x.shape[0]:
         msg = f"the AnnData store {where} has {x.shape[0]} rows in X but {len(obs)} in obs; the store is damaged"
         raise CorruptDataError(msg)
-    if var is not None and len(var) != x.shape[1]:
-        msg = f"the AnnData store {where} has {x.shape[1]} columns in X but {len(var)} rows in var; the store is damaged"
-        raise CorruptDataError(msg)
-    return anndata.AnnData(X=x, obs=obs, var=var)
+    return anndata.AnnData(X=x, obs=obs)

@@ -7,6 +7,7 @@ RowSource` each, with their obs) and the resume state, and hands each epoch to
 
 from __future__ import annotations
 
+import enum
 import warnings
 from typing import TYPE_CHECKING, Any, Literal, Self
 
@@ -51,8 +52,19 @@ else:  # torch stays optional: without it the Loader is a plain iterable.
 
 _SAMPLER_ARGS = ("chunk_size", "preload_nchunks", "batch_size", "shuffle", "drop_last", "rng")
 _OUTPUTS = ("numpy", "torch", "jax")
-_UNSET: Any = type("Unset", (), {"__repr__": lambda self: "<unset>"})()
-"""Default of ``to``: not given (``to=None`` means no conversion)."""
+
+
+class _Unset(enum.Enum):
+    """Default of ``to``: not given (``to=None`` means no conversion). An enum member, so
+    copies and pickles stay the same object."""
+
+    UNSET = "unset"
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Any = _Unset.UNSET
 
 
 class Loader(_IterableBase):
@@ -255,6 +267,18 @@ class Loader(_IterableBase):
 
     def add_anndatas(self, adatas: Sequence[AnnData]) -> Self:
         """Append several AnnData objects; see :meth:`add_anndata`."""
+        return self._add_anndatas(adatas, with_var=False)
+
+    def add_adata(self, adata: AnnData) -> Self:
+        """Append an AnnData, as :meth:`add_anndata`, and take ``adata.var`` as the Loader's
+        var (the spelling of the reference library's current release)."""
+        return self._add_anndatas([adata], with_var=True)
+
+    def add_adatas(self, adatas: Sequence[AnnData]) -> Self:
+        """Append several AnnData objects with their var; see :meth:`add_adata`."""
+        return self._add_anndatas(adatas, with_var=True)
+
+    def _add_anndatas(self, adatas: Sequence[AnnData], *, with_var: bool) -> Self:
         datasets, obs = [], []
         for i, adata in enumerate(adatas):
             x = getattr(adata, "X", None)
@@ -268,8 +292,9 @@ class Loader(_IterableBase):
                 raise InvalidArgumentError(msg)
             datasets.append(x)
             obs.append(adata.obs)
-        var = [getattr(adata, "var", None) for adata in adatas]
-        return self.add_datasets(datasets, obs, var=None if all(v is None for v in var) else var)
+        if not with_var:
+            return self.add_datasets(datasets, obs)
+        return self.add_datasets(datasets, obs, var=[getattr(a, "var", None) for a in adatas])
 
     def add_dataset(
         self, dataset: Any, obs: pd.DataFrame | None = None, var: pd.DataFrame | None = None
@@ -362,10 +387,6 @@ class Loader(_IterableBase):
             found = frame
         return found
 
-    # The spellings of later releases of the reference library.
-    add_adata = add_anndata
-    add_adatas = add_anndatas
-
     def use_collection(
         self,
         collection: DatasetCollection,
@@ -382,8 +403,10 @@ class Loader(_IterableBase):
             A complete collection.
         load_adata
             Opens one dataset (a zarr group) as an AnnData whose X is on disk; whatever obs
-            it returns is yielded with the batches. Default :func:`annbatch.load_x_and_obs`
-            (X and all of obs); pass your own to load only the obs columns you need.
+            it returns is yielded with the batches (its var is not: for a var in every batch,
+            pass the loaded AnnData objects to :meth:`add_adatas` instead). Default
+            :func:`annbatch.load_x_and_obs` (X and all of obs); pass your own to load only the
+            obs columns you need.
         """
         from annbatch._anndata_io import load_x_and_obs
         from annbatch.collection import DatasetCollection
@@ -490,7 +513,8 @@ class Loader(_IterableBase):
 
     # ------------------------------------------------------------------------------ iterating
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        """Yield one epoch of batches: ``{"X": ..., "obs": DataFrame | None, "index": array | None}``."""
+        """Yield one epoch of batches: ``{"X": ..., "obs": DataFrame | None, "var": DataFrame |
+        None, "index": array | None}``."""
         if not self._sources:
             msg = "the Loader has no data; add some with add_anndata or add_dataset first"
             raise InvalidArgumentError(msg)

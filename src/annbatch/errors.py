@@ -21,6 +21,7 @@ fits it, so callers can catch either::
     ├── CollectionCompleteError   (RuntimeError)  new inputs for a finished collection without append=True
     ├── DuplicateInputError       (ValueError)    an input that is already in the collection (or given twice)
     ├── GPUUnavailableError       (RuntimeError)  preload_to_gpu without CuPy or a CUDA device
+    │   └── CuPyMissingError      (ImportError)   preload_to_gpu where CuPy is not installed
     └── FeatureNotAvailableError  (NotImplementedError)  documented, not built yet
 """
 
@@ -100,6 +101,11 @@ class DuplicateInputError(AnnbatchError, ValueError):
 
 class GPUUnavailableError(AnnbatchError, RuntimeError):
     """``preload_to_gpu=True`` where CuPy or a CUDA device is missing, or in a worker process."""
+
+
+class CuPyMissingError(GPUUnavailableError, ImportError):
+    """``preload_to_gpu=True`` where CuPy cannot be imported (an ImportError, as for any
+    missing backend)."""
 
 
 class FeatureNotAvailableError(AnnbatchError, NotImplementedError):

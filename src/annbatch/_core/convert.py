@@ -18,7 +18,7 @@ OutputKind = Literal["numpy", "torch", "jax"]
 
 def to_torch(block: Block) -> Any:
     """A ``torch.Tensor`` (dense) or sparse CSR tensor sharing memory with ``block``."""
-    torch = import_optional("torch", purpose="to_torch=True", extra="torch")
+    torch = import_optional("torch", purpose="to='torch'", extra="torch")
     if isinstance(block, np.ndarray):
         return torch.from_numpy(block)
     block = canonical_csr(block)

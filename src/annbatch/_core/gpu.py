@@ -40,7 +40,7 @@ from annbatch._compat import import_optional
 from annbatch._core.assembler import as_slice
 from annbatch._core.convert import OutputKind, csr_tensor
 from annbatch._core.types import canonical_csr
-from annbatch.errors import GPUUnavailableError, UnsupportedDatasetError
+from annbatch.errors import CuPyMissingError, GPUUnavailableError, UnsupportedDatasetError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -60,7 +60,7 @@ def cupy() -> Any:
         return import_optional("cupy", purpose="preload_to_gpu=True", extra="gpu")
     except ImportError as e:
         msg = f"{e} Pick the CuPy wheel that matches your CUDA (cupy-cuda12x, cupy-cuda13x)."
-        raise GPUUnavailableError(msg) from e
+        raise CuPyMissingError(msg) from e
 
 
 def check_available() -> None:
@@ -267,9 +267,7 @@ def take_rows(block: Any, positions: np.ndarray) -> Any:
 
 def to_torch(block: Any) -> Any:
     """A torch CUDA tensor sharing memory with a CuPy array or CSR matrix (through DLPack)."""
-    torch = import_optional(
-        "torch", purpose="preload_to_gpu=True with to_torch=True", extra="torch"
-    )
+    torch = import_optional("torch", purpose="preload_to_gpu=True with to='torch'", extra="torch")
     if not hasattr(block, "indptr"):
         return torch.from_dlpack(block)
     return csr_tensor(
@@ -283,6 +281,7 @@ def to_torch(block: Any) -> Any:
 
 def convert(block: Any, kind: OutputKind) -> Any:
     """One device batch as the output kind: CuPy as it is, or a torch CUDA tensor."""
+    assert kind != "jax", "the Loader refuses to='jax' with preload_to_gpu"
     return to_torch(block) if kind == "torch" else block
 
 
