@@ -403,25 +403,22 @@ def test_cli_version_missing_path_and_append(tmp_path, capsys):
 @pytest.mark.slow
 def test_ctrl_c_prints_one_line_and_exits_130_then_resumes(tmp_path):
     rng = np.random.default_rng(0)
-    n_obs, n_var = 60_000, 2_000
+    n_obs, n_var = 20_000, 500
     x = sp.random(n_obs, n_var, density=0.02, format="csr", dtype=np.float32, random_state=rng)
     path = _write(ad.AnnData(X=x), tmp_path / "big.h5ad")
     out = tmp_path / "out.zarr"
-    command = [
-        sys.executable,
-        "-m",
-        "annbatch",
-        "build",
-        str(out),
-        path,
-        "--dataset-size",
-        "5000",
-        "--memory-budget",
-        "8MB",
-        "--quiet",
-    ]
+    arguments = ["build", str(out), path, "--dataset-size", "2000", "--quiet"]
+    # The real command line, slowed at each write step so that the signal lands mid-build.
+    slowed = (
+        "import sys, time; from annbatch.collection import _build; "
+        "_build.crash_hook = lambda step: time.sleep(0.1); "
+        "from annbatch._cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     process = subprocess.Popen(
-        command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+        [sys.executable, "-c", slowed, *arguments],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     deadline = time.monotonic() + 60
     while not (out / "_annbatch_build").exists() and time.monotonic() < deadline:
@@ -433,8 +430,9 @@ def test_ctrl_c_prints_one_line_and_exits_130_then_resumes(tmp_path):
         "annbatch build: interrupted; run the same command again to resume"
     ]
     assert not DatasetCollection(out).is_complete
+    command = [sys.executable, "-m", "annbatch", *arguments]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
-    assert "60,000 rows" in done.stdout
+    assert "20,000 rows" in done.stdout
 
 
 # -------------------------------------------------------------- edge cases found in review

@@ -146,7 +146,7 @@ def test_return_index_false_yields_none(pool):
     store = pool.get("zarr", "dense", 37)
     batch = next(iter(Loader(batch_size=4, to=None).add_anndata(store.adata())))
     assert batch["index"] is None
-    assert set(batch) == {"X", "obs", "index"}
+    assert set(batch) == {"X", "obs", "var", "index"}
 
 
 def test_no_obs_yields_none(pool):
