@@ -408,8 +408,10 @@ def test_ctrl_c_prints_one_line_and_exits_130_then_resumes(tmp_path):
     path = _write(ad.AnnData(X=x), tmp_path / "big.h5ad")
     out = tmp_path / "out.zarr"
     arguments = ["build", str(out), path, "--dataset-size", "2000", "--quiet"]
-    # The real command line, slowed at each write step so that the signal lands mid-build.
+    # The real command line, slowed at each write step so that the signal lands mid-build;
+    # Ctrl-C restored, for a test run whose SIGINT is ignored (a background job) passes that on.
     slowed = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
         "import sys, time; from annbatch.collection import _build; "
         "_build.crash_hook = lambda step: time.sleep(0.1); "
         "from annbatch._cli import main; sys.exit(main(sys.argv[1:]))"
