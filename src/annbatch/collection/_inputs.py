@@ -125,8 +125,8 @@ def open_input(item: str | os.PathLike[str] | ad.AnnData, position: int) -> Inpu
             obs = FrameColumns(_read_elem(group["obs"]))
             var_names = pd.Index(_read_elem(group["var"]).index)
         else:
-            obs = GroupColumns(group["obs"], str(path))
-            var_names = GroupColumns(group["var"], str(path)).index()
+            obs = GroupColumns(group["obs"])
+            var_names = GroupColumns(group["var"]).index()
         x_elem = group["X"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # anndata's notes on old encodings

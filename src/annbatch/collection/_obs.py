@@ -79,9 +79,8 @@ class GroupColumns(ObsColumns):
     """obs of an AnnData store (an anndata ``dataframe`` element), read through anndata's own
     element readers, one column at a time."""
 
-    def __init__(self, group: Any, name: str) -> None:
+    def __init__(self, group: Any) -> None:
         self._group = group
-        self._name = name
         self._index_key = str(group.attrs["_index"])
         self.columns = [str(c) for c in group.attrs.get("column-order", [])]
         index = group[self._index_key]
@@ -141,7 +140,7 @@ def dataset_types(groups: Sequence[Any]) -> dict[str, ColumnType]:
     """Each obs column of a collection's datasets with its type (the newest dataset's)."""
     types: dict[str, ColumnType] = {}
     for group in reversed(groups):
-        columns = GroupColumns(group["obs"], str(group.name))
+        columns = GroupColumns(group["obs"])
         for name in columns.columns:
             if name not in types:
                 types[name] = columns.column_type(name)
@@ -469,11 +468,6 @@ def decode_strings(parts: Sequence[np.ndarray]) -> np.ndarray:
         out[i] = None if n < 0 else raw[start:end].decode()
         start = end
     return out
-
-
-def frame(columns: dict[str, Any], index: np.ndarray) -> pd.DataFrame:
-    """The obs of one dataset from its decoded columns."""
-    return pd.DataFrame(columns, index=pd.Index(index, dtype=object))
 
 
 # ---------------------------------------------------------------------------- writing and reading
