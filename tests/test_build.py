@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -19,6 +18,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import zarr
+from tests._adata_files import write_adata
 from tests._legacy import write_legacy_h5ad
 
 from annbatch import DatasetCollection, Loader, load_x_and_obs
@@ -43,14 +43,7 @@ def _adata(
     return ad.AnnData(X=x, obs=frame, var=pd.DataFrame(index=GENES))
 
 
-def _write(adata: ad.AnnData, path: Path) -> str:
-    with warnings.catch_warnings(), ad.settings.override(allow_write_nullable_strings=True):
-        warnings.simplefilter("ignore")
-        if path.suffix == ".h5ad":
-            adata.write_h5ad(path)
-        else:
-            adata.write_zarr(path)
-    return str(path)
+_write = write_adata
 
 
 def _tree_digest(folder: Path) -> str:

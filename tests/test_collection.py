@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -15,6 +14,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import zarr
+from tests._adata_files import write_adata
 
 import annbatch.collection._build as build_module
 from annbatch import DatasetCollection, Loader, load_x_and_obs
@@ -47,14 +47,7 @@ def _adata(
     return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=genes))
 
 
-def _write(adata: ad.AnnData, path: Path) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if path.suffix == ".h5ad":
-            adata.write_h5ad(path)
-        else:
-            adata.write_zarr(path)
-    return str(path)
+_write = write_adata
 
 
 def _inputs(tmp_path: Path, *, sparse: bool = True) -> tuple[list[str], list[ad.AnnData]]:
