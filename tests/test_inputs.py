@@ -35,7 +35,9 @@ def test_attributes(pool, fmt, kind, expected_type):
 
 def test_attributes_before_data():
     loader = Loader()
-    assert (loader.n_obs, loader.n_var, loader.dataset_type) == (0, None, None)
+    assert (loader.n_obs, loader.dataset_type, loader.var) == (0, None, None)
+    with pytest.raises(ValueError, match="no data yet, so no n_var"):
+        _ = loader.n_var
 
 
 @pytest.mark.parametrize("kind", ["dense", "sparse"])

@@ -52,6 +52,9 @@ def parse_mask(mask: object) -> slice | np.ndarray | None:
         ):
             msg = f"a mask slice must have non-negative bounds and step 1, got {mask!r}"
             raise InvalidArgumentError(msg)
+        if mask.stop is not None and mask.stop <= (mask.start or 0):
+            msg = f"a mask slice must hold rows (start < stop), got {mask!r}"
+            raise InvalidArgumentError(msg)
         return mask
     array = np.asarray(mask)
     if array.dtype != np.bool_ or array.ndim != 1:

@@ -11,9 +11,10 @@ import enum
 import warnings
 from typing import TYPE_CHECKING, Any, Literal, Self
 
+import numpy as np
 import pandas as pd
 
-from annbatch._args import parse_int
+from annbatch._args import parse_int, parse_rng
 from annbatch._compat import import_optional, torch_available
 from annbatch._core import gpu
 from annbatch._core.assembler import parse_concat_strategy
@@ -22,6 +23,7 @@ from annbatch._core.sources import as_row_source
 from annbatch._core.workers import current_shard
 from annbatch.abc import Sampler
 from annbatch.errors import (
+    CollectionAlreadyUsedError,
     GPUUnavailableError,
     IncompatibleDatasetsError,
     InvalidArgumentError,
@@ -29,12 +31,11 @@ from annbatch.errors import (
     ObsMismatchError,
     UnsupportedDatasetError,
 )
-from annbatch.samplers import ChunkSampler
+from annbatch.samplers import RandomSampler, SequentialSampler
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
-    import numpy as np
     import zarr
     from anndata import AnnData
 
@@ -177,14 +178,20 @@ class Loader(_IterableBase):
                 raise InvalidArgumentError(msg)
             self._sampler: Sampler = batch_sampler
         else:
-            self._sampler = ChunkSampler(
+            chunking = (
                 512 if chunk_size is None else chunk_size,
                 32 if preload_nchunks is None else preload_nchunks,
                 1 if batch_size is None else batch_size,
-                shuffle=bool(shuffle),
-                drop_last=bool(drop_last),
-                rng=rng,
             )
+            if shuffle is not None and not isinstance(shuffle, bool | np.bool_):
+                msg = f"shuffle must be a bool, got {shuffle!r}"
+                raise InvalidArgumentError(msg)
+            drop = False if drop_last is None else drop_last
+            if shuffle:
+                self._sampler = RandomSampler(*chunking, drop_last=drop, rng=rng)
+            else:
+                parse_rng(rng)  # checked as the samplers check it, though nothing is drawn
+                self._sampler = SequentialSampler(*chunking, drop_last=drop)
         self._output: OutputKind = _parse_output(to_torch=to_torch, to=to)
         if not isinstance(preload_to_gpu, bool):
             msg = f"preload_to_gpu must be a bool, got {preload_to_gpu!r}"
@@ -242,9 +249,12 @@ class Loader(_IterableBase):
         return sum(s.shape[0] for s in self._sources)
 
     @property
-    def n_var(self) -> int | None:
-        """Number of columns, common to all datasets; None before any is added."""
-        return self._sources[0].shape[1] if self._sources else None
+    def n_var(self) -> int:
+        """Number of columns, common to all datasets. A ``ValueError`` before any is added."""
+        if not self._sources:
+            msg = "the Loader has no data yet, so no n_var; add a dataset first"
+            raise InvalidArgumentError(msg)
+        return self._sources[0].shape[1]
 
     def __len__(self) -> int:
         """Number of batches in one epoch (all DataLoader workers together)."""
@@ -254,7 +264,7 @@ class Loader(_IterableBase):
         kind = self.dataset_type.__name__ if self.dataset_type else "no data"
         return (
             f"Loader({len(self._sources)} datasets of {kind}, n_obs={self.n_obs}, "
-            f"n_var={self.n_var}, sampler={self._sampler!r})"
+            f"n_var={self.n_var if self._sources else None}, sampler={self._sampler!r})"
         )
 
     # --------------------------------------------------------------------------------- adding
@@ -413,7 +423,7 @@ class Loader(_IterableBase):
 
         if self._used_collection:
             msg = "use_collection can be called once per Loader; add more data with add_anndatas"
-            raise InvalidArgumentError(msg)
+            raise CollectionAlreadyUsedError(msg)
         if not isinstance(collection, DatasetCollection):
             msg = f"use_collection expects an annbatch.DatasetCollection, got {type(collection).__name__}"
             raise UnsupportedDatasetError(msg)
@@ -458,9 +468,18 @@ class Loader(_IterableBase):
             want = ref.shape[1] if len(ref.shape) == 2 == len(source.shape) else ref.shape[1:]
             msg = f"{where} has {got} {cols}; the Loader's datasets have {want}"
             raise IncompatibleDatasetsError(msg)
-        if source.dtype != ref.dtype:
-            msg = f"{where} has dtype {source.dtype}; the Loader's datasets have {ref.dtype}"
-            raise IncompatibleDatasetsError(msg)
+        before = np.result_type(*(s.dtype for s in earlier))
+        if source.dtype != before:
+            common = np.result_type(before, source.dtype)
+            if common.kind not in "biufc":
+                msg = f"{where} has dtype {source.dtype}; the Loader's datasets have {before}"
+                raise IncompatibleDatasetsError(msg)
+            warnings.warn(
+                f"{where} has dtype {source.dtype}, the Loader's earlier datasets {before}: "
+                f"batches are yielded as {common} (numpy.result_type)",
+                UserWarning,
+                stacklevel=4,
+            )
         if (obs is None) != (earlier_obs[0] is None):
             has = "has no obs" if obs is None else "has obs"
             others = "have obs" if obs is None else "have none"

@@ -5,11 +5,15 @@ fits it, so callers can catch either::
 
     AnnbatchError
     ├── InvalidArgumentError      (ValueError)    a bad or conflicting argument
+    ├── ArgumentTypeError         (TypeError)     an argument of the wrong type (where the reference's
+    │                                             API promises a TypeError)
+    ├── DistributedNotInitializedError (RuntimeError)  ranks asked of a process group not started
     ├── IncompatibleDatasetsError (ValueError)    datasets that cannot share one Loader
     ├── ObsMismatchError          (ValueError)    obs that does not line up with its dataset
     ├── UnsupportedDatasetError   (TypeError)     an array type or sparse format we cannot read
     ├── ClosedDatasetError        (ValueError)    an HDF5 dataset whose file was closed
     ├── LoaderBusyError           (RuntimeError)  changing a Loader while it is being iterated
+    ├── CollectionAlreadyUsedError (RuntimeError) a second use_collection on one Loader
     ├── StoreReadError            (OSError)       reading stored rows failed (names store, array, rows)
     │   └── CorruptChunkError     (OSError)       on-disk bytes that do not decode, or the wrong size
     │       └── ChecksumMismatchError (OSError)   a chunk whose bytes do not match their checksum
@@ -34,6 +38,19 @@ class AnnbatchError(Exception):
 
 class InvalidArgumentError(AnnbatchError, ValueError):
     """An argument has a value outside its domain, or conflicts with another argument."""
+
+
+class ArgumentTypeError(AnnbatchError, TypeError):
+    """An argument is of a type that cannot work (e.g. ``classes`` that is not a
+    ``pandas.Categorical``)."""
+
+
+class DistributedNotInitializedError(AnnbatchError, RuntimeError):
+    """Ranks were asked of torch.distributed or jax.distributed before it was initialized."""
+
+
+class CollectionAlreadyUsedError(AnnbatchError, RuntimeError):
+    """:meth:`annbatch.Loader.use_collection` was called a second time on one Loader."""
 
 
 class IncompatibleDatasetsError(AnnbatchError, ValueError):

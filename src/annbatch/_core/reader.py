@@ -56,7 +56,19 @@ def read_plan(
         return []
     job = parts[0][0].window_job(parts, TASKS_PER_THREAD * threads, allocate)
     _run(job.tasks, executor, cancel)
-    return job.result()
+    blocks = job.result()
+    dtype = common_dtype(sources)
+    if any(b.dtype != dtype for b in blocks):  # datasets of different dtypes: promote
+        blocks = [b if b.dtype == dtype else b.astype(dtype) for b in blocks]
+    return blocks
+
+
+def common_dtype(sources: Sequence[RowSource]) -> np.dtype:
+    """The dtype every window of ``sources`` is yielded in (``numpy.result_type`` of theirs)."""
+    first = sources[0].dtype
+    if all(s.dtype == first for s in sources):
+        return np.dtype(first)
+    return np.result_type(*(s.dtype for s in sources))
 
 
 def read_placed(

@@ -89,7 +89,7 @@ def load_window(
     # runs of elements that numpy can only scatter element by element (an 8-byte index per
     # 4-byte value), which measured 1.4x slower than the general path below.
     dense = [s for s in sources if isinstance(s, DenseSource) and s.reads_chunks_once]
-    if len(dense) == len(sources):
+    if len(dense) == len(sources) and all(s.dtype == sources[0].dtype for s in sources):
         placement = plan_placement(request.chunks, splits, offsets)
         if placement is not None:  # None: a row repeats within the window
             out = read_placed(placement, dense, executor, threads, stop, allocate)

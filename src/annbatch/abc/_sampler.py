@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+import math
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from annbatch._args import parse_mask, parse_rng
 from annbatch.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Mapping
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +39,15 @@ class LoadRequest:
 
 
 class Sampler(ABC):
-    """Turns a number of rows into a stream of :class:`LoadRequest`.
+    """Turns a number of rows into a stream of load requests.
 
-    Subclasses implement :meth:`_sample`, :attr:`batch_size`, :attr:`shuffle` and
-    :meth:`n_batches`. The public :meth:`sample` validates what ``_sample`` yields, so that a
-    faulty sampler fails with a clear message rather than yielding wrong rows.
+    Subclasses implement :meth:`_sample`, :attr:`batch_size` and :attr:`shuffle`; they may
+    override :meth:`n_batches` (the default draws an epoch on a copy to count its batches) and
+    :meth:`validate`. ``_sample`` yields :class:`LoadRequest` objects or plain dicts
+    (:class:`annbatch.types.LoadRequest`: ``"requests"`` as slices or an integer array of
+    rows, optional ``"splits"``). The public :meth:`sample` validates and normalises what
+    ``_sample`` yields, so that a faulty sampler fails with a clear message rather than
+    yielding wrong rows.
     """
 
     @property
@@ -50,18 +58,58 @@ class Sampler(ABC):
     @property
     @abstractmethod
     def shuffle(self) -> bool:
-        """Whether the sampler draws a random order."""
+        """Whether the sampler draws a random order (used where a request has no splits)."""
 
     @abstractmethod
-    def n_batches(self, n_obs: int) -> int:
-        """Number of batches one epoch over ``n_obs`` rows yields."""
-
-    @abstractmethod
-    def _sample(self, n_obs: int) -> Iterator[LoadRequest]:
+    def _sample(self, n_obs: int) -> Iterator[LoadRequest | Mapping[str, Any]]:
         """Yield the load requests of one epoch over rows ``0..n_obs-1``."""
 
-    def validate(self, n_obs: int) -> None:  # noqa: B027 (an optional hook, not abstract)
-        """Raise if this sampler cannot serve ``n_obs`` rows. Called before any data is read."""
+    def n_batches(self, n_obs: int) -> int:
+        """Number of batches one epoch over ``n_obs`` rows yields.
+
+        This default draws one epoch from a copy of the sampler (its state is left as it is)
+        and counts; samplers override it with arithmetic.
+        """
+        n = 0
+        for request in copy.deepcopy(self).sample(n_obs):
+            n += len(request.splits) if request.splits is not None else math.ceil(request.n_rows / self.batch_size)
+        return n
+
+    def n_iters(self, n_obs: int) -> int:
+        """Deprecated name of :meth:`n_batches`."""
+        warnings.warn("Sampler.n_iters is deprecated; use n_batches", DeprecationWarning, stacklevel=2)
+        return self.n_batches(n_obs)
+
+    @property
+    def mask(self) -> slice | np.ndarray | None:
+        """The rows this sampler may draw from: a slice (step 1), a boolean array over all
+        rows (annbatch's samplers), or None for all rows. Settable."""
+        return getattr(self, "_mask", None)
+
+    @mask.setter
+    def mask(self, value: slice | np.ndarray | None) -> None:
+        self._mask = parse_mask(value)
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The generator the sampler draws from. Settable (annbatch's samplers take one seed
+        from a generator set here, as from their ``rng`` argument)."""
+        rng = getattr(self, "_rng", None)
+        if rng is None:
+            rng = self._rng = np.random.default_rng()
+        return rng
+
+    @rng.setter
+    def rng(self, value: np.random.Generator | None) -> None:
+        self._rng = parse_rng(value)
+
+    def validate(self, n_obs: int) -> None:
+        """Raise a ``ValueError`` if this sampler cannot serve ``n_obs`` rows.
+
+        Called by :meth:`sample` (so by the Loader when iteration starts), before any data is
+        read. The default checks the :attr:`mask` against ``n_obs``.
+        """
+        check_mask(self.mask, n_obs)
 
     def reseed(self, seed: int) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Re-seed the sampler's randomness from ``seed`` combined with its own state.
@@ -90,7 +138,7 @@ class Sampler(ABC):
         self.state_dict()  # raises for samplers that cannot be resumed
 
     def sample(self, n_obs: int) -> Iterator[LoadRequest]:
-        """Yield the load requests of one epoch, checking each one.
+        """Yield the load requests of one epoch, checked and as :class:`LoadRequest` objects.
 
         Parameters
         ----------
@@ -102,21 +150,125 @@ class Sampler(ABC):
             raise InvalidArgumentError(msg)
         self.validate(n_obs)
         if self._trusted:
-            yield from self._sample(n_obs)
+            yield from self._sample(n_obs)  # type: ignore[misc]
             return
         for i, request in enumerate(self._sample(n_obs)):
+            if not isinstance(request, LoadRequest):
+                request = self._from_dict(request, n_obs, position=i)
             _check_request(request, n_obs, position=i)
             yield request
+
+    def _from_dict(self, request: object, n_obs: int, *, position: int) -> LoadRequest:
+        """A :class:`LoadRequest` from the dict form (:class:`annbatch.types.LoadRequest`)."""
+        where = f"load request {position} of the sampler"
+        if not isinstance(request, dict):
+            msg = f"{where} is a {type(request).__name__}; expected annbatch.abc.LoadRequest or a dict with 'requests'"
+            raise InvalidArgumentError(msg)
+        unknown = set(request) - {"requests", "chunks", "splits"}
+        if unknown:
+            msg = f"{where} has unknown keys {sorted(map(str, unknown))}; expected 'requests' and optionally 'splits'"
+            raise InvalidArgumentError(msg)
+        if "chunks" in request:
+            if "requests" in request:
+                msg = f"{where} has both 'requests' and 'chunks' (its old name); give only 'requests'"
+                raise InvalidArgumentError(msg)
+            warnings.warn(
+                "the 'chunks' key of a load request is deprecated; name it 'requests'",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            rows = request["chunks"]
+        elif "requests" in request:
+            rows = request["requests"]
+        else:
+            msg = f"{where} has no 'requests' key; expected a list of slices or an integer array of rows"
+            raise InvalidArgumentError(msg)
+        splits = request.get("splits")
+        if splits is not None:
+            if not isinstance(splits, list | tuple):
+                msg = f"{where} has 'splits' of type {type(splits).__name__}; expected a list of integer arrays"
+                raise InvalidArgumentError(msg)
+            splits = [np.asarray(s) for s in splits]
+        if isinstance(rows, np.ndarray):
+            return _positions_request(rows, splits, n_obs, where, self._default_splits)
+        if not isinstance(rows, list | tuple):
+            msg = f"{where} has 'requests' of type {type(rows).__name__}; expected a list of slices or a numpy integer array"
+            raise InvalidArgumentError(msg)
+        chunks = list(rows)
+        for chunk in chunks:
+            if isinstance(chunk, slice) and chunk.start is not None and chunk.stop is not None and chunk.stop <= chunk.start:
+                msg = f"{where} has an empty request {chunk!r}; every slice must hold rows"
+                raise InvalidArgumentError(msg)
+        if splits is None:
+            _check_request(LoadRequest(chunks=chunks), n_obs, position=position)
+            splits = self._default_splits(sum(c.stop - c.start for c in chunks))
+        return LoadRequest(chunks=chunks, splits=splits)
+
+    def _default_splits(self, n_rows: int) -> list[np.ndarray]:
+        """Batches of a request without splits: ``batch_size`` rows at a time, in a random
+        order (:attr:`rng`) when :attr:`shuffle`."""
+        order = self.rng.permutation(n_rows) if self.shuffle else np.arange(n_rows)
+        size = self.batch_size
+        return [order[i : i + size] for i in range(0, n_rows, size)]
 
     _trusted = False
     """annbatch's own samplers (their requests are property-tested) skip the per-request
     checks, which cost a Python step per chunk; every other sampler is checked."""
 
 
+def check_mask(mask: slice | np.ndarray | None, n_obs: int) -> None:
+    """Raise if ``mask`` does not fit ``n_obs`` rows."""
+    if isinstance(mask, np.ndarray) and mask.size != n_obs:
+        msg = f"mask has {mask.size} entries; the Loader has {n_obs} rows"
+        raise InvalidArgumentError(msg)
+    if isinstance(mask, slice) and (mask.stop or 0) > n_obs:
+        msg = f"mask {mask!r} reaches past the Loader's {n_obs} rows"
+        raise InvalidArgumentError(msg)
+
+
+def _positions_request(
+    rows: np.ndarray,
+    splits: list[np.ndarray] | None,
+    n_obs: int,
+    where: str,
+    default_splits: Any,
+) -> LoadRequest:
+    """A request of row positions (any order, repeats allowed) as runs of rows read in disk
+    order, with its splits mapped from request order to that layout."""
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+        msg = f"{where} has 'requests' of dtype {rows.dtype} and shape {rows.shape}; expected a 1-D integer array of rows"
+        raise InvalidArgumentError(msg)
+    if rows.size == 0:
+        msg = f"{where} has no rows"
+        raise InvalidArgumentError(msg)
+    if rows.min() < 0 or rows.max() >= n_obs:
+        msg = f"{where} has rows outside 0..{n_obs - 1} (n_obs = {n_obs})"
+        raise InvalidArgumentError(msg)
+    unique = np.unique(rows)
+    breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [unique.size]])
+    chunks = list(map(slice, unique[starts].tolist(), (unique[stops - 1] + 1).tolist()))
+    layout = np.searchsorted(unique, rows)  # request position -> position in the chunks
+    if splits is None:
+        splits = default_splits(rows.size)
+    for split in splits:
+        if split.ndim != 1 or not np.issubdtype(split.dtype, np.integer):
+            msg = f"{where} has a split of dtype {split.dtype} and shape {split.shape}; expected a 1-D integer array"
+            raise InvalidArgumentError(msg)
+        if split.size and (split.min() < 0 or split.max() >= rows.size):
+            msg = f"{where} has a split with positions outside 0..{rows.size - 1} (the rows it requests)"
+            raise InvalidArgumentError(msg)
+    return LoadRequest(chunks=chunks, splits=[layout[s] for s in splits])
+
+
 def _check_request(request: LoadRequest, n_obs: int, *, position: int) -> None:
     where = f"load request {position} of the sampler"
     if not isinstance(request, LoadRequest):
         msg = f"{where} is a {type(request).__name__}; expected annbatch.abc.LoadRequest"
+        raise InvalidArgumentError(msg)
+    if not isinstance(request.chunks, list | tuple):
+        msg = f"{where} has chunks of type {type(request.chunks).__name__}; expected a list of slices"
         raise InvalidArgumentError(msg)
     for chunk in request.chunks:
         if not isinstance(chunk, slice) or chunk.step not in (None, 1):

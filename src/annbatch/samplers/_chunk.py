@@ -9,6 +9,7 @@ import numpy as np
 
 from annbatch._args import parse_bool, parse_mask, parse_positive_int
 from annbatch.abc import LoadRequest
+from annbatch.abc._sampler import check_mask
 from annbatch.errors import InvalidArgumentError
 from annbatch.samplers._epochs import EpochSampler
 
@@ -143,17 +144,12 @@ class ChunkSampler(EpochSampler):
     # ------------------------------------------------------------------------------- drawing
     def validate(self, n_obs: int) -> None:
         """Check the mask against ``n_obs`` and the ranks' seed."""
-        if isinstance(self._mask, np.ndarray) and self._mask.size != n_obs:
-            msg = f"mask has {self._mask.size} entries; the Loader has {n_obs} rows"
-            raise InvalidArgumentError(msg)
-        if isinstance(self._mask, slice) and (self._mask.stop or 0) > n_obs:
-            msg = f"mask {self._mask!r} reaches past the Loader's {n_obs} rows"
-            raise InvalidArgumentError(msg)
+        check_mask(self._mask, n_obs)
         self._check_ranks_seeded(needed=self._shuffle)
 
     def n_batches(self, n_obs: int) -> int:
         """Number of batches per epoch (of this rank) over ``n_obs`` rows."""
-        rows = self._rank_rows(self._n_allowed(n_obs))
+        rows = self._rank_rows(self._epoch_rows(self._n_allowed(n_obs)))
         if self._drop_last:
             return rows // self._batch_size
         return math.ceil(rows / self._batch_size)
@@ -161,6 +157,15 @@ class ChunkSampler(EpochSampler):
     def _n_allowed(self, n_obs: int) -> int:
         runs = self._runs(n_obs)
         return int(np.sum(runs[:, 1] - runs[:, 0])) if runs.size else 0
+
+    def _epoch_rows(self, n_allowed: int) -> int:
+        """Rows one epoch yields (all ranks together) when ``n_allowed`` rows may be drawn."""
+        return n_allowed
+
+    def _draw(self, chunks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The epoch's chunk sequence from the chunks covering the allowed rows (in reading
+        order): all of them, each once. Subclasses may draw otherwise."""
+        return chunks
 
     def _rank_rows(self, n_allowed: int) -> int:
         return self._share(n_allowed, drop=self._drop_last)
@@ -193,7 +198,7 @@ class ChunkSampler(EpochSampler):
         # Shared by all ranks: chunk order and offset. Per rank: row order within windows.
         shared, own = self._next_epoch()
         rank = self.ranks()[0]
-        chunks = self._chunks(self._runs(n_obs), shared)
+        chunks = self._draw(self._chunks(self._runs(n_obs), shared), shared)
         lengths = chunks[:, 1] - chunks[:, 0]
         n_allowed = int(lengths.sum())
         n_rows = self._rank_rows(n_allowed)

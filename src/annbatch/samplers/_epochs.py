@@ -33,10 +33,30 @@ class EpochSampler(Sampler):
         self, rng: np.random.Generator | None, rank: int | None, world_size: int | None
     ) -> None:
         self._seeded = rng is not None
-        self._seed = int(parse_rng(rng).integers(2**63))
+        self._rng = parse_rng(rng)
+        self._seed = int(self._rng.integers(2**63))
         self._epoch = 0
         self._explicit_epochs = False
         self._rank, self._world_size = _parse_ranks(rank, world_size)
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The generator the sampler's seed was drawn from. Setting one draws a new seed from
+        it (as the ``rng`` argument does) and starts again at epoch 0: the sampler then draws
+        what a new one built with that generator would."""
+        return self._rng
+
+    @rng.setter
+    def rng(self, value: np.random.Generator | None) -> None:
+        self._rng = parse_rng(value)
+        self._seed = int(self._rng.integers(2**63))
+        self._seeded = value is not None
+        self._epoch = 0
+
+    def _single_rank(self) -> None:
+        """Draw every epoch for one process, whatever torch.distributed says (a wrapper such
+        as :class:`~annbatch.samplers.DistributedSampler` splits the rows instead)."""
+        self._rank, self._world_size = 0, 1
 
     @property
     def epoch(self) -> int:

@@ -80,21 +80,9 @@ class WeightedSampler(EpochSampler):
         if w.ndim != 1 or not np.all(np.isfinite(w)) or np.any(w < 0):
             msg = "weights must be a 1-D array of finite, non-negative numbers (one per row)"
             raise InvalidArgumentError(msg)
-        mask = parse_mask(mask)
-        if isinstance(mask, np.ndarray):
-            if mask.size != w.size:
-                msg = f"mask has {mask.size} entries; weights have {w.size}"
-                raise InvalidArgumentError(msg)
-            w = np.where(mask, w, 0.0)
-        elif isinstance(mask, slice):
-            keep = np.zeros(w.size, dtype=bool)
-            keep[mask] = True
-            w = np.where(keep, w, 0.0)
-        positive = int(np.count_nonzero(w))
-        if positive == 0:
-            msg = "weights are all zero: no row could be drawn"
-            raise InvalidArgumentError(msg)
-        self._p = w / w.sum()
+        self._weights = w
+        self._mask = None
+        self._p, positive = self._probabilities(parse_mask(mask))
         self._replacement = parse_bool(replacement, "replacement")
         self._num_samples = (
             positive if num_samples is None else parse_positive_int(num_samples, "num_samples")
@@ -113,6 +101,40 @@ class WeightedSampler(EpochSampler):
         self._window = window - window % self._batch_size
         self._drop_last = parse_bool(drop_last, "drop_last")
         super().__init__(rng, rank, world_size)
+
+    def _probabilities(self, mask: slice | np.ndarray | None) -> tuple[np.ndarray, int]:
+        """Draw probabilities of the rows (weights outside ``mask`` count as 0), and the number
+        of rows that can be drawn; sets the mask."""
+        w = self._weights
+        if isinstance(mask, np.ndarray):
+            if mask.size != w.size:
+                msg = f"mask has {mask.size} entries; weights have {w.size}"
+                raise InvalidArgumentError(msg)
+            w = np.where(mask, w, 0.0)
+        elif isinstance(mask, slice):
+            keep = np.zeros(w.size, dtype=bool)
+            keep[mask] = True
+            w = np.where(keep, w, 0.0)
+        positive = int(np.count_nonzero(w))
+        if positive == 0:
+            msg = "weights are all zero: no row could be drawn"
+            raise InvalidArgumentError(msg)
+        self._mask = mask
+        return w / w.sum(), positive
+
+    @property
+    def mask(self) -> slice | np.ndarray | None:
+        """Rows that may be drawn (a slice or a boolean array), None for all. Settable;
+        ``num_samples`` is kept as it is."""
+        return self._mask
+
+    @mask.setter
+    def mask(self, value: slice | np.ndarray | None) -> None:
+        p, positive = self._probabilities(parse_mask(value))
+        if not self._replacement and self._num_samples > positive:
+            msg = f"num_samples ({self._num_samples}) is more than the {positive} rows this mask allows"
+            raise InvalidArgumentError(msg)
+        self._p = p
 
     @classmethod
     def balanced(

@@ -181,7 +181,9 @@ class CSRSource:
         csr = [
             (source, starts, stops)
             for source, starts, stops in parts
-            if isinstance(source, CSRSource) and source.reads_chunks_once
+            if isinstance(source, CSRSource)
+            and source.reads_chunks_once
+            and source.dtype == self.dtype  # promoted after reading (reader.read_plan)
         ]
         if len(csr) != len(parts):
             return block_per_part(parts, n_tasks)
