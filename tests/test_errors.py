@@ -65,7 +65,8 @@ def test_mixed_dtypes_warn(loader):
     # Promoted (the reference's current API), with a warning that names both dtypes.
     loader.add_dataset(np.zeros((3, 2), np.float32))
     with pytest.warns(
-        UserWarning, match="has dtype float64, the Loader's earlier datasets float32: batches are yielded as float64"
+        UserWarning,
+        match="has dtype float64, the Loader's earlier datasets float32: batches are yielded as float64",
     ):
         loader.add_dataset(np.zeros((3, 2), np.float64))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from annbatch import abc, errors, samplers
+from annbatch import abc, errors, samplers, types
 from annbatch.samplers import ChunkSampler
 
 if TYPE_CHECKING:
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from annbatch._loader import Loader
     from annbatch._scrub import verify
     from annbatch.collection import DatasetCollection
+    from annbatch.io import write_sharded
 
 __version__ = "0.1.0.dev0"
 
@@ -26,9 +27,12 @@ __all__ = [
     "Loader",
     "abc",
     "errors",
+    "io",
     "load_x_and_obs",
     "samplers",
+    "types",
     "verify",
+    "write_sharded",
 ]
 
 _LAZY = {
@@ -36,10 +40,15 @@ _LAZY = {
     "load_x_and_obs": "annbatch._anndata_io",
     "DatasetCollection": "annbatch.collection",
     "verify": "annbatch._scrub",
+    "write_sharded": "annbatch.io",
 }
 
 
 def __getattr__(name: str) -> Any:
+    if name == "io":
+        module = import_module("annbatch.io")
+        globals()["io"] = module
+        return module
     if name in _LAZY:
         value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value

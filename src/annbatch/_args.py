@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from annbatch.errors import InvalidArgumentError
@@ -63,3 +65,36 @@ def parse_mask(mask: object) -> slice | np.ndarray | None:
         )
         raise InvalidArgumentError(msg)
     return array
+
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 2**10,
+    "KB": 2**10,
+    "M": 2**20,
+    "MB": 2**20,
+    "G": 2**30,
+    "GB": 2**30,
+    "T": 2**40,
+    "TB": 2**40,
+}
+
+
+def parse_size(value: object, name: str) -> int:
+    """Bytes from ``123``, ``"512MB"`` or ``"2GB"`` (binary units); at least 1 byte."""
+    if isinstance(value, bool):
+        msg = f"{name} must be a number of bytes or a size like '2GB', got {value!r}"
+        raise InvalidArgumentError(msg)
+    if isinstance(value, int):
+        number = value
+    else:
+        match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?B?)\s*", str(value).upper())
+        if match is None:
+            msg = f"{name} must be a number of bytes or a size like '2GB', got {value!r}"
+            raise InvalidArgumentError(msg)
+        number = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if number < 1:
+        msg = f"{name} must be at least 1 byte, got {value!r}"
+        raise InvalidArgumentError(msg)
+    return number

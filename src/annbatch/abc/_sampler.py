@@ -72,12 +72,18 @@ class Sampler(ABC):
         """
         n = 0
         for request in copy.deepcopy(self).sample(n_obs):
-            n += len(request.splits) if request.splits is not None else math.ceil(request.n_rows / self.batch_size)
+            n += (
+                len(request.splits)
+                if request.splits is not None
+                else math.ceil(request.n_rows / self.batch_size)
+            )
         return n
 
     def n_iters(self, n_obs: int) -> int:
         """Deprecated name of :meth:`n_batches`."""
-        warnings.warn("Sampler.n_iters is deprecated; use n_batches", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "Sampler.n_iters is deprecated; use n_batches", DeprecationWarning, stacklevel=2
+        )
         return self.n_batches(n_obs)
 
     @property
@@ -170,7 +176,9 @@ class Sampler(ABC):
             raise InvalidArgumentError(msg)
         if "chunks" in request:
             if "requests" in request:
-                msg = f"{where} has both 'requests' and 'chunks' (its old name); give only 'requests'"
+                msg = (
+                    f"{where} has both 'requests' and 'chunks' (its old name); give only 'requests'"
+                )
                 raise InvalidArgumentError(msg)
             warnings.warn(
                 "the 'chunks' key of a load request is deprecated; name it 'requests'",
@@ -196,7 +204,12 @@ class Sampler(ABC):
             raise InvalidArgumentError(msg)
         chunks = list(rows)
         for chunk in chunks:
-            if isinstance(chunk, slice) and chunk.start is not None and chunk.stop is not None and chunk.stop <= chunk.start:
+            if (
+                isinstance(chunk, slice)
+                and chunk.start is not None
+                and chunk.stop is not None
+                and chunk.stop <= chunk.start
+            ):
                 msg = f"{where} has an empty request {chunk!r}; every slice must hold rows"
                 raise InvalidArgumentError(msg)
         if splits is None:
@@ -268,7 +281,9 @@ def _check_request(request: LoadRequest, n_obs: int, *, position: int) -> None:
         msg = f"{where} is a {type(request).__name__}; expected annbatch.abc.LoadRequest"
         raise InvalidArgumentError(msg)
     if not isinstance(request.chunks, list | tuple):
-        msg = f"{where} has chunks of type {type(request.chunks).__name__}; expected a list of slices"
+        msg = (
+            f"{where} has chunks of type {type(request.chunks).__name__}; expected a list of slices"
+        )
         raise InvalidArgumentError(msg)
     for chunk in request.chunks:
         if not isinstance(chunk, slice) or chunk.step not in (None, 1):

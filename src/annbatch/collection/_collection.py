@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from annbatch._args import parse_int
+from annbatch._args import parse_int, parse_size
 from annbatch.collection._build import (
     BuildPlan,
     assign_datasets,
@@ -63,33 +62,10 @@ FORMAT_VERSION = 1
 DEFAULT_DATASET_SIZE = 1_048_576
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "K": 2**10,
-    "KB": 2**10,
-    "M": 2**20,
-    "MB": 2**20,
-    "G": 2**30,
-    "GB": 2**30,
-    "T": 2**40,
-    "TB": 2**40,
-}
-
 
 def parse_bytes(value: int | str) -> int:
-    """A size in bytes from ``123``, ``"512MB"`` or ``"2GB"`` (binary units)."""
-    if isinstance(value, bool):
-        msg = f"memory_budget must be a number of bytes or a size like '2GB', got {value!r}"
-        raise InvalidArgumentError(msg)
-    if isinstance(value, int):
-        number = value
-    else:
-        match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?B?)\s*", str(value).upper())
-        if match is None:
-            msg = f"memory_budget must be a number of bytes or a size like '2GB', got {value!r}"
-            raise InvalidArgumentError(msg)
-        number = int(float(match.group(1)) * _UNITS[match.group(2)])
+    """A memory budget in bytes from ``123``, ``"512MB"`` or ``"2GB"`` (binary units)."""
+    number = parse_size(value, "memory_budget")
     if number < 2**20:
         msg = f"memory_budget must be at least 1MB, got {value!r}"
         raise InvalidArgumentError(msg)

@@ -37,7 +37,9 @@ class SequentialSampler(ChunkSampler):
         drop_last: bool = False,
         mask: slice | np.ndarray | None = None,
     ) -> None:
-        super().__init__(chunk_size, preload_nchunks, batch_size, shuffle=False, drop_last=drop_last, mask=mask)
+        super().__init__(
+            chunk_size, preload_nchunks, batch_size, shuffle=False, drop_last=drop_last, mask=mask
+        )
 
     def __repr__(self) -> str:
         return (
@@ -75,10 +77,18 @@ class RandomSampler(ChunkSampler):
         rng: np.random.Generator | None = None,
     ) -> None:
         super().__init__(
-            chunk_size, preload_nchunks, batch_size, shuffle=True, drop_last=drop_last, mask=mask, rng=rng
+            chunk_size,
+            preload_nchunks,
+            batch_size,
+            shuffle=True,
+            drop_last=drop_last,
+            mask=mask,
+            rng=rng,
         )
         self._replacement = parse_bool(replacement, "replacement")
-        self._num_samples = None if num_samples is None else parse_positive_int(num_samples, "num_samples")
+        self._num_samples = (
+            None if num_samples is None else parse_positive_int(num_samples, "num_samples")
+        )
 
     def __repr__(self) -> str:
         return (

@@ -188,7 +188,11 @@ class ClassSampler(EpochSampler):
             allowed[self._mask] = True
         # Runs of one class among allowed rows: a class change or a gap of the mask ends one.
         codes = np.where(allowed, self._codes, -1)
-        edges = np.flatnonzero(np.diff(np.concatenate([[-2], codes, [-2]]))) if n else np.zeros(1, np.int64)
+        edges = (
+            np.flatnonzero(np.diff(np.concatenate([[-2], codes, [-2]])))
+            if n
+            else np.zeros(1, np.int64)
+        )
         starts, stops = edges[:-1], edges[1:]
         keep = codes[starts] >= 0 if n else np.zeros(0, dtype=bool)
         starts, stops = starts[keep], stops[keep]
@@ -228,7 +232,9 @@ class ClassSampler(EpochSampler):
             order = own.permutation(n_window)
             splits = [order[i : i + self._batch_size] for i in range(0, n_window, self._batch_size)]
             emitted += n_window
-            yield LoadRequest(chunks=list(map(slice, window[:, 0].tolist(), window[:, 1].tolist())), splits=splits)
+            yield LoadRequest(
+                chunks=list(map(slice, window[:, 0].tolist(), window[:, 1].tolist())), splits=splits
+            )
 
     def _pick(
         self,
