@@ -87,7 +87,9 @@ def test_random_and_sequential_each_row_once(n_obs, chunk, nchunks, data, drop_l
         if sampler is seq:
             np.testing.assert_array_equal(got, rows[:n_keep])
         else:
-            assert got.size == n_keep and np.unique(got).size == n_keep and np.isin(got, rows).all()
+            assert got.size == n_keep
+            assert np.unique(got).size == n_keep
+            assert np.isin(got, rows).all()
             if not drop_last:
                 assert sorted(got.tolist()) == rows.tolist()
 
@@ -105,8 +107,10 @@ def test_random_with_replacement_draws_num_samples(n_obs, chunk, num, seed):
     )
     batches = _batches(sampler, n_obs)
     got = np.concatenate(batches)
-    assert got.size == num and len(batches) == sampler.n_batches(n_obs) == -(-num // 5)
-    assert got.min() >= 0 and got.max() < n_obs
+    assert got.size == num
+    assert len(batches) == sampler.n_batches(n_obs) == -(-num // 5)
+    assert got.min() >= 0
+    assert got.max() < n_obs
     # Whole chunks are read: every range lies within one chunk of the grid.
     for request in sampler.sample(n_obs):
         assert all(c.start // chunk == (c.stop - 1) // chunk for c in request.chunks)
@@ -115,7 +119,8 @@ def test_random_with_replacement_draws_num_samples(n_obs, chunk, num, seed):
 def test_random_num_samples_without_replacement():
     sampler = RandomSampler(10, 2, 4, num_samples=33, rng=np.random.default_rng(0))
     got = np.concatenate(_batches(sampler, 100))
-    assert got.size == 33 and np.unique(got).size == 33
+    assert got.size == 33
+    assert np.unique(got).size == 33
     assert len(_loader(sampler, X[:100])) == sampler.n_batches(100) == 9
     with pytest.raises(ValueError, match=r"num_samples \(101\) is more than the 100 rows"):
         list(RandomSampler(10, 2, 4, num_samples=101).sample(100))
@@ -129,7 +134,8 @@ def test_replacement_repeats_rows_through_the_loader():
         8, 4, 16, replacement=True, num_samples=160, rng=np.random.default_rng(3)
     )
     got = np.concatenate(_loader(sampler, X[:40]))
-    assert got.size == 160 and np.unique(got).size < 160
+    assert got.size == 160
+    assert np.unique(got).size < 160
 
 
 def test_loader_builds_the_reference_samplers():
@@ -137,12 +143,11 @@ def test_loader_builds_the_reference_samplers():
         chunk_size=4, preload_nchunks=2, batch_size=3, shuffle=True, rng=np.random.default_rng(0)
     )
     plain = Loader(chunk_size=4, preload_nchunks=2, batch_size=3, drop_last=True)
-    assert (
-        type(shuffled.batch_sampler) is RandomSampler
-        and type(plain.batch_sampler) is SequentialSampler
-    )
+    assert type(shuffled.batch_sampler) is RandomSampler
+    assert type(plain.batch_sampler) is SequentialSampler
     assert isinstance(shuffled.batch_sampler, ChunkSampler)  # our engine, resume and workers
-    assert plain.batch_sampler.drop_last and len(plain.add_dataset(X[:20])) == 6
+    assert plain.batch_sampler.drop_last
+    assert len(plain.add_dataset(X[:20])) == 6
 
 
 def test_random_sampler_resumes():
@@ -199,7 +204,8 @@ def test_distributed_shares_are_disjoint_and_equal(n_obs, world, batch, equal, s
     assert np.isin(every, allowed).all()
     if equal:
         sizes = {r.size for r in per_rank}
-        assert len(sizes) == 1 and sizes.pop() % batch == 0
+        assert len(sizes) == 1
+        assert sizes.pop() % batch == 0
     else:
         assert sorted(every.tolist()) == allowed.tolist()
 
@@ -207,16 +213,16 @@ def test_distributed_shares_are_disjoint_and_equal(n_obs, world, batch, equal, s
 def test_distributed_dist_info_errors():
     inner = SequentialSampler(4, 2, 2)
     with pytest.raises(
-        DistributedNotInitializedError, match="torch.distributed is not initialized"
+        DistributedNotInitializedError, match=r"torch.distributed is not initialized"
     ):
         DistributedSampler(inner, dist_info="torch")
-    with pytest.raises(RuntimeError, match="jax.distributed is not initialized"):
+    with pytest.raises(RuntimeError, match=r"jax.distributed is not initialized"):
         DistributedSampler(inner, dist_info="jax")
     with pytest.raises(ValueError, match="dist_info must be 'torch', 'jax' or a callable"):
         DistributedSampler(inner, dist_info="mpi")
     with pytest.raises(ValueError, match=r"must return \(rank, world_size\)"):
         DistributedSampler(inner, dist_info=lambda: (3, 2))
-    with pytest.raises(TypeError, match="wraps an annbatch.abc.Sampler"):
+    with pytest.raises(TypeError, match=r"wraps an annbatch.abc.Sampler"):
         DistributedSampler("sampler")  # type: ignore[arg-type]
 
 
@@ -301,12 +307,13 @@ def test_class_sampler_through_loader_on_a_store(pool):
     )
     batches = list(loader)
     order = check_epoch(batches, stores)  # values and obs match the stored rows
-    assert order.size == 100 and len(batches) == len(loader) == 20
+    assert order.size == 100
+    assert len(batches) == len(loader) == 20
     assert all(len(set(classes[b["index"]])) == 1 for b in batches)
 
 
 def test_class_sampler_errors():
-    with pytest.raises(TypeError, match="classes must be a pandas.Categorical"):
+    with pytest.raises(TypeError, match=r"classes must be a pandas.Categorical"):
         ClassSampler(4, 2, 4, classes=np.array(["a"] * 8), num_samples=8)
     with pytest.raises(ArgumentTypeError):
         ClassSampler(4, 2, 4, classes=pd.Series(["a"] * 8), num_samples=8)

@@ -13,6 +13,7 @@ import zarr
 from annbatch._core.failures import store_errors
 from annbatch.errors import (
     CorruptDataError,
+    InvalidArgumentError,
     UnsupportedDatasetError,
 )
 
@@ -42,21 +43,43 @@ def read_legacy(group: zarr.Group | h5py.Group) -> AnnData:
         return anndata.read_zarr(group.store)
 
 
-def read_obs(group: zarr.Group | h5py.Group) -> pd.DataFrame:
-    """A store's obs, in any encoding anndata reads, with the types annbatch collections
-    stored differently restored."""
+def read_obs(group: zarr.Group | h5py.Group, columns: list[str] | None = None) -> pd.DataFrame:
+    """A store's obs (only ``columns``, if given), in any encoding anndata reads, with the
+    types annbatch collections stored differently restored."""
     if is_legacy(group):
         adata = read_legacy(group)
         try:
-            return adata.obs
+            obs = adata.obs
         finally:
             if adata.isbacked:
                 adata.file.close()
-    elem = group["obs"]
+        return obs if columns is None else _select(obs, columns, group)
+    elem: Any = group["obs"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        obs = anndata.io.read_elem(elem)
+        if columns is not None and elem.attrs.get("encoding-version") == "0.2.0":
+            # Read only what is asked: the index and the named columns.
+            missing = [c for c in columns if c not in elem.attrs.get("column-order", [])]
+            if missing:
+                msg = f"obs of {group} has no column {missing}"
+                raise InvalidArgumentError(msg)
+            index_key = elem.attrs["_index"]
+            index = pd.Index(anndata.io.read_elem(elem[index_key]))
+            index.name = None if index_key == "_index" else index_key
+            obs = pd.DataFrame({c: anndata.io.read_elem(elem[c]) for c in columns}, index=index)
+        else:
+            obs = anndata.io.read_elem(elem)
+            if columns is not None:
+                obs = _select(obs, columns, group)
     return restore_types(obs, elem)
+
+
+def _select(obs: pd.DataFrame, columns: list[str], group: Any) -> pd.DataFrame:
+    missing = [c for c in columns if c not in obs.columns]
+    if missing:
+        msg = f"obs of {group} has no column {missing}"
+        raise InvalidArgumentError(msg)
+    return obs[columns]
 
 
 def restore_types(obs: pd.DataFrame, elem: Any) -> pd.DataFrame:

@@ -21,7 +21,7 @@ and an unrecorded dataset is rewritten from its bucket.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from annbatch._args import parse_size
 from annbatch.collection._inputs import SOURCE_COLUMN, align_rows, column_map
 from annbatch.collection._layout import write_dataset
 from annbatch.collection._obs import (
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     import zarr
 
     from annbatch.collection._inputs import Input
-    from annbatch.collection._layout import Compression
+    from annbatch.collection._layout import Compression, XLayout
     from annbatch.collection._obs import ObsSchema
 
 crash_hook: Callable[[str], None] | None = None
@@ -84,7 +85,7 @@ class BuildPlan:
 def plan_build(
     inputs: Sequence[Input],
     n_var: int,
-    dataset_size: int,
+    dataset_size: int | str,
     memory_budget: int,
     obs_bytes: float = 0.0,
 ) -> BuildPlan:
@@ -99,6 +100,8 @@ def plan_build(
     else:
         bytes_per_row = float(n_var * itemsize + 8)
     fits = max(1, int(memory_budget / (_WORKING_COPIES * bytes_per_row + _OBS_COPIES * obs_bytes)))
+    if isinstance(dataset_size, str):  # a size of X: rows from the mean row's bytes
+        dataset_size = max(1, int(parse_size(dataset_size, "dataset_size") / bytes_per_row))
     return BuildPlan(
         n_obs=n_obs,
         bytes_per_row=bytes_per_row,
@@ -114,15 +117,64 @@ def _nnz(inp: Input) -> int:
     return int(x.group["indptr"][-1])  # anndata CSRDataset: the last indptr entry
 
 
-def assign_datasets(n_obs: int, rows_per_dataset: int, rng: np.random.Generator) -> np.ndarray:
-    """A random, balanced dataset number for every row (first ``rows_per_dataset`` each)."""
+def assign_datasets(
+    n_obs: int,
+    rows_per_dataset: int,
+    rng: np.random.Generator,
+    *,
+    shuffle: bool = True,
+    block: int = 1,
+) -> np.ndarray:
+    """A dataset number for every row: random and balanced (``rows_per_dataset`` each, the
+    last fewer), runs of ``block`` consecutive rows going to one dataset together; or, without
+    ``shuffle``, the rows in order."""
     n_datasets = -(-n_obs // rows_per_dataset)
     dtype = np.uint16 if n_datasets < 2**16 else np.uint32
     sizes = np.full(n_datasets, rows_per_dataset)
     sizes[-1] = n_obs - rows_per_dataset * (n_datasets - 1)
     ids = np.repeat(np.arange(n_datasets, dtype=dtype), sizes)
-    rng.shuffle(ids)
-    return ids
+    if not shuffle:
+        return ids
+    if block == 1:
+        rng.shuffle(ids)
+        return ids
+    # Whole blocks in a random order fill the datasets one after another.
+    n_blocks = -(-n_obs // block)
+    order = rng.permutation(n_blocks)
+    lengths = np.full(n_blocks, block)
+    lengths[-1] = n_obs - block * (n_blocks - 1)
+    starts = np.cumsum(lengths[order]) - lengths[order]  # where each block lands
+    owner = np.minimum(starts // rows_per_dataset, n_datasets - 1).astype(dtype)
+    out = np.empty(n_obs, dtype=dtype)
+    out[:] = np.repeat(owner[np.argsort(order)], lengths)
+    return out
+
+
+@dataclass(frozen=True)
+class RowOrder:
+    """How the rows of one dataset are ordered when it is written."""
+
+    shuffle: bool = True
+    """A random order (else the inputs' order)."""
+    block: int = 1
+    """Runs of this many consecutive input rows stay together when shuffled."""
+    groupby: list[str] = field(default_factory=list)
+    """obs columns the rows are then sorted by (stably)."""
+
+    def order(self, ids: np.ndarray, obs: pd.DataFrame, rng: np.random.Generator) -> np.ndarray:
+        """Positions of the dataset's rows (global row ``ids``, their ``obs``) in write order."""
+        if not self.shuffle:
+            order = np.argsort(ids, kind="stable")
+        elif self.block == 1:
+            order = rng.permutation(ids.size)
+        else:
+            blocks, inverse = np.unique(ids // self.block, return_inverse=True)
+            rank = rng.permutation(blocks.size)[inverse]
+            order = np.lexsort((ids, rank))
+        if self.groupby:
+            by = obs.iloc[order][self.groupby].reset_index(drop=True)
+            order = order[by.sort_values(self.groupby, kind="stable").index.to_numpy()]
+        return order
 
 
 class _Bucket:
@@ -259,9 +311,11 @@ def write_datasets(
     sparse: bool,
     skip: set[str],
     compression: Compression,
+    order: RowOrder = RowOrder(),
+    layout: XLayout | None = None,
 ) -> None:
     """Pass 2: shuffle each bucket's rows and write it as a dataset with its obs (the
-    ``source_file`` column from ``sources``, the inputs' names, and ``offsets``, their first
+    ``src_path`` column from ``sources``, the inputs' names, and ``offsets``, their first
     row ids); record it (``on_written``), then delete the bucket."""
     source_dtype = pd.CategoricalDtype(list(dict.fromkeys(sources)))
     source_codes = source_dtype.categories.get_indexer(list(sources))
@@ -274,7 +328,6 @@ def write_datasets(
                 shutil.rmtree(bucket.folder)
             continue
         x, ids = bucket.load(dtype, len(var_names))
-        order = order_rng.permutation(ids.size)
         columns = {
             column: bucket.load_obs(j, t) for j, (column, t) in enumerate(schema.types.items())
         }
@@ -282,11 +335,12 @@ def write_datasets(
         obs[SOURCE_COLUMN] = pd.Categorical.from_codes(
             source_codes[np.searchsorted(offsets, ids, side="right") - 1], dtype=source_dtype
         )
-        x, obs = x[order], obs.iloc[order]
+        positions = order.order(ids, obs, order_rng)
+        x, obs = x[positions], obs.iloc[positions]
         checkpoint(f"write dataset {name}")
         if name in root:
             del root[name]  # a dataset left half-written by an interrupted build
-        write_dataset(root.create_group(name), x, obs, var_names, compression, checkpoint)
+        write_dataset(root.create_group(name), x, obs, var_names, compression, checkpoint, layout)
         on_written(name, int(ids.size))
         checkpoint(f"delete bucket {k}")
         shutil.rmtree(bucket.folder)

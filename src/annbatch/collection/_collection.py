@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ import zarr
 from annbatch._args import parse_int, parse_size
 from annbatch.collection._build import (
     BuildPlan,
+    RowOrder,
     assign_datasets,
     checkpoint,
     distribute,
@@ -25,8 +27,10 @@ from annbatch.collection._inputs import SOURCE_COLUMN, fingerprint, open_inputs,
 from annbatch.collection._layout import (
     DEFAULT_COMPRESSION,
     Compression,
+    XLayout,
     describe_x,
     parse_compression,
+    parse_layout,
 )
 from annbatch.collection._obs import (
     ColumnType,
@@ -38,21 +42,24 @@ from annbatch.collection._obs import (
     obs_bytes_per_row,
 )
 from annbatch.errors import (
+    ArgumentTypeError,
     CollectionCompleteError,
     CollectionPathError,
     DuplicateInputError,
+    FeatureNotAvailableError,
     IncompatibleDatasetsError,
     IncompleteCollectionError,
     InvalidArgumentError,
 )
 
 if TYPE_CHECKING:
-    import os
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     import anndata as ad
 
     from annbatch.collection._inputs import Input
+
+_MODES = ("r", "r+", "a", "w", "w-")
 
 ATTR = "annbatch-collection"
 """Root attribute holding the collection's state."""
@@ -91,8 +98,51 @@ class DatasetCollection:
     >>> loader = Loader(batch_size=4096).use_collection(collection)  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._path = Path(path)
+    _added = False
+    """Whether add_adatas succeeded on this object: later calls then append."""
+    _layout: XLayout | None = None
+    """X's layout for the build in progress (write_sharded's arguments), None: annbatch's."""
+
+    def __init__(
+        self,
+        group: zarr.Group | str | os.PathLike[str],
+        *,
+        mode: Literal["r", "r+", "a", "w", "w-"] = "a",
+        is_collection_h5ad: bool = False,
+    ) -> None:
+        if not isinstance(is_collection_h5ad, bool):
+            msg = f"is_collection_h5ad must be a bool, got {is_collection_h5ad!r}"
+            raise InvalidArgumentError(msg)
+        if mode not in _MODES:
+            msg = f"mode must be one of {_MODES}, got {mode!r}"
+            raise InvalidArgumentError(msg)
+        if isinstance(group, zarr.Group):
+            if is_collection_h5ad:
+                msg = "is_collection_h5ad=True cannot be combined with a zarr.Group; pass the folder's path"
+                raise InvalidArgumentError(msg)
+            self._path = _local_path(group)
+        elif isinstance(group, str | os.PathLike):
+            self._path = Path(group)
+        else:
+            msg = f"group must be a zarr.Group or a path, got {type(group).__name__}"
+            raise ArgumentTypeError(msg)
+        if is_collection_h5ad:
+            msg = (
+                "collections of h5ad files are not built or read by annbatch yet; build a zarr "
+                "collection (the default), which the Loader also reads faster"
+            )
+            raise FeatureNotAvailableError(msg)
+        self._mode = mode
+        if mode == "r+" and self._state() is None:
+            msg = f"mode='r+' needs an existing collection, and {self._path} holds none"
+            raise IncompleteCollectionError(msg)
+        if mode == "w-" and self._state() is not None:
+            msg = f"mode='w-' refuses to overwrite the collection at {self._path}"
+            raise CollectionPathError(msg)
+        if mode == "w" and self._path.exists():
+            self._state()  # raises unless the path holds a collection (or nothing)
+            checkpoint("delete the collection (mode='w')")
+            shutil.rmtree(self._path)
 
     def __repr__(self) -> str:
         state = self._state()
@@ -120,6 +170,8 @@ class DatasetCollection:
             msg = f"{self._path} exists and is not a collection; choose another path or delete it"
             raise CollectionPathError(msg) from e
         state = root.attrs.get(ATTR)
+        if state is None and not dict(root.attrs) and next(iter(root.keys()), None) is None:
+            return None  # an empty group (made with zarr.open_group(path, mode="w"))
         if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
             msg = f"{self._path} holds a zarr group that is not an annbatch collection; choose another path"
             raise CollectionPathError(msg)
@@ -139,6 +191,41 @@ class DatasetCollection:
         return state
 
     @property
+    def is_empty(self) -> bool:
+        """Whether no collection is there yet (nothing was written to the path)."""
+        return self._state() is None
+
+    @property
+    def mode(self) -> str:
+        """How the collection was opened: ``"r"`` (read only), ``"r+"``, ``"a"``, ``"w"``
+        or ``"w-"``, as for ``zarr.open_group``."""
+        return self._mode
+
+    def obs(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The obs of all datasets, one after another in dataset order (the Loader's row
+        order after :meth:`annbatch.Loader.use_collection`).
+
+        Parameters
+        ----------
+        columns
+            Only these columns (``[]``: none, only the index). Default: all.
+        """
+        from annbatch._anndata_io import read_obs
+
+        if columns is not None:
+            if isinstance(columns, str) or not all(isinstance(c, str) for c in columns):
+                msg = f"columns must be a list of column names, got {columns!r}"
+                raise InvalidArgumentError(msg)
+            columns = list(columns)
+        frames = []
+        for group in self.datasets:
+            frame = read_obs(group, columns=columns)
+            frames.append(frame)
+        if not frames:
+            return pd.DataFrame(columns=columns or [])
+        return pd.concat(frames, axis=0) if len(frames) > 1 else frames[0]
+
+    @property
     def is_complete(self) -> bool:
         """Whether the collection holds data and no build is unfinished."""
         state = self._state()
@@ -156,6 +243,7 @@ class DatasetCollection:
         return [root[name] for name in self.dataset_names]  # type: ignore[misc]
 
     def __iter__(self) -> Iterator[zarr.Group]:
+        """Each dataset's group (an AnnData zarr store), in order."""
         return iter(self.datasets)
 
     def __len__(self) -> int:
@@ -191,14 +279,25 @@ class DatasetCollection:
     # ---------------------------------------------------------------------------- writing
     def add_adatas(
         self,
-        inputs: Sequence[str | os.PathLike[str] | ad.AnnData],
+        adata_paths: Sequence[str | os.PathLike[str] | ad.AnnData | zarr.Group] | None = None,
         *,
-        var_names: Sequence[str] | None = None,
-        dataset_size: int = DEFAULT_DATASET_SIZE,
-        memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
+        load_adata: Callable[[Any], ad.AnnData] | None = None,
+        groupby: str | Sequence[str] | None = None,
+        var_subset: Sequence[str] | None = None,
+        n_obs_per_chunk: int | None = None,
+        shard_size: int | str | None = None,
+        zarr_compressor: Any = None,
+        h5ad_compressor: str | None = "gzip",
+        dataset_size: int | str = DEFAULT_DATASET_SIZE,
+        shuffle_chunk_size: int | None = None,
+        shuffle: bool = True,
         rng: np.random.Generator | int | None = None,
+        merge: str | None = None,
+        inputs: Sequence[str | os.PathLike[str] | ad.AnnData | zarr.Group] | None = None,
+        var_names: Sequence[str] | None = None,
+        memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
         progress: bool = True,
-        compression: Compression = DEFAULT_COMPRESSION,
+        compression: Compression | None = None,
         append: bool = False,
         force: bool = False,
     ) -> Self:
@@ -222,15 +321,41 @@ class DatasetCollection:
 
         Parameters
         ----------
-        inputs
-            Paths to ``.h5ad`` files or zarr AnnData stores (any encoding anndata reads), or
-            AnnData objects (in memory or backed). X must be dense in all of them or CSR in
-            all, with one dtype.
-        var_names
+        adata_paths
+            Paths to ``.h5ad`` files or zarr AnnData stores (any encoding anndata reads), open
+            AnnData groups (``zarr.Group``, ``h5py.File``), or AnnData objects (in memory or
+            backed). X must be dense in all of them or CSR in all. Also accepted as
+            ``inputs=``.
+        load_adata
+            Called with each of ``adata_paths``; returns the AnnData whose X and obs are
+            written (e.g. to leave out obs columns). Its ``src_path`` is still the path.
+        groupby
+            obs column(s), present in every input, by which the rows of each dataset are
+            sorted (stably, after shuffling): rows of one class then lie together, as
+            :class:`~annbatch.samplers.ClassSampler` needs.
+        var_subset
             The genes to keep, in this order (missing ones are zeros). Default: every gene of
-            any input, in order of first appearance.
+            any input, in order of first appearance. Also accepted as ``var_names=``.
+        n_obs_per_chunk, shard_size, zarr_compressor
+            X's on-disk layout, as for :func:`annbatch.write_sharded`: rows per chunk (64),
+            rows or bytes per shard (``"1GB"``), and the codec (LZ4 in Blosc). Giving any of
+            them chooses that layout (the reference library's); without them X gets
+            annbatch's measured layout for ``compression``. A CRC32C checksum is added.
+        h5ad_compressor
+            For collections of h5ad files, which annbatch does not build yet; checked only.
         dataset_size
-            Most rows per dataset; the memory budget may make datasets smaller.
+            Most rows per dataset, or a size such as ``"20GB"`` (of X, uncompressed); the
+            memory budget may make datasets smaller.
+        shuffle_chunk_size
+            Move runs of this many consecutive input rows together (into one dataset, one
+            after another). Default: single rows (the best mixing; the reference library
+            moves runs of 1,000).
+        shuffle
+            Mix rows across inputs (default). ``False`` keeps the inputs' order: the datasets
+            hold the rows one input after another.
+        merge
+            How the inputs' var columns are combined; only ``None`` (no var columns, as
+            ``anndata.concat``'s default) is supported.
         memory_budget
             Bytes (or a size such as ``"2GB"``) the build may hold in memory at once, about.
         rng
@@ -247,7 +372,8 @@ class DatasetCollection:
             compresses). Choose ``"lz4"`` where disk space or a slow disk matters more,
             ``"zstd"`` for the smallest store (it decodes about half as fast as LZ4).
         append
-            Add the inputs to a finished collection. Checked before anything is written: X's
+            Add the inputs to a finished collection (implied for later calls on the object
+            whose add_adatas built or extended it, as in the reference library). Checked before anything is written: X's
             dtype and kind (dense or sparse), obs column types and genes must fit.
         force
             Add inputs whose data the collection already holds (same shape, obs and gene
@@ -257,16 +383,54 @@ class DatasetCollection:
         -------
         The collection, to chain ``Loader().use_collection(...)``.
         """
-        parse_int(dataset_size, "dataset_size", minimum=1, numpy=False)
+        if self._mode == "r":
+            msg = f"the collection {self._path} was opened with mode='r' (read only)"
+            raise InvalidArgumentError(msg)
+        items = _one_of(adata_paths, inputs, "adata_paths", "inputs")
+        if items is None:
+            msg = "add_adatas needs adata_paths: paths to AnnData stores, or AnnData objects"
+            raise InvalidArgumentError(msg)
+        var_names = _one_of(var_subset, var_names, "var_subset", "var_names")
+        if isinstance(dataset_size, str):
+            parse_size(dataset_size, "dataset_size")
+        else:
+            parse_int(dataset_size, "dataset_size", minimum=1, numpy=False)
         budget = parse_bytes(memory_budget)
-        compression = parse_compression(compression)
+        layout = parse_layout(n_obs_per_chunk, shard_size, zarr_compressor)
+        if layout is not None and compression is not None:
+            msg = "give compression (annbatch's layouts) or n_obs_per_chunk / shard_size / zarr_compressor, not both"
+            raise InvalidArgumentError(msg)
+        compression = parse_compression(DEFAULT_COMPRESSION if compression is None else compression)
+        if h5ad_compressor is not None and not isinstance(h5ad_compressor, str):
+            msg = f"h5ad_compressor must be a codec name such as 'gzip', or None; got {h5ad_compressor!r}"
+            raise InvalidArgumentError(msg)
+        if merge is not None:
+            msg = f"merge={merge!r}: collections keep no var columns yet, so only merge=None is supported"
+            raise FeatureNotAvailableError(msg)
+        if not isinstance(shuffle, bool):
+            msg = f"shuffle must be a bool, got {shuffle!r}"
+            raise InvalidArgumentError(msg)
+        block = (
+            1
+            if shuffle_chunk_size is None
+            else parse_int(shuffle_chunk_size, "shuffle_chunk_size", minimum=1)
+        )
+        group_columns = _parse_groupby(groupby)
         genes = None if var_names is None else pd.Index(list(var_names), dtype=object)
         if genes is not None and (not genes.is_unique or len(genes) == 0):
-            msg = "var_names must be a non-empty list of unique gene names"
+            msg = "var_subset (var_names) must be a non-empty list of unique gene names"
             raise InvalidArgumentError(msg)
         state = self._state()  # raises if the path holds something else
-        opened = open_inputs(inputs)
+        # Later calls on the object that built the collection add to it (the reference's
+        # current API); a collection opened anew takes append=True for that.
+        append = append or self._added
+        opened = open_inputs(items, load_adata)
         try:
+            for inp in opened:
+                missing = [c for c in group_columns if c not in inp.obs.columns]
+                if missing:
+                    msg = f"groupby column(s) {missing} are not in the obs of {inp.name}; every input needs them"
+                    raise InvalidArgumentError(msg)
             prints = [fingerprint(inp) for inp in opened]
             options: dict[str, Any] = {
                 "var_names": None if genes is None else list(genes),
@@ -275,9 +439,21 @@ class DatasetCollection:
                 "compression": compression,
                 "rng": int(rng) if isinstance(rng, int | np.integer) else None,
             }
+            # Recorded only when they differ from the defaults, so that collections built
+            # before these options existed still match a repeat of their call.
+            extra = {
+                "shuffle": shuffle,
+                "shuffle_chunk_size": block,
+                "groupby": group_columns or None,
+                "layout": None if layout is None else layout.describe(),
+            }
+            defaults = {"shuffle": True, "shuffle_chunk_size": 1, "groupby": None, "layout": None}
+            options.update({k: v for k, v in extra.items() if v != defaults[k]})
+            self._layout = layout
             complete = state is not None and state["state"] == "complete"
             if complete:
                 if not force and _built_by(state, prints, options, self._path):  # type: ignore[arg-type]
+                    self._added = True
                     return self
                 if not append:
                     _refuse_without_append(state, prints, self._path)  # type: ignore[arg-type]
@@ -287,8 +463,10 @@ class DatasetCollection:
                 _check_append(opened, state, self._path)  # type: ignore[arg-type]
             self._build(opened, prints, state, options, rng, progress=progress)
         finally:
+            self._layout = None
             for inp in opened:
                 inp.close()
+        self._added = True
         return self
 
     def _save(self, root: zarr.Group, record: dict[str, Any], step: str) -> None:
@@ -312,7 +490,7 @@ class DatasetCollection:
         resuming = state is not None and not appending
         if resuming:
             build = state["build"]  # type: ignore[index]
-            if build.get("fingerprints") != prints or {k: build.get(k) for k in options} != options:
+            if build.get("fingerprints") != prints or not _same_options(build, options):
                 msg = (
                     f"an interrupted build of other inputs or arguments is in {self._path}; run it "
                     "again with the same inputs and arguments to resume, or delete the folder"
@@ -372,6 +550,7 @@ class DatasetCollection:
             "datasets": done,
             "build": {
                 **options,
+                "option_keys": list(options),
                 "inputs": names,
                 "fingerprints": prints,
                 "seed": seed,
@@ -382,7 +561,10 @@ class DatasetCollection:
         }
         if state is None:
             checkpoint("manifest: begin")
-            root = zarr.create_group(self._path, zarr_format=3, attributes={ATTR: record})
+            # overwrite: the path holds nothing, or an empty group (see _state)
+            root = zarr.create_group(
+                self._path, zarr_format=3, attributes={ATTR: record}, overwrite=True
+            )
         else:
             root = zarr.open_group(self._path, mode="r+", zarr_format=3)
             if not resuming:
@@ -421,7 +603,10 @@ class DatasetCollection:
         build = record["build"]
         first, done, scratch = build["first"], record["datasets"], self._path / SCRATCH
         gen = np.random.default_rng(build["seed"])
-        assignment = assign_datasets(plan.n_obs, plan.rows_per_dataset, gen)
+        shuffle, block = build.get("shuffle", True), build.get("shuffle_chunk_size", 1)
+        assignment = assign_datasets(
+            plan.n_obs, plan.rows_per_dataset, gen, shuffle=shuffle, block=block
+        )
         distributed = build["distributed"]
         if not distributed:
             if scratch.exists():
@@ -456,15 +641,14 @@ class DatasetCollection:
                 sparse=inputs[0].sparse,
                 skip=written,
                 compression=build["compression"],
+                order=RowOrder(shuffle=shuffle, block=block, groupby=build.get("groupby") or []),
+                layout=self._layout,
             )
         if scratch.exists():
             checkpoint("delete scratch")
             shutil.rmtree(scratch)
         added = zip(names, build["fingerprints"], strict=True)
-        options = {
-            k: build[k]
-            for k in ("var_names", "dataset_size", "memory_budget", "compression", "rng")
-        }
+        options = {k: build[k] for k in build.get("option_keys", _BASE_OPTIONS)}
         complete = {k: v for k, v in record.items() if k != "build"}
         complete.update(
             state="complete",
@@ -498,7 +682,7 @@ def _built_by(
     """Whether a build (or append) of these inputs with these options made the finished
     collection ``state``; says so with a warning (nothing is to be done)."""
     for build in state.get("builds", []):
-        if build["fingerprints"] == prints and {k: build.get(k) for k in options} == options:
+        if build["fingerprints"] == prints and _same_options(build, options):
             warnings.warn(
                 f"{path} is finished and already holds these inputs, added with these options; "
                 "nothing was written",
@@ -552,3 +736,49 @@ def _check_append(inputs: Sequence[Input], state: dict[str, Any], path: Path) ->
 
 def _size_on_disk(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _local_path(group: zarr.Group) -> Path:
+    """The folder of a zarr group on a local store."""
+    from zarr.storage import LocalStore
+
+    store = group.store
+    if not isinstance(store, LocalStore):
+        msg = (
+            f"DatasetCollection needs a group on the local file system (a zarr LocalStore), got "
+            f"one on a {type(store).__name__}; collections on object storage are not supported yet"
+        )
+        raise FeatureNotAvailableError(msg)
+    return Path(store.root) / group.path
+
+
+_BASE_OPTIONS = ("var_names", "dataset_size", "memory_budget", "compression", "rng")
+
+
+def _same_options(recorded: dict[str, Any], options: dict[str, Any]) -> bool:
+    """Whether a recorded build had ``options`` (options missing from either have their
+    default, which is never recorded)."""
+    keys = set(options) | set(recorded.get("option_keys", _BASE_OPTIONS))
+    return all(recorded.get(k) == options.get(k) for k in keys)
+
+
+def _one_of(ours: Any, theirs: Any, name: str, other: str) -> Any:
+    """The argument given under one of two names that mean the same."""
+    if ours is not None and theirs is not None:
+        msg = f"{name} and {other} mean the same; give one"
+        raise InvalidArgumentError(msg)
+    return theirs if ours is None else ours
+
+
+def _parse_groupby(groupby: object) -> list[str]:
+    if groupby is None:
+        return []
+    columns = [groupby] if isinstance(groupby, str) else groupby
+    if (
+        not isinstance(columns, list | tuple)
+        or not columns
+        or not all(isinstance(c, str) for c in columns)
+    ):
+        msg = f"groupby must be an obs column name or a list of them, got {groupby!r}"
+        raise InvalidArgumentError(msg)
+    return list(columns)

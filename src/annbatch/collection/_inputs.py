@@ -25,6 +25,7 @@ import zarr
 from annbatch._anndata_io import is_legacy, read_legacy
 from annbatch.collection._obs import FrameColumns, GroupColumns, ObsColumns
 from annbatch.errors import (
+    FeatureNotAvailableError,
     IncompatibleDatasetsError,
     InputFileError,
     InvalidArgumentError,
@@ -32,9 +33,9 @@ from annbatch.errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
-SOURCE_COLUMN = "source_file"
+SOURCE_COLUMN = "src_path"
 """obs column of a collection that names the input each row came from."""
 
 
@@ -43,7 +44,7 @@ class Input:
     """One input, opened: X stays where it is (on disk, or the AnnData's own matrix)."""
 
     name: str
-    """How the input is named in errors and in the ``source_file`` obs column."""
+    """How the input is named in errors and in the ``src_path`` obs column."""
     x: Any
     """Row-sliceable matrix: ``x[a:b]`` gives numpy rows or scipy CSR rows."""
     obs: ObsColumns
@@ -66,6 +67,9 @@ class Input:
 
 def _x_of(x: Any, name: str) -> tuple[Any, bool]:
     """(row-sliceable X, is sparse) or a clear error."""
+    if x is None:
+        msg = f"{name} has no X; collections of AnnData without X (an obsm array only) are not supported yet"
+        raise FeatureNotAvailableError(msg)
     if isinstance(x, anndata.abc.CSCDataset) or (
         isinstance(x, sp.spmatrix | sp.sparray) and x.format != "csr"
     ):
@@ -95,22 +99,36 @@ def _open_group(path: Path) -> tuple[Any, Any]:
     return handle, handle
 
 
-def open_input(item: str | os.PathLike[str] | ad.AnnData, position: int) -> Input:
-    """Open one input (a path to .h5ad / .zarr, or an AnnData) without reading X."""
+def open_input(
+    item: str | os.PathLike[str] | ad.AnnData | zarr.Group | h5py.Group,
+    position: int,
+    name: str | None = None,
+) -> Input:
+    """Open one input (a path to .h5ad / .zarr, an open AnnData group, or an AnnData)
+    without reading X; ``name`` overrides how it is named (in errors and ``src_path``)."""
     if isinstance(item, ad.AnnData):
-        name = str(item.filename) if item.isbacked else f"AnnData {position}"
+        if name is None:
+            name = str(item.filename) if item.isbacked else f"AnnData {position}"
+        _check_elements(item, name)
         x, sparse = _x_of(item.X, name)
         return Input(
             name, x, FrameColumns(item.obs), pd.Index(item.var_names), np.dtype(x.dtype), sparse
         )
+    if isinstance(item, zarr.Group | h5py.Group):
+        where = item.file.filename if isinstance(item, h5py.Group) else str(item.store_path)
+        return _from_group(item, name or where, None)
     if not isinstance(item, str | os.PathLike):
-        msg = f"input {position} is a {type(item).__name__}; expected a path or an AnnData"
+        msg = f"input {position} is a {type(item).__name__}; expected a path, an AnnData group or an AnnData"
         raise InvalidArgumentError(msg)
     path = Path(item)
     group, handle = _open_group(path)
+    return _from_group(group, name or str(path), handle)
+
+
+def _from_group(group: Any, name: str, handle: Any) -> Input:
     try:
         if "X" not in group or "obs" not in group or "var" not in group:
-            msg = f"input {path} holds no AnnData (it needs X, obs and var)"
+            msg = f"input {name} holds no AnnData (it needs X, obs and var)"
             raise InputFileError(msg)
         if is_legacy(group):  # an encoding older than anndata 0.7: anndata reads it
             adata = read_legacy(group)
@@ -127,6 +145,7 @@ def open_input(item: str | os.PathLike[str] | ad.AnnData, position: int) -> Inpu
         else:
             obs = GroupColumns(group["obs"])
             var_names = GroupColumns(group["var"]).index()
+        _check_elements(group, name)
         x_elem = group["X"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # anndata's notes on old encodings
@@ -135,12 +154,28 @@ def open_input(item: str | os.PathLike[str] | ad.AnnData, position: int) -> Inpu
                 if isinstance(x_elem, h5py.Group | zarr.Group)
                 else x_elem
             )
-        x, sparse = _x_of(x, str(path))
+        x, sparse = _x_of(x, name)
     except Exception:
         if handle is not None:
             handle.close()
         raise
-    return Input(str(path), x, obs, var_names, np.dtype(x.dtype), sparse, handle)
+    return Input(name, x, obs, var_names, np.dtype(x.dtype), sparse, handle)
+
+
+def _check_elements(adata: Any, name: str) -> None:
+    """Warn about row-indexed elements besides X that a collection does not carry yet."""
+    dropped = []
+    for key in ("layers", "obsm"):
+        elem = getattr(adata, key, None) if isinstance(adata, ad.AnnData) else adata.get(key)
+        names = list(elem.keys()) if elem is not None else []
+        dropped += [f"{key}/{n}" for n in names]
+    if dropped:
+        warnings.warn(
+            f"{name}: {', '.join(dropped[:8])} {'is' if len(dropped) == 1 else 'are'} not carried "
+            "into the collection (only X and obs are, for now)",
+            UserWarning,
+            stacklevel=5,
+        )
 
 
 def _read_elem(elem: Any) -> Any:
@@ -149,17 +184,32 @@ def _read_elem(elem: Any) -> Any:
         return ad.io.read_elem(elem)
 
 
-def open_inputs(items: Sequence[str | os.PathLike[str] | ad.AnnData]) -> list[Input]:
-    """Open and check all inputs; close them all if any check fails."""
-    if isinstance(items, str | os.PathLike | ad.AnnData):
+def open_inputs(
+    items: Sequence[str | os.PathLike[str] | ad.AnnData | zarr.Group | h5py.Group],
+    load_adata: Callable[[Any], ad.AnnData] | None = None,
+) -> list[Input]:
+    """Open and check all inputs (each through ``load_adata`` when given); close them all if
+    any check fails."""
+    if isinstance(items, str | os.PathLike | ad.AnnData | zarr.Group | h5py.Group):
         items = [items]
     if not items:
         msg = "no inputs given; pass paths to .h5ad or .zarr AnnData stores, or AnnData objects"
         raise InvalidArgumentError(msg)
+    if load_adata is not None and not callable(load_adata):
+        msg = f"load_adata must be a callable returning an AnnData, got {load_adata!r}"
+        raise InvalidArgumentError(msg)
     opened: list[Input] = []
     try:
         for i, item in enumerate(items):
-            opened.append(open_input(item, i))
+            if load_adata is None:
+                opened.append(open_input(item, i))
+                continue
+            adata = load_adata(item)
+            if not isinstance(adata, ad.AnnData):
+                msg = f"load_adata({item!r}) returned a {type(adata).__name__}; expected an AnnData"
+                raise InvalidArgumentError(msg)
+            name = str(item) if isinstance(item, str | os.PathLike) else None
+            opened.append(open_input(adata, i, name=name))
         check_inputs(opened)
     except BaseException:
         for inp in opened:

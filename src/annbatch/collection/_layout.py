@@ -16,6 +16,7 @@ a chunk whole, zarr-python whenever it reads one, and ``annbatch verify`` scrubs
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import anndata as ad
@@ -25,6 +26,7 @@ import scipy.sparse as sp
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
 from annbatch._anndata_io import DTYPE_ATTR
+from annbatch._args import parse_int
 from annbatch.collection._obs import prepare_for_write
 from annbatch.errors import InvalidArgumentError
 
@@ -76,6 +78,63 @@ OBS_CODECS = {"compressors": [ZstdCodec(level=3), Crc32cCodec()]}
 """Codecs of obs' and var's arrays: read once, when a dataset is opened; small is what counts."""
 
 
+@dataclass(frozen=True)
+class XLayout:
+    """X's layout as :func:`annbatch.write_sharded` chooses it (the reference library's
+    collection arguments ``n_obs_per_chunk``, ``shard_size``, ``zarr_compressor``)."""
+
+    n_obs_per_chunk: int = 64
+    shard_size: int | str = "1GB"
+    compressors: tuple[Any, ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON description, recorded in the collection's manifest."""
+        return {
+            "n_obs_per_chunk": self.n_obs_per_chunk,
+            "shard_size": self.shard_size,
+            "compressors": [
+                c.to_dict() if hasattr(c, "to_dict") else repr(c) for c in self.compressors
+            ],
+        }
+
+    def kwargs(self, x: Any) -> dict[str, Any]:
+        """zarr ``create_array`` arguments for X (CRC32C checksums added)."""
+        from annbatch.io._sharded import layout_kwargs, parse_shard_size
+
+        kwargs = layout_kwargs(
+            x, self.n_obs_per_chunk, parse_shard_size(self.shard_size), self.compressors, x.shape[0]
+        )
+        kwargs["compressors"] = [*kwargs["compressors"], Crc32cCodec()]
+        return kwargs
+
+
+def parse_layout(n_obs_per_chunk: object, shard_size: object, compressor: object) -> XLayout | None:
+    """The layout from the reference's arguments; None when none is given."""
+    if n_obs_per_chunk is None and shard_size is None and compressor is None:
+        return None
+    from annbatch.io._sharded import default_compressors, parse_shard_size
+
+    chunk = (
+        64 if n_obs_per_chunk is None else parse_int(n_obs_per_chunk, "n_obs_per_chunk", minimum=1)
+    )
+    shard: Any = "1GB" if shard_size is None else shard_size
+    parse_shard_size(shard)
+    codecs = default_compressors() if compressor is None else _codecs(compressor)
+    return XLayout(chunk, shard, codecs)
+
+
+def _codecs(compressor: object) -> tuple[Any, ...]:
+    """zarr v3 bytes-to-bytes codecs from one codec or a sequence of them."""
+    from zarr.abc.codec import BytesBytesCodec
+
+    codecs = tuple(compressor) if isinstance(compressor, list | tuple) else (compressor,)
+    for codec in codecs:
+        if not isinstance(codec, BytesBytesCodec):
+            msg = f"zarr_compressor must be a zarr v3 compressor (e.g. zarr.codecs.BloscCodec()), got {codec!r}"
+            raise InvalidArgumentError(msg)
+    return codecs
+
+
 def dense_chunk_rows(n_var: int, itemsize: int) -> int:
     """Rows per on-disk chunk of a dense dataset with ``n_var`` columns."""
     return int(max(1, min(4096, DENSE_CHUNK_BYTES // max(1, n_var * itemsize))))
@@ -88,6 +147,7 @@ def write_dataset(
     var_names: pd.Index,
     compression: Compression = DEFAULT_COMPRESSION,
     checkpoint: Callable[[str], None] | None = None,
+    layout: XLayout | None = None,
 ) -> None:
     """Write one AnnData (X, obs, var) into ``group`` (a new, empty zarr v3 group).
 
@@ -98,7 +158,9 @@ def write_dataset(
     obs, restore = prepare_for_write(obs)
     with warnings.catch_warnings(), ad.settings.override(allow_write_nullable_strings=True):
         warnings.simplefilter("ignore")  # anndata's notes about zarr v3 and string arrays
-        if sp.issparse(x):
+        if layout is not None and x.shape[0]:
+            kwargs = {**layout.kwargs(x), "config": {"write_empty_chunks": True}}
+        elif sp.issparse(x):
             n = max(1, int(x.nnz))
             per_chunk = SPARSE_CHUNK_UNCOMPRESSED if compression == "none" else SPARSE_CHUNK
             chunk = min(per_chunk, n)

@@ -69,7 +69,7 @@ def write_sharded(
     The group the AnnData was written into.
     """
     chunk_rows = parse_int(n_obs_per_chunk, "n_obs_per_chunk", minimum=1)
-    shard = _parse_shard_size(shard_size)
+    shard = parse_shard_size(shard_size)
     codecs = default_compressors() if compressors is None else tuple(compressors)
     if not isinstance(adata, ad.AnnData):
         msg = f"write_sharded writes an anndata.AnnData, got {type(adata).__name__}"
@@ -100,7 +100,7 @@ def write_sharded(
         if row_indexed and _is_array(elem):
             dataset_kwargs = {
                 **dataset_kwargs,
-                **_layout(elem, chunk_rows, shard, codecs, adata.n_obs),
+                **layout_kwargs(elem, chunk_rows, shard, codecs, adata.n_obs),
             }
         write(store, elem_name, elem, dataset_kwargs=dataset_kwargs)
 
@@ -139,7 +139,7 @@ def _is_array(elem: Any) -> bool:
     )
 
 
-def _parse_shard_size(value: object) -> int | tuple[str, int]:
+def parse_shard_size(value: object) -> int | tuple[str, int]:
     """Rows per shard (an int) or ``("bytes", n)``."""
     if isinstance(value, int | np.integer) and not isinstance(value, bool):
         return parse_int(value, "shard_size", minimum=1)
@@ -149,7 +149,7 @@ def _parse_shard_size(value: object) -> int | tuple[str, int]:
     raise InvalidArgumentError(msg)
 
 
-def _layout(
+def layout_kwargs(
     elem: Any, chunk_rows: int, shard: int | tuple[str, int], codecs: tuple[Any, ...], n_obs: int
 ) -> dict[str, Any]:
     """zarr ``create_array`` arguments for one row-indexed array."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -117,7 +116,7 @@ class DistributedSampler(Sampler):
 
     @rng.setter
     def rng(self, value: np.random.Generator | None) -> None:
-        self._sampler.rng = value  # type: ignore[assignment]
+        self._sampler.rng = value
 
     def share(self, n_obs: int) -> slice | np.ndarray:
         """This rank's rows among ``n_obs``: a slice, or a boolean array when the mask is one."""
@@ -191,13 +190,11 @@ def _dist_info(dist_info: object) -> tuple[int, int]:
             raise InvalidArgumentError(msg)
         return int(got[0]), int(got[1])
     if dist_info == "torch":
-        torch = sys.modules.get("torch")
-        if torch is None:
-            try:
-                import torch
-            except ImportError as e:
-                msg = "dist_info='torch' needs torch; install it or pass a callable returning (rank, world_size)"
-                raise ImportError(msg) from e
+        try:
+            import torch
+        except ImportError as e:
+            msg = "dist_info='torch' needs torch; install it or pass a callable returning (rank, world_size)"
+            raise ImportError(msg) from e
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()):
             msg = (

@@ -1,0 +1,369 @@
+"""The reference library's current API for writing and loading (REFERENCE_CURRENT_API.md):
+write_sharded, annbatch.io, DatasetCollection's reference form, mixed dtypes, and the Loader's
+once-only use_collection and n_var."""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+import annbatch
+from _adata_files import write_adata
+from annbatch import DatasetCollection, Loader, write_sharded
+from annbatch.errors import FeatureNotAvailableError
+from annbatch.samplers import ClassSampler
+
+
+def _adata(
+    seed: int, n_obs: int, n_var: int = 12, *, sparse: bool = True, extras: bool = False
+) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    dense = (rng.random((n_obs, n_var)) < 0.3) * rng.integers(1, 50, (n_obs, n_var))
+    x = sp.csr_matrix(dense.astype(np.float32)) if sparse else dense.astype(np.float32)
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(
+                rng.choice(["T", "B", "NK"], n_obs), categories=["B", "NK", "T"]
+            ),
+            "seed": seed,
+        },
+        index=[f"s{seed}_{i}" for i in range(n_obs)],
+    )
+    adata = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(n_var)]))
+    if extras:
+        adata.layers["counts"] = x.copy()
+        adata.obsm["X_pca"] = rng.random((n_obs, 3)).astype(np.float32)
+        adata.obsm["image"] = rng.random((n_obs, 2, 3, 2))
+    return adata
+
+
+def _values(x) -> np.ndarray:
+    return x.toarray() if sp.issparse(x) else np.asarray(x)
+
+
+# --------------------------------------------------------------------------- names
+def test_reference_names_resolve_to_one_implementation():
+    import annbatch.io
+    import annbatch.types
+
+    assert annbatch.io.write_sharded is write_sharded
+    assert annbatch.io.DatasetCollection is DatasetCollection
+    request: annbatch.types.LoadRequest = {"requests": [slice(0, 2)], "splits": [np.arange(2)]}
+    assert isinstance(request, dict)  # TypedDicts are plain dicts at run time
+    assert set(annbatch.types.LoaderOutput.__annotations__) == {"X", "obs", "var", "index"}
+
+
+# --------------------------------------------------------------------------- write_sharded
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("shard_size", [40, "4KB"])
+def test_write_sharded_layout_and_values(tmp_path, sparse, shard_size):
+    adata = _adata(0, 150, sparse=sparse, extras=True)
+    group = write_sharded(tmp_path / "one.zarr", adata, n_obs_per_chunk=16, shard_size=shard_size)
+    x = group["X"]["data"] if sparse else group["X"]
+    nnz_per_row = adata.X.nnz / 150 if sparse else 1
+    if sparse:
+        assert x.chunks == (round(16 * nnz_per_row),)
+    else:
+        assert x.chunks == (16, 12)
+    assert x.shards[0] % x.chunks[0] == 0
+    # A shard holds shard_size rows (or bytes), rounded up to whole chunks.
+    if not sparse:
+        assert x.shards == ((48, 12) if shard_size == 40 else (96, 12))  # 4KB / 48 B per row = 85
+    else:
+        want = 40 * nnz_per_row if shard_size == 40 else 4096 / 4
+        whole = -(-adata.X.nnz // x.chunks[0]) * x.chunks[0]  # no shard beyond the data
+        assert min(want, whole) <= x.shards[0] < want + x.chunks[0] + 1
+    assert group["obsm"]["image"].chunks == (16, 2, 3, 2)
+    if sparse:
+        assert group["layers"]["counts"]["data"].chunks == group["X"]["data"].chunks
+    assert isinstance(group["obsm"]["X_pca"].compressors[0], BloscCodec)
+    back = ad.read_zarr(tmp_path / "one.zarr")
+    np.testing.assert_array_equal(_values(back.X), _values(adata.X))
+    np.testing.assert_array_equal(back.obsm["image"], adata.obsm["image"])
+    np.testing.assert_array_equal(_values(back.layers["counts"]), _values(adata.layers["counts"]))
+    pd.testing.assert_frame_equal(back.obs, adata.obs)
+    # Our Loader reads X, a layer and an obsm entry back row for row.
+    for element, want in [
+        (group["layers"]["counts"], _values(adata.layers["counts"])),
+        (group["obsm"]["image"], adata.obsm["image"]),
+    ]:
+        data = ad.io.sparse_dataset(element) if isinstance(element, zarr.Group) else element
+        loader = Loader(
+            batch_size=7, chunk_size=8, preload_nchunks=3, shuffle=True, to=None, return_index=True
+        )
+        seen = []
+        for batch in loader.add_dataset(data):
+            np.testing.assert_array_equal(_values(batch["X"]), want[batch["index"]])
+            seen.append(batch["index"])
+        assert sorted(np.concatenate(seen).tolist()) == list(range(150))
+
+
+def test_write_sharded_key_clear_and_errors(tmp_path):
+    root = zarr.open_group(tmp_path / "store.zarr", mode="w")
+    root.create_group("stale")
+    write_sharded(root, _adata(1, 30))
+    assert "stale" not in root  # key=None clears the store first
+    sub = write_sharded(
+        root, _adata(2, 20), key="more", shard_size=8, compressors=[ZstdCodec(level=1)]
+    )
+    assert "X" in root
+    assert sub.path == "more"
+    assert isinstance(sub["X"]["data"].compressors[0], ZstdCodec)
+    assert ad.read_zarr(tmp_path / "store.zarr" / "more").n_obs == 20
+    with pytest.raises(ValueError, match="0 rows"):
+        write_sharded(root, _adata(3, 0))
+    with pytest.raises(ValueError, match="shard_size must be rows"):
+        write_sharded(root, _adata(3, 5), shard_size=2.5)
+    with pytest.raises(TypeError, match=r"write_sharded writes an anndata.AnnData"):
+        write_sharded(root, np.zeros((3, 3)))
+
+
+# --------------------------------------------------------------------------- Loader
+@pytest.mark.parametrize("fmt", ["zarr", "h5ad", "memory"])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_mixed_dtypes_are_promoted_with_exact_values(tmp_path, fmt, sparse):
+    parts = [_adata(4, 40, sparse=sparse), _adata(5, 30, sparse=sparse)]
+    parts[1].X = parts[1].X.astype(np.float64)
+    parts[0].X = parts[0].X.astype(np.int32)
+    datasets, handles = [], []
+    for i, part in enumerate(parts):
+        if fmt == "memory":
+            datasets.append(part.X)
+            continue
+        path = write_adata(part, tmp_path / f"p{i}.{fmt}")
+        group = zarr.open_group(path, mode="r") if fmt == "zarr" else h5py.File(path, "r")
+        handles.append(group)
+        datasets.append(ad.io.sparse_dataset(group["X"]) if sparse else group["X"])
+    loader = Loader(
+        batch_size=9, chunk_size=4, preload_nchunks=3, shuffle=True, to=None, return_index=True
+    )
+    loader.add_dataset(datasets[0])
+    with pytest.warns(
+        UserWarning,
+        match="has dtype float64, the Loader's earlier datasets int32: batches are yielded as float64",
+    ):
+        loader.add_dataset(datasets[1])
+    want = np.concatenate([_values(p.X) for p in parts]).astype(np.float64)
+    seen = []
+    for batch in loader:
+        assert batch["X"].dtype == np.float64
+        np.testing.assert_array_equal(_values(batch["X"]), want[batch["index"]])
+        seen.append(batch["index"])
+    assert sorted(np.concatenate(seen).tolist()) == list(range(70))
+    for h in handles:
+        if isinstance(h, h5py.File):
+            h.close()
+
+
+def test_use_collection_twice_and_n_var(tmp_path):
+    collection = DatasetCollection(tmp_path / "c.zarr").add_adatas([_adata(6, 30)], progress=False)
+    loader = Loader(to=None).use_collection(collection)
+    assert loader.n_var == 12
+    with pytest.raises(RuntimeError, match="use_collection can be called once per Loader"):
+        loader.use_collection(collection)
+    with pytest.raises(ValueError, match="no n_var"):
+        _ = Loader().n_var
+
+
+# --------------------------------------------------------------------------- DatasetCollection
+@pytest.fixture
+def inputs(tmp_path) -> list[str]:
+    return [
+        write_adata(_adata(10 + i, 60 + 20 * i), tmp_path / f"in{i}.{fmt}")
+        for i, fmt in enumerate(["h5ad", "zarr", "h5ad"])
+    ]
+
+
+def test_collection_from_a_group_is_empty_obs_and_iteration(tmp_path, inputs):
+    group = zarr.open_group(
+        tmp_path / "fromgroup.zarr", mode="w"
+    )  # as the reference's docs make one
+    collection = DatasetCollection(group)
+    assert collection.is_empty
+    collection.add_adatas(inputs, dataset_size=100, progress=False, rng=0)
+    assert not collection.is_empty
+    groups = list(collection)
+    assert [g.basename for g in groups] == collection.dataset_names
+    assert len(groups) == 3
+    obs = collection.obs()
+    assert len(obs) == 240
+    assert set(obs["src_path"]) == set(inputs)
+    assert list(collection.obs(columns=["cell_type"]).columns) == ["cell_type"]
+    assert collection.obs(columns=[]).shape == (240, 0)
+    np.testing.assert_array_equal(collection.obs([]).index, obs.index)
+    with pytest.raises(ValueError, match="has no column"):
+        collection.obs(["nope"])
+    # obs is in the Loader's row order.
+    loader = Loader(batch_size=240, chunk_size=240, preload_nchunks=1, to=None).use_collection(
+        collection
+    )
+    pd.testing.assert_frame_equal(next(iter(loader))["obs"], obs)
+
+
+def test_collection_modes_and_flags(tmp_path, inputs):
+    path = tmp_path / "m.zarr"
+    DatasetCollection(path).add_adatas(inputs[:1], progress=False)
+    with pytest.raises(ValueError, match="mode='r'"):
+        DatasetCollection(path, mode="r").add_adatas(inputs[1:])
+    with pytest.raises(FileExistsError, match="mode='w-'"):
+        DatasetCollection(path, mode="w-")
+    assert DatasetCollection(path, mode="w").is_empty  # "w" starts over
+    with pytest.raises(RuntimeError, match="mode='r\\+' needs an existing collection"):
+        DatasetCollection(tmp_path / "none.zarr", mode="r+")
+    with pytest.raises(
+        ValueError, match=r"is_collection_h5ad=True cannot be combined with a zarr.Group"
+    ):
+        DatasetCollection(zarr.open_group(tmp_path / "g.zarr", mode="w"), is_collection_h5ad=True)
+    with pytest.raises(FeatureNotAvailableError, match="collections of h5ad files"):
+        DatasetCollection(tmp_path / "h5", is_collection_h5ad=True)
+    with pytest.raises(TypeError, match=r"group must be a zarr.Group or a path"):
+        DatasetCollection(3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mode must be one of"):
+        DatasetCollection(path, mode="x")  # type: ignore[arg-type]
+
+
+def test_later_calls_on_one_object_append(tmp_path, inputs):
+    collection = DatasetCollection(tmp_path / "grow.zarr")
+    collection.add_adatas(inputs[:2], progress=False)
+    collection.add_adatas(inputs[2:], progress=False)  # the reference's "later calls add datasets"
+    assert collection.n_obs == 240
+    with pytest.raises(RuntimeError, match="finished collection"):  # a new object: append=True
+        DatasetCollection(tmp_path / "grow.zarr").add_adatas(
+            [write_adata(_adata(30, 5), tmp_path / "x.h5ad")], progress=False
+        )
+
+
+def test_shuffle_false_keeps_input_order(tmp_path, inputs):
+    collection = DatasetCollection(tmp_path / "seq.zarr").add_adatas(
+        adata_paths=inputs, shuffle=False, dataset_size=70, progress=False
+    )
+    obs = collection.obs()
+    want = pd.concat(
+        [ad.read_h5ad(p).obs if p.endswith(".h5ad") else ad.read_zarr(p).obs for p in inputs]
+    )
+    np.testing.assert_array_equal(obs.index, want.index)
+    assert [g["obs"]["_index"].shape[0] for g in collection] == [70, 70, 70, 30]
+
+
+def test_shuffle_chunk_size_moves_runs(tmp_path, inputs):
+    collection = DatasetCollection(tmp_path / "runs.zarr").add_adatas(
+        inputs, shuffle_chunk_size=20, rng=3, progress=False
+    )
+    names = collection.obs().index.to_numpy()
+    # The 240 rows come in 12 runs of 20 consecutive input rows.
+    order = {
+        n: i
+        for i, n in enumerate(
+            pd.concat(
+                [(ad.read_h5ad(p) if p.endswith(".h5ad") else ad.read_zarr(p)).obs for p in inputs]
+            ).index
+        )
+    }
+    positions = np.array([order[n] for n in names])
+    runs = np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1)
+    assert sorted(len(r) for r in runs) == [20] * 12
+    assert not np.array_equal(positions, np.arange(240))
+
+
+def test_groupby_sorts_each_dataset_for_the_class_sampler(tmp_path, inputs):
+    collection = DatasetCollection(tmp_path / "grouped.zarr").add_adatas(
+        inputs, groupby="cell_type", dataset_size=120, rng=1, progress=False
+    )
+    for group in collection:
+        codes = ad.io.read_elem(group["obs"])["cell_type"].cat.codes.to_numpy()
+        assert np.all(np.diff(codes) >= 0)
+    classes = pd.Categorical(collection.obs(["cell_type"])["cell_type"])
+    sampler = ClassSampler(4, 2, 4, classes=classes, num_samples=120, rng=np.random.default_rng(0))
+    batches = list(
+        Loader(batch_sampler=sampler, to=None, return_index=True).use_collection(collection)
+    )
+    assert sum(len(b["index"]) for b in batches) == 120
+    assert all(b["obs"]["cell_type"].nunique() == 1 for b in batches)
+    with pytest.raises(ValueError, match=r"groupby column\(s\) \['donor'\] are not in the obs"):
+        DatasetCollection(tmp_path / "bad.zarr").add_adatas(inputs, groupby="donor", progress=False)
+
+
+def test_reference_build_arguments(tmp_path, inputs):
+    genes = ["g3", "g1", "g99"]
+    collection = DatasetCollection(tmp_path / "args.zarr").add_adatas(
+        inputs,
+        var_subset=genes,
+        n_obs_per_chunk=8,
+        shard_size="2KB",
+        zarr_compressor=ZstdCodec(level=1),
+        dataset_size="1KB",
+        load_adata=lambda path: (
+            ad.read_h5ad(path, backed="r") if path.endswith(".h5ad") else ad.read_zarr(path)
+        ),
+        progress=False,
+    )
+    info = collection.info()
+    assert list(collection.var_names) == genes
+    assert all(d["codec"] == "zstd" and d["checksum"] for d in info["datasets"])
+    assert len(collection) > 1  # 1KB of X per dataset
+    assert set(collection.obs()["src_path"]) == set(inputs)  # load_adata keeps the paths
+    loader = Loader(batch_size=240, chunk_size=240, preload_nchunks=1, to=None).use_collection(
+        collection
+    )
+    x = _values(next(iter(loader))["X"])
+    names = collection.obs().index
+    by_name = {}
+    for p in inputs:
+        a = ad.read_h5ad(p) if p.endswith(".h5ad") else ad.read_zarr(p)
+        dense = _values(a.X)
+        for i, n in enumerate(a.obs_names):
+            by_name[n] = [dense[i, 3], dense[i, 1], 0.0]
+    np.testing.assert_array_equal(x, np.array([by_name[n] for n in names], dtype=np.float32))
+    with pytest.raises(ValueError, match="var_subset and var_names mean the same"):
+        DatasetCollection(tmp_path / "x.zarr").add_adatas(inputs, var_subset=genes, var_names=genes)
+    with pytest.raises(ValueError, match="give compression"):
+        DatasetCollection(tmp_path / "x.zarr").add_adatas(
+            inputs, compression="lz4", n_obs_per_chunk=8
+        )
+    with pytest.raises(FeatureNotAvailableError, match="only merge=None"):
+        DatasetCollection(tmp_path / "x.zarr").add_adatas(inputs, merge="same")
+    with pytest.raises(ValueError, match="zarr v3 compressor"):
+        DatasetCollection(tmp_path / "x.zarr").add_adatas(inputs, zarr_compressor="lz4")
+
+
+def test_layers_and_obsm_not_carried_are_said(tmp_path):
+    path = write_adata(_adata(40, 20, extras=True), tmp_path / "extras.h5ad")
+    with pytest.warns(UserWarning, match="layers/counts, obsm/X_pca, obsm/image are not carried"):
+        DatasetCollection(tmp_path / "e.zarr").add_adatas([path], progress=False)
+    no_x = ad.AnnData(
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(4)]), obsm={"img": np.zeros((4, 2, 2))}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(FeatureNotAvailableError, match="has no X"):
+            DatasetCollection(tmp_path / "n.zarr").add_adatas([no_x], progress=False)
+
+
+def test_reference_user_script(tmp_path, inputs):
+    """A script written for the reference's current release, run unchanged."""
+    from annbatch import Loader as RefLoader
+    from annbatch.io import DatasetCollection as RefCollection
+
+    collection = RefCollection(zarr.open_group(tmp_path / "script.zarr", mode="w"))
+    collection.add_adatas(inputs, shuffle=True, rng=np.random.default_rng(0), n_obs_per_chunk=16)
+    loader = RefLoader(
+        batch_size=32, chunk_size=16, preload_nchunks=4, shuffle=True, to=None, return_index=True
+    )
+    loader.use_collection(collection)
+    seen = []
+    for batch in loader:
+        assert set(batch) == {"X", "obs", "var", "index"}
+        assert sp.issparse(batch["X"])
+        assert batch["var"] is None
+        seen.append(batch["index"])
+    assert sorted(np.concatenate(seen).tolist()) == list(range(240))
+    assert len(loader) == len(seen) == 8
+    assert annbatch.samplers.RandomSampler is type(loader.batch_sampler)
