@@ -61,8 +61,25 @@ if "to" in params and params["to"].default is not None:
     out = {"to": None}
 else:
     out = {"to_torch": False} if "to_torch" in params else {}
-loader = annbatch.Loader(batch_size=args["batch"], chunk_size=args["chunk"], preload_nchunks=args["preload"],
-                         shuffle=args["shuffle"], rng=np.random.default_rng(0), **out)
+sampler = args.get("sampler")
+if sampler:  # one of our samplers, built explicitly (same engine; speed should not depend on it)
+    import pandas as pd
+    from annbatch import samplers as S
+    x = zarr.open_group(args["path"], mode="r")["X"]
+    n = x.attrs["shape"][0] if isinstance(x, zarr.Group) else x.shape[0]
+    c, p, b, r = args["chunk"], args["preload"], args["batch"], np.random.default_rng(0)
+    classes = pd.Categorical(np.arange(n) * 4 // n)  # four classes in long runs, as with groupby
+    s = {
+        "chunk": lambda: S.ChunkSampler(c, p, b, shuffle=True, rng=r),
+        "random": lambda: S.RandomSampler(c, p, b, rng=r),
+        "distributed": lambda: S.DistributedSampler(S.RandomSampler(c, p, b, rng=r), dist_info=lambda: (0, 1)),
+        "class": lambda: S.ClassSampler(c, p, b, classes=classes, num_samples=n, rng=r),
+        "weighted-class": lambda: S.WeightedClassSampler(c, p, b, classes=classes, num_samples=n, rng=r),
+    }[sampler]()
+    loader = annbatch.Loader(batch_sampler=s, **out)
+else:
+    loader = annbatch.Loader(batch_size=args["batch"], chunk_size=args["chunk"], preload_nchunks=args["preload"],
+                             shuffle=args["shuffle"], rng=np.random.default_rng(0), **out)
 if args.get("collection"):  # a DatasetCollection (ours, or the reference's own)
     try:
         collection = annbatch.DatasetCollection(args["path"], mode="r")
@@ -95,13 +112,17 @@ print(json.dumps({"rows": rows, "seconds": dt, "first_s": first, "checksum": che
 """
 
 
-def make_stores(root: Path, n_obs: int, n_var: int, nnz: int, dense_var: int, seed: int) -> dict[str, Path]:
+def make_stores(
+    root: Path, n_obs: int, n_var: int, nnz: int, dense_var: int, seed: int, writer: str = "anndata"
+) -> dict[str, Path]:
     import anndata as ad
     import scipy.sparse as sp
     import zarr
 
     ad.settings.zarr_write_format = 3
-    paths = {"sparse": root / f"sparse_{n_obs}x{n_var}_{nnz}.zarr", "dense": root / f"dense_{n_obs}x{dense_var}.zarr"}
+    tag = "" if writer == "anndata" else "_write_sharded"
+    paths = {"sparse": root / f"sparse_{n_obs}x{n_var}_{nnz}{tag}.zarr",
+             "dense": root / f"dense_{n_obs}x{dense_var}{tag}.zarr"}
     rng = np.random.default_rng(seed)
     if not paths["sparse"].exists():
         print(f"writing {paths['sparse']} ...", file=sys.stderr)
@@ -113,14 +134,24 @@ def make_stores(root: Path, n_obs: int, n_var: int, nnz: int, dense_var: int, se
         x.sum_duplicates()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ad.io.write_elem(group, "X", x, dataset_kwargs={"chunks": (131_072,), "shards": (4_194_304,)})
+            if writer == "write_sharded":  # with the reference's defaults: 64 rows per chunk, LZ4
+                from annbatch import write_sharded
+
+                write_sharded(group, ad.AnnData(X=x))
+            else:
+                ad.io.write_elem(group, "X", x, dataset_kwargs={"chunks": (131_072,), "shards": (4_194_304,)})
     if not paths["dense"].exists():
         print(f"writing {paths['dense']} ...", file=sys.stderr)
         group = zarr.open_group(paths["dense"], mode="w")
         x = rng.poisson(0.5, size=(n_obs, dense_var)).astype(np.float32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ad.io.write_elem(group, "X", x, dataset_kwargs={"chunks": (256, dense_var), "shards": (8192, dense_var)})
+            if writer == "write_sharded":
+                from annbatch import write_sharded
+
+                write_sharded(group, ad.AnnData(X=x))
+            else:
+                ad.io.write_elem(group, "X", x, dataset_kwargs={"chunks": (256, dense_var), "shards": (8192, dense_var)})
     return paths
 
 
@@ -239,18 +270,26 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-checksum", action="store_true", help="skip the same-rows check (shuffle=False)")
     p.add_argument("--baseline-src", help="src folder of another annbatch checkout, run as a third loader")
+    p.add_argument("--writer", choices=["anndata", "write_sharded"], default="anndata",
+                   help="write the stores with anndata (our chunking) or annbatch.write_sharded (reference defaults)")
+    p.add_argument("--samplers", default="", help="comma-separated: also run ours with these samplers "
+                   "(chunk, random, distributed, class, weighted-class), alternating with the others")
     a = p.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
-    paths = make_stores(a.dir, a.n_obs, a.n_var, a.nnz, a.dense_var, a.seed)
+    paths = make_stores(a.dir, a.n_obs, a.n_var, a.nnz, a.dense_var, a.seed, a.writer)
     all_rates = {kind: decode_rates(path) for kind, path in paths.items()}
     rates = {kind: max(r.values()) for kind, r in all_rates.items()}
     chosen = SETTINGS if a.settings == "all" else [SETTINGS[int(i)] for i in a.settings.split(",")]
     # name -> (interpreter, zarrs pipeline, PYTHONPATH)
-    loaders: dict[str, tuple[str, bool, str | None]] = {"annbatch (ours)": (sys.executable, False, None)}
+    loaders: dict[str, tuple[str, bool, str | None, str | None]] = {
+        "annbatch (ours)": (sys.executable, False, None, None)
+    }
+    for sampler in filter(None, a.samplers.split(",")):
+        loaders[f"annbatch, {sampler} sampler"] = (sys.executable, False, None, sampler)
     if a.baseline_src:
-        loaders["annbatch (baseline)"] = (sys.executable, False, a.baseline_src)
+        loaders["annbatch (baseline)"] = (sys.executable, False, a.baseline_src, None)
     if a.reference_python:
-        loaders["reference 0.3.1 + zarrs"] = (a.reference_python, True, None)
+        loaders["reference 0.3.1 + zarrs"] = (a.reference_python, True, None, None)
     print(f"stores: sparse {a.n_obs:,} x {a.n_var:,} ({a.nnz} nnz/row), dense {a.n_obs:,} x {a.dense_var:,}; "
           f"batch {BATCH}, shuffled, {a.runs} runs, hold {a.hold_ms} ms/batch")
     for kind, r in all_rates.items():
@@ -263,9 +302,10 @@ def main() -> None:
         bound = rates[kind] * decoded_fraction(paths[kind], chunk, preload)
         results: dict[str, list[dict]] = {name: [] for name in loaders}
         for _ in range(a.runs):  # alternate loaders within each run
-            for name, (python, zarrs, pythonpath) in loaders.items():
+            for name, (python, zarrs, pythonpath, sampler) in loaders.items():
                 args = {"path": str(paths[kind]), "batch": BATCH, "chunk": chunk, "preload": preload, "shuffle": True,
-                        "hold_s": a.hold_ms / 1000, "max_rows": a.max_rows, "checksum": False, "zarrs": zarrs}
+                        "hold_s": a.hold_ms / 1000, "max_rows": a.max_rows, "checksum": False, "zarrs": zarrs,
+                        "sampler": sampler}
                 results[name].append(run_child(python, args, pythonpath=pythonpath))
         for name, runs in results.items():
             speeds = sorted(r["rows"] / r["seconds"] for r in runs)
@@ -278,7 +318,9 @@ def main() -> None:
     if a.reference_python and not a.no_checksum:  # same rows out of both loaders, unshuffled
         for kind, path in paths.items():
             sums = {}
-            for name, (python, zarrs, pythonpath) in loaders.items():
+            for name, (python, zarrs, pythonpath, sampler) in loaders.items():
+                if sampler:
+                    continue
                 args = {"path": str(path), "batch": BATCH, "chunk": 256, "preload": 64, "shuffle": False,
                         "hold_s": 0, "max_rows": 10**9, "checksum": True, "zarrs": zarrs}
                 sums[name] = run_child(python, args, pythonpath=pythonpath)["checksum"]

@@ -528,6 +528,10 @@ def test_repeating_an_append_writes_nothing(tmp_path):
     with pytest.warns(UserWarning, match="nothing was written"):
         collection.add_adatas([_adata(1, 10)], append=True, progress=False)
     with pytest.raises(CollectionCompleteError, match="other calls or with other options"):
+        DatasetCollection(out).add_adatas([_adata(0, 10), _adata(1, 10)], progress=False)
+    # On the object that built it, a later call appends (the reference's API): held inputs
+    # are refused all the same.
+    with pytest.raises(DuplicateInputError, match="already holds the data of 2 of these inputs"):
         collection.add_adatas([_adata(0, 10), _adata(1, 10)], progress=False)
     assert _tree_digest(out) == before
 

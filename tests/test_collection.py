@@ -219,7 +219,7 @@ def test_use_collection_with_own_loader_and_only_once(tmp_path):
 
     loader = Loader(batch_size=16, to=None).use_collection(collection, load_adata=cell_type_only)
     assert list(next(iter(loader))["obs"].columns) == ["cell_type"]
-    with pytest.raises(InvalidArgumentError, match="once per Loader"):
+    with pytest.raises(RuntimeError, match="once per Loader"):
         loader.use_collection(collection)
     with pytest.raises(UnsupportedDatasetError, match="DatasetCollection"):
         Loader().use_collection(str(tmp_path / "out.zarr"))
