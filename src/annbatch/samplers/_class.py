@@ -52,8 +52,8 @@ class ClassSampler(EpochSampler):
 
     Notes
     -----
-    Chunks start at the beginning of each run of a class, so a run's last chunk may be
-    shorter than ``chunk_size``; a window is then filled with further chunks and cut to
+    Chunks follow the grid of ``chunk_size`` rows from row 0 (as :class:`ChunkSampler`'s), so
+    a run's first and last chunks may be shorter than ``chunk_size``; a window is then filled with further chunks and cut to
     ``chunk_size * preload_nchunks`` rows (rounded down to a multiple of ``batch_size``).
     Under ``torch.distributed`` (without a :class:`DistributedSampler`) every rank draws its
     own ``num_samples / world_size`` rows. The reference library refuses this sampler under
@@ -196,11 +196,15 @@ class ClassSampler(EpochSampler):
         starts, stops = edges[:-1], edges[1:]
         keep = codes[starts] >= 0 if n else np.zeros(0, dtype=bool)
         starts, stops = starts[keep], stops[keep]
-        pieces = [
-            np.stack([cuts, np.minimum(cuts + self._chunk_size, b)], axis=1)
-            for a, b in zip(starts.tolist(), stops.tolist(), strict=True)
-            for cuts in [np.arange(a, b, self._chunk_size)]
-        ]
+        # Cut on the global grid of chunk_size rows (a run's first and last chunks may be
+        # shorter), so that chunks line up with on-disk chunks of chunk_size rows, as
+        # ChunkSampler's do: an unaligned chunk touches two on-disk chunks.
+        c = self._chunk_size
+        pieces = []
+        for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+            cuts = np.concatenate([[a], np.arange(-(-a // c) * c, b, c)])
+            cuts = np.unique(cuts[cuts < b])
+            pieces.append(np.stack([cuts, np.append(cuts[1:], b)], axis=1))
         chunks = np.concatenate(pieces) if pieces else np.empty((0, 2), dtype=np.int64)
         chunk_class = self._codes[chunks[:, 0]] if len(chunks) else np.empty(0, dtype=np.int64)
         order = np.argsort(chunk_class, kind="stable")
