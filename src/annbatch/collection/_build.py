@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     import zarr
 
-    from annbatch.collection._inputs import Input
+    from annbatch.collection._inputs import ElementSpec, Input
     from annbatch.collection._layout import Compression, XLayout
     from annbatch.collection._obs import ObsSchema
 
@@ -88,6 +88,7 @@ def plan_build(
     dataset_size: int | str,
     memory_budget: int,
     obs_bytes: float = 0.0,
+    elements: Sequence[ElementSpec] = (),
 ) -> BuildPlan:
     """Sizes of datasets and read blocks that keep the build within ``memory_budget`` bytes
     (``obs_bytes``: an estimate of a row's obs in memory, see
@@ -99,6 +100,14 @@ def plan_build(
         bytes_per_row = nnz / max(1, n_obs) * (itemsize + 8) + 16
     else:
         bytes_per_row = float(n_var * itemsize + 8)
+    for spec in elements:  # layers and obsm travel with their rows
+        size = spec.dtype.itemsize
+        if spec.sparse:  # about X's density (layers); obsm CSR is rare
+            per_row = (_nnz_all(inputs) / max(1, n_obs)) if inputs[0].sparse else n_var
+            bytes_per_row += per_row * (size + 8) + 8
+        else:
+            width = n_var if spec.is_layer else int(np.prod(spec.tail, dtype=np.int64))
+            bytes_per_row += float(width * size)
     fits = max(1, int(memory_budget / (_WORKING_COPIES * bytes_per_row + _OBS_COPIES * obs_bytes)))
     if isinstance(dataset_size, str):  # a size of X: rows from the mean row's bytes
         dataset_size = max(1, int(parse_size(dataset_size, "dataset_size") / bytes_per_row))
@@ -108,6 +117,10 @@ def plan_build(
         rows_per_dataset=max(1, min(dataset_size, fits)),
         rows_per_block=fits,
     )
+
+
+def _nnz_all(inputs: Sequence[Input]) -> int:
+    return sum(_nnz(inp) for inp in inputs)
 
 
 def _nnz(inp: Input) -> int:
@@ -179,40 +192,64 @@ class RowOrder:
 
 class _Bucket:
     """The rows of one dataset-to-be, appended to plain files as inputs are read: X, the rows'
-    ids, and each obs column (the obs names as column ``index``) in fixed-width parts."""
+    ids, each obs column (the obs names as column ``index``) in fixed-width parts, and each
+    carried element (layers, obsm) under its own prefix."""
 
-    def __init__(self, folder: Path, *, sparse: bool) -> None:
+    def __init__(self, folder: Path, *, sparse: bool, elements: Sequence[ElementSpec] = ()) -> None:
         self.folder = folder
         self.sparse = sparse
+        self.elements = list(elements)
 
     def _append(self, name: str, array: np.ndarray) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / name, "ab") as f:
             np.ascontiguousarray(array).tofile(f)
 
-    def append(self, rows: Any, ids: np.ndarray) -> None:
-        self._append("ids", ids.astype(np.int64))
-        if self.sparse:
-            self._append("nnz", np.diff(rows.indptr).astype(np.int64))
-            self._append("data", rows.data)
-            self._append("indices", rows.indices.astype(np.int32))
+    def _append_rows(self, prefix: str, rows: Any, *, sparse: bool) -> None:
+        if sparse:
+            self._append(f"{prefix}nnz", np.diff(rows.indptr).astype(np.int64))
+            self._append(f"{prefix}data", rows.data)
+            self._append(f"{prefix}indices", rows.indices.astype(np.int32))
         else:
-            self._append("x", rows)
+            self._append(f"{prefix}x", rows)
+
+    def append(self, rows: Any, ids: np.ndarray, elements: Sequence[Any] = ()) -> None:
+        self._append("ids", ids.astype(np.int64))
+        self._append_rows("", rows, sparse=self.sparse)
+        for k, (spec, part) in enumerate(zip(self.elements, elements, strict=True)):
+            self._append_rows(f"e{k}_", part, sparse=spec.sparse)
 
     def append_obs(self, column: int | str, parts: Sequence[np.ndarray]) -> None:
         for p, part in enumerate(parts):
             self._append(f"obs_{column}.{p}", part)
 
+    def _load_rows(
+        self, prefix: str, dtype: np.dtype, n_rows: int, tail: tuple[int, ...], *, sparse: bool
+    ) -> Any:
+        if sparse:
+            nnz = np.fromfile(self.folder / f"{prefix}nnz", dtype=np.int64)
+            indptr = np.concatenate([[0], np.cumsum(nnz)])
+            data = np.fromfile(self.folder / f"{prefix}data", dtype=dtype)
+            indices = np.fromfile(self.folder / f"{prefix}indices", dtype=np.int32)
+            return sp.csr_matrix((data, indices, indptr), shape=(n_rows, *tail))
+        return np.fromfile(self.folder / f"{prefix}x", dtype=dtype).reshape(n_rows, *tail)
+
     def load(self, dtype: np.dtype, n_var: int) -> tuple[Any, np.ndarray]:
         ids = np.fromfile(self.folder / "ids", dtype=np.int64)
-        if self.sparse:
-            nnz = np.fromfile(self.folder / "nnz", dtype=np.int64)
-            indptr = np.concatenate([[0], np.cumsum(nnz)])
-            data = np.fromfile(self.folder / "data", dtype=dtype)
-            indices = np.fromfile(self.folder / "indices", dtype=np.int32)
-            return sp.csr_matrix((data, indices, indptr), shape=(ids.size, n_var)), ids
-        x = np.fromfile(self.folder / "x", dtype=dtype).reshape(ids.size, n_var)
-        return x, ids
+        return self._load_rows("", dtype, ids.size, (n_var,), sparse=self.sparse), ids
+
+    def load_elements(self, n_rows: int, n_var: int) -> dict[str, Any]:
+        """Each carried element's rows, in bucket order."""
+        return {
+            spec.path: self._load_rows(
+                f"e{k}_",
+                spec.dtype,
+                n_rows,
+                (n_var,) if spec.is_layer else spec.tail,
+                sparse=spec.sparse,
+            )
+            for k, spec in enumerate(self.elements)
+        }
 
     def load_obs(self, column: int | str, t: ColumnType) -> Any:
         parts = []
@@ -239,11 +276,13 @@ def distribute(
     assignment: np.ndarray,
     scratch: Path,
     progress: Callable[[int], None],
+    elements: Sequence[ElementSpec] = (),
 ) -> None:
-    """Pass 1: read every input once (obs a column at a time, X in blocks) and append each
-    row to its dataset's bucket."""
+    """Pass 1: read every input once (obs a column at a time, X and the carried elements in
+    blocks) and append each row to its dataset's bucket."""
     buckets = [
-        _Bucket(scratch / f"{k:06d}", sparse=inputs[0].sparse) for k in range(plan.n_datasets)
+        _Bucket(scratch / f"{k:06d}", sparse=inputs[0].sparse, elements=elements)
+        for k in range(plan.n_datasets)
     ]
     first_row = 0
     for i, inp in enumerate(inputs):
@@ -265,10 +304,22 @@ def distribute(
             checkpoint(f"distribute rows {lo}:{hi} of input {i}")
             rows = align_rows(inp.x[lo:hi], mapping, len(var_names))
             ids = np.arange(first_row + lo, first_row + hi, dtype=np.int64)
+            extra = [_element_rows(inp, spec, lo, hi, mapping, len(var_names)) for spec in elements]
             for part in _scatter(owner[lo:hi]):
-                buckets[int(owner[lo + part[0]])].append(rows[part], ids[part])
+                buckets[int(owner[lo + part[0]])].append(
+                    rows[part], ids[part], [e[part] for e in extra]
+                )
             progress(hi - lo)
         first_row += inp.n_obs
+
+
+def _element_rows(
+    inp: Input, spec: ElementSpec, lo: int, hi: int, mapping: np.ndarray | None, n_var: int
+) -> Any:
+    """Rows ``lo:hi`` of one carried element (a layer aligned to the collection's genes)."""
+    rows = inp.elements[spec.path][lo:hi]
+    rows = sp.csr_matrix(rows) if spec.sparse else np.asarray(rows)
+    return align_rows(rows, mapping, n_var) if spec.is_layer else rows
 
 
 def _distribute_column(
@@ -313,6 +364,7 @@ def write_datasets(
     compression: Compression,
     order: RowOrder = RowOrder(),
     layout: XLayout | None = None,
+    elements: Sequence[ElementSpec] = (),
 ) -> None:
     """Pass 2: shuffle each bucket's rows and write it as a dataset with its obs (the
     ``src_path`` column from ``sources``, the inputs' names, and ``offsets``, their first
@@ -321,7 +373,7 @@ def write_datasets(
     source_codes = source_dtype.categories.get_indexer(list(sources))
     for k, name in enumerate(names):
         order_rng = np.random.default_rng(rng.integers(2**63))  # same stream on resume
-        bucket = _Bucket(scratch / f"{k:06d}", sparse=sparse)
+        bucket = _Bucket(scratch / f"{k:06d}", sparse=sparse, elements=elements)
         if name in skip:
             if bucket.folder.exists():  # recorded, then interrupted before the deletion
                 checkpoint(f"delete bucket {k}")
@@ -337,10 +389,14 @@ def write_datasets(
         )
         positions = order.order(ids, obs, order_rng)
         x, obs = x[positions], obs.iloc[positions]
+        loaded = bucket.load_elements(ids.size, len(var_names))
+        extra = {path: rows[positions] for path, rows in loaded.items()}
         checkpoint(f"write dataset {name}")
         if name in root:
             del root[name]  # a dataset left half-written by an interrupted build
-        write_dataset(root.create_group(name), x, obs, var_names, compression, checkpoint, layout)
+        write_dataset(
+            root.create_group(name), x, obs, var_names, compression, checkpoint, layout, extra
+        )
         on_written(name, int(ids.size))
         checkpoint(f"delete bucket {k}")
         shutil.rmtree(bucket.folder)

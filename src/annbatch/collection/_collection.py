@@ -23,7 +23,14 @@ from annbatch.collection._build import (
     progress_bar,
     write_datasets,
 )
-from annbatch.collection._inputs import SOURCE_COLUMN, fingerprint, open_inputs, union_var_names
+from annbatch.collection._inputs import (
+    SOURCE_COLUMN,
+    ElementSpec,
+    element_specs,
+    fingerprint,
+    open_inputs,
+    union_var_names,
+)
 from annbatch.collection._layout import (
     DEFAULT_COMPRESSION,
     Compression,
@@ -133,6 +140,7 @@ class DatasetCollection:
             )
             raise FeatureNotAvailableError(msg)
         self._mode = mode
+        self._elements: list[ElementSpec] = []  # layers and obsm of the build in progress
         if mode == "r+" and self._state() is None:
             msg = f"mode='r+' needs an existing collection, and {self._path} holds none"
             raise IncompleteCollectionError(msg)
@@ -459,11 +467,15 @@ class DatasetCollection:
                     _refuse_without_append(state, prints, self._path)  # type: ignore[arg-type]
             if not force:
                 _refuse_repeats(opened, prints, state if complete else None)
+            specs = element_specs(opened)
             if complete:
                 _check_append(opened, state, self._path)  # type: ignore[arg-type]
+                specs = _elements_for_append(specs, state, self._path)  # type: ignore[arg-type]
+            self._elements = specs
             self._build(opened, prints, state, options, rng, progress=progress)
         finally:
             self._layout = None
+            self._elements = []
             for inp in opened:
                 inp.close()
         self._added = True
@@ -536,6 +548,7 @@ class DatasetCollection:
             options["dataset_size"],
             options["memory_budget"],
             obs_bytes_per_row(schema),
+            self._elements,
         )
         dataset_names = [f"dataset_{first + k:06d}" for k in range(plan.n_datasets)]
         distributed = resuming and state["build"].get("distributed", False)  # type: ignore[index]
@@ -545,6 +558,7 @@ class DatasetCollection:
             "state": "building",
             "var_names": list(var_names),
             "x": {"dtype": inputs[0].dtype.str, "sparse": inputs[0].sparse},
+            "elements": {e.path: e.describe() for e in self._elements},
             "inputs": [] if state is None else list(state.get("inputs", [])),
             "builds": [] if state is None else list(state.get("builds", [])),
             "datasets": done,
@@ -613,7 +627,9 @@ class DatasetCollection:
                 checkpoint("delete scratch")
                 shutil.rmtree(scratch)
             with progress_bar(plan.n_obs, "distributing rows", show=progress) as bar:
-                distribute(inputs, var_names, schema, plan, assignment, scratch, bar.update)
+                distribute(
+                    inputs, var_names, schema, plan, assignment, scratch, bar.update, self._elements
+                )
             record["build"]["distributed"] = True
             self._save(root, record, "distributed")
         del assignment
@@ -643,6 +659,7 @@ class DatasetCollection:
                 compression=build["compression"],
                 order=RowOrder(shuffle=shuffle, block=block, groupby=build.get("groupby") or []),
                 layout=self._layout,
+                elements=self._elements,
             )
         if scratch.exists():
             checkpoint("delete scratch")
@@ -782,3 +799,29 @@ def _parse_groupby(groupby: object) -> list[str]:
         msg = f"groupby must be an obs column name or a list of them, got {groupby!r}"
         raise InvalidArgumentError(msg)
     return list(columns)
+
+
+def _elements_for_append(
+    specs: list[ElementSpec], state: dict[str, Any], path: Path
+) -> list[ElementSpec]:
+    """The new inputs' layers and obsm, as the collection holds them: the same ones, of the
+    same kind (others are dropped with a warning); one the collection has and they lack is an
+    error, since its datasets would then differ."""
+    held = state.get("elements", {})
+    mine = {s.path: s for s in specs}
+    missing = [p for p in held if p not in mine]
+    if missing:
+        msg = f"the collection {path} holds {missing} in every dataset, and the new inputs do not have them"
+        raise IncompatibleDatasetsError(msg)
+    differ = [p for p in held if mine[p].describe() != held[p]]
+    if differ:
+        msg = f"{differ} of the new inputs differ in kind, dtype or shape from the collection {path}'s"
+        raise IncompatibleDatasetsError(msg)
+    extra = [p for p in mine if p not in held]
+    if extra:
+        warnings.warn(
+            f"{extra} of the new inputs are not in the collection {path} and are not carried",
+            UserWarning,
+            stacklevel=4,
+        )
+    return [mine[p] for p in held]

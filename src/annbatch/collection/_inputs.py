@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,9 @@ class Input:
     sparse: bool
     handle: Any = None
     """An open h5py.File to close when the build is done."""
+    elements: dict[str, Any] = field(default_factory=dict)
+    """Row-indexed elements besides X, by path (``"layers/counts"``, ``"obsm/X_pca"``): each
+    row-sliceable, dense of any rank or CSR (layers share X's genes)."""
 
     @property
     def n_obs(self) -> int:
@@ -109,10 +112,15 @@ def open_input(
     if isinstance(item, ad.AnnData):
         if name is None:
             name = str(item.filename) if item.isbacked else f"AnnData {position}"
-        _check_elements(item, name)
         x, sparse = _x_of(item.X, name)
         return Input(
-            name, x, FrameColumns(item.obs), pd.Index(item.var_names), np.dtype(x.dtype), sparse
+            name,
+            x,
+            FrameColumns(item.obs),
+            pd.Index(item.var_names),
+            np.dtype(x.dtype),
+            sparse,
+            elements=_elements(item, name),
         )
     if isinstance(item, zarr.Group | h5py.Group):
         where = item.file.filename if isinstance(item, h5py.Group) else str(item.store_path)
@@ -145,7 +153,7 @@ def _from_group(group: Any, name: str, handle: Any) -> Input:
         else:
             obs = GroupColumns(group["obs"])
             var_names = GroupColumns(group["var"]).index()
-        _check_elements(group, name)
+        elements = _elements(group, name)
         x_elem = group["X"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # anndata's notes on old encodings
@@ -159,23 +167,51 @@ def _from_group(group: Any, name: str, handle: Any) -> Input:
         if handle is not None:
             handle.close()
         raise
-    return Input(name, x, obs, var_names, np.dtype(x.dtype), sparse, handle)
+    return Input(name, x, obs, var_names, np.dtype(x.dtype), sparse, handle, elements)
 
 
-def _check_elements(adata: Any, name: str) -> None:
-    """Warn about row-indexed elements besides X that a collection does not carry yet."""
-    dropped = []
-    for key in ("layers", "obsm"):
-        elem = getattr(adata, key, None) if isinstance(adata, ad.AnnData) else adata.get(key)
-        names = list(elem.keys()) if elem is not None else []
-        dropped += [f"{key}/{n}" for n in names]
-    if dropped:
+ELEMENT_GROUPS = ("layers", "obsm")
+"""AnnData's row-indexed mappings that a collection carries besides X."""
+
+
+def _elements(adata: Any, name: str) -> dict[str, Any]:
+    """The layers and obsm arrays of an AnnData (or an AnnData group), row-sliceable; obsm
+    data frames, which a collection does not carry, are left out with a warning."""
+    found: dict[str, Any] = {}
+    skipped = []
+    for key in ELEMENT_GROUPS:
+        if isinstance(adata, ad.AnnData):
+            mapping = dict(getattr(adata, key).items())
+        else:
+            group = adata.get(key)
+            names = [] if group is None else list(group.keys())
+            mapping = {k: group[k] for k in names}
+        for elem_name, elem in mapping.items():
+            path = f"{key}/{elem_name}"
+            if isinstance(elem, h5py.Group | zarr.Group):
+                if elem.attrs.get("encoding-type") != "csr_matrix":
+                    skipped.append(path)
+                    continue
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    elem = ad.io.sparse_dataset(elem)
+            if isinstance(elem, pd.DataFrame) or not hasattr(elem, "shape"):
+                skipped.append(path)
+                continue
+            if isinstance(elem, anndata.abc.CSCDataset) or (
+                sp.issparse(elem) and elem.format != "csr"
+            ):
+                skipped.append(path)
+                continue
+            found[path] = elem
+    if skipped:
         warnings.warn(
-            f"{name}: {', '.join(dropped[:8])} {'is' if len(dropped) == 1 else 'are'} not carried "
-            "into the collection (only X and obs are, for now)",
+            f"{name}: {', '.join(skipped[:8])} {'is' if len(skipped) == 1 else 'are'} not carried "
+            "into the collection (only dense arrays and CSR matrices are)",
             UserWarning,
             stacklevel=5,
         )
+    return found
 
 
 def _read_elem(elem: Any) -> Any:
@@ -240,6 +276,61 @@ def check_inputs(inputs: Sequence[Input]) -> None:
         if inp.dtype != first.dtype:
             msg = f"{inp.name}: X has dtype {inp.dtype} but {first.name} has {first.dtype}; cast them to one dtype first"
             raise IncompatibleDatasetsError(msg)
+
+
+@dataclass(frozen=True)
+class ElementSpec:
+    """What one carried element holds, the same in every input."""
+
+    path: str
+    """``"layers/<name>"`` or ``"obsm/<name>"``."""
+    sparse: bool
+    dtype: np.dtype
+    tail: tuple[int, ...]
+    """Shape after the rows (obsm; layers: ``()``, their columns are the genes)."""
+
+    @property
+    def is_layer(self) -> bool:
+        return self.path.startswith("layers/")
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON description, recorded in the collection's manifest."""
+        return {"sparse": self.sparse, "dtype": self.dtype.str, "tail": list(self.tail)}
+
+
+def element_specs(inputs: Sequence[Input]) -> list[ElementSpec]:
+    """The elements every input has (an inner join, as ``anndata.concat``'s default); the
+    others are dropped with a warning. Raise if a shared one differs in kind or shape."""
+    shared = [p for p in inputs[0].elements if all(p in inp.elements for inp in inputs[1:])]
+    dropped = sorted({p for inp in inputs for p in inp.elements} - set(shared))
+    if dropped:
+        warnings.warn(
+            f"{', '.join(dropped[:8])} {'is' if len(dropped) == 1 else 'are'} not in every input "
+            "and not carried into the collection (only elements all inputs have are)",
+            UserWarning,
+            stacklevel=4,
+        )
+    specs = []
+    for path in shared:
+        kinds = set()
+        for inp in inputs:
+            elem = inp.elements[path]
+            sparse = sp.issparse(elem) or isinstance(elem, anndata.abc.CSRDataset)
+            tail = () if path.startswith("layers/") else tuple(int(d) for d in elem.shape[1:])
+            if elem.shape[0] != inp.n_obs:
+                msg = f"{inp.name}: {path} has {elem.shape[0]} rows but X has {inp.n_obs}"
+                raise IncompatibleDatasetsError(msg)
+            if path.startswith("layers/") and elem.shape[1:] != (len(inp.var_names),):
+                msg = f"{inp.name}: {path} has shape {elem.shape}; a layer has X's shape"
+                raise IncompatibleDatasetsError(msg)
+            kinds.add((sparse, np.dtype(elem.dtype), tail))
+        if len(kinds) > 1:
+            listed = sorted(f"{'sparse' if k[0] else 'dense'} {k[1]} {k[2]}" for k in kinds)
+            msg = f"{path} differs between the inputs ({'; '.join(listed)}); cast it to one kind first"
+            raise IncompatibleDatasetsError(msg)
+        sparse, dtype, tail = kinds.pop()
+        specs.append(ElementSpec(path, sparse, dtype, tail))
+    return specs
 
 
 def fingerprint(inp: Input) -> str:

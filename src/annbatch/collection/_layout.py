@@ -140,6 +140,33 @@ def dense_chunk_rows(n_var: int, itemsize: int) -> int:
     return int(max(1, min(4096, DENSE_CHUNK_BYTES // max(1, n_var * itemsize))))
 
 
+def array_kwargs(x: Any, compression: Compression, layout: XLayout | None = None) -> dict[str, Any]:
+    """zarr ``create_array`` arguments for a row-indexed array of a dataset (X, a layer, an
+    obsm entry; dense of any rank, or CSR): ``layout`` if given, else annbatch's layout for
+    ``compression``."""
+    if layout is not None and x.shape[0]:
+        return {**layout.kwargs(x), "config": {"write_empty_chunks": True}}
+    if sp.issparse(x):
+        n = max(1, int(x.nnz))
+        per_chunk = SPARSE_CHUNK_UNCOMPRESSED if compression == "none" else SPARSE_CHUNK
+        chunk = min(per_chunk, n)
+        return {
+            "chunks": (chunk,),
+            "shards": (chunk * min(SPARSE_SHARD // per_chunk, -(-n // chunk)),),
+            "compressors": compressors(compression),
+            "config": {"write_empty_chunks": True},
+        }
+    tail = tuple(x.shape[1:])
+    width = int(np.prod(tail, dtype=np.int64))
+    rows = min(dense_chunk_rows(width, x.dtype.itemsize), max(1, x.shape[0]))
+    return {
+        "chunks": (rows, *tail),
+        "shards": (rows * min(DENSE_SHARD_CHUNKS, -(-max(1, x.shape[0]) // rows)), *tail),
+        "compressors": compressors(compression),
+        "config": {"write_empty_chunks": True},
+    }
+
+
 def write_dataset(
     group: zarr.Group,
     x: Any,
@@ -148,8 +175,10 @@ def write_dataset(
     compression: Compression = DEFAULT_COMPRESSION,
     checkpoint: Callable[[str], None] | None = None,
     layout: XLayout | None = None,
+    elements: dict[str, Any] | None = None,
 ) -> None:
-    """Write one AnnData (X, obs, var) into ``group`` (a new, empty zarr v3 group).
+    """Write one AnnData (X, obs, var, and ``elements``: layers and obsm arrays by path) into
+    ``group`` (a new, empty zarr v3 group).
 
     obs columns anndata cannot write (datetimes) are stored as ISO 8601 strings marked with
     the ``annbatch-dtype`` attribute (see :func:`annbatch.load_x_and_obs`); ``checkpoint`` is
@@ -158,31 +187,23 @@ def write_dataset(
     obs, restore = prepare_for_write(obs)
     with warnings.catch_warnings(), ad.settings.override(allow_write_nullable_strings=True):
         warnings.simplefilter("ignore")  # anndata's notes about zarr v3 and string arrays
-        if layout is not None and x.shape[0]:
-            kwargs = {**layout.kwargs(x), "config": {"write_empty_chunks": True}}
-        elif sp.issparse(x):
-            n = max(1, int(x.nnz))
-            per_chunk = SPARSE_CHUNK_UNCOMPRESSED if compression == "none" else SPARSE_CHUNK
-            chunk = min(per_chunk, n)
-            kwargs = {
-                "chunks": (chunk,),
-                "shards": (chunk * min(SPARSE_SHARD // per_chunk, -(-n // chunk)),),
-                "compressors": compressors(compression),
-                "config": {"write_empty_chunks": True},
+        ad.io.write_elem(group, "X", x, dataset_kwargs=array_kwargs(x, compression, layout))
+        for key in ("layers", "obsm"):
+            mine = {
+                p.split("/", 1)[1]: v
+                for p, v in (elements or {}).items()
+                if p.startswith(f"{key}/")
             }
-        else:
-            rows = dense_chunk_rows(x.shape[1], x.dtype.itemsize)
-            rows = min(rows, max(1, x.shape[0]))
-            kwargs = {
-                "chunks": (rows, x.shape[1]),
-                "shards": (
-                    rows * min(DENSE_SHARD_CHUNKS, -(-max(1, x.shape[0]) // rows)),
-                    x.shape[1],
-                ),
-                "compressors": compressors(compression),
-                "config": {"write_empty_chunks": True},
-            }
-        ad.io.write_elem(group, "X", x, dataset_kwargs=kwargs)
+            if not mine:
+                continue
+            if checkpoint is not None:
+                checkpoint(f"write {key} of {group.basename}")
+            ad.io.write_elem(group, key, {})  # an empty mapping: anndata's dict encoding
+            sub: Any = group[key]
+            for name, array in mine.items():
+                ad.io.write_elem(
+                    sub, name, array, dataset_kwargs=array_kwargs(array, compression, layout)
+                )
         if checkpoint is not None:
             checkpoint(f"write obs and var of {group.basename}")
         ad.io.write_elem(group, "obs", obs, dataset_kwargs=OBS_CODECS)
