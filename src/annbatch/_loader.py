@@ -19,6 +19,7 @@ from annbatch._compat import import_optional, torch_available
 from annbatch._core import gpu
 from annbatch._core.assembler import parse_concat_strategy
 from annbatch._core.epoch import Epoch, read_threads
+from annbatch._core.reader import common_dtype
 from annbatch._core.sources import as_row_source
 from annbatch._core.workers import current_shard
 from annbatch.abc import Sampler
@@ -554,7 +555,8 @@ class Loader(_IterableBase):
             )
             raise GPUUnavailableError(msg)
         if self._sources[0].is_sparse:
-            gpu.device_sparse_dtype(self._sources[0].dtype)  # raises for dtypes CuPy cannot hold
+            # raises for dtypes CuPy cannot hold (after promotion of mixed dtypes)
+            gpu.device_sparse_dtype(common_dtype(self._sources))
 
     def _iterate(self, device: int | None = None) -> Iterator[dict[str, Any]]:
         """One epoch (see :class:`~annbatch._core.epoch.Epoch`), with the bookkeeping that
