@@ -415,3 +415,45 @@ def test_our_samplers_take_a_mask_and_rng_after_construction():
     assert sorted(first.tolist()) == list(range(10, 30))
     sampler.rng = np.random.default_rng(4)  # the same generator state: the same epoch again
     np.testing.assert_array_equal(np.concatenate(_batches(sampler, 50)), first)
+
+
+# ------------------------------------------ DistributedSampler in real torch.distributed ranks
+def _ddp_rank(rank: int, world_size: int, port: int, out: str) -> None:
+    """One gloo rank: an epoch through DistributedSampler(dist_info="torch"), gathered."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        inner = RandomSampler(4, 3, 5, rng=np.random.default_rng(rank))
+        sampler = DistributedSampler(inner, dist_info="torch")
+        batches = _loader(sampler, X[:103])
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, (sampler.rank, sampler.world_size, batches))
+        if rank == 0:
+            with open(out, "wb") as f:
+                pickle.dump(gathered, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_sampler_reads_torch_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "gathered.pkl")
+    mp.spawn(_ddp_rank, args=(3, port, out), nprocs=3, join=True)
+    with open(out, "rb") as f:
+        gathered = pickle.load(f)
+    assert [(r, w) for r, w, _ in gathered] == [(0, 3), (1, 3), (2, 3)]
+    per_rank = [np.concatenate(b) for _, _, b in gathered]
+    # 103 rows: shares of 34 cut to 30 (whole batches of 5), contiguous and disjoint.
+    assert [len(b) for _, _, b in gathered] == [6, 6, 6]
+    for r, rows in enumerate(per_rank):
+        assert sorted(rows.tolist()) == list(range(30 * r, 30 * r + 30))
