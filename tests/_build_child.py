@@ -21,4 +21,5 @@ def build(out: str, inputs: list[str], kwargs: dict[str, Any], kill_at: int | No
             os.kill(os.getpid(), signal.SIGKILL)
 
     _build.crash_hook = hook
-    DatasetCollection(out).add_adatas(inputs, progress=False, **kwargs)
+    h5ad = kwargs.pop("is_collection_h5ad", False)
+    DatasetCollection(out, is_collection_h5ad=h5ad).add_adatas(inputs, progress=False, **kwargs)

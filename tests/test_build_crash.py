@@ -124,3 +124,41 @@ def test_killed_at_every_write_step_then_resumed_equals_uninterrupted(tmp_path, 
         assert _run(fork, out, todo, kill_at=None, **extra) == 0, step
         assert _files(out) == expected, f"killed before {step!r}"
         shutil.rmtree(out)
+
+
+def _h5ad_contents(folder: Path) -> dict[str, ad.AnnData]:
+    return {f.name: ad.read_h5ad(f) for f in sorted(folder.glob("*.h5ad"))}
+
+
+def test_h5ad_collection_killed_then_resumed_equals_uninterrupted(tmp_path, fork):
+    """An h5ad collection is built as a zarr one, then converted file by file: killed before
+    any conversion step (and some build steps), it resumes to the same datasets."""
+    inputs = [_input(tmp_path / f"in{i}.h5ad", i, n) for i, n in enumerate([700, 500])]
+    reference = tmp_path / "reference"
+    steps: list[str] = []
+    _build.crash_hook = steps.append
+    try:
+        DatasetCollection(reference, is_collection_h5ad=True).add_adatas(
+            inputs, progress=False, **OPTIONS
+        )
+    finally:
+        _build.crash_hook = None
+    expected = _h5ad_contents(reference)
+    assert len(expected) == 3
+    convert = [k for k, s in enumerate(steps, start=1) if "h5ad" in s]
+    assert len(convert) == 5, steps  # 3 conversions, the manifest, the scratch deletion
+    for k in sorted({*convert, *range(1, convert[0], 7)}):
+        out = tmp_path / f"killed_{k}"
+        extra = {"is_collection_h5ad": True}
+        assert _run(fork, out, inputs, kill_at=k, **extra) == -signal.SIGKILL, steps[k - 1]
+        collection = DatasetCollection(out, is_collection_h5ad=True)
+        assert not collection.is_complete or steps[k - 1].startswith("delete"), steps[k - 1]
+        assert _run(fork, out, inputs, kill_at=None, **extra) == 0, steps[k - 1]
+        got = _h5ad_contents(out)
+        assert list(got) == list(expected)
+        for name, adata in got.items():
+            want = expected[name]
+            assert (adata.X != want.X).nnz == 0
+            pd.testing.assert_frame_equal(adata.obs, want.obs)
+        assert not (out / "_annbatch_build.zarr").exists()
+        shutil.rmtree(out)

@@ -220,8 +220,6 @@ def test_collection_modes_and_flags(tmp_path, inputs):
         ValueError, match=r"is_collection_h5ad=True cannot be combined with a zarr.Group"
     ):
         DatasetCollection(zarr.open_group(tmp_path / "g.zarr", mode="w"), is_collection_h5ad=True)
-    with pytest.raises(FeatureNotAvailableError, match="collections of h5ad files"):
-        DatasetCollection(tmp_path / "h5", is_collection_h5ad=True)
     with pytest.raises(TypeError, match=r"group must be a zarr.Group or a path"):
         DatasetCollection(3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -406,6 +404,49 @@ def test_elements_not_in_every_input_are_said(tmp_path):
     )
     with pytest.raises(FeatureNotAvailableError, match="has no X"):
         DatasetCollection(tmp_path / "n.zarr").add_adatas([no_x], progress=False)
+
+
+@pytest.mark.parametrize("compressor", ["gzip", None])
+def test_h5ad_collections(tmp_path, inputs, compressor):
+    folder = tmp_path / "h5ad_collection"
+    collection = DatasetCollection(folder, is_collection_h5ad=True).add_adatas(
+        inputs, dataset_size=100, h5ad_compressor=compressor, rng=4, progress=False
+    )
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["annbatch-collection.json"] + [f"dataset_00000{k}.h5ad" for k in range(3)]
+    with h5py.File(folder / "dataset_000000.h5ad", "r") as f:
+        assert f["X"]["data"].compression == compressor
+    with pytest.raises(ValueError, match="collection of h5ad files"):
+        list(collection)
+    # The Loader reads every row once, with its values and obs; anndata reads each file.
+    want = {}
+    for path in inputs:
+        a = ad.read_h5ad(path) if path.endswith(".h5ad") else ad.read_zarr(path)
+        want.update(zip(a.obs_names, _values(a.X), strict=True))
+    loader = Loader(batch_size=32, shuffle=True, to=None).use_collection(collection)
+    seen = []
+    for batch in loader:
+        for name, row in zip(batch["obs"].index, _values(batch["X"]), strict=True):
+            np.testing.assert_array_equal(row, want[name])
+        seen.extend(batch["obs"].index)
+    assert sorted(seen) == sorted(want)
+    assert collection.obs(["cell_type"]).shape == (240, 1)
+    assert ad.read_h5ad(folder / "dataset_000002.h5ad").n_obs == 40
+    # Opened again (the manifest says what it is); a rerun writes nothing; appends are not built.
+    again = DatasetCollection(folder)
+    assert again.is_collection_h5ad
+    assert again.n_obs == 240
+    with pytest.warns(UserWarning, match="nothing was written"):
+        again.add_adatas(
+            inputs, dataset_size=100, h5ad_compressor=compressor, rng=4, progress=False
+        )
+    with pytest.raises(FeatureNotAvailableError, match="appending to a collection of h5ad files"):
+        again.add_adatas(inputs[:1], progress=False)
+    # A folder of h5ad files without our manifest (another tool's collection) reads too.
+    (folder / "annbatch-collection.json").unlink()
+    foreign = DatasetCollection(folder, is_collection_h5ad=True)
+    assert foreign.n_obs == 240
+    assert len(Loader(batch_size=240, to=None).use_collection(foreign)) == 1
 
 
 def test_reference_user_script(tmp_path, inputs):

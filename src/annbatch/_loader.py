@@ -432,7 +432,7 @@ class Loader(_IterableBase):
         if not callable(load):
             msg = f"load_adata must be a callable taking a zarr.Group, got {load!r}"
             raise InvalidArgumentError(msg)
-        self.add_anndatas([load(group) for group in collection.datasets])
+        self.add_anndatas([load(group) for group in collection.open_datasets()])
         self._used_collection = True
         return self
 

@@ -8,11 +8,13 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self
 
+import h5py
 import numpy as np
 import pandas as pd
 import zarr
 
 from annbatch._args import parse_int, parse_size
+from annbatch.collection import _h5ad as h5ad
 from annbatch.collection._build import (
     BuildPlan,
     RowOrder,
@@ -133,12 +135,9 @@ class DatasetCollection:
         else:
             msg = f"group must be a zarr.Group or a path, got {type(group).__name__}"
             raise ArgumentTypeError(msg)
-        if is_collection_h5ad:
-            msg = (
-                "collections of h5ad files are not built or read by annbatch yet; build a zarr "
-                "collection (the default), which the Loader also reads faster"
-            )
-            raise FeatureNotAvailableError(msg)
+        self._h5ad = is_collection_h5ad or (
+            not isinstance(group, zarr.Group) and (self._path / h5ad.MANIFEST).exists()
+        )
         self._mode = mode
         self._elements: list[ElementSpec] = []  # layers and obsm of the build in progress
         if mode == "r+" and self._state() is None:
@@ -170,6 +169,8 @@ class DatasetCollection:
 
     def _state(self) -> dict[str, Any] | None:
         """The collection's recorded state; None if the path holds nothing yet."""
+        if self._h5ad:
+            return h5ad.read_state(self._path, lambda p: DatasetCollection(p)._state())
         if not self._path.exists() or (self._path.is_dir() and not any(self._path.iterdir())):
             return None
         try:
@@ -226,9 +227,10 @@ class DatasetCollection:
                 raise InvalidArgumentError(msg)
             columns = list(columns)
         frames = []
-        for group in self.datasets:
-            frame = read_obs(group, columns=columns)
-            frames.append(frame)
+        for group in self.open_datasets():
+            frames.append(read_obs(group, columns=columns))
+            if isinstance(group, h5py.File):
+                group.close()
         if not frames:
             return pd.DataFrame(columns=columns or [])
         return pd.concat(frames, axis=0) if len(frames) > 1 else frames[0]
@@ -245,14 +247,31 @@ class DatasetCollection:
         return [d["name"] for d in self._complete_state()["datasets"]]
 
     @property
+    def is_collection_h5ad(self) -> bool:
+        """Whether the datasets are h5ad files (else zarr groups)."""
+        return self._h5ad
+
+    @property
     def datasets(self) -> list[zarr.Group]:
-        """The datasets, each an AnnData zarr group opened read-only."""
+        """The datasets, each an AnnData zarr group opened read-only (a ``ValueError`` for
+        h5ad collections: see :meth:`open_datasets`)."""
+        if self._h5ad:
+            msg = f"{self._path} is a collection of h5ad files, not of zarr groups; use open_datasets()"
+            raise InvalidArgumentError(msg)
         root = zarr.open_group(self._path, mode="r")
         return [root[name] for name in self.dataset_names]  # type: ignore[misc]
 
     def __iter__(self) -> Iterator[zarr.Group]:
-        """Each dataset's group (an AnnData zarr store), in order."""
+        """Each dataset's group (an AnnData zarr store), in order; a ``ValueError`` for h5ad
+        collections."""
         return iter(self.datasets)
+
+    def open_datasets(self) -> list[zarr.Group | h5py.File]:
+        """Each dataset opened read-only: zarr groups, or ``h5py.File`` objects for h5ad
+        collections (they close when no longer referenced)."""
+        if not self._h5ad:
+            return self.datasets
+        return [h5py.File(self._path / name, "r") for name in self.dataset_names]
 
     def __len__(self) -> int:
         return len(self.dataset_names)
@@ -271,7 +290,12 @@ class DatasetCollection:
         """Datasets, rows, genes, dtype, codec and bytes on disk (what ``annbatch info`` prints)."""
         state = self._complete_state()
         datasets = []
-        for group in self.datasets:
+        if self._h5ad:
+            datasets = [
+                {**d, "encoding": "h5ad", "bytes": (self._path / d["name"]).stat().st_size}
+                for d in state["datasets"]
+            ]
+        for group in [] if self._h5ad else self.datasets:
             entry = {"name": group.basename, **describe_x(group)}
             entry["bytes"] = _size_on_disk(self._path / group.basename)
             datasets.append(entry)
@@ -394,6 +418,20 @@ class DatasetCollection:
         if self._mode == "r":
             msg = f"the collection {self._path} was opened with mode='r' (read only)"
             raise InvalidArgumentError(msg)
+        if h5ad_compressor is not None and not isinstance(h5ad_compressor, str):
+            msg = f"h5ad_compressor must be a codec name such as 'gzip', or None; got {h5ad_compressor!r}"
+            raise InvalidArgumentError(msg)
+        if self._h5ad:
+            call = {
+                "adata_paths": adata_paths, "load_adata": load_adata, "groupby": groupby,
+                "var_subset": var_subset, "n_obs_per_chunk": n_obs_per_chunk,
+                "shard_size": shard_size, "zarr_compressor": zarr_compressor,
+                "dataset_size": dataset_size, "shuffle_chunk_size": shuffle_chunk_size,
+                "shuffle": shuffle, "rng": rng, "merge": merge, "inputs": inputs,
+                "var_names": var_names, "memory_budget": memory_budget, "progress": progress,
+                "compression": compression, "force": force,
+            }  # fmt: skip
+            return self._add_h5ad(call, h5ad_compressor, append=append)
         items = _one_of(adata_paths, inputs, "adata_paths", "inputs")
         if items is None:
             msg = "add_adatas needs adata_paths: paths to AnnData stores, or AnnData objects"
@@ -409,9 +447,6 @@ class DatasetCollection:
             msg = "give compression (annbatch's layouts) or n_obs_per_chunk / shard_size / zarr_compressor, not both"
             raise InvalidArgumentError(msg)
         compression = parse_compression(DEFAULT_COMPRESSION if compression is None else compression)
-        if h5ad_compressor is not None and not isinstance(h5ad_compressor, str):
-            msg = f"h5ad_compressor must be a codec name such as 'gzip', or None; got {h5ad_compressor!r}"
-            raise InvalidArgumentError(msg)
         if merge is not None:
             msg = f"merge={merge!r}: collections keep no var columns yet, so only merge=None is supported"
             raise FeatureNotAvailableError(msg)
@@ -478,6 +513,47 @@ class DatasetCollection:
             self._elements = []
             for inp in opened:
                 inp.close()
+        self._added = True
+        return self
+
+    def _add_h5ad(self, call: dict[str, Any], compressor: str | None, *, append: bool) -> Self:
+        """Build an h5ad collection (see :mod:`annbatch.collection._h5ad`)."""
+        state = self._state()
+        if state is not None and state["state"] == "complete":
+            if (self._path / h5ad.SCRATCH).exists():  # killed after the manifest was written
+                checkpoint("delete the h5ad build's scratch")
+                shutil.rmtree(self._path / h5ad.SCRATCH)
+            if append or self._added:
+                msg = (
+                    "appending to a collection of h5ad files is not supported yet; build a new one"
+                )
+                raise FeatureNotAvailableError(msg)
+            # Finished: the same call writes nothing (as for zarr collections), others are refused.
+            scratch_state = {**state, "state": "complete"}
+            opened = open_inputs(
+                _one_of(call["adata_paths"], call["inputs"], "adata_paths", "inputs"),
+                call["load_adata"],
+            )
+            try:
+                prints = [fingerprint(inp) for inp in opened]
+            finally:
+                for inp in opened:
+                    inp.close()
+            if any(b.get("fingerprints") == prints for b in scratch_state.get("builds", [])):
+                warnings.warn(
+                    f"{self._path} is finished and already holds these inputs; nothing was written",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                self._added = True
+                return self
+            msg = f"{self._path} is a finished collection of h5ad files; build new inputs into another folder"
+            raise CollectionCompleteError(msg)
+        self._path.mkdir(parents=True, exist_ok=True)
+        scratch = DatasetCollection(self._path / h5ad.SCRATCH)
+        if not scratch.is_complete:  # else: built, and interrupted while converting
+            scratch.add_adatas(**call)
+        h5ad.convert(self._path, scratch, compressor)
         self._added = True
         return self
 

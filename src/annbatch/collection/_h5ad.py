@@ -1,0 +1,100 @@
+"""Collections of h5ad files: a folder of ``dataset_NNNNNN.h5ad`` and a JSON manifest.
+
+They are built as a zarr collection in a scratch folder inside the collection (so a build is
+resumable and crash-safe exactly as a zarr build), then each dataset is rewritten as an h5ad
+file (written to a temporary name and renamed, so a present file is a whole one), then the
+manifest is written (atomically) and the scratch folder removed. Reading them needs no
+manifest: a folder of ``.h5ad`` files written by another tool reads in file-name order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import anndata as ad
+import h5py
+
+from annbatch._anndata_io import read_obs
+from annbatch.collection._build import checkpoint
+from annbatch.errors import CollectionPathError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+MANIFEST = "annbatch-collection.json"
+"""The manifest of an h5ad collection, in its folder."""
+SCRATCH = "_annbatch_build.zarr"
+"""The zarr collection an h5ad collection is built as, in its folder, until it is converted."""
+
+
+def read_state(
+    folder: Path, read_scratch: Callable[[Path], dict[str, Any] | None]
+) -> dict[str, Any] | None:
+    """The h5ad collection's state: its manifest; a build in progress (the scratch zarr
+    collection's state, marked as building); the ``.h5ad`` files of a folder without a
+    manifest; or None for an empty or missing folder."""
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return None
+    if not folder.is_dir():
+        msg = f"{folder} is a file; an h5ad collection is a folder"
+        raise CollectionPathError(msg)
+    manifest = folder / MANIFEST
+    if manifest.exists():
+        return json.loads(manifest.read_text())
+    if (folder / SCRATCH).exists():
+        state = read_scratch(folder / SCRATCH)
+        return None if state is None else {**state, "state": "building"}
+    files = sorted(p.name for p in folder.glob("*.h5ad"))
+    if not files:
+        msg = f"{folder} holds neither an h5ad collection nor .h5ad files; choose another path"
+        raise CollectionPathError(msg)
+    datasets = []
+    var_names: list[str] = []
+    for name in files:
+        with h5py.File(folder / name, "r") as f:
+            obs = f["obs"]
+            index = obs[obs.attrs.get("_index", "_index")]
+            datasets.append({"name": name, "n_obs": int(index.shape[0])})
+            if not var_names:
+                var = f["var"]
+                var_names = [
+                    str(v) for v in ad.io.read_elem(var[var.attrs.get("_index", "_index")])
+                ]
+    return {"state": "complete", "datasets": datasets, "var_names": var_names, "format": "h5ad"}
+
+
+def convert(folder: Path, scratch: Any, compressor: str | None) -> None:
+    """Rewrite every dataset of the finished zarr collection ``scratch`` as an h5ad file in
+    ``folder``, then write the manifest and remove the scratch collection."""
+    datasets = []
+    state = scratch._complete_state()
+    for entry, group in zip(state["datasets"], scratch.datasets, strict=True):
+        name = entry["name"]
+        target = folder / f"{name}.h5ad"
+        if not target.exists():
+            checkpoint(f"convert {name} to h5ad")
+            adata = ad.io.read_elem(group)  # one dataset in memory: bounded by dataset_size
+            adata.obs = read_obs(group)  # with the types annbatch stores differently restored
+            tmp = target.with_suffix(".h5ad.tmp")
+            with warnings.catch_warnings(), ad.settings.override(allow_write_nullable_strings=True):
+                warnings.simplefilter("ignore")
+                adata.write_h5ad(tmp, compression=compressor)
+            os.replace(tmp, target)
+        datasets.append({"name": target.name, "n_obs": entry["n_obs"]})
+    manifest = {
+        **{k: v for k, v in state.items() if k != "datasets"},
+        "datasets": datasets,
+        "format": "h5ad",
+        "h5ad_compressor": compressor,
+    }
+    checkpoint("manifest: h5ad")
+    tmp = folder / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, folder / MANIFEST)
+    checkpoint("delete the h5ad build's scratch")
+    shutil.rmtree(folder / SCRATCH)
