@@ -283,7 +283,7 @@ def test_groupby_sorts_each_dataset_for_the_class_sampler(tmp_path, inputs):
     )
     assert sum(len(b["index"]) for b in batches) == 120
     assert all(b["obs"]["cell_type"].nunique() == 1 for b in batches)
-    with pytest.raises(ValueError, match=r"groupby column\(s\) \['donor'\] are not in the obs"):
+    with pytest.raises(ValueError, match="groupby column 'donor' is not in the obs"):
         DatasetCollection(tmp_path / "bad.zarr").add_adatas(inputs, groupby="donor", progress=False)
 
 
@@ -469,3 +469,98 @@ def test_reference_user_script(tmp_path, inputs):
     assert sorted(np.concatenate(seen).tolist()) == list(range(240))
     assert len(loader) == len(seen) == 8
     assert annbatch.samplers.RandomSampler is type(loader.batch_sampler)
+
+
+# ------------------------------------------------------------- review findings, pinned down
+def test_shuffle_chunk_size_larger_than_a_dataset_keeps_dataset_sizes(tmp_path, inputs):
+    collection = DatasetCollection(tmp_path / "big_runs.zarr").add_adatas(
+        inputs, dataset_size=50, shuffle_chunk_size=70, rng=0, progress=False
+    )
+    assert [g["obs"]["_index"].shape[0] for g in collection] == [50, 50, 50, 50, 40]
+    assert sorted(collection.obs().index) == sorted(
+        pd.concat(
+            [(ad.read_h5ad(p) if p.endswith(".h5ad") else ad.read_zarr(p)).obs for p in inputs]
+        ).index
+    )
+
+
+def test_groupby_needs_the_same_categories(tmp_path):
+    a, b = _adata(70, 10), _adata(71, 10)
+    b.obs["cell_type"] = b.obs["cell_type"].cat.add_categories(["DC"])
+    paths = [write_adata(a, tmp_path / "a.h5ad"), write_adata(b, tmp_path / "b.h5ad")]
+    with pytest.raises(ValueError, match="groupby column 'cell_type' has categories"):
+        DatasetCollection(tmp_path / "g.zarr").add_adatas(
+            paths, groupby="cell_type", progress=False
+        )
+
+
+def test_write_sharded_from_a_backed_anndata(tmp_path):
+    adata = _adata(72, 60, extras=True)
+    path = write_adata(adata, tmp_path / "backed.h5ad")
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        write_sharded(tmp_path / "from_backed.zarr", backed, n_obs_per_chunk=16)
+    finally:
+        backed.file.close()
+    back = ad.read_zarr(tmp_path / "from_backed.zarr")
+    np.testing.assert_array_equal(_values(back.X), _values(adata.X))
+    np.testing.assert_array_equal(_values(back.layers["counts"]), _values(adata.layers["counts"]))
+
+
+def _interrupt_at(prefix: str):
+    from annbatch.collection import _build
+
+    def hook(step: str) -> None:
+        if step.startswith(prefix):
+            raise KeyboardInterrupt(step)
+
+    _build.crash_hook = hook
+    return _build
+
+
+def test_resume_refuses_other_elements_or_obs(tmp_path):
+    a = _adata(73, 30, extras=True)
+    path = write_adata(a, tmp_path / "a.h5ad")
+    build = _interrupt_at("write dataset")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            DatasetCollection(tmp_path / "r.zarr").add_adatas([path], progress=False)
+    finally:
+        build.crash_hook = None
+
+    def without_a_layer(p):
+        adata = ad.read_h5ad(p)
+        del adata.obsm["X_pca"]
+        return adata
+
+    def without_a_column(p):
+        adata = ad.read_h5ad(p)
+        del adata.obs["seed"]
+        return adata
+
+    for load in (without_a_layer, without_a_column):
+        with pytest.raises(FileExistsError, match="an interrupted build"):
+            DatasetCollection(tmp_path / "r.zarr").add_adatas(
+                [path], load_adata=load, progress=False
+            )
+    DatasetCollection(tmp_path / "r.zarr").add_adatas(
+        [path], progress=False
+    )  # the same call resumes
+    assert DatasetCollection(tmp_path / "r.zarr").n_obs == 30
+
+
+def test_h5ad_build_interrupted_while_converting_refuses_other_inputs(tmp_path, inputs):
+    folder = tmp_path / "h5"
+    build = _interrupt_at("convert")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            DatasetCollection(folder, is_collection_h5ad=True).add_adatas(
+                inputs[:1], progress=False
+            )
+    finally:
+        build.crash_hook = None
+    assert DatasetCollection(folder).is_collection_h5ad  # recognised while half-built
+    with pytest.raises(RuntimeError, match="finished collection"):
+        DatasetCollection(folder, is_collection_h5ad=True).add_adatas(inputs[1:], progress=False)
+    DatasetCollection(folder, is_collection_h5ad=True).add_adatas(inputs[:1], progress=False)
+    assert DatasetCollection(folder).n_obs == 60

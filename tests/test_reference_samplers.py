@@ -457,3 +457,15 @@ def test_distributed_sampler_reads_torch_ranks(tmp_path):
     assert [len(b) for _, _, b in gathered] == [6, 6, 6]
     for r, rows in enumerate(per_rank):
         assert sorted(rows.tolist()) == list(range(30 * r, 30 * r + 30))
+
+
+def test_replacement_without_num_samples_draws_as_many_rows_with_repeats():
+    sampler = RandomSampler(1, 8, 4, replacement=True, rng=np.random.default_rng(0))
+    got = np.concatenate(_batches(sampler, 40))
+    assert got.size == 40
+    assert np.unique(got).size < 40  # drawn with replacement: some rows repeat
+
+
+def test_a_mask_past_the_rows_is_an_error():
+    with pytest.raises(ValueError, match="holds none of the Loader's 40 rows"):
+        list(SequentialSampler(5, 2, 5, mask=slice(50, None)).sample(40))

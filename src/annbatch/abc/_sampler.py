@@ -70,8 +70,16 @@ class Sampler(ABC):
         This default draws one epoch from a copy of the sampler (its state is left as it is)
         and counts; samplers override it with arithmetic.
         """
+        try:
+            twin = copy.deepcopy(self)
+        except Exception as e:
+            msg = (
+                f"{type(self).__name__} does not implement n_batches, and counting the batches of "
+                f"an epoch drawn from a copy failed ({e}); implement n_batches(n_obs)"
+            )
+            raise InvalidArgumentError(msg) from e
         n = 0
-        for request in copy.deepcopy(self).sample(n_obs):
+        for request in twin.sample(n_obs):
             n += (
                 len(request.splits)
                 if request.splits is not None
@@ -236,6 +244,9 @@ def check_mask(mask: slice | np.ndarray | None, n_obs: int) -> None:
         raise InvalidArgumentError(msg)
     if isinstance(mask, slice) and (mask.stop or 0) > n_obs:
         msg = f"mask {mask!r} reaches past the Loader's {n_obs} rows"
+        raise InvalidArgumentError(msg)
+    if isinstance(mask, slice) and n_obs and (mask.start or 0) >= n_obs:
+        msg = f"mask {mask!r} holds none of the Loader's {n_obs} rows"
         raise InvalidArgumentError(msg)
 
 

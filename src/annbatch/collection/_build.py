@@ -151,15 +151,20 @@ def assign_datasets(
     if block == 1:
         rng.shuffle(ids)
         return ids
-    # Whole blocks in a random order fill the datasets one after another.
+    # Whole blocks in a random order, one after another, fill the datasets (a block at a
+    # dataset's end continues in the next one): every dataset gets exactly its rows.
     n_blocks = -(-n_obs // block)
     order = rng.permutation(n_blocks)
-    lengths = np.full(n_blocks, block)
+    lengths = np.full(n_blocks, block, dtype=np.int64)
     lengths[-1] = n_obs - block * (n_blocks - 1)
-    starts = np.cumsum(lengths[order]) - lengths[order]  # where each block lands
-    owner = np.minimum(starts // rows_per_dataset, n_datasets - 1).astype(dtype)
+    begins = np.empty(n_blocks, dtype=np.int64)  # where each block lands in the sequence
+    begins[order] = np.cumsum(lengths[order]) - lengths[order]
     out = np.empty(n_obs, dtype=dtype)
-    out[:] = np.repeat(owner[np.argsort(order)], lengths)
+    step = 1 << 22  # rows at a time: bounded memory for any number of rows
+    for lo in range(0, n_obs, step):
+        rows = np.arange(lo, min(n_obs, lo + step), dtype=np.int64)
+        b = rows // block
+        out[lo : lo + rows.size] = (begins[b] + rows - b * block) // rows_per_dataset
     return out
 
 

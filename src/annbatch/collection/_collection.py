@@ -98,8 +98,22 @@ class DatasetCollection:
 
     Parameters
     ----------
-    path
-        The collection's folder. Nothing is written until :meth:`add_adatas`.
+    group
+        The collection's folder, as a path or as a ``zarr.Group`` on the local file system
+        (e.g. ``zarr.open_group("atlas.zarr", mode="w")``). Nothing is written until
+        :meth:`add_adatas`.
+    mode
+        As for ``zarr.open_group``: ``"r"`` read only, ``"r+"`` an existing collection,
+        ``"a"`` (default) read or build, ``"w"`` delete what the folder holds first, ``"w-"``
+        refuse an existing collection.
+    is_collection_h5ad
+        The datasets are (or will be) h5ad files in the folder rather than zarr groups; a
+        folder holding an annbatch h5ad collection is recognised without it.
+
+    Notes
+    -----
+    obs names are kept as the inputs give them (the reference library makes them unique):
+    checking uniqueness over all inputs would hold every name in memory at once.
 
     Examples
     --------
@@ -136,7 +150,8 @@ class DatasetCollection:
             msg = f"group must be a zarr.Group or a path, got {type(group).__name__}"
             raise ArgumentTypeError(msg)
         self._h5ad = is_collection_h5ad or (
-            not isinstance(group, zarr.Group) and (self._path / h5ad.MANIFEST).exists()
+            not isinstance(group, zarr.Group)
+            and any((self._path / name).exists() for name in (h5ad.MANIFEST, h5ad.SCRATCH))
         )
         self._mode = mode
         self._elements: list[ElementSpec] = []  # layers and obsm of the build in progress
@@ -374,7 +389,7 @@ class DatasetCollection:
             them chooses that layout (the reference library's); without them X gets
             annbatch's measured layout for ``compression``. A CRC32C checksum is added.
         h5ad_compressor
-            For collections of h5ad files, which annbatch does not build yet; checked only.
+            The h5py compression of a collection of h5ad files (``"gzip"``, ``"lzf"`` or None).
         dataset_size
             Most rows per dataset, or a size such as ``"20GB"`` (of X, uncompressed); the
             memory budget may make datasets smaller.
@@ -469,11 +484,7 @@ class DatasetCollection:
         append = append or self._added
         opened = open_inputs(items, load_adata)
         try:
-            for inp in opened:
-                missing = [c for c in group_columns if c not in inp.obs.columns]
-                if missing:
-                    msg = f"groupby column(s) {missing} are not in the obs of {inp.name}; every input needs them"
-                    raise InvalidArgumentError(msg)
+            _check_groupby(opened, group_columns)
             prints = [fingerprint(inp) for inp in opened]
             options: dict[str, Any] = {
                 "var_names": None if genes is None else list(genes),
@@ -551,7 +562,9 @@ class DatasetCollection:
             raise CollectionCompleteError(msg)
         self._path.mkdir(parents=True, exist_ok=True)
         scratch = DatasetCollection(self._path / h5ad.SCRATCH)
-        if not scratch.is_complete:  # else: built, and interrupted while converting
+        with warnings.catch_warnings():
+            # Built already, interrupted while converting: the same call resumes the conversion.
+            warnings.filterwarnings("ignore", ".*nothing was written", UserWarning)
             scratch.add_adatas(**call)
         h5ad.convert(self._path, scratch, compressor)
         self._added = True
@@ -578,7 +591,12 @@ class DatasetCollection:
         resuming = state is not None and not appending
         if resuming:
             build = state["build"]  # type: ignore[index]
-            if build.get("fingerprints") != prints or not _same_options(build, options):
+            elements = {e.path: e.describe() for e in self._elements}
+            if (
+                build.get("fingerprints") != prints
+                or not _same_options(build, options)
+                or state.get("elements", {}) != elements  # type: ignore[union-attr]
+            ):
                 msg = (
                     f"an interrupted build of other inputs or arguments is in {self._path}; run it "
                     "again with the same inputs and arguments to resume, or delete the folder"
@@ -617,6 +635,14 @@ class DatasetCollection:
             sources.append((f"the collection {self._path}", TypesOnly(prior)))
         sources += [(inp.name, inp.obs) for inp in inputs]
         schema = build_schema(sources, skip=SOURCE_COLUMN)
+        columns = [f"{c}: {t.describe()}" for c, t in schema.types.items()]
+        if resuming and state["build"].get("obs_columns", columns) != columns:  # type: ignore[index]
+            # The buckets hold obs columns by position: other columns cannot resume them.
+            msg = (
+                f"an interrupted build with other obs columns is in {self._path}; run it again "
+                "with the same inputs and load_adata to resume, or delete the folder"
+            )
+            raise CollectionPathError(msg)
         first = state["build"]["first"] if resuming else len(done)  # type: ignore[index]
         plan = plan_build(
             inputs,
@@ -641,6 +667,7 @@ class DatasetCollection:
             "build": {
                 **options,
                 "option_keys": list(options),
+                "obs_columns": columns,
                 "inputs": names,
                 "fingerprints": prints,
                 "seed": seed,
@@ -901,3 +928,25 @@ def _elements_for_append(
             stacklevel=4,
         )
     return [mine[p] for p in held]
+
+
+def _check_groupby(inputs: Sequence[Input], columns: list[str]) -> None:
+    """Every input has the groupby columns, and categorical ones have the same categories."""
+    for column in columns:
+        categories: tuple[pd.Index, str] | None = None
+        for inp in inputs:
+            if column not in inp.obs.columns:
+                msg = f"groupby column {column!r} is not in the obs of {inp.name}; every input needs it"
+                raise InvalidArgumentError(msg)
+            values = inp.obs.column(column)
+            if not isinstance(values.dtype, pd.CategoricalDtype):
+                continue
+            if categories is None:
+                categories = (values.cat.categories, inp.name)
+            elif not values.cat.categories.equals(categories[0]):
+                msg = (
+                    f"groupby column {column!r} has categories {list(values.cat.categories)[:10]} "
+                    f"in {inp.name} but {list(categories[0])[:10]} in {categories[1]}; give it the "
+                    "same categories in every input"
+                )
+                raise InvalidArgumentError(msg)

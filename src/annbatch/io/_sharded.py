@@ -156,7 +156,7 @@ def layout_kwargs(
     if sp.issparse(elem) or (
         hasattr(elem, "format") and getattr(elem, "format", None) in ("csr", "csc")
     ):
-        nnz = int(elem.nnz)
+        nnz = int(elem.nnz) if hasattr(elem, "nnz") else int(elem.group["indptr"][-1])
         per_row = max(1.0, nnz / max(1, n_obs))
         chunk = max(1, round(chunk_rows * per_row))
         itemsize = np.dtype(elem.dtype).itemsize

@@ -60,8 +60,8 @@ class RandomSampler(ChunkSampler):
         Draw each chunk independently (uniformly among the chunks of the allowed rows), so a
         chunk may come several times per epoch, or not at all.
     num_samples
-        Rows per epoch. Default: every allowed row. Without replacement at most the number of
-        allowed rows: the epoch is then the first ``num_samples`` rows of the shuffled chunks.
+        Rows per epoch. Default: the number of allowed rows. Without replacement at most that
+        number: the epoch is then the first ``num_samples`` rows of the shuffled chunks.
     """
 
     def __init__(
@@ -129,11 +129,11 @@ class RandomSampler(ChunkSampler):
         return self._num_samples if self._replacement else min(self._num_samples, n_allowed)
 
     def _draw(self, chunks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        if self._num_samples is None or not len(chunks):
+        if not len(chunks) or (self._num_samples is None and not self._replacement):
             return chunks
-        target = self._num_samples
+        lengths = chunks[:, 1] - chunks[:, 0]
+        target = int(lengths.sum()) if self._num_samples is None else self._num_samples
         if self._replacement:
-            lengths = chunks[:, 1] - chunks[:, 0]
             mean = float(lengths.mean())
             picks, total = [], 0
             while total < target:

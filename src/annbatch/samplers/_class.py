@@ -38,7 +38,8 @@ class ClassSampler(EpochSampler):
         order added), without missing values; e.g. ``pd.Categorical(collection.obs(["cell_type"])
         ["cell_type"])``.
     num_samples
-        Rows per epoch (all ranks together).
+        Rows per epoch: all ranks together when the sampler splits an epoch among
+        torch.distributed ranks itself; per rank inside a :class:`DistributedSampler`.
     class_weights
         Relative frequency of each class: a mapping from class to weight (classes left out
         weigh 0) or a sequence in the order of ``classes.categories``. Default: every class

@@ -81,8 +81,8 @@ class WeightedSampler(EpochSampler):
             msg = "weights must be a 1-D array of finite, non-negative numbers (one per row)"
             raise InvalidArgumentError(msg)
         self._weights = w
-        self._mask = None
-        self._p, positive = self._probabilities(parse_mask(mask))
+        self._mask = parse_mask(mask)
+        self._p, positive = self._probabilities(self._mask)
         self._replacement = parse_bool(replacement, "replacement")
         self._num_samples = (
             positive if num_samples is None else parse_positive_int(num_samples, "num_samples")
@@ -104,7 +104,7 @@ class WeightedSampler(EpochSampler):
 
     def _probabilities(self, mask: slice | np.ndarray | None) -> tuple[np.ndarray, int]:
         """Draw probabilities of the rows (weights outside ``mask`` count as 0), and the number
-        of rows that can be drawn; sets the mask."""
+        of rows that can be drawn."""
         w = self._weights
         if isinstance(mask, np.ndarray):
             if mask.size != w.size:
@@ -119,7 +119,6 @@ class WeightedSampler(EpochSampler):
         if positive == 0:
             msg = "weights are all zero: no row could be drawn"
             raise InvalidArgumentError(msg)
-        self._mask = mask
         return w / w.sum(), positive
 
     @property
@@ -130,11 +129,12 @@ class WeightedSampler(EpochSampler):
 
     @mask.setter
     def mask(self, value: slice | np.ndarray | None) -> None:
-        p, positive = self._probabilities(parse_mask(value))
+        mask = parse_mask(value)
+        p, positive = self._probabilities(mask)
         if not self._replacement and self._num_samples > positive:
             msg = f"num_samples ({self._num_samples}) is more than the {positive} rows this mask allows"
             raise InvalidArgumentError(msg)
-        self._p = p
+        self._p, self._mask = p, mask
 
     @classmethod
     def balanced(
