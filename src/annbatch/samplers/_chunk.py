@@ -83,20 +83,9 @@ class ChunkSampler(EpochSampler):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        self._chunk_size = parse_positive_int(chunk_size, "chunk_size")
-        self._preload_nchunks = parse_positive_int(preload_nchunks, "preload_nchunks")
-        self._batch_size = parse_positive_int(batch_size, "batch_size")
-        window = self._chunk_size * self._preload_nchunks
-        if self._batch_size > window:
-            msg = (
-                f"batch_size ({self._batch_size}) is larger than one preload window, chunk_size * "
-                f"preload_nchunks ({self._chunk_size} * {self._preload_nchunks} = {window}); "
-                "raise preload_nchunks or lower batch_size"
-            )
-            raise InvalidArgumentError(msg)
-        # Every window but the last holds a whole number of batches, so no batch is short
-        # mid-epoch; the chunk at a window's edge is split between two windows.
-        self._window_rows = window - window % self._batch_size
+        (self._chunk_size, self._preload_nchunks, self._batch_size, self._window_rows) = (
+            parse_window(chunk_size, preload_nchunks, batch_size)
+        )
         self._shuffle = parse_bool(shuffle, "shuffle")
         self._drop_last = parse_bool(drop_last, "drop_last")
         self._random_offset = parse_bool(random_offset, "random_offset")
@@ -232,6 +221,27 @@ class ChunkSampler(EpochSampler):
                     window, room = [], self._window_rows
         if window:
             yield window
+
+
+def parse_window(
+    chunk_size: object, preload_nchunks: object, batch_size: object
+) -> tuple[int, int, int, int]:
+    """``(chunk_size, preload_nchunks, batch_size, window rows)`` checked: a window holds
+    ``chunk_size * preload_nchunks`` rows rounded down to whole batches, so that every window
+    but an epoch's last holds whole batches (the chunk at a window's edge is then split
+    between two windows)."""
+    chunk = parse_positive_int(chunk_size, "chunk_size")
+    preload = parse_positive_int(preload_nchunks, "preload_nchunks")
+    batch = parse_positive_int(batch_size, "batch_size")
+    window = chunk * preload
+    if batch > window:
+        msg = (
+            f"batch_size ({batch}) is larger than one preload window, chunk_size * "
+            f"preload_nchunks ({chunk} * {preload} = {window}); "
+            "raise preload_nchunks or lower batch_size"
+        )
+        raise InvalidArgumentError(msg)
+    return chunk, preload, batch, window - window % batch
 
 
 def _take_rows(chunks: np.ndarray, lengths: np.ndarray, first: int, count: int) -> np.ndarray:

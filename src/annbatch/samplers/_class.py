@@ -14,6 +14,7 @@ from annbatch._args import parse_bool, parse_mask, parse_positive_int
 from annbatch.abc import LoadRequest
 from annbatch.abc._sampler import check_mask
 from annbatch.errors import ArgumentTypeError, InvalidArgumentError
+from annbatch.samplers._chunk import parse_window
 from annbatch.samplers._epochs import EpochSampler
 
 if TYPE_CHECKING:
@@ -78,17 +79,9 @@ class ClassSampler(EpochSampler):
         drop_last: bool = False,
         rng: np.random.Generator | None = None,
     ) -> None:
-        self._chunk_size = parse_positive_int(chunk_size, "chunk_size")
-        self._preload_nchunks = parse_positive_int(preload_nchunks, "preload_nchunks")
-        self._batch_size = parse_positive_int(batch_size, "batch_size")
-        window = self._chunk_size * self._preload_nchunks
-        if self._batch_size > window:
-            msg = (
-                f"batch_size ({self._batch_size}) is larger than one preload window, chunk_size * "
-                f"preload_nchunks ({window}); raise preload_nchunks or lower batch_size"
-            )
-            raise InvalidArgumentError(msg)
-        self._window_rows = window - window % self._batch_size
+        (self._chunk_size, self._preload_nchunks, self._batch_size, self._window_rows) = (
+            parse_window(chunk_size, preload_nchunks, batch_size)
+        )
         if not isinstance(classes, pd.Categorical):
             msg = (
                 f"classes must be a pandas.Categorical (one class per row), got {type(classes).__name__}; "
