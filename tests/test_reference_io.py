@@ -324,8 +324,8 @@ def test_reference_build_arguments(tmp_path, inputs):
         DatasetCollection(tmp_path / "x.zarr").add_adatas(
             inputs, compression="lz4", n_obs_per_chunk=8
         )
-    with pytest.raises(FeatureNotAvailableError, match="only merge=None"):
-        DatasetCollection(tmp_path / "x.zarr").add_adatas(inputs, merge="same")
+    with pytest.raises(ValueError, match="merge must be one of"):
+        DatasetCollection(tmp_path / "x.zarr").add_adatas(inputs, merge="outer")
     with pytest.raises(ValueError, match="zarr v3 compressor"):
         DatasetCollection(tmp_path / "x.zarr").add_adatas(inputs, zarr_compressor="lz4")
 
@@ -564,3 +564,30 @@ def test_h5ad_build_interrupted_while_converting_refuses_other_inputs(tmp_path, 
         DatasetCollection(folder, is_collection_h5ad=True).add_adatas(inputs[1:], progress=False)
     DatasetCollection(folder, is_collection_h5ad=True).add_adatas(inputs[:1], progress=False)
     assert DatasetCollection(folder).n_obs == 60
+
+
+@pytest.mark.parametrize("merge", ["same", "unique", "first", "only"])
+def test_merge_combines_var_columns_as_anndata_concat(tmp_path, merge):
+    a, b = _adata(80, 10), _adata(81, 10)
+    a.var["symbol"] = [f"S{j}" for j in range(12)]
+    b.var["symbol"] = [f"S{j}" if j != 3 else "other" for j in range(12)]
+    a.var["only_a"] = np.arange(12)
+    b.var_names = [f"g{j + 2}" for j in range(12)]  # g2..g13: an outer join of genes
+    paths = [write_adata(a, tmp_path / "a.h5ad"), write_adata(b, tmp_path / "b.h5ad")]
+    collection = DatasetCollection(tmp_path / "m.zarr").add_adatas(
+        paths, merge=merge, progress=False
+    )
+    want = ad.concat([ad.read_h5ad(p)[:0] for p in paths], join="outer", merge=merge).var.reindex(
+        collection.var_names
+    )
+    for group in collection:
+        got = ad.io.read_elem(group["var"])
+        assert list(got.columns) == list(want.columns)
+        for column in want.columns:
+            np.testing.assert_array_equal(
+                got[column].astype(object).where(got[column].notna(), None),
+                want[column].astype(object).where(want[column].notna(), None),
+            )
+    # An append keeps the collection's var columns.
+    collection.add_adatas([write_adata(_adata(82, 5), tmp_path / "c.h5ad")], progress=False)
+    assert list(ad.io.read_elem(collection.datasets[-1]["var"]).columns) == list(want.columns)

@@ -370,6 +370,7 @@ def write_datasets(
     order: RowOrder = RowOrder(),
     layout: XLayout | None = None,
     elements: Sequence[ElementSpec] = (),
+    var: pd.DataFrame | None = None,
 ) -> None:
     """Pass 2: shuffle each bucket's rows and write it as a dataset with its obs (the
     ``src_path`` column from ``sources``, the inputs' names, and ``offsets``, their first
@@ -400,7 +401,7 @@ def write_datasets(
         if name in root:
             del root[name]  # a dataset left half-written by an interrupted build
         write_dataset(
-            root.create_group(name), x, obs, var_names, compression, checkpoint, layout, extra
+            root.create_group(name), x, obs, var_names, compression, checkpoint, layout, extra, var
         )
         on_written(name, int(ids.size))
         checkpoint(f"delete bucket {k}")

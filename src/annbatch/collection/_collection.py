@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self
 
+import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
@@ -64,11 +65,11 @@ from annbatch.errors import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
-    import anndata as ad
-
     from annbatch.collection._inputs import Input
 
 _MODES = ("r", "r+", "a", "w", "w-")
+_MERGES = (None, "same", "unique", "first", "only")
+"""anndata.concat's strategies for combining the inputs' var columns."""
 
 ATTR = "annbatch-collection"
 """Root attribute holding the collection's state."""
@@ -155,6 +156,7 @@ class DatasetCollection:
         )
         self._mode = mode
         self._elements: list[ElementSpec] = []  # layers and obsm of the build in progress
+        self._var: pd.DataFrame | None = None  # var columns of the build in progress
         if mode == "r+" and self._state() is None:
             msg = f"mode='r+' needs an existing collection, and {self._path} holds none"
             raise IncompleteCollectionError(msg)
@@ -401,8 +403,9 @@ class DatasetCollection:
             Mix rows across inputs (default). ``False`` keeps the inputs' order: the datasets
             hold the rows one input after another.
         merge
-            How the inputs' var columns are combined; only ``None`` (no var columns, as
-            ``anndata.concat``'s default) is supported.
+            How the inputs' var columns are combined, as ``anndata.concat`` does it: ``None``
+            (default: no var columns), ``"same"``, ``"unique"``, ``"first"`` or ``"only"``.
+            Appends keep the collection's var columns.
         memory_budget
             Bytes (or a size such as ``"2GB"``) the build may hold in memory at once, about.
         rng
@@ -462,9 +465,9 @@ class DatasetCollection:
             msg = "give compression (annbatch's layouts) or n_obs_per_chunk / shard_size / zarr_compressor, not both"
             raise InvalidArgumentError(msg)
         compression = parse_compression(DEFAULT_COMPRESSION if compression is None else compression)
-        if merge is not None:
-            msg = f"merge={merge!r}: collections keep no var columns yet, so only merge=None is supported"
-            raise FeatureNotAvailableError(msg)
+        if merge not in _MERGES:
+            msg = f"merge must be one of {_MERGES} (as for anndata.concat), got {merge!r}"
+            raise InvalidArgumentError(msg)
         if not isinstance(shuffle, bool):
             msg = f"shuffle must be a bool, got {shuffle!r}"
             raise InvalidArgumentError(msg)
@@ -496,12 +499,19 @@ class DatasetCollection:
             # Recorded only when they differ from the defaults, so that collections built
             # before these options existed still match a repeat of their call.
             extra = {
+                "merge": merge,
                 "shuffle": shuffle,
                 "shuffle_chunk_size": block,
                 "groupby": group_columns or None,
                 "layout": None if layout is None else layout.describe(),
             }
-            defaults = {"shuffle": True, "shuffle_chunk_size": 1, "groupby": None, "layout": None}
+            defaults = {
+                "merge": None,
+                "shuffle": True,
+                "shuffle_chunk_size": 1,
+                "groupby": None,
+                "layout": None,
+            }
             options.update({k: v for k, v in extra.items() if v != defaults[k]})
             self._layout = layout
             complete = state is not None and state["state"] == "complete"
@@ -626,10 +636,17 @@ class DatasetCollection:
             var_names = pd.Index(state["var_names"], dtype=object)  # type: ignore[index]
         elif var_names is None:
             var_names = union_var_names(inputs)
+        self._var = None
         if state is not None and state["datasets"]:
             root_r = zarr.open_group(self._path, mode="r")
             prior_first = state["build"]["first"] if resuming else len(done)
             prior = dataset_types([root_r[d["name"]] for d in done[:prior_first]])
+            if prior_first:  # an append keeps the collection's var columns
+                head: Any = root_r[done[0]["name"]]
+                first_var = read_elem_quiet(head["var"])
+                self._var = first_var if len(first_var.columns) else None
+        if self._var is None and options.get("merge") is not None and not prior:
+            self._var = merged_var(inputs, var_names, options["merge"])
         sources: list[tuple[str, ObsColumns]] = []
         if prior:
             sources.append((f"the collection {self._path}", TypesOnly(prior)))
@@ -763,6 +780,7 @@ class DatasetCollection:
                 order=RowOrder(shuffle=shuffle, block=block, groupby=build.get("groupby") or []),
                 layout=self._layout,
                 elements=self._elements,
+                var=self._var,
             )
         if scratch.exists():
             checkpoint("delete scratch")
@@ -950,3 +968,31 @@ def _check_groupby(inputs: Sequence[Input], columns: list[str]) -> None:
                     "same categories in every input"
                 )
                 raise InvalidArgumentError(msg)
+
+
+def read_elem_quiet(elem: Any) -> Any:
+    """anndata's ``read_elem``, without its notes on encodings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ad.io.read_elem(elem)
+
+
+def merged_var(inputs: Sequence[Input], var_names: pd.Index, merge: str) -> pd.DataFrame:
+    """The inputs' var columns combined by anndata's ``merge`` strategy, on ``var_names``
+    (genes an input lacks count as missing there, as in an outer join)."""
+    frames = []
+    for inp in inputs:
+        var = inp.read_var() if inp.read_var is not None else pd.DataFrame(index=inp.var_names)
+        var = var.copy()
+        var.index = var.index.astype(str)
+        frames.append(ad.AnnData(var=var, obs=pd.DataFrame(index=pd.Index([], dtype=object))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's notes on index names and dtypes
+        joined = ad.concat(frames, axis=0, join="outer", merge=merge)
+    var = joined.var.reindex(var_names)
+    var.index.name = None
+    for column in var.columns:  # strings with gaps: pandas' nullable strings keep them missing
+        values = var[column]
+        if values.dtype == object and values.dropna().map(type).eq(str).all():
+            var[column] = values.astype(pd.StringDtype())
+    return var

@@ -54,6 +54,8 @@ class Input:
     sparse: bool
     handle: Any = None
     """An open h5py.File to close when the build is done."""
+    read_var: Callable[[], pd.DataFrame] | None = None
+    """Reads the input's var (only needed to merge var columns)."""
     elements: dict[str, Any] = field(default_factory=dict)
     """Row-indexed elements besides X, by path (``"layers/counts"``, ``"obsm/X_pca"``): each
     row-sliceable, dense of any rank or CSR (layers share X's genes)."""
@@ -120,6 +122,7 @@ def open_input(
             pd.Index(item.var_names),
             np.dtype(x.dtype),
             sparse,
+            read_var=lambda: item.var,
             elements=_elements(item, name),
         )
     if isinstance(item, zarr.Group | h5py.Group):
@@ -134,6 +137,7 @@ def open_input(
 
 
 def _from_group(group: Any, name: str, handle: Any) -> Input:
+    legacy_var: pd.DataFrame | None = None  # var of an old encoding, read whole by anndata
     try:
         if "X" not in group or "obs" not in group or "var" not in group:
             msg = f"input {name} holds no AnnData (it needs X, obs and var)"
@@ -143,6 +147,7 @@ def _from_group(group: Any, name: str, handle: Any) -> Input:
             try:
                 obs: ObsColumns = FrameColumns(adata.obs)
                 var_names = pd.Index(adata.var_names)
+                legacy_var = adata.var.copy()
             finally:
                 if adata.isbacked:
                     adata.file.close()
@@ -167,7 +172,11 @@ def _from_group(group: Any, name: str, handle: Any) -> Input:
         if handle is not None:
             handle.close()
         raise
-    return Input(name, x, obs, var_names, np.dtype(x.dtype), sparse, handle, elements)
+
+    def read_var() -> pd.DataFrame:
+        return legacy_var if legacy_var is not None else _read_elem(group["var"])
+
+    return Input(name, x, obs, var_names, np.dtype(x.dtype), sparse, handle, read_var, elements)
 
 
 ELEMENT_GROUPS = ("layers", "obsm")

@@ -176,9 +176,11 @@ def write_dataset(
     checkpoint: Callable[[str], None] | None = None,
     layout: XLayout | None = None,
     elements: dict[str, Any] | None = None,
+    var: pd.DataFrame | None = None,
 ) -> None:
     """Write one AnnData (X, obs, var, and ``elements``: layers and obsm arrays by path) into
-    ``group`` (a new, empty zarr v3 group).
+    ``group`` (a new, empty zarr v3 group). ``var``: the var frame (index ``var_names``);
+    default: no columns.
 
     obs columns anndata cannot write (datetimes) are stored as ISO 8601 strings marked with
     the ``annbatch-dtype`` attribute (see :func:`annbatch.load_x_and_obs`); ``checkpoint`` is
@@ -210,7 +212,8 @@ def write_dataset(
         obs_group: Any = group["obs"]
         for column, dtype in restore.items():
             obs_group[column].attrs[DTYPE_ATTR] = dtype
-        ad.io.write_elem(group, "var", pd.DataFrame(index=var_names), dataset_kwargs=OBS_CODECS)
+        var = pd.DataFrame(index=var_names) if var is None else var
+        ad.io.write_elem(group, "var", var, dataset_kwargs=OBS_CODECS)
     group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
 
 
