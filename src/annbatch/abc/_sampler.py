@@ -166,14 +166,20 @@ class Sampler(ABC):
         if self._trusted:
             yield from self._sample(n_obs)  # type: ignore[misc]
             return
-        for i, request in enumerate(self._sample(n_obs)):
-            if not isinstance(request, LoadRequest):
-                request = self._from_dict(request, n_obs, position=i)
+        for i, item in enumerate(self._sample(n_obs)):
+            from_dict = not isinstance(item, LoadRequest)
+            request = (
+                item if isinstance(item, LoadRequest) else self._from_dict(item, n_obs, position=i)
+            )
             _check_request(request, n_obs, position=i)
+            if from_dict and request.splits is None:  # batch_size cuts, shuffled if shuffle
+                request = LoadRequest(request.chunks, self._default_splits(request.n_rows))
             yield request
 
     def _from_dict(self, request: object, n_obs: int, *, position: int) -> LoadRequest:
-        """A :class:`LoadRequest` from the dict form (:class:`annbatch.types.LoadRequest`)."""
+        """A :class:`LoadRequest` from the dict form (:class:`annbatch.types.LoadRequest`);
+        slices without splits keep ``splits=None`` (filled in by :meth:`sample`, once the
+        slices are checked)."""
         where = f"load request {position} of the sampler"
         if not isinstance(request, dict):
             msg = f"{where} is a {type(request).__name__}; expected annbatch.abc.LoadRequest or a dict with 'requests'"
@@ -220,9 +226,6 @@ class Sampler(ABC):
             ):
                 msg = f"{where} has an empty request {chunk!r}; every slice must hold rows"
                 raise InvalidArgumentError(msg)
-        if splits is None:
-            _check_request(LoadRequest(chunks=chunks), n_obs, position=position)
-            splits = self._default_splits(sum(c.stop - c.start for c in chunks))
         return LoadRequest(chunks=chunks, splits=splits)
 
     def _default_splits(self, n_rows: int) -> list[np.ndarray]:
@@ -276,13 +279,7 @@ def _positions_request(
     layout = np.searchsorted(unique, rows)  # request position -> position in the chunks
     if splits is None:
         splits = default_splits(rows.size)
-    for split in splits:
-        if split.ndim != 1 or not np.issubdtype(split.dtype, np.integer):
-            msg = f"{where} has a split of dtype {split.dtype} and shape {split.shape}; expected a 1-D integer array"
-            raise InvalidArgumentError(msg)
-        if split.size and (split.min() < 0 or split.max() >= rows.size):
-            msg = f"{where} has a split with positions outside 0..{rows.size - 1} (the rows it requests)"
-            raise InvalidArgumentError(msg)
+    _check_splits(splits, rows.size, where, "requests")
     return LoadRequest(chunks=chunks, splits=[layout[s] for s in splits])
 
 
@@ -303,13 +300,17 @@ def _check_request(request: LoadRequest, n_obs: int, *, position: int) -> None:
         if chunk.start is None or chunk.stop is None or not 0 <= chunk.start <= chunk.stop <= n_obs:
             msg = f"{where} has chunk {chunk!r}; expected 0 <= start <= stop <= n_obs = {n_obs}"
             raise InvalidArgumentError(msg)
-    if request.splits is None:
-        return
-    n_rows = request.n_rows
-    for split in request.splits:
+    if request.splits is not None:
+        _check_splits(request.splits, request.n_rows, where, "loads")
+
+
+def _check_splits(splits: list[np.ndarray], n_rows: int, where: str, verb: str) -> None:
+    """Every split is a 1-D integer array of positions into the ``n_rows`` rows the request
+    ``verb`` ("loads", or "requests" for positions in request order)."""
+    for split in splits:
         if split.ndim != 1 or not np.issubdtype(split.dtype, np.integer):
             msg = f"{where} has a split of dtype {split.dtype} and shape {split.shape}; expected a 1-D integer array"
             raise InvalidArgumentError(msg)
         if split.size and (split.min() < 0 or split.max() >= n_rows):
-            msg = f"{where} has a split with positions outside 0..{n_rows - 1} (the rows it loads)"
+            msg = f"{where} has a split with positions outside 0..{n_rows - 1} (the rows it {verb})"
             raise InvalidArgumentError(msg)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -139,9 +138,7 @@ class ChunkSampler(EpochSampler):
     def n_batches(self, n_obs: int) -> int:
         """Number of batches per epoch (of this rank) over ``n_obs`` rows."""
         rows = self._rank_rows(self._epoch_rows(self._n_allowed(n_obs)))
-        if self._drop_last:
-            return rows // self._batch_size
-        return math.ceil(rows / self._batch_size)
+        return self._batches_of(rows, self._batch_size, drop_last=self._drop_last)
 
     def _n_allowed(self, n_obs: int) -> int:
         runs = self._runs(n_obs)

@@ -3,7 +3,6 @@ label on disk (a collection built with ``groupby``)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -138,7 +137,7 @@ class ClassSampler(EpochSampler):
 
     @property
     def num_samples(self) -> int:
-        """Rows per epoch (all ranks together)."""
+        """Rows per epoch (see the ``num_samples`` argument)."""
         return self._num_samples
 
     @property
@@ -159,7 +158,7 @@ class ClassSampler(EpochSampler):
     def n_batches(self, n_obs: int) -> int:
         """Batches per epoch (of this rank)."""
         rows = self._share(self._num_samples, drop=self._drop_last)
-        return rows // self._batch_size if self._drop_last else math.ceil(rows / self._batch_size)
+        return self._batches_of(rows, self._batch_size, drop_last=self._drop_last)
 
     def validate(self, n_obs: int) -> None:
         """``classes`` must cover the Loader's rows, and the mask must leave a class to draw."""

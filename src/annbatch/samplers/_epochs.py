@@ -75,6 +75,10 @@ class EpochSampler(Sampler):
         world = self.ranks()[1]
         return n_rows // world if drop else -(-n_rows // world)
 
+    def _batches_of(self, rows: int, batch_size: int, *, drop_last: bool) -> int:
+        """Batches that ``rows`` rows make: whole ones only with ``drop_last``."""
+        return rows // batch_size if drop_last else -(-rows // batch_size)
+
     def _next_epoch(self) -> tuple[np.random.Generator, np.random.Generator]:
         """Start the next epoch: a generator shared by all ranks, and one for this rank."""
         epoch = self._epoch

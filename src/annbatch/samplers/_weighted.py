@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -200,7 +199,7 @@ class WeightedSampler(EpochSampler):
     def n_batches(self, n_obs: int) -> int:
         """Batches per epoch (of this rank)."""
         rows = self._rank_rows()
-        return rows // self._batch_size if self._drop_last else math.ceil(rows / self._batch_size)
+        return self._batches_of(rows, self._batch_size, drop_last=self._drop_last)
 
     def validate(self, n_obs: int) -> None:
         """The weights must cover the Loader's rows; ranks need one seed."""
