@@ -162,3 +162,44 @@ def test_h5ad_collection_killed_then_resumed_equals_uninterrupted(tmp_path, fork
             pd.testing.assert_frame_equal(adata.obs, want.obs)
         assert not (out / "_annbatch_build.zarr").exists()
         shutil.rmtree(out)
+
+
+def test_h5ad_append_killed_then_resumed_equals_uninterrupted(tmp_path, fork):
+    """An append to an h5ad collection: killed at a write step, the collection reads as it was
+    until the new manifest is written; the same call again finishes the append."""
+    inputs = [_input(tmp_path / f"in{i}.h5ad", i, n) for i, n in enumerate([700, 500, 600])]
+    h5ad_options = {**OPTIONS, "is_collection_h5ad": True}
+    base = tmp_path / "base"
+    assert _run(fork, base, inputs[:2], kill_at=None, **h5ad_options) == 0
+    before = _h5ad_contents(base)
+    reference = tmp_path / "reference"
+    shutil.copytree(base, reference)
+    steps: list[str] = []
+    _build.crash_hook = steps.append
+    try:
+        DatasetCollection(reference).add_adatas(inputs[2:], progress=False, append=True, **OPTIONS)
+    finally:
+        _build.crash_hook = None
+    expected = _h5ad_contents(reference)
+    assert len(expected) == len(before) + 2
+    assert steps[0] == "begin h5ad append", steps
+    manifest = steps.index("manifest: h5ad") + 1
+    for k in sorted({1, *range(2, len(steps) + 1, 6), manifest - 2, manifest - 1, manifest}):
+        out = tmp_path / f"killed_{k}"
+        shutil.copytree(base, out)
+        options = {**h5ad_options, "append": True}
+        assert _run(fork, out, inputs[2:], kill_at=k, **options) == -signal.SIGKILL, steps[k - 1]
+        collection = DatasetCollection(out)
+        if k <= manifest:  # the old manifest: readers see the collection as it was
+            assert collection.n_obs == 1200, steps[k - 1]
+            assert len(Loader(batch_size=1200, to=None).use_collection(collection)) == 1
+        assert _run(fork, out, inputs[2:], kill_at=None, **options) == 0, steps[k - 1]
+        got = _h5ad_contents(out)
+        assert list(got) == list(expected), steps[k - 1]
+        for name, adata in got.items():
+            want = expected[name]
+            assert (adata.X != want.X).nnz == 0
+            pd.testing.assert_frame_equal(adata.obs, want.obs)
+        assert not (out / "_annbatch_build.zarr").exists()
+        assert DatasetCollection(out).n_obs == 1800
+        shutil.rmtree(out)

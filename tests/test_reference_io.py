@@ -16,7 +16,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 import annbatch
 from _adata_files import write_adata
 from annbatch import DatasetCollection, Loader, write_sharded
-from annbatch.errors import FeatureNotAvailableError
+from annbatch.errors import IncompatibleDatasetsError
 from annbatch.samplers import ClassSampler
 
 
@@ -399,11 +399,6 @@ def test_elements_not_in_every_input_are_said(tmp_path):
     # An append must bring what every dataset holds.
     with pytest.raises(ValueError, match=r"holds \['layers/counts'\] in every dataset"):
         collection.add_adatas([write_adata(_adata(62, 5), tmp_path / "n.h5ad")], progress=False)
-    no_x = ad.AnnData(
-        obs=pd.DataFrame(index=[f"c{i}" for i in range(4)]), obsm={"img": np.zeros((4, 2, 2))}
-    )
-    with pytest.raises(FeatureNotAvailableError, match="has no X"):
-        DatasetCollection(tmp_path / "n.zarr").add_adatas([no_x], progress=False)
 
 
 @pytest.mark.parametrize("compressor", ["gzip", None])
@@ -440,8 +435,10 @@ def test_h5ad_collections(tmp_path, inputs, compressor):
         again.add_adatas(
             inputs, dataset_size=100, h5ad_compressor=compressor, rng=4, progress=False
         )
-    with pytest.raises(FeatureNotAvailableError, match="appending to a collection of h5ad files"):
-        again.add_adatas(inputs[:1], progress=False)
+    with pytest.raises(annbatch.errors.CollectionCompleteError, match="append=True"):
+        DatasetCollection(folder).add_adatas(
+            [write_adata(_adata(90, 30), tmp_path / "n.h5ad")], progress=False
+        )
     # A folder of h5ad files without our manifest (another tool's collection) reads too.
     (folder / "annbatch-collection.json").unlink()
     foreign = DatasetCollection(folder, is_collection_h5ad=True)
@@ -591,3 +588,110 @@ def test_merge_combines_var_columns_as_anndata_concat(tmp_path, merge):
     # An append keeps the collection's var columns.
     collection.add_adatas([write_adata(_adata(82, 5), tmp_path / "c.h5ad")], progress=False)
     assert list(ad.io.read_elem(collection.datasets[-1]["var"]).columns) == list(want.columns)
+
+
+# --------------------------------------------------------------------------- without X
+def _images(seed: int, n_obs: int, *, x: bool = False) -> ad.AnnData:
+    """An AnnData whose rows are images in obsm (rank 4), with no X unless ``x``."""
+    rng = np.random.default_rng(seed)
+    obs = pd.DataFrame(
+        {"label": pd.Categorical(rng.choice(["a", "b"], n_obs), categories=["a", "b"])},
+        index=[f"i{seed}_{k}" for k in range(n_obs)],
+    )
+    images = rng.integers(0, 256, (n_obs, 3, 4, 5), dtype=np.uint8)
+    var = pd.DataFrame(index=[f"g{j}" for j in range(4)])
+    matrix = rng.random((n_obs, 4)).astype(np.float32) if x else None
+    return ad.AnnData(X=matrix, obs=obs, var=var if x else None, obsm={"images": images})
+
+
+@pytest.mark.parametrize("as_files", [False, True])
+def test_collection_of_anndata_without_x_holds_its_obsm(tmp_path, as_files):
+    adatas = [_images(s, n) for s, n in ((70, 90), (71, 60))]
+    want = {
+        name: img for a in adatas for name, img in zip(a.obs_names, a.obsm["images"], strict=True)
+    }
+    inputs: list = adatas
+    if as_files:
+        inputs = [write_adata(a, tmp_path / f"img{k}.h5ad") for k, a in enumerate(adatas)]
+    collection = DatasetCollection(tmp_path / "img.zarr").add_adatas(
+        inputs, dataset_size=64, rng=3, progress=False
+    )
+    assert collection.n_obs == 150
+    assert [d["encoding"] for d in collection.info()["datasets"]] == ["none"] * 3
+    # anndata reads each dataset: no X, the images by obs name.
+    for group in collection:
+        adata = ad.read_zarr(group.store_path)
+        assert adata.X is None
+        for name, image in zip(adata.obs_names, adata.obsm["images"], strict=True):
+            np.testing.assert_array_equal(image, want[name])
+    # The Loader streams the obsm array (the reference's documented use), every row once.
+    datasets = [g["obsm"]["images"] for g in collection]
+    names = collection.obs([]).index
+    stored = dict(zip(names, np.concatenate([d[:] for d in datasets]), strict=True))
+    assert all(np.array_equal(stored[n], want[n]) for n in want)
+    loader = Loader(batch_size=32, chunk_size=8, preload_nchunks=4, shuffle=True, to=None)
+    rows = np.concatenate([b["X"] for b in loader.add_datasets(datasets)])
+    assert rows.shape == (150, 3, 4, 5)
+    assert rows.dtype == np.uint8
+    got = sorted(r.tobytes() for r in rows)
+    assert got == sorted(img.tobytes() for img in want.values())
+    # use_collection's default loads X: it says what to stream instead.
+    with pytest.raises(annbatch.errors.UnsupportedDatasetError, match=r"holds no X.*obsm/images"):
+        Loader(batch_size=32).use_collection(collection)
+    # An append keeps it so: inputs with X are refused, inputs without join.
+    with pytest.raises(IncompatibleDatasetsError, match="has X but the collection"):
+        collection.add_adatas([_images(72, 10, x=True)], progress=False)
+    collection.add_adatas([_images(73, 20)], progress=False)
+    assert collection.n_obs == 170
+
+
+def test_inputs_without_x_must_all_lack_it_and_hold_an_array(tmp_path):
+    with pytest.raises(IncompatibleDatasetsError, match="has X but AnnData 0 has none"):
+        DatasetCollection(tmp_path / "a.zarr").add_adatas(
+            [_images(80, 10), _images(81, 10, x=True)], progress=False
+        )
+    bare = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(4)]))
+    with pytest.raises(IncompatibleDatasetsError, match="holds nothing to stream"):
+        DatasetCollection(tmp_path / "b.zarr").add_adatas([bare], progress=False)
+    other = _images(82, 10)
+    other.obsm["pixels"] = other.obsm.pop("images")
+    with (
+        pytest.warns(UserWarning, match="not in every input"),
+        pytest.raises(IncompatibleDatasetsError, match="share no layer or obsm"),
+    ):
+        DatasetCollection(tmp_path / "c.zarr").add_adatas([_images(83, 10), other], progress=False)
+    assert not (tmp_path / "a.zarr").exists()
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_h5ad_collection_appends(tmp_path, inputs):
+    folder = tmp_path / "h5"
+    collection = DatasetCollection(folder, is_collection_h5ad=True).add_adatas(
+        inputs[:2], dataset_size=100, rng=1, progress=False
+    )
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.h5ad")}
+    extra = _adata(95, 70)
+    extra.var_names = [f"g{j + 6}" for j in range(12)]  # half the genes are new: dropped
+    path = write_adata(extra, tmp_path / "extra.h5ad")
+    with pytest.warns(UserWarning, match="6 genes of the new inputs are not in the collection"):
+        collection.add_adatas([path], dataset_size=100, progress=False)
+    # The earlier files are untouched; the new rows are in new files, aligned to the genes.
+    assert {p: before[p] for p in before} == {
+        p.name: p.stat().st_mtime_ns for p in folder.glob("*.h5ad") if p.name in before
+    }
+    again = DatasetCollection(folder)
+    assert again.n_obs == sum(ad.read_h5ad(f).n_obs for f in folder.glob("*.h5ad"))
+    new = ad.concat([ad.read_h5ad(folder / n) for n in again.dataset_names if n not in before])
+    assert sorted(new.obs_names) == sorted(extra.obs_names)
+    genes = list(again.var_names)
+    dense = pd.DataFrame(_values(extra.X), index=extra.obs_names, columns=extra.var_names)
+    expected = dense.reindex(columns=genes, fill_value=0).loc[new.obs_names].to_numpy()
+    np.testing.assert_array_equal(_values(new.X), expected)
+    loader = Loader(batch_size=64, to=None).use_collection(again)
+    assert sum(b["X"].shape[0] for b in loader) == again.n_obs
+    # The same data again is refused; another obs type too.
+    with pytest.raises(annbatch.errors.DuplicateInputError):
+        again.add_adatas(
+            [write_adata(extra, tmp_path / "extra2.h5ad")], append=True, progress=False
+        )
+    assert not (folder / "_annbatch_build.zarr").exists()

@@ -185,10 +185,10 @@ def _run(args: argparse.Namespace) -> int:
         f"{'dataset':<16} {'rows':>12} {'dtype':>8} {'X':>11} {'codec':>12} {'chunks':>10} {'shards':>10} {'size':>10}"
     )
     for d in info["datasets"]:
-        chunks = "x".join(str(c) for c in d["chunks"])
+        chunks = "x".join(str(c) for c in d["chunks"]) or "-"
         shards = "x".join(str(c) for c in d["shards"]) if d["shards"] else "-"
         print(
-            f"{d['name']:<16} {d['n_obs']:>12,} {d['dtype']:>8} {d['encoding']:>11} {d['codec']:>12} "
+            f"{d['name']:<16} {d['n_obs']:>12,} {d['dtype'] or '-':>8} {d['encoding']:>11} {d['codec']:>12} "
             f"{chunks:>10} {shards:>10} {_human(d['bytes']):>10}"
         )
     return 0

@@ -432,7 +432,17 @@ class Loader(_IterableBase):
         if not callable(load):
             msg = f"load_adata must be a callable taking a zarr.Group, got {load!r}"
             raise InvalidArgumentError(msg)
-        self.add_anndatas([load(group) for group in collection.open_datasets()])
+        groups = collection.open_datasets()
+        if load_adata is None and groups and "X" not in groups[0]:
+            first: Any = groups[0]
+            paths = [f"{key}/{name}" for key in ("layers", "obsm") for name in first.get(key, {})]
+            msg = (
+                f"the collection {collection.path} holds no X (its inputs had none), only "
+                f"{', '.join(paths)}; stream one of those: "
+                f"loader.add_datasets([g[{paths[0]!r}] for g in collection])"
+            )
+            raise UnsupportedDatasetError(msg)
+        self.add_anndatas([load(group) for group in groups])
         self._used_collection = True
         return self
 

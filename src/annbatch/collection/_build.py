@@ -94,12 +94,14 @@ def plan_build(
     (``obs_bytes``: an estimate of a row's obs in memory, see
     :func:`~annbatch.collection._obs.obs_bytes_per_row`)."""
     n_obs = sum(inp.n_obs for inp in inputs)
-    itemsize = inputs[0].dtype.itemsize
-    if inputs[0].sparse:
+    x_dtype = inputs[0].dtype
+    if x_dtype is None:  # no X: the row ids, then the carried elements
+        bytes_per_row = 8.0
+    elif inputs[0].sparse:
         nnz = sum(_nnz(inp) for inp in inputs)
-        bytes_per_row = nnz / max(1, n_obs) * (itemsize + 8) + 16
+        bytes_per_row = nnz / max(1, n_obs) * (x_dtype.itemsize + 8) + 16
     else:
-        bytes_per_row = float(n_var * itemsize + 8)
+        bytes_per_row = float(n_var * x_dtype.itemsize + 8)
     for spec in elements:  # layers and obsm travel with their rows
         size = spec.dtype.itemsize
         if spec.sparse:  # about X's density (layers); obsm CSR is rare
@@ -198,9 +200,13 @@ class RowOrder:
 class _Bucket:
     """The rows of one dataset-to-be, appended to plain files as inputs are read: X, the rows'
     ids, each obs column (the obs names as column ``index``) in fixed-width parts, and each
-    carried element (layers, obsm) under its own prefix."""
+    carried element (layers, obsm) under its own prefix.
 
-    def __init__(self, folder: Path, *, sparse: bool, elements: Sequence[ElementSpec] = ()) -> None:
+    ``sparse``: X is CSR, dense, or (None) absent."""
+
+    def __init__(
+        self, folder: Path, *, sparse: bool | None, elements: Sequence[ElementSpec] = ()
+    ) -> None:
         self.folder = folder
         self.sparse = sparse
         self.elements = list(elements)
@@ -220,7 +226,8 @@ class _Bucket:
 
     def append(self, rows: Any, ids: np.ndarray, elements: Sequence[Any] = ()) -> None:
         self._append("ids", ids.astype(np.int64))
-        self._append_rows("", rows, sparse=self.sparse)
+        if self.sparse is not None:
+            self._append_rows("", rows, sparse=self.sparse)
         for k, (spec, part) in enumerate(zip(self.elements, elements, strict=True)):
             self._append_rows(f"e{k}_", part, sparse=spec.sparse)
 
@@ -239,8 +246,11 @@ class _Bucket:
             return sp.csr_matrix((data, indices, indptr), shape=(n_rows, *tail))
         return np.fromfile(self.folder / f"{prefix}x", dtype=dtype).reshape(n_rows, *tail)
 
-    def load(self, dtype: np.dtype, n_var: int) -> tuple[Any, np.ndarray]:
+    def load(self, dtype: np.dtype | None, n_var: int) -> tuple[Any, np.ndarray]:
+        """(X's rows or None without X, the rows' ids), in bucket order."""
         ids = np.fromfile(self.folder / "ids", dtype=np.int64)
+        if self.sparse is None or dtype is None:
+            return None, ids
         return self._load_rows("", dtype, ids.size, (n_var,), sparse=self.sparse), ids
 
     def load_elements(self, n_rows: int, n_var: int) -> dict[str, Any]:
@@ -286,7 +296,7 @@ def distribute(
     """Pass 1: read every input once (obs a column at a time, X and the carried elements in
     blocks) and append each row to its dataset's bucket."""
     buckets = [
-        _Bucket(scratch / f"{k:06d}", sparse=inputs[0].sparse, elements=elements)
+        _Bucket(scratch / f"{k:06d}", sparse=_x_kind(inputs[0]), elements=elements)
         for k in range(plan.n_datasets)
     ]
     first_row = 0
@@ -307,15 +317,20 @@ def distribute(
         for lo in range(0, inp.n_obs, plan.rows_per_block):
             hi = min(inp.n_obs, lo + plan.rows_per_block)
             checkpoint(f"distribute rows {lo}:{hi} of input {i}")
-            rows = align_rows(inp.x[lo:hi], mapping, len(var_names))
+            rows = align_rows(inp.x[lo:hi], mapping, len(var_names)) if inp.has_x else None
             ids = np.arange(first_row + lo, first_row + hi, dtype=np.int64)
             extra = [_element_rows(inp, spec, lo, hi, mapping, len(var_names)) for spec in elements]
             for part in _scatter(owner[lo:hi]):
                 buckets[int(owner[lo + part[0]])].append(
-                    rows[part], ids[part], [e[part] for e in extra]
+                    None if rows is None else rows[part], ids[part], [e[part] for e in extra]
                 )
             progress(hi - lo)
         first_row += inp.n_obs
+
+
+def _x_kind(inp: Input) -> bool | None:
+    """What a bucket holds of X: sparse (True), dense (False) or nothing (None)."""
+    return inp.sparse if inp.has_x else None
 
 
 def _element_rows(
@@ -359,12 +374,12 @@ def write_datasets(
     sources: Sequence[str],
     offsets: np.ndarray,
     var_names: pd.Index,
-    dtype: np.dtype,
+    dtype: np.dtype | None,
     scratch: Path,
     rng: np.random.Generator,
     on_written: Callable[[str, int], None],
     *,
-    sparse: bool,
+    sparse: bool | None,
     skip: set[str],
     compression: Compression,
     order: RowOrder = RowOrder(),
@@ -374,7 +389,8 @@ def write_datasets(
 ) -> None:
     """Pass 2: shuffle each bucket's rows and write it as a dataset with its obs (the
     ``src_path`` column from ``sources``, the inputs' names, and ``offsets``, their first
-    row ids); record it (``on_written``), then delete the bucket."""
+    row ids); record it (``on_written``), then delete the bucket. ``dtype`` and ``sparse``
+    describe X (both None: the inputs have no X)."""
     source_dtype = pd.CategoricalDtype(list(dict.fromkeys(sources)))
     source_codes = source_dtype.categories.get_indexer(list(sources))
     for k, name in enumerate(names):
@@ -394,7 +410,8 @@ def write_datasets(
             source_codes[np.searchsorted(offsets, ids, side="right") - 1], dtype=source_dtype
         )
         positions = order.order(ids, obs, order_rng)
-        x, obs = x[positions], obs.iloc[positions]
+        x = None if x is None else x[positions]
+        obs = obs.iloc[positions]
         loaded = bucket.load_elements(ids.size, len(var_names))
         extra = {path: rows[positions] for path, rows in loaded.items()}
         checkpoint(f"write dataset {name}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
@@ -538,47 +539,118 @@ class DatasetCollection:
         return self
 
     def _add_h5ad(self, call: dict[str, Any], compressor: str | None, *, append: bool) -> Self:
-        """Build an h5ad collection (see :mod:`annbatch.collection._h5ad`)."""
+        """Build an h5ad collection, or append to one (see :mod:`annbatch.collection._h5ad`)."""
         state = self._state()
-        if state is not None and state["state"] == "complete":
-            if (self._path / h5ad.SCRATCH).exists():  # killed after the manifest was written
+        scratch_path = self._path / h5ad.SCRATCH
+        appending = state is not None and state["state"] == "complete"
+        pending = False
+        if state is not None and appending:
+            pending = self._pending_h5ad_append(state)
+            if scratch_path.exists() and not pending:  # killed after the manifest was written
                 checkpoint("delete the h5ad build's scratch")
-                shutil.rmtree(self._path / h5ad.SCRATCH)
-            if append or self._added:
-                msg = (
-                    "appending to a collection of h5ad files is not supported yet; build a new one"
-                )
-                raise FeatureNotAvailableError(msg)
-            # Finished: the same call writes nothing (as for zarr collections), others are refused.
-            scratch_state = {**state, "state": "complete"}
-            opened = open_inputs(
-                _one_of(call["adata_paths"], call["inputs"], "adata_paths", "inputs"),
-                call["load_adata"],
-            )
-            try:
-                prints = [fingerprint(inp) for inp in opened]
-            finally:
-                for inp in opened:
-                    inp.close()
-            if any(b.get("fingerprints") == prints for b in scratch_state.get("builds", [])):
-                warnings.warn(
-                    f"{self._path} is finished and already holds these inputs; nothing was written",
-                    UserWarning,
-                    stacklevel=3,
-                )
-                self._added = True
-                return self
-            msg = f"{self._path} is a finished collection of h5ad files; build new inputs into another folder"
-            raise CollectionCompleteError(msg)
-        self._path.mkdir(parents=True, exist_ok=True)
-        scratch = DatasetCollection(self._path / h5ad.SCRATCH)
-        with warnings.catch_warnings():
-            # Built already, interrupted while converting: the same call resumes the conversion.
-            warnings.filterwarnings("ignore", ".*nothing was written", UserWarning)
-            scratch.add_adatas(**call)
+                shutil.rmtree(scratch_path)
+            if not (append or self._added or pending):
+                return self._h5ad_repeat(call, state)
+            if not pending:
+                self._begin_h5ad_append(state)
+        else:
+            self._path.mkdir(parents=True, exist_ok=True)
+        scratch = DatasetCollection(scratch_path)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                scratch.add_adatas(**call, append=appending)
+        except Exception:
+            if appending and not self._pending_h5ad_append(state):  # type: ignore[arg-type]
+                shutil.rmtree(scratch_path, ignore_errors=True)  # a refused append: nothing began
+            raise
+        for w in caught:  # said of the collection, not of its scratch folder
+            if (pending or not appending) and "nothing was written" in str(w.message):
+                continue  # built already, interrupted while converting: the conversion resumes
+            text = str(w.message).replace(str(scratch_path), str(self._path))
+            warnings.warn(text, w.category, stacklevel=3)
         h5ad.convert(self._path, scratch, compressor)
         self._added = True
         return self
+
+    def _h5ad_repeat(self, call: dict[str, Any], state: dict[str, Any]) -> Self:
+        """A call on a finished h5ad collection without append: the call that built it writes
+        nothing (as for zarr collections); others are refused."""
+        opened = open_inputs(
+            _one_of(call["adata_paths"], call["inputs"], "adata_paths", "inputs"),
+            call["load_adata"],
+        )
+        try:
+            prints = [fingerprint(inp) for inp in opened]
+        finally:
+            for inp in opened:
+                inp.close()
+        if any(b.get("fingerprints") == prints for b in state.get("builds", [])):
+            warnings.warn(
+                f"{self._path} is finished and already holds these inputs; nothing was written",
+                UserWarning,
+                stacklevel=4,
+            )
+            self._added = True
+            return self
+        msg = (
+            f"{self._path} is a finished collection of h5ad files built from other inputs; "
+            "pass append=True to add these inputs to it, or build into another folder"
+        )
+        raise CollectionCompleteError(msg)
+
+    def _pending_h5ad_append(self, state: dict[str, Any]) -> bool:
+        """Whether the scratch collection holds an interrupted append to the finished h5ad
+        collection ``state``: a build in progress, or datasets not converted yet."""
+        scratch = self._path / h5ad.SCRATCH
+        if not scratch.exists():
+            return False
+        try:
+            held = DatasetCollection(scratch)._state()
+        except CollectionPathError:
+            return False  # not even begun: left to be deleted
+        if held is None:
+            return False
+        return held["state"] != "complete" or len(held["datasets"]) > len(state["datasets"])
+
+    def _begin_h5ad_append(self, state: dict[str, Any]) -> None:
+        """Start an append to a finished h5ad collection: a scratch zarr collection whose
+        manifest is the h5ad collection's (its datasets are read from the h5ad files), which
+        the zarr build appends to as to any collection; the new datasets are converted after."""
+        if state.get("version") != FORMAT_VERSION or "x" not in state:
+            msg = (
+                f"{self._path} is a folder of h5ad files without annbatch's manifest; appending "
+                "needs a collection annbatch built. Build a new collection from these files instead"
+            )
+            raise CollectionPathError(msg)
+        base = {k: v for k, v in state.items() if k not in ("format", "h5ad_compressor")}
+        base["state"] = "complete"
+        base["datasets"] = [
+            {**d, "name": d["name"].removesuffix(".h5ad")} for d in state["datasets"]
+        ]
+        checkpoint("begin h5ad append")
+        zarr.create_group(
+            self._path / h5ad.SCRATCH, zarr_format=3, attributes={ATTR: base}, overwrite=True
+        )
+
+    @contextlib.contextmanager
+    def _finished_datasets(self, names: Sequence[str]) -> Iterator[list[Any]]:
+        """The finished datasets ``names``, opened read-only: zarr groups, or, in the scratch
+        collection of an append to an h5ad collection, the h5ad files of the folder above."""
+        root = zarr.open_group(self._path, mode="r")
+        files: list[h5py.File] = []
+        groups: list[Any] = []
+        try:
+            for name in names:
+                if name in root:
+                    groups.append(root[name])
+                else:
+                    files.append(h5py.File(self._path.parent / f"{name}.h5ad", "r"))
+                    groups.append(files[-1])
+            yield groups
+        finally:
+            for f in files:
+                f.close()
 
     def _save(self, root: zarr.Group, record: dict[str, Any], step: str) -> None:
         """Write the collection's state (one atomic write of the root's metadata)."""
@@ -638,13 +710,12 @@ class DatasetCollection:
             var_names = union_var_names(inputs)
         self._var = None
         if state is not None and state["datasets"]:
-            root_r = zarr.open_group(self._path, mode="r")
             prior_first = state["build"]["first"] if resuming else len(done)
-            prior = dataset_types([root_r[d["name"]] for d in done[:prior_first]])
-            if prior_first:  # an append keeps the collection's var columns
-                head: Any = root_r[done[0]["name"]]
-                first_var = read_elem_quiet(head["var"])
-                self._var = first_var if len(first_var.columns) else None
+            with self._finished_datasets([d["name"] for d in done[:prior_first]]) as groups:
+                prior = dataset_types(groups)
+                if prior_first:  # an append keeps the collection's var columns
+                    first_var = read_elem_quiet(groups[0]["var"])
+                    self._var = first_var if len(first_var.columns) else None
         if self._var is None and options.get("merge") is not None and not prior:
             self._var = merged_var(inputs, var_names, options["merge"])
         sources: list[tuple[str, ObsColumns]] = []
@@ -676,7 +747,7 @@ class DatasetCollection:
             "version": FORMAT_VERSION,
             "state": "building",
             "var_names": list(var_names),
-            "x": {"dtype": inputs[0].dtype.str, "sparse": inputs[0].sparse},
+            "x": _describe_x(inputs[0]),
             "elements": {e.path: e.describe() for e in self._elements},
             "inputs": [] if state is None else list(state.get("inputs", [])),
             "builds": [] if state is None else list(state.get("builds", [])),
@@ -774,7 +845,7 @@ class DatasetCollection:
                 scratch,
                 gen,
                 on_written,
-                sparse=inputs[0].sparse,
+                sparse=inputs[0].sparse if inputs[0].has_x else None,
                 skip=written,
                 compression=build["compression"],
                 order=RowOrder(shuffle=shuffle, block=block, groupby=build.get("groupby") or []),
@@ -858,18 +929,32 @@ def _check_append(inputs: Sequence[Input], state: dict[str, Any], path: Path) ->
             "sparse": described["encoding"] == "csr_matrix",
         }
     genes = pd.Index(state["var_names"])
+    first = inputs[0]
+    if (x["dtype"] is None) != (not first.has_x):
+        held = "no X" if x["dtype"] is None else "X"
+        given = "has X" if first.has_x else "has no X"
+        msg = f"{first.name} {given} but the collection {path} holds {held}; a collection holds X from every input or from none"
+        raise IncompatibleDatasetsError(msg)
     for inp in inputs:
-        if inp.n_obs and not genes.isin(inp.var_names.astype(str)).any():
+        if inp.n_obs and len(genes) and not genes.isin(inp.var_names.astype(str)).any():
             msg = f"{inp.name} shares no gene with the collection {path} (its genes are e.g. {list(inp.var_names[:3])}, the collection's {list(genes[:3])}); its rows would be all zeros"
             raise IncompatibleDatasetsError(msg)
+    if not first.has_x:
+        return
     kinds = {True: "sparse CSR", False: "dense"}
-    first = inputs[0]
     if first.sparse != x["sparse"]:
         msg = f"{first.name}: X is {kinds[first.sparse]} but the collection {path} holds {kinds[x['sparse']]} X; a collection holds one kind"
         raise IncompatibleDatasetsError(msg)
     if first.dtype != np.dtype(x["dtype"]):
         msg = f"{first.name}: X has dtype {first.dtype} but the collection {path} holds {np.dtype(x['dtype'])}; cast the inputs to {np.dtype(x['dtype'])} first"
         raise IncompatibleDatasetsError(msg)
+
+
+def _describe_x(inp: Input) -> dict[str, Any]:
+    """X as the manifest records it (dtype and sparse both None: the inputs have no X)."""
+    if not inp.has_x:
+        return {"dtype": None, "sparse": None}
+    return {"dtype": inp.dtype.str, "sparse": inp.sparse}  # type: ignore[union-attr]
 
 
 def _size_on_disk(path: Path) -> int:

@@ -5,6 +5,11 @@ resumable and crash-safe exactly as a zarr build), then each dataset is rewritte
 file (written to a temporary name and renamed, so a present file is a whole one), then the
 manifest is written (atomically) and the scratch folder removed. Reading them needs no
 manifest: a folder of ``.h5ad`` files written by another tool reads in file-name order.
+
+An append to a finished collection goes the same way: the scratch zarr collection starts as a
+copy of the manifest (its earlier datasets are read, for their obs types and var, from the h5ad
+files), the zarr build appends the new datasets to it, and only those are converted. Until the
+new manifest replaces the old one, readers see the collection as it was.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import h5py
+import zarr
 
 from annbatch._anndata_io import read_obs
 from annbatch.collection._build import checkpoint
@@ -69,15 +75,17 @@ def read_state(
 
 
 def convert(folder: Path, scratch: Any, compressor: str | None) -> None:
-    """Rewrite every dataset of the finished zarr collection ``scratch`` as an h5ad file in
-    ``folder``, then write the manifest and remove the scratch collection."""
+    """Rewrite every dataset of the finished zarr collection ``scratch`` that is not an h5ad
+    file in ``folder`` yet as one, then write the manifest and remove the scratch collection."""
     datasets = []
     state = scratch._complete_state()
-    for entry, group in zip(state["datasets"], scratch.datasets, strict=True):
+    root = zarr.open_group(scratch.path, mode="r")
+    for entry in state["datasets"]:
         name = entry["name"]
         target = folder / f"{name}.h5ad"
-        if not target.exists():
+        if not target.exists():  # (after an append, the datasets before it are h5ad files)
             checkpoint(f"convert {name} to h5ad")
+            group: Any = root[name]
             adata = ad.io.read_elem(group)  # one dataset in memory: bounded by dataset_size
             adata.obs = read_obs(group)  # with the types annbatch stores differently restored
             tmp = target.with_suffix(".h5ad.tmp")

@@ -25,7 +25,6 @@ import zarr
 from annbatch._anndata_io import is_legacy, read_legacy
 from annbatch.collection._obs import FrameColumns, GroupColumns, ObsColumns
 from annbatch.errors import (
-    FeatureNotAvailableError,
     IncompatibleDatasetsError,
     InputFileError,
     InvalidArgumentError,
@@ -46,11 +45,13 @@ class Input:
     name: str
     """How the input is named in errors and in the ``src_path`` obs column."""
     x: Any
-    """Row-sliceable matrix: ``x[a:b]`` gives numpy rows or scipy CSR rows."""
+    """Row-sliceable matrix: ``x[a:b]`` gives numpy rows or scipy CSR rows; None for an
+    AnnData without X (its rows are then in its layers and obsm only)."""
     obs: ObsColumns
     """obs, read a column at a time."""
     var_names: pd.Index
-    dtype: np.dtype
+    dtype: np.dtype | None
+    """X's dtype (None without X)."""
     sparse: bool
     handle: Any = None
     """An open h5py.File to close when the build is done."""
@@ -61,8 +62,12 @@ class Input:
     row-sliceable, dense of any rank or CSR (layers share X's genes)."""
 
     @property
+    def has_x(self) -> bool:
+        return self.x is not None
+
+    @property
     def n_obs(self) -> int:
-        return int(self.x.shape[0])
+        return int(self.obs.n_obs if self.x is None else self.x.shape[0])
 
     def close(self) -> None:
         if self.handle is not None:
@@ -71,10 +76,9 @@ class Input:
 
 
 def _x_of(x: Any, name: str) -> tuple[Any, bool]:
-    """(row-sliceable X, is sparse) or a clear error."""
+    """(row-sliceable X, is sparse) or a clear error; (None, False) without X."""
     if x is None:
-        msg = f"{name} has no X; collections of AnnData without X (an obsm array only) are not supported yet"
-        raise FeatureNotAvailableError(msg)
+        return None, False
     if isinstance(x, anndata.abc.CSCDataset) or (
         isinstance(x, sp.spmatrix | sp.sparray) and x.format != "csr"
     ):
@@ -120,7 +124,7 @@ def open_input(
             x,
             FrameColumns(item.obs),
             pd.Index(item.var_names),
-            np.dtype(x.dtype),
+            None if x is None else np.dtype(x.dtype),
             sparse,
             read_var=lambda: item.var,
             elements=_elements(item, name),
@@ -139,8 +143,8 @@ def open_input(
 def _from_group(group: Any, name: str, handle: Any) -> Input:
     legacy_var: pd.DataFrame | None = None  # var of an old encoding, read whole by anndata
     try:
-        if "X" not in group or "obs" not in group or "var" not in group:
-            msg = f"input {name} holds no AnnData (it needs X, obs and var)"
+        if "obs" not in group or "var" not in group:
+            msg = f"input {name} holds no AnnData (it needs obs and var)"
             raise InputFileError(msg)
         if is_legacy(group):  # an encoding older than anndata 0.7: anndata reads it
             adata = read_legacy(group)
@@ -159,7 +163,7 @@ def _from_group(group: Any, name: str, handle: Any) -> Input:
             obs = GroupColumns(group["obs"])
             var_names = GroupColumns(group["var"]).index()
         elements = _elements(group, name)
-        x_elem = group["X"]
+        x_elem = group.get("X")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # anndata's notes on old encodings
             x = (
@@ -176,7 +180,8 @@ def _from_group(group: Any, name: str, handle: Any) -> Input:
     def read_var() -> pd.DataFrame:
         return legacy_var if legacy_var is not None else _read_elem(group["var"])
 
-    return Input(name, x, obs, var_names, np.dtype(x.dtype), sparse, handle, read_var, elements)
+    dtype = None if x is None else np.dtype(x.dtype)
+    return Input(name, x, obs, var_names, dtype, sparse, handle, read_var, elements)
 
 
 ELEMENT_GROUPS = ("layers", "obsm")
@@ -273,11 +278,20 @@ def check_inputs(inputs: Sequence[Input]) -> None:
         if inp.obs.n_obs != inp.n_obs:
             msg = f"{inp.name}: obs has {inp.obs.n_obs} rows but X has {inp.n_obs}"
             raise IncompatibleDatasetsError(msg)
+        if not inp.has_x and not inp.elements:
+            msg = f"{inp.name} has neither X nor a layer or obsm array: it holds nothing to stream"
+            raise IncompatibleDatasetsError(msg)
     if sum(inp.n_obs for inp in inputs) == 0:
         msg = f"the inputs hold no rows ({', '.join(inp.name for inp in inputs)})"
         raise InvalidArgumentError(msg)
     first = inputs[0]
     for inp in inputs[1:]:
+        if inp.has_x != first.has_x:
+            with_x, without = (inp, first) if inp.has_x else (first, inp)
+            msg = f"{with_x.name} has X but {without.name} has none; a collection holds X from every input or from none"
+            raise IncompatibleDatasetsError(msg)
+        if not first.has_x:
+            continue
         if inp.sparse != first.sparse:
             kinds = {True: "sparse CSR", False: "dense"}
             msg = f"{inp.name}: X is {kinds[inp.sparse]} but {first.name} is {kinds[first.sparse]}; a collection holds one kind"
@@ -327,7 +341,8 @@ def element_specs(inputs: Sequence[Input]) -> list[ElementSpec]:
             sparse = sp.issparse(elem) or isinstance(elem, anndata.abc.CSRDataset)
             tail = () if path.startswith("layers/") else tuple(int(d) for d in elem.shape[1:])
             if elem.shape[0] != inp.n_obs:
-                msg = f"{inp.name}: {path} has {elem.shape[0]} rows but X has {inp.n_obs}"
+                has = "X has" if inp.has_x else "obs has"
+                msg = f"{inp.name}: {path} has {elem.shape[0]} rows but {has} {inp.n_obs}"
                 raise IncompatibleDatasetsError(msg)
             if path.startswith("layers/") and elem.shape[1:] != (len(inp.var_names),):
                 msg = f"{inp.name}: {path} has shape {elem.shape}; a layer has X's shape"
@@ -339,6 +354,9 @@ def element_specs(inputs: Sequence[Input]) -> list[ElementSpec]:
             raise IncompatibleDatasetsError(msg)
         sparse, dtype, tail = kinds.pop()
         specs.append(ElementSpec(path, sparse, dtype, tail))
+    if not inputs[0].has_x and not specs:
+        msg = "the inputs have no X and share no layer or obsm array: the collection would hold nothing to stream"
+        raise IncompatibleDatasetsError(msg)
     return specs
 
 
@@ -347,12 +365,17 @@ def fingerprint(inp: Input) -> str:
     last rows' values. Two inputs with the same digest are taken to be the same data."""
     digest = hashlib.sha256()
     n_obs, n_var = inp.n_obs, len(inp.var_names)
-    digest.update(f"{n_obs} {n_var} {inp.dtype.str} {inp.sparse}".encode())
+    dtype = "-" if inp.dtype is None else inp.dtype.str
+    digest.update(f"{n_obs} {n_var} {dtype} {inp.sparse}".encode())
     for names in (inp.obs.index(), inp.var_names.astype(str)):
         digest.update("\n".join(names).encode())
         digest.update(b"\0")
+    # Values: X's first and last rows; without X, those of its first element.
+    values = inp.x if inp.has_x else inp.elements[min(inp.elements)]
+    if not inp.has_x:
+        digest.update(min(inp.elements).encode())
     k = min(n_obs, 16)
-    for rows in (inp.x[:k], inp.x[n_obs - k :]):
+    for rows in (values[:k], values[n_obs - k :]):
         if sp.issparse(rows):
             rows = sp.csr_matrix(rows)
             arrays = [

@@ -189,7 +189,8 @@ def write_dataset(
     obs, restore = prepare_for_write(obs)
     with warnings.catch_warnings(), ad.settings.override(allow_write_nullable_strings=True):
         warnings.simplefilter("ignore")  # anndata's notes about zarr v3 and string arrays
-        ad.io.write_elem(group, "X", x, dataset_kwargs=array_kwargs(x, compression, layout))
+        if x is not None:  # None: an AnnData without X (its rows are in layers / obsm)
+            ad.io.write_elem(group, "X", x, dataset_kwargs=array_kwargs(x, compression, layout))
         for key in ("layers", "obsm"):
             mine = {
                 p.split("/", 1)[1]: v
@@ -218,7 +219,22 @@ def write_dataset(
 
 
 def describe_x(group: zarr.Group) -> dict[str, Any]:
-    """Rows, columns, dtype, codec and on-disk layout of a dataset's X."""
+    """Rows, columns, dtype, codec and on-disk layout of a dataset's X (a dataset without X:
+    its rows and genes, and ``encoding`` ``"none"``)."""
+    if "X" not in group:
+        obs: Any = group["obs"]
+        var: Any = group["var"]
+        n_var = var[var.attrs["_index"]].shape[0]
+        return {
+            "n_obs": int(obs[obs.attrs["_index"]].shape[0]),
+            "n_var": int(n_var),
+            "dtype": None,
+            "encoding": "none",
+            "chunks": (),
+            "shards": None,
+            "codec": "-",
+            "checksum": False,
+        }
     x: Any = group["X"]
     encoding = x.attrs.get("encoding-type", "array")
     array: Any = x["data"] if encoding == "csr_matrix" else x
