@@ -149,10 +149,16 @@ def test_unsupported_objects(loader, obj, match):
         loader.add_dataset(obj)
 
 
-def test_sparse_group_needs_sparse_dataset(pool, loader):
-    group = pool.get("zarr", "sparse", 10).x.group
-    with pytest.raises(UnsupportedDatasetError, match=r"is a Group; .*anndata.io.sparse_dataset"):
-        loader.add_dataset(group)
+def test_sparse_group_is_opened_as_anndata_opens_it(pool, tmp_path):
+    """A group anndata wrote a CSR matrix into (X, a layer) reads as that matrix; any other
+    group is refused."""
+    stored = pool.get("zarr", "sparse", 10)
+    loader = Loader(batch_size=4, shuffle=False, to=None).add_dataset(stored.x.group)
+    rows = np.concatenate([b["X"].toarray() for b in loader])
+    np.testing.assert_array_equal(rows, stored.matrix.toarray())
+    other = zarr.open_group(tmp_path / "g.zarr", mode="w")
+    with pytest.raises(UnsupportedDatasetError, match="is a Group that holds no array"):
+        Loader().add_dataset(other)
 
 
 def test_anndata_without_x(loader):

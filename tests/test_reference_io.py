@@ -380,8 +380,9 @@ def test_layers_and_obsm_are_carried_and_streamed(tmp_path, layout):
     assert set(first.obsm) == {"X_pca", "image"}
     assert first.layers["counts"].dtype == np.int32
     layers = [ad.io.sparse_dataset(g["layers"]["counts"]) for g in collection]
+    groups = [g["layers"]["counts"] for g in collection]  # as the reference's docs write it
     images = [g["obsm"]["image"] for g in collection]
-    for datasets, shape in ((layers, (len(genes),)), (images, (2, 3, 2))):
+    for datasets, shape in ((layers, (len(genes),)), (groups, (len(genes),)), (images, (2, 3, 2))):
         loader = Loader(batch_size=16, chunk_size=4, preload_nchunks=4, shuffle=True, to=None)
         rows = [b["X"] for b in loader.add_datasets(datasets)]
         assert sum(r.shape[0] for r in rows) == 90

@@ -109,6 +109,11 @@ def as_row_source(dataset: object, *, where: str, verify_checksums: bool = False
         Verify the checksum of every chunk read, also of chunks that are only partly wanted
         (see :func:`annbatch._core.direct.direct_array`).
     """
+    if isinstance(dataset, zarr.Group | h5py.Group):
+        check_h5_open(dataset, where)
+        if dataset.attrs.get("encoding-type") in ("csr_matrix", "csc_matrix"):
+            # a sparse matrix as anndata stores it (X, a layer): opened as anndata opens it
+            dataset = anndata.io.sparse_dataset(dataset)
     if isinstance(dataset, anndata.abc.CSCDataset):
         msg = (
             f"{where} is a CSC matrix; the Loader reads rows and needs CSR. Rewrite the store "
@@ -131,8 +136,8 @@ def as_row_source(dataset: object, *, where: str, verify_checksums: bool = False
         return DenseSource(dataset, verify_checksums=verify_checksums)
     if isinstance(dataset, zarr.Group | h5py.Group):
         msg = (
-            f"{where} is a {type(dataset).__name__}; if it holds a sparse matrix, open it with "
-            "`anndata.io.sparse_dataset(group)` first"
+            f"{where} is a {type(dataset).__name__} that holds no array or sparse matrix "
+            "anndata wrote (no encoding-type csr_matrix); pass an array or a sparse matrix"
         )
         raise UnsupportedDatasetError(msg)
     msg = f"{where} is a {type(dataset).__module__}.{type(dataset).__name__}; expected one of {ACCEPTED}"
