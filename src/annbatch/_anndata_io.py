@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ import pandas as pd
 import zarr
 
 from annbatch._core.failures import store_errors
+from annbatch._stores import is_url, open_zarr
 from annbatch.errors import (
     CorruptDataError,
     InvalidArgumentError,
@@ -99,7 +101,11 @@ def restore_types(obs: pd.DataFrame, elem: Any) -> pd.DataFrame:
     return obs
 
 
-def load_x_and_obs(group: zarr.Group | h5py.Group) -> AnnData:
+def load_x_and_obs(
+    group: zarr.Group | h5py.Group | str | os.PathLike[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> AnnData:
     """Open an AnnData store with ``X`` on disk and ``obs`` in memory.
 
     var is not loaded: a Loader hands its var out with every batch, and checks that all its
@@ -112,13 +118,28 @@ def load_x_and_obs(group: zarr.Group | h5py.Group) -> AnnData:
     ----------
     group
         The store's root: ``zarr.open_group(path, mode="r")`` for zarr, or an open
-        ``h5py.File(path, "r")`` for h5ad (keep it open while the Loader reads).
+        ``h5py.File(path, "r")`` for h5ad (keep it open while the Loader reads); or a path
+        (``.h5ad`` files are opened read-only with h5py), or the URL of a zarr store in
+        object storage (``"s3://bucket/atlas.zarr"``, ``gs://``, ``az://``, ``https://``),
+        read through obstore with annbatch's chunk reader.
+    storage_options
+        For a URL: obstore's options (``endpoint``, ``region``, credentials,
+        ``client_options``, ``retry_config``...). Credentials not given are read from the
+        environment as the provider's tools do.
 
     Returns
     -------
     An AnnData whose ``X`` is a ``zarr.Array`` / ``h5py.Dataset`` (dense) or an
     :class:`anndata.abc.CSRDataset` (sparse), and whose ``obs`` is a DataFrame.
     """
+    if isinstance(group, str | os.PathLike):
+        if str(group).endswith(".h5ad") and not is_url(group):
+            group = h5py.File(group, "r")
+        else:
+            group = open_zarr(group, storage_options=storage_options)
+    elif storage_options:
+        msg = "storage_options are for a URL; this store is open already"
+        raise InvalidArgumentError(msg)
     if not isinstance(group, zarr.Group | h5py.Group):
         msg = f"expected a zarr.Group or h5py.Group (an AnnData store's root), got {type(group).__name__}"
         raise UnsupportedDatasetError(msg)

@@ -65,6 +65,10 @@ def direct_array(array: object, *, verify_checksums: bool = False) -> DirectArra
     layout, fill = found
     shape = tuple(int(n) for n in array.shape)  # type: ignore[attr-defined]
     dtype = np.dtype(array.dtype)  # type: ignore[attr-defined]
+    if layout.store is not None:
+        from annbatch._core.remote import RemoteArray
+
+        return RemoteArray(layout, shape, dtype, fill, verify_checksums=verify_checksums)
     return DirectArray(layout, shape, dtype, fill, verify_checksums=verify_checksums)
 
 
@@ -220,7 +224,7 @@ class DirectArray:
         layout = self._layout
         unit = "rows" if len(self.shape) > 1 else "entries"
         first = f"({unit} from {chunk * layout.rows_per_chunk})"
-        return f"{self.chunk_name(chunk)} {first} of the zarr array {layout.root}"
+        return f"{self.chunk_name(chunk)} {first} of the zarr array {layout.describe()}"
 
     def chunk_name(self, chunk: int) -> str:
         """The chunk's key (a shard's key and the chunk's place in it, when sharded)."""
@@ -238,18 +242,25 @@ class DirectArray:
         """
         if shard in self._indexes:
             return self._indexes[shard]
+        path = self._shard_path(shard)
+        return self._keep_index(shard, path, self._read_index(path, self._layout.index_nbytes))
+
+    def _shard_path(self, shard: int) -> str:
         layout = self._layout
-        path = os.path.join(layout.root, layout.key((shard, *layout.trailing)))
+        return layout.path(layout.key((shard, *layout.trailing)))
+
+    def _keep_index(
+        self, shard: int, path: str, found: tuple[bytes, int] | None
+    ) -> np.ndarray | None:
+        """Check a shard index as read (bytes and the shard's size; None: no such shard) and
+        cache it."""
+        layout = self._layout
         nbytes = layout.index_nbytes
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                offset = size - nbytes if layout.index_at_end else 0
-                raw = os.pread(f.fileno(), nbytes, max(0, offset))
-        except FileNotFoundError:
+        if found is None:
             index = None
-        else:  # other OS errors become a StoreReadError naming the chunk (_run)
-            if offset < 0 or len(raw) != nbytes:
+        else:  # other I/O errors become a StoreReadError naming the chunk (_run)
+            raw, size = found
+            if size < nbytes or len(raw) != nbytes:
                 msg = f"shard {path} is {size} bytes, too short for its index of {nbytes}; the store is damaged or truncated"
                 raise CorruptChunkError(msg)
             entries = raw[: 16 * layout.index_entries]
@@ -260,6 +271,16 @@ class DirectArray:
             self._check_index(index, path, size)
         self._indexes[shard] = index
         return index
+
+    def _read_index(self, path: str, nbytes: int) -> tuple[bytes, int] | None:
+        """(the shard index's ``nbytes`` bytes, the shard's size), or None: no such shard."""
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                offset = size - nbytes if self._layout.index_at_end else 0
+                return os.pread(f.fileno(), nbytes, max(0, offset)), size
+        except FileNotFoundError:
+            return None
 
     def _check_index(self, index: np.ndarray, path: str, size: int) -> None:
         """Raise unless every entry of a shard index is "never written" or lies in the file."""
@@ -284,8 +305,7 @@ class DirectArray:
         """(file, offset, nbytes) of an inner chunk's encoded bytes; None: never written."""
         layout = self._layout
         if layout.index_entries == 0:
-            path = os.path.join(layout.root, layout.key((chunk, *layout.trailing)))
-            return (path, 0, -1)
+            return (layout.path(layout.key((chunk, *layout.trailing))), 0, -1)
         shard, inner = divmod(chunk, layout.chunks_per_shard)
         index = self._shard_index(shard)
         if index is None:
@@ -293,8 +313,7 @@ class DirectArray:
         offset, nbytes = index[inner * layout.index_stride]
         if offset == _MISSING:
             return None
-        path = os.path.join(layout.root, layout.key((shard, *layout.trailing)))
-        return (path, int(offset), int(nbytes))
+        return (layout.path(layout.key((shard, *layout.trailing))), int(offset), int(nbytes))
 
     def _read_encoded(self, chunk: int, files: dict[str, int]) -> bytes | memoryview | None:
         """The encoded bytes of a chunk, checksum verified and removed; None: never written."""

@@ -2,8 +2,9 @@
 or None where the reader does not fully understand the array (the Loader then reads it through
 zarr-python).
 
-The reader (:mod:`annbatch._core.direct`) takes arrays in a local directory store whose chunks
-hold whole rows (every axis but the first spans the full extent), little-endian numeric data,
+The reader (:mod:`annbatch._core.direct`) takes arrays in a local directory store, or in
+object storage through zarr's ``ObjectStore`` (obstore; :mod:`annbatch._core.remote`), whose
+chunks hold whole rows (every axis but the first spans the full extent), little-endian numeric data,
 and a codec chain of:
 
 - zarr v3: the ``bytes`` codec, then at most one of ``zstd``, ``blosc``, ``gzip``, then at most
@@ -11,7 +12,7 @@ and a codec chain of:
   whose index is ``bytes`` (little-endian) with or without ``crc32c``;
 - zarr v2: no filters, C order, any numcodecs compressor.
 
-Everything else (remote stores, other codecs, transposes, big-endian data, chunks that split
+Everything else (other stores, fsspec's included; other codecs, transposes, big-endian data, chunks that split
 columns) gives None. So does any zarr-python whose internals this module does not recognise:
 it reads zarr's metadata classes, a store's root and the chunk key encoding, which are not
 zarr's public API. The zarr versions tested are those of CI (the floor in ``pyproject.toml``
@@ -42,7 +43,7 @@ class Layout:
     """Where a chunk's bytes are and how to decode them."""
 
     root: str
-    """Directory of the array."""
+    """Directory of the array (in object storage: its key prefix in ``store``)."""
     key: Callable[[tuple[int, ...]], str]
     """Chunk key (relative path) of an outer chunk's grid coordinates."""
     trailing: tuple[int, ...]
@@ -64,6 +65,20 @@ class Layout:
     """A numcodecs codec, or None for raw little-endian bytes."""
     checksum: bool
     """Whether every inner chunk's encoded bytes are followed by their CRC32C (4 bytes)."""
+    store: Any = None
+    """The obstore store the array is in, or None for a local directory."""
+
+    def path(self, key: str) -> str:
+        """Where the chunk or shard ``key`` is: a file path, or an object's key in ``store``."""
+        if self.store is None:
+            return os.path.join(self.root, key)
+        return f"{self.root}/{key}" if self.root else key
+
+    def describe(self) -> str:
+        """The array's location, as named in errors (never credentials)."""
+        if self.store is None:
+            return self.root
+        return f"{self.store!r}/{self.root}"
 
     @property
     def index_nbytes(self) -> int:
@@ -79,7 +94,7 @@ def _internals() -> SimpleNamespace | None:
             return None
         from zarr import codecs
         from zarr.core.metadata import v2, v3
-        from zarr.storage import LocalStore
+        from zarr.storage import LocalStore, ObjectStore
 
         return SimpleNamespace(
             BloscCodec=codecs.BloscCodec,
@@ -91,6 +106,7 @@ def _internals() -> SimpleNamespace | None:
             ArrayV2Metadata=v2.ArrayV2Metadata,
             ArrayV3Metadata=v3.ArrayV3Metadata,
             LocalStore=LocalStore,
+            ObjectStore=ObjectStore,
         )
     except (ImportError, AttributeError, ValueError):
         return None
@@ -111,9 +127,13 @@ def _layout_of(array: zarr.Array, z: SimpleNamespace) -> tuple[Layout, Any] | No
     if array.ndim < 1:
         return None
     store = array.store_path.store
-    if not isinstance(store, z.LocalStore):
+    remote = None
+    if isinstance(store, z.LocalStore):
+        root = os.path.join(str(store.root), array.store_path.path).rstrip(os.sep) or os.sep
+    elif isinstance(store, z.ObjectStore) and _is_obstore(store.store):
+        remote, root = store.store, array.store_path.path.strip("/")
+    else:
         return None
-    root = os.path.join(str(store.root), array.store_path.path).rstrip(os.sep) or os.sep
     dtype = np.dtype(array.dtype)
     if dtype.hasobject or dtype.byteorder == ">" or dtype.kind not in "biuf":
         return None
@@ -179,9 +199,15 @@ def _layout_of(array: zarr.Array, z: SimpleNamespace) -> tuple[Layout, Any] | No
         index_checksum=index_checksum,
         compressor=compressor,
         checksum=checksum,
+        store=remote,
     )
     fill = metadata.fill_value
     return layout, 0 if fill is None else fill
+
+
+def _is_obstore(store: object) -> bool:
+    """Whether ``store`` is one of obstore's stores (S3, GCS, Azure, HTTP, local, memory)."""
+    return type(store).__module__.split(".")[0] == "obstore"
 
 
 def _value(setting: object) -> object:

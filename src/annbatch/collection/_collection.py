@@ -16,6 +16,7 @@ import pandas as pd
 import zarr
 
 from annbatch._args import parse_int, parse_size
+from annbatch._stores import is_url, open_zarr
 from annbatch.collection import _h5ad as h5ad
 from annbatch.collection._build import (
     BuildPlan,
@@ -134,7 +135,28 @@ class DatasetCollection:
         *,
         mode: Literal["r", "r+", "a", "w", "w-"] = "a",
         is_collection_h5ad: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
+        self._remote: zarr.Group | None = None  # the root of a collection in object storage
+        self._url = ""
+        self._mode: str = mode
+        self._elements: list[ElementSpec] = []  # layers and obsm of the build in progress
+        self._var: pd.DataFrame | None = None  # var columns of the build in progress
+        if is_url(group):
+            if is_collection_h5ad or mode not in ("r", "a"):
+                msg = f"a collection in object storage is read-only here (mode 'r' or 'a', zarr datasets); got mode={mode!r}, is_collection_h5ad={is_collection_h5ad}"
+                raise InvalidArgumentError(msg)
+            self._url = str(group).rstrip("/")
+            self._remote = open_zarr(self._url, storage_options=storage_options)
+            self._path = Path(self._url.split("://", 1)[1])  # for messages only
+            self._h5ad = False
+            if self._state() is None:
+                msg = f"{self._url} holds no annbatch collection"
+                raise IncompleteCollectionError(msg)
+            return
+        if storage_options:
+            msg = "storage_options are for a collection's URL in object storage"
+            raise InvalidArgumentError(msg)
         if not isinstance(is_collection_h5ad, bool):
             msg = f"is_collection_h5ad must be a bool, got {is_collection_h5ad!r}"
             raise InvalidArgumentError(msg)
@@ -155,9 +177,6 @@ class DatasetCollection:
             not isinstance(group, zarr.Group)
             and any((self._path / name).exists() for name in (h5ad.MANIFEST, h5ad.SCRATCH))
         )
-        self._mode = mode
-        self._elements: list[ElementSpec] = []  # layers and obsm of the build in progress
-        self._var: pd.DataFrame | None = None  # var columns of the build in progress
         if mode == "r+" and self._state() is None:
             msg = f"mode='r+' needs an existing collection, and {self._path} holds none"
             raise IncompleteCollectionError(msg)
@@ -171,10 +190,11 @@ class DatasetCollection:
 
     def __repr__(self) -> str:
         state = self._state()
+        where = self._url if self._remote is not None else str(self._path)
         if state is None:
-            return f"DatasetCollection({str(self._path)!r}, empty)"
+            return f"DatasetCollection({where!r}, empty)"
         return (
-            f"DatasetCollection({str(self._path)!r}, {state['state']}, "
+            f"DatasetCollection({where!r}, {state['state']}, "
             f"{len(state['datasets'])} datasets, {sum(d['n_obs'] for d in state['datasets']):,} rows, "
             f"{len(state['var_names']):,} genes)"
         )
@@ -187,6 +207,9 @@ class DatasetCollection:
 
     def _state(self) -> dict[str, Any] | None:
         """The collection's recorded state; None if the path holds nothing yet."""
+        if self._remote is not None:
+            state = self._remote.attrs.get(ATTR)
+            return state if isinstance(state, dict) else None
         if self._h5ad:
             return h5ad.read_state(self._path, lambda p: DatasetCollection(p)._state())
         if not self._path.exists() or (self._path.is_dir() and not any(self._path.iterdir())):
@@ -276,7 +299,7 @@ class DatasetCollection:
         if self._h5ad:
             msg = f"{self._path} is a collection of h5ad files, not of zarr groups; use open_datasets()"
             raise InvalidArgumentError(msg)
-        root = zarr.open_group(self._path, mode="r")
+        root = self._remote or zarr.open_group(self._path, mode="r")
         return [root[name] for name in self.dataset_names]  # type: ignore[misc]
 
     def __iter__(self) -> Iterator[zarr.Group]:
@@ -315,10 +338,14 @@ class DatasetCollection:
             ]
         for group in [] if self._h5ad else self.datasets:
             entry = {"name": group.basename, **describe_x(group)}
-            entry["bytes"] = _size_on_disk(self._path / group.basename)
+            entry["bytes"] = (
+                _size_in_store(self._remote, group.basename)
+                if self._remote is not None
+                else _size_on_disk(self._path / group.basename)
+            )
             datasets.append(entry)
         return {
-            "path": str(self._path),
+            "path": self._url if self._remote is not None else str(self._path),
             "n_datasets": len(datasets),
             "n_obs": sum(d["n_obs"] for d in datasets),
             "n_var": len(state["var_names"]),
@@ -434,6 +461,12 @@ class DatasetCollection:
         -------
         The collection, to chain ``Loader().use_collection(...)``.
         """
+        if self._remote is not None:
+            msg = (
+                f"building into object storage ({self._url}) is not supported yet; build the "
+                "collection locally and upload its folder"
+            )
+            raise FeatureNotAvailableError(msg)
         if self._mode == "r":
             msg = f"the collection {self._path} was opened with mode='r' (read only)"
             raise InvalidArgumentError(msg)
@@ -955,6 +988,15 @@ def _describe_x(inp: Input) -> dict[str, Any]:
     if not inp.has_x:
         return {"dtype": None, "sparse": None}
     return {"dtype": inp.dtype.str, "sparse": inp.sparse}  # type: ignore[union-attr]
+
+
+def _size_in_store(root: zarr.Group, name: str) -> int:
+    """Bytes of the objects under ``name`` in the object store of ``root``."""
+    import obstore
+
+    store: Any = root.store
+    prefix = f"{root.path}/{name}".strip("/")
+    return sum(item["size"] for batch in obstore.list(store.store, prefix=prefix) for item in batch)
 
 
 def _size_on_disk(path: Path) -> int:

@@ -1,0 +1,72 @@
+"""Stores by path or URL: a local folder, or object storage (``s3://``, ``gs://``, ``az://``,
+``https://``...) through obstore, opened as zarr groups.
+
+Credentials come from ``storage_options`` or, where absent, from the environment and the
+provider's usual configuration chain (obstore reads ``AWS_*``, ``GOOGLE_*``, ``AZURE_*``).
+They are never part of an error message: errors name the URL only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import zarr
+
+from annbatch.errors import InvalidArgumentError, StoreReadError
+
+if TYPE_CHECKING:
+    import os
+
+# Timeouts and retries are object_store's defaults unless storage_options sets them: a request
+# that sends nothing for 30 s fails (so a stalled server never hangs the training loop), and
+# transient failures (5xx, throttling, reset connections, timeouts) are retried up to 10 times
+# with exponential backoff (100 ms to 15 s), for at most 3 min in all.
+
+
+def is_url(path: object) -> bool:
+    """Whether ``path`` is a URL of object storage (``scheme://...``, not ``file://``)."""
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def object_store(url: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """An obstore store rooted at ``url`` (bucket and prefix); ``storage_options`` are
+    obstore's (``client_options`` and ``retry_config`` included)."""
+    try:
+        from obstore.store import from_url
+    except ImportError as e:
+        msg = "reading object storage needs obstore: pip install 'annbatch[remote]'"
+        raise ImportError(msg) from e
+    try:
+        return from_url(url, **(storage_options or {}))
+    except Exception as e:
+        # obstore names the unknown option or the bad URL; the values are not repeated.
+        msg = f"cannot open {url} with the given storage_options ({type(e).__name__}: {_first_line(e)})"
+        raise InvalidArgumentError(msg) from None
+
+
+def open_zarr(
+    location: str | os.PathLike[str] | zarr.Group,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    mode: str = "r",
+) -> zarr.Group:
+    """The zarr group at a local path, at a URL (through obstore), or ``location`` itself."""
+    if isinstance(location, zarr.Group):
+        return location
+    if is_url(location):
+        from zarr.storage import ObjectStore
+
+        store = ObjectStore(object_store(str(location), storage_options), read_only=mode == "r")
+        try:
+            return zarr.open_group(store, mode=mode)  # type: ignore[arg-type]
+        except Exception as e:
+            msg = f"cannot open the zarr group at {location} ({type(e).__name__}: {_first_line(e)})"
+            raise StoreReadError(msg) from None
+    if storage_options:
+        msg = f"storage_options are for URLs of object storage; {location} is a local path"
+        raise InvalidArgumentError(msg)
+    return zarr.open_group(location, mode=mode)  # type: ignore[arg-type]
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
