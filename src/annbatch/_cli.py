@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         help="describe a collection",
         description="Print a collection's datasets: rows, genes, dtype, codec, chunking and size on disk.",
     )
-    info.add_argument("store", type=Path, help="the collection's folder")
+    info.add_argument("store", help="the collection's folder, or its URL (s3://, gs://, az://)")
     verify = commands.add_parser(
         "verify",
         help="read and check every chunk of a store or a collection",
@@ -92,7 +92,9 @@ def _parser() -> argparse.ArgumentParser:
             "bad chunk (array, chunk, what is wrong); exits 1 if there is any."
         ),
     )
-    verify.add_argument("store", type=Path, help="a .zarr folder, a collection or a .h5ad file")
+    verify.add_argument(
+        "store", help="a .zarr folder, a collection or a .h5ad file, or a zarr store's URL"
+    )
     return parser
 
 
@@ -113,7 +115,7 @@ def _human(n_bytes: float) -> str:
     return f"{n_bytes:.1f} TB"
 
 
-def _verify(store: Path) -> int:
+def _verify(store: str) -> int:
     from annbatch._scrub import verify
 
     problems = verify(store)
@@ -146,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from annbatch._stores import is_url
     from annbatch.collection import DatasetCollection
     from annbatch.errors import AnnbatchError
 
@@ -171,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
             )
             print(collection)
             return 0
-        if not args.store.exists():
+        if not is_url(args.store) and not Path(args.store).exists():
             print(f"annbatch info: error: {args.store} does not exist", file=sys.stderr)
             return 1
         info = DatasetCollection(args.store).info()

@@ -25,7 +25,8 @@ import zarr
 
 from annbatch._core.direct import direct_array
 from annbatch._core.validate import check_indices, check_indptr
-from annbatch.errors import AnnbatchError, InvalidArgumentError
+from annbatch._stores import is_url, open_zarr
+from annbatch.errors import AnnbatchError, InvalidArgumentError, StoreReadError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -56,9 +57,15 @@ def verify(path: str | os.PathLike[str]) -> list[Problem]:
     ----------
     path
         A zarr store's directory (an AnnData store or an annbatch collection) or an ``.h5ad``
-        file.
+        file; or the URL of a zarr store in object storage (credentials from the environment).
     """
     path = os.fspath(path)
+    if is_url(path):  # object storage: credentials from the environment
+        try:
+            remote = open_zarr(path)
+        except StoreReadError as e:
+            return [Problem("/", "-", str(e))]
+        return list(_scrub_zarr(remote))
     if not os.path.exists(path):
         msg = f"{path} does not exist"
         raise InvalidArgumentError(msg)
