@@ -95,7 +95,9 @@ def test_load_x_and_obs_rejects_non_stores(tmp_path):
     from annbatch.errors import UnsupportedDatasetError
 
     with pytest.raises(UnsupportedDatasetError, match=r"expected a zarr.Group or h5py.Group"):
-        load_x_and_obs(tmp_path)
+        load_x_and_obs(np.zeros((3, 3)))
+    with pytest.raises(UnsupportedDatasetError, match=r"is not a zarr group \(expected the root"):
+        load_x_and_obs(tmp_path / "nowhere")
     group = zarr.open_group(tmp_path / "empty.zarr", mode="w")
     with pytest.raises(
         UnsupportedDatasetError, match="is not an AnnData store: it has no X or obs"

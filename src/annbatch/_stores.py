@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import zarr
 
-from annbatch.errors import InvalidArgumentError, StoreReadError
+from annbatch.errors import InvalidArgumentError, StoreReadError, UnsupportedDatasetError
 
 if TYPE_CHECKING:
     import os
@@ -65,7 +65,14 @@ def open_zarr(
     if storage_options:
         msg = f"storage_options are for URLs of object storage; {location} is a local path"
         raise InvalidArgumentError(msg)
-    return zarr.open_group(location, mode=mode)  # type: ignore[arg-type]
+    try:
+        return zarr.open_group(location, mode=mode)  # type: ignore[arg-type]
+    except FileNotFoundError as e:  # zarr's GroupNotFoundError subclasses it
+        msg = (
+            f"{location} is not a zarr group (expected the root of an AnnData zarr store, "
+            f"an .h5ad file, or an open zarr.Group / h5py.Group): {_first_line(e)}"
+        )
+        raise UnsupportedDatasetError(msg) from None
 
 
 def _first_line(e: BaseException) -> str:

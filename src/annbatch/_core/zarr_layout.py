@@ -94,7 +94,10 @@ def _internals() -> SimpleNamespace | None:
             return None
         from zarr import codecs
         from zarr.core.metadata import v2, v3
-        from zarr.storage import LocalStore, ObjectStore
+        from zarr.storage import LocalStore
+
+        # A zarr without obstore support reads local stores only.
+        object_store = getattr(zarr.storage, "ObjectStore", None)
 
         return SimpleNamespace(
             BloscCodec=codecs.BloscCodec,
@@ -106,7 +109,7 @@ def _internals() -> SimpleNamespace | None:
             ArrayV2Metadata=v2.ArrayV2Metadata,
             ArrayV3Metadata=v3.ArrayV3Metadata,
             LocalStore=LocalStore,
-            ObjectStore=ObjectStore,
+            ObjectStore=object_store,
         )
     except (ImportError, AttributeError, ValueError):
         return None
@@ -130,7 +133,9 @@ def _layout_of(array: zarr.Array, z: SimpleNamespace) -> tuple[Layout, Any] | No
     remote = None
     if isinstance(store, z.LocalStore):
         root = os.path.join(str(store.root), array.store_path.path).rstrip(os.sep) or os.sep
-    elif isinstance(store, z.ObjectStore) and _is_obstore(store.store):
+    elif (
+        z.ObjectStore is not None and isinstance(store, z.ObjectStore) and _is_obstore(store.store)
+    ):
         remote, root = store.store, array.store_path.path.strip("/")
     else:
         return None
