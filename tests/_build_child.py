@@ -21,5 +21,9 @@ def build(out: str, inputs: list[str], kwargs: dict[str, Any], kill_at: int | No
             os.kill(os.getpid(), signal.SIGKILL)
 
     _build.crash_hook = hook
-    h5ad = kwargs.pop("is_collection_h5ad", False)
-    DatasetCollection(out, is_collection_h5ad=h5ad).add_adatas(inputs, progress=False, **kwargs)
+    opening = {
+        key: kwargs.pop(key)
+        for key in ("is_collection_h5ad", "storage_options", "scratch_dir")
+        if key in kwargs
+    }
+    DatasetCollection(out, **opening).add_adatas(inputs, progress=False, **kwargs)

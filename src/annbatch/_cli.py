@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     build.add_argument(
-        "out", type=Path, help="the collection's folder (new, or an existing collection)"
+        "out",
+        help="the collection's folder (new, or an existing collection), or its URL in object "
+        "storage (s3://bucket/atlas.zarr; credentials from the environment)",
     )
     build.add_argument(
         "inputs", type=Path, nargs="+", help="AnnData files: .h5ad files or .zarr stores"
@@ -74,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="add inputs whose data the collection already holds, or that are named twice",
+    )
+    build.add_argument(
+        "--scratch-dir",
+        type=Path,
+        help="for a URL: the local folder for the rows distributed but not yet uploaded "
+        "(default: one named after the URL in the system's temporary folder)",
     )
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     info = commands.add_parser(
@@ -161,7 +169,8 @@ def _run(args: argparse.Namespace) -> int:
                 genes = [
                     line.strip() for line in args.genes.read_text().splitlines() if line.strip()
                 ]
-            collection = DatasetCollection(args.out).add_adatas(
+            remote = {} if args.scratch_dir is None else {"scratch_dir": args.scratch_dir}
+            collection = DatasetCollection(args.out, **remote).add_adatas(
                 [str(p) for p in args.inputs],
                 var_names=genes,
                 dataset_size=args.dataset_size,

@@ -44,6 +44,15 @@ def object_store(url: str, storage_options: dict[str, Any] | None = None) -> Any
         raise InvalidArgumentError(msg) from None
 
 
+def zarr_object_store(
+    url: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = True
+) -> Any:
+    """zarr's ``ObjectStore`` over :func:`object_store` (``url``'s bucket and prefix)."""
+    from zarr.storage import ObjectStore
+
+    return ObjectStore(object_store(url, storage_options), read_only=read_only)
+
+
 def open_zarr(
     location: str | os.PathLike[str] | zarr.Group,
     *,
@@ -54,9 +63,7 @@ def open_zarr(
     if isinstance(location, zarr.Group):
         return location
     if is_url(location):
-        from zarr.storage import ObjectStore
-
-        store = ObjectStore(object_store(str(location), storage_options), read_only=mode == "r")
+        store = zarr_object_store(str(location), storage_options, read_only=mode == "r")
         try:
             return zarr.open_group(store, mode=mode)  # type: ignore[arg-type]
         except Exception as e:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -16,7 +18,7 @@ import pandas as pd
 import zarr
 
 from annbatch._args import parse_int, parse_size
-from annbatch._stores import is_url, open_zarr
+from annbatch._stores import is_url, zarr_object_store
 from annbatch.collection import _h5ad as h5ad
 from annbatch.collection._build import (
     BuildPlan,
@@ -62,6 +64,7 @@ from annbatch.errors import (
     IncompatibleDatasetsError,
     IncompleteCollectionError,
     InvalidArgumentError,
+    StoreReadError,
 )
 
 if TYPE_CHECKING:
@@ -70,6 +73,8 @@ if TYPE_CHECKING:
     from annbatch.collection._inputs import Input
 
 _MODES = ("r", "r+", "a", "w", "w-")
+_REMOTE_MODES = ("r", "r+", "a", "w-")
+"""Modes for a collection in object storage (``"w"`` would delete a prefix of a bucket)."""
 _MERGES = (None, "same", "unique", "first", "only")
 """anndata.concat's strategies for combining the inputs' var columns."""
 
@@ -103,15 +108,25 @@ class DatasetCollection:
     ----------
     group
         The collection's folder, as a path or as a ``zarr.Group`` on the local file system
-        (e.g. ``zarr.open_group("atlas.zarr", mode="w")``). Nothing is written until
-        :meth:`add_adatas`.
+        (e.g. ``zarr.open_group("atlas.zarr", mode="w")``); or its place in object storage,
+        as a URL (``"s3://bucket/atlas.zarr"``, read through obstore) or a ``zarr.Group`` on
+        zarr's ``ObjectStore``. Nothing is written until :meth:`add_adatas`.
     mode
         As for ``zarr.open_group``: ``"r"`` read only, ``"r+"`` an existing collection,
-        ``"a"`` (default) read or build, ``"w"`` delete what the folder holds first, ``"w-"``
-        refuse an existing collection.
+        ``"a"`` (default) read or build, ``"w"`` delete what the folder holds first (not for
+        object storage), ``"w-"`` refuse an existing collection.
     is_collection_h5ad
         The datasets are (or will be) h5ad files in the folder rather than zarr groups; a
         folder holding an annbatch h5ad collection is recognised without it.
+    storage_options
+        For a URL: obstore's options (``endpoint``, ``region``, credentials, ``client_options``,
+        ``retry_config``...); credentials not given come from the environment.
+    scratch_dir
+        For object storage: the local folder where a build keeps the rows it has distributed
+        to datasets but not yet uploaded (at most the collection's uncompressed size, shrinking
+        as datasets are written; deleted when the build ends). Default: a folder named after
+        the URL in the system's temporary folder, so that an interrupted build run again on
+        the same machine resumes.
 
     Notes
     -----
@@ -136,26 +151,29 @@ class DatasetCollection:
         mode: Literal["r", "r+", "a", "w", "w-"] = "a",
         is_collection_h5ad: bool = False,
         storage_options: dict[str, Any] | None = None,
+        scratch_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._remote: zarr.Group | None = None  # the root of a collection in object storage
+        self._store: Any = None  # zarr's ObjectStore of a collection in object storage
+        self._store_path = ""  # the collection's path in that store
         self._url = ""
         self._mode: str = mode
         self._elements: list[ElementSpec] = []  # layers and obsm of the build in progress
         self._var: pd.DataFrame | None = None  # var columns of the build in progress
-        if is_url(group):
-            if is_collection_h5ad or mode not in ("r", "a"):
-                msg = f"a collection in object storage is read-only here (mode 'r' or 'a', zarr datasets); got mode={mode!r}, is_collection_h5ad={is_collection_h5ad}"
-                raise InvalidArgumentError(msg)
-            self._url = str(group).rstrip("/")
-            self._remote = open_zarr(self._url, storage_options=storage_options)
-            self._path = Path(self._url.split("://", 1)[1])  # for messages only
-            self._h5ad = False
-            if self._state() is None:
-                msg = f"{self._url} holds no annbatch collection"
-                raise IncompleteCollectionError(msg)
+        remote_group = isinstance(group, zarr.Group) and _is_object_store(group.store)
+        if is_url(group) or remote_group:
+            self._open_remote(
+                group,
+                mode,
+                is_collection_h5ad=is_collection_h5ad,
+                storage_options=storage_options,
+                scratch_dir=scratch_dir,
+            )
             return
         if storage_options:
             msg = "storage_options are for a collection's URL in object storage"
+            raise InvalidArgumentError(msg)
+        if scratch_dir is not None:
+            msg = "scratch_dir is for a collection in object storage (a local build's scratch is in its folder)"
             raise InvalidArgumentError(msg)
         if not isinstance(is_collection_h5ad, bool):
             msg = f"is_collection_h5ad must be a bool, got {is_collection_h5ad!r}"
@@ -178,19 +196,85 @@ class DatasetCollection:
             and any((self._path / name).exists() for name in (h5ad.MANIFEST, h5ad.SCRATCH))
         )
         if mode == "r+" and self._state() is None:
-            msg = f"mode='r+' needs an existing collection, and {self._path} holds none"
+            msg = f"mode='r+' needs an existing collection, and {self._where} holds none"
             raise IncompleteCollectionError(msg)
         if mode == "w-" and self._state() is not None:
-            msg = f"mode='w-' refuses to overwrite the collection at {self._path}"
+            msg = f"mode='w-' refuses to overwrite the collection at {self._where}"
             raise CollectionPathError(msg)
         if mode == "w" and self._path.exists():
             self._state()  # raises unless the path holds a collection (or nothing)
             checkpoint("delete the collection (mode='w')")
             shutil.rmtree(self._path)
 
+    def _open_remote(
+        self,
+        group: zarr.Group | str | os.PathLike[str],
+        mode: str,
+        *,
+        is_collection_h5ad: bool,
+        storage_options: dict[str, Any] | None,
+        scratch_dir: str | os.PathLike[str] | None,
+    ) -> None:
+        """Open a collection in object storage: a URL, or a zarr group on an ObjectStore."""
+        if is_collection_h5ad or mode not in _REMOTE_MODES:
+            msg = (
+                f"a collection in object storage is a zarr collection opened with mode in "
+                f"{_REMOTE_MODES}; got mode={mode!r}, is_collection_h5ad={is_collection_h5ad}"
+            )
+            raise InvalidArgumentError(msg)
+        if isinstance(group, zarr.Group):
+            if storage_options:
+                msg = "storage_options are for a URL; this group's store is open already"
+                raise InvalidArgumentError(msg)
+            self._store, self._store_path = group.store, group.path
+            self._url = f"{type(group.store).__name__}({group.store})/{group.path}".rstrip("/")
+        else:
+            self._url = str(group).rstrip("/")
+            self._store = zarr_object_store(self._url, storage_options, read_only=mode == "r")
+        self._path = Path(self._url.split("://", 1)[-1])  # for messages only
+        self._h5ad = False
+        # A build's scratch (the rows distributed to datasets, pass 1) is local; a build
+        # interrupted and run again on this machine finds it there.
+        digest = hashlib.sha256(self._url.encode()).hexdigest()[:16]
+        self._scratch = (
+            Path(scratch_dir)
+            if scratch_dir is not None
+            else Path(tempfile.gettempdir()) / "annbatch-scratch" / digest
+        )
+        state = self._state()
+        if mode in ("r", "r+") and state is None:
+            msg = f"{self._url} holds no annbatch collection"
+            raise IncompleteCollectionError(msg)
+        if mode == "w-" and state is not None:
+            msg = f"mode='w-' refuses to overwrite the collection at {self._url}"
+            raise CollectionPathError(msg)
+
+    def _root(self, mode: Literal["r", "r+"] = "r") -> zarr.Group:
+        """The collection's root group, opened anew (so that its attributes are current)."""
+        if self._store is None:
+            return zarr.open_group(self._path, mode=mode, zarr_format=3)
+        try:
+            return zarr.open_group(self._store, path=self._store_path, mode=mode, zarr_format=3)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            msg = f"cannot open the collection at {self._url} ({type(e).__name__}: {e})"
+            raise StoreReadError(msg) from None
+
+    @property
+    def _where(self) -> str:
+        """The collection's location for messages: its folder or its URL."""
+        return self._url if self._store is not None else str(self._path)
+
+    @property
+    def _scratch_folder(self) -> Path:
+        """Where a build keeps its buckets: in the collection's folder, or (object storage)
+        in a local folder."""
+        return self._scratch if self._store is not None else self._path / SCRATCH
+
     def __repr__(self) -> str:
         state = self._state()
-        where = self._url if self._remote is not None else str(self._path)
+        where = self._where
         if state is None:
             return f"DatasetCollection({where!r}, empty)"
         return (
@@ -207,34 +291,37 @@ class DatasetCollection:
 
     def _state(self) -> dict[str, Any] | None:
         """The collection's recorded state; None if the path holds nothing yet."""
-        if self._remote is not None:
-            state = self._remote.attrs.get(ATTR)
-            return state if isinstance(state, dict) else None
-        if self._h5ad:
+        if self._store is not None:
+            try:
+                root = self._root("r")
+            except FileNotFoundError:  # nothing at the prefix yet
+                return None
+        elif self._h5ad:
             return h5ad.read_state(self._path, lambda p: DatasetCollection(p)._state())
-        if not self._path.exists() or (self._path.is_dir() and not any(self._path.iterdir())):
+        elif not self._path.exists() or (self._path.is_dir() and not any(self._path.iterdir())):
             return None
-        try:
-            root = zarr.open_group(self._path, mode="r")
-        except Exception as e:
-            msg = f"{self._path} exists and is not a collection; choose another path or delete it"
-            raise CollectionPathError(msg) from e
+        else:
+            try:
+                root = zarr.open_group(self._path, mode="r")
+            except Exception as e:
+                msg = f"{self._where} exists and is not a collection; choose another path or delete it"
+                raise CollectionPathError(msg) from e
         state = root.attrs.get(ATTR)
         if state is None and not dict(root.attrs) and next(iter(root.keys()), None) is None:
             return None  # an empty group (made with zarr.open_group(path, mode="w"))
         if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
-            msg = f"{self._path} holds a zarr group that is not an annbatch collection; choose another path"
+            msg = f"{self._where} holds a zarr group that is not an annbatch collection; choose another path"
             raise CollectionPathError(msg)
         return state
 
     def _complete_state(self) -> dict[str, Any]:
         state = self._state()
         if state is None:
-            msg = f"{self._path} holds no collection yet; build one with add_adatas"
+            msg = f"{self._where} holds no collection yet; build one with add_adatas"
             raise IncompleteCollectionError(msg)
         if state["state"] != "complete":
             msg = (
-                f"the build of {self._path} did not finish; run the same add_adatas call (or "
+                f"the build of {self._where} did not finish; run the same add_adatas call (or "
                 "`annbatch build`) again to resume it, or delete the folder"
             )
             raise IncompleteCollectionError(msg)
@@ -297,9 +384,9 @@ class DatasetCollection:
         """The datasets, each an AnnData zarr group opened read-only (a ``ValueError`` for
         h5ad collections: see :meth:`open_datasets`)."""
         if self._h5ad:
-            msg = f"{self._path} is a collection of h5ad files, not of zarr groups; use open_datasets()"
+            msg = f"{self._where} is a collection of h5ad files, not of zarr groups; use open_datasets()"
             raise InvalidArgumentError(msg)
-        root = self._remote or zarr.open_group(self._path, mode="r")
+        root = self._root("r")
         return [root[name] for name in self.dataset_names]  # type: ignore[misc]
 
     def __iter__(self) -> Iterator[zarr.Group]:
@@ -339,13 +426,13 @@ class DatasetCollection:
         for group in [] if self._h5ad else self.datasets:
             entry = {"name": group.basename, **describe_x(group)}
             entry["bytes"] = (
-                _size_in_store(self._remote, group.basename)
-                if self._remote is not None
+                _size_in_store(group)
+                if self._store is not None
                 else _size_on_disk(self._path / group.basename)
             )
             datasets.append(entry)
         return {
-            "path": self._url if self._remote is not None else str(self._path),
+            "path": self._where,
             "n_datasets": len(datasets),
             "n_obs": sum(d["n_obs"] for d in datasets),
             "n_var": len(state["var_names"]),
@@ -461,14 +548,8 @@ class DatasetCollection:
         -------
         The collection, to chain ``Loader().use_collection(...)``.
         """
-        if self._remote is not None:
-            msg = (
-                f"building into object storage ({self._url}) is not supported yet; build the "
-                "collection locally and upload its folder"
-            )
-            raise FeatureNotAvailableError(msg)
         if self._mode == "r":
-            msg = f"the collection {self._path} was opened with mode='r' (read only)"
+            msg = f"the collection {self._where} was opened with mode='r' (read only)"
             raise InvalidArgumentError(msg)
         if h5ad_compressor is not None and not isinstance(h5ad_compressor, str):
             msg = f"h5ad_compressor must be a codec name such as 'gzip', or None; got {h5ad_compressor!r}"
@@ -550,17 +631,17 @@ class DatasetCollection:
             self._layout = layout
             complete = state is not None and state["state"] == "complete"
             if complete:
-                if not force and _built_by(state, prints, options, self._path):  # type: ignore[arg-type]
+                if not force and _built_by(state, prints, options, self._where):  # type: ignore[arg-type]
                     self._added = True
                     return self
                 if not append:
-                    _refuse_without_append(state, prints, self._path)  # type: ignore[arg-type]
+                    _refuse_without_append(state, prints, self._where)  # type: ignore[arg-type]
             if not force:
                 _refuse_repeats(opened, prints, state if complete else None)
             specs = element_specs(opened)
             if complete:
-                _check_append(opened, state, self._path)  # type: ignore[arg-type]
-                specs = _elements_for_append(specs, state, self._path)  # type: ignore[arg-type]
+                _check_append(opened, state, self._where, self._root())  # type: ignore[arg-type]
+                specs = _elements_for_append(specs, state, self._where)  # type: ignore[arg-type]
             self._elements = specs
             self._build(opened, prints, state, options, rng, progress=progress)
         finally:
@@ -620,14 +701,14 @@ class DatasetCollection:
                 inp.close()
         if any(b.get("fingerprints") == prints for b in state.get("builds", [])):
             warnings.warn(
-                f"{self._path} is finished and already holds these inputs; nothing was written",
+                f"{self._where} is finished and already holds these inputs; nothing was written",
                 UserWarning,
                 stacklevel=4,
             )
             self._added = True
             return self
         msg = (
-            f"{self._path} is a finished collection of h5ad files built from other inputs; "
+            f"{self._where} is a finished collection of h5ad files built from other inputs; "
             "pass append=True to add these inputs to it, or build into another folder"
         )
         raise CollectionCompleteError(msg)
@@ -652,7 +733,7 @@ class DatasetCollection:
         the zarr build appends to as to any collection; the new datasets are converted after."""
         if state.get("version") != FORMAT_VERSION or "x" not in state:
             msg = (
-                f"{self._path} is a folder of h5ad files without annbatch's manifest; appending "
+                f"{self._where} is a folder of h5ad files without annbatch's manifest; appending "
                 "needs a collection annbatch built. Build a new collection from these files instead"
             )
             raise CollectionPathError(msg)
@@ -670,7 +751,7 @@ class DatasetCollection:
     def _finished_datasets(self, names: Sequence[str]) -> Iterator[list[Any]]:
         """The finished datasets ``names``, opened read-only: zarr groups, or, in the scratch
         collection of an append to an h5ad collection, the h5ad files of the folder above."""
-        root = zarr.open_group(self._path, mode="r")
+        root = self._root("r")
         files: list[h5py.File] = []
         groups: list[Any] = []
         try:
@@ -713,7 +794,7 @@ class DatasetCollection:
                 or state.get("elements", {}) != elements  # type: ignore[union-attr]
             ):
                 msg = (
-                    f"an interrupted build of other inputs or arguments is in {self._path}; run it "
+                    f"an interrupted build of other inputs or arguments is in {self._where}; run it "
                     "again with the same inputs and arguments to resume, or delete the folder"
                 )
                 raise CollectionPathError(msg)
@@ -753,14 +834,14 @@ class DatasetCollection:
             self._var = merged_var(inputs, var_names, options["merge"])
         sources: list[tuple[str, ObsColumns]] = []
         if prior:
-            sources.append((f"the collection {self._path}", TypesOnly(prior)))
+            sources.append((f"the collection {self._where}", TypesOnly(prior)))
         sources += [(inp.name, inp.obs) for inp in inputs]
         schema = build_schema(sources, skip=SOURCE_COLUMN)
         columns = [f"{c}: {t.describe()}" for c, t in schema.types.items()]
         if resuming and state["build"].get("obs_columns", columns) != columns:  # type: ignore[index]
             # The buckets hold obs columns by position: other columns cannot resume them.
             msg = (
-                f"an interrupted build with other obs columns is in {self._path}; run it again "
+                f"an interrupted build with other obs columns is in {self._where}; run it again "
                 "with the same inputs and load_adata to resume, or delete the folder"
             )
             raise CollectionPathError(msg)
@@ -801,10 +882,14 @@ class DatasetCollection:
             checkpoint("manifest: begin")
             # overwrite: the path holds nothing, or an empty group (see _state)
             root = zarr.create_group(
-                self._path, zarr_format=3, attributes={ATTR: record}, overwrite=True
+                self._store if self._store is not None else self._path,
+                path=self._store_path or None,
+                zarr_format=3,
+                attributes={ATTR: record},
+                overwrite=True,
             )
         else:
-            root = zarr.open_group(self._path, mode="r+", zarr_format=3)
+            root = self._root("r+")
             if not resuming:
                 self._save(root, record, "begin append")
         try:
@@ -823,7 +908,7 @@ class DatasetCollection:
         for name in record["build"]["dataset_names"]:
             if name in root:
                 del root[name]
-        shutil.rmtree(self._path / SCRATCH, ignore_errors=True)
+        shutil.rmtree(self._scratch_folder, ignore_errors=True)
 
     def _write(
         self,
@@ -839,7 +924,7 @@ class DatasetCollection:
     ) -> None:
         """Both passes of a build (resumed where ``record`` says), then the manifest."""
         build = record["build"]
-        first, done, scratch = build["first"], record["datasets"], self._path / SCRATCH
+        first, done, scratch = build["first"], record["datasets"], self._scratch_folder
         gen = np.random.default_rng(build["seed"])
         shuffle, block = build.get("shuffle", True), build.get("shuffle_chunk_size", 1)
         assignment = assign_datasets(
@@ -918,9 +1003,7 @@ def _refuse_repeats(
         raise DuplicateInputError(msg)
 
 
-def _built_by(
-    state: dict[str, Any], prints: list[str], options: dict[str, Any], path: Path
-) -> bool:
+def _built_by(state: dict[str, Any], prints: list[str], options: dict[str, Any], path: str) -> bool:
     """Whether a build (or append) of these inputs with these options made the finished
     collection ``state``; says so with a warning (nothing is to be done)."""
     for build in state.get("builds", []):
@@ -935,7 +1018,7 @@ def _built_by(
     return False
 
 
-def _refuse_without_append(state: dict[str, Any], prints: list[str], path: Path) -> None:
+def _refuse_without_append(state: dict[str, Any], prints: list[str], path: str) -> None:
     """Adding rows to a finished collection takes ``append=True``."""
     held = {entry["fingerprint"] for entry in state.get("inputs", [])}
     if all(d in held for d in prints):
@@ -952,11 +1035,13 @@ def _refuse_without_append(state: dict[str, Any], prints: list[str], path: Path)
     raise CollectionCompleteError(msg)
 
 
-def _check_append(inputs: Sequence[Input], state: dict[str, Any], path: Path) -> None:
+def _check_append(
+    inputs: Sequence[Input], state: dict[str, Any], path: str, root: zarr.Group
+) -> None:
     """Raise before anything is written if the inputs cannot join the collection's datasets."""
     x = state.get("x")
     if x is None:  # collections written before the manifest recorded X
-        described = describe_x(zarr.open_group(path, mode="r")[state["datasets"][0]["name"]])  # type: ignore[arg-type]
+        described = describe_x(root[state["datasets"][0]["name"]])  # type: ignore[arg-type]
         x = {
             "dtype": np.dtype(described["dtype"]).str,
             "sparse": described["encoding"] == "csr_matrix",
@@ -990,13 +1075,19 @@ def _describe_x(inp: Input) -> dict[str, Any]:
     return {"dtype": inp.dtype.str, "sparse": inp.sparse}  # type: ignore[union-attr]
 
 
-def _size_in_store(root: zarr.Group, name: str) -> int:
-    """Bytes of the objects under ``name`` in the object store of ``root``."""
+def _size_in_store(group: zarr.Group) -> int:
+    """Bytes of the objects under ``group`` in its object store."""
     import obstore
 
-    store: Any = root.store
-    prefix = f"{root.path}/{name}".strip("/")
+    store: Any = group.store
+    prefix = group.path.strip("/") + "/"
     return sum(item["size"] for batch in obstore.list(store.store, prefix=prefix) for item in batch)
+
+
+def _is_object_store(store: object) -> bool:
+    """Whether ``store`` is zarr's ObjectStore (a zarr without it has none)."""
+    cls = getattr(zarr.storage, "ObjectStore", None)
+    return cls is not None and isinstance(store, cls)
 
 
 def _size_on_disk(path: Path) -> int:
@@ -1011,7 +1102,8 @@ def _local_path(group: zarr.Group) -> Path:
     if not isinstance(store, LocalStore):
         msg = (
             f"DatasetCollection needs a group on the local file system (a zarr LocalStore), got "
-            f"one on a {type(store).__name__}; collections on object storage are not supported yet"
+            f"one on a {type(store).__name__}; for object storage give its URL or a group on "
+            "zarr's ObjectStore"
         )
         raise FeatureNotAvailableError(msg)
     return Path(store.root) / group.path
@@ -1050,7 +1142,7 @@ def _parse_groupby(groupby: object) -> list[str]:
 
 
 def _elements_for_append(
-    specs: list[ElementSpec], state: dict[str, Any], path: Path
+    specs: list[ElementSpec], state: dict[str, Any], path: str
 ) -> list[ElementSpec]:
     """The new inputs' layers and obsm, as the collection holds them: the same ones, of the
     same kind (others are dropped with a warning); one the collection has and they lack is an
