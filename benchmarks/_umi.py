@@ -29,7 +29,9 @@ def umi_counts(
     parts = []
     for lo in range(0, n_obs, block):
         k = min(block, n_obs - lo)
-        size = rng.lognormal(mean=np.log(_library_size(gene_mean, detected, dispersion)), sigma=0.35, size=k)
+        size = rng.lognormal(
+            mean=np.log(_library_size(gene_mean, detected, dispersion)), sigma=0.35, size=k
+        )
         mu = size[:, None] * gene_mean[None, :]
         lam = rng.gamma(shape=1 / dispersion, scale=mu * dispersion)
         counts = rng.poisson(lam)

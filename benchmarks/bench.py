@@ -121,8 +121,10 @@ def make_stores(
 
     ad.settings.zarr_write_format = 3
     tag = "" if writer == "anndata" else "_write_sharded"
-    paths = {"sparse": root / f"sparse_{n_obs}x{n_var}_{nnz}{tag}.zarr",
-             "dense": root / f"dense_{n_obs}x{dense_var}{tag}.zarr"}
+    paths = {
+        "sparse": root / f"sparse_{n_obs}x{n_var}_{nnz}{tag}.zarr",
+        "dense": root / f"dense_{n_obs}x{dense_var}{tag}.zarr",
+    }
     rng = np.random.default_rng(seed)
     if not paths["sparse"].exists():
         print(f"writing {paths['sparse']} ...", file=sys.stderr)
@@ -139,7 +141,9 @@ def make_stores(
 
                 write_sharded(group, ad.AnnData(X=x))
             else:
-                ad.io.write_elem(group, "X", x, dataset_kwargs={"chunks": (131_072,), "shards": (4_194_304,)})
+                ad.io.write_elem(
+                    group, "X", x, dataset_kwargs={"chunks": (131_072,), "shards": (4_194_304,)}
+                )
     if not paths["dense"].exists():
         print(f"writing {paths['dense']} ...", file=sys.stderr)
         group = zarr.open_group(paths["dense"], mode="w")
@@ -151,7 +155,12 @@ def make_stores(
 
                 write_sharded(group, ad.AnnData(X=x))
             else:
-                ad.io.write_elem(group, "X", x, dataset_kwargs={"chunks": (256, dense_var), "shards": (8192, dense_var)})
+                ad.io.write_elem(
+                    group,
+                    "X",
+                    x,
+                    dataset_kwargs={"chunks": (256, dense_var), "shards": (8192, dense_var)},
+                )
     return paths
 
 
@@ -194,7 +203,12 @@ def decode_rates(path: Path) -> dict[str, float]:
     for how in ("zarr-python", "zarrs", "direct"):
         if how == "zarrs" and importlib.util.find_spec("zarrs") is None:
             continue
-        out = subprocess.run([sys.executable, "-c", DECODE, str(path), how], capture_output=True, text=True, check=False)
+        out = subprocess.run(
+            [sys.executable, "-c", DECODE, str(path), how],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if out.returncode:
             raise RuntimeError(f"decoding {path} with {how} failed:\n{out.stderr[-3000:]}")
         rates[how] = json.loads(out.stdout)
@@ -233,7 +247,9 @@ def decoded_fraction(path: Path, chunk: int, preload: int) -> float:
     return n_obs / decoded
 
 
-def run_child(python: str, args: dict, *, child: str = CHILD, pythonpath: str | None = None) -> dict:
+def run_child(
+    python: str, args: dict, *, child: str = CHILD, pythonpath: str | None = None
+) -> dict:
     """Run ``child`` with ``args`` (as JSON) in a fresh ``python``; return the JSON it printed last.
 
     ``pythonpath`` replaces PYTHONPATH; without it, another interpreter gets none, so that it
@@ -244,7 +260,13 @@ def run_child(python: str, args: dict, *, child: str = CHILD, pythonpath: str | 
         env["PYTHONPATH"] = pythonpath
     elif python != sys.executable:
         env.pop("PYTHONPATH", None)
-    out = subprocess.run([python, "-c", child, json.dumps(args)], capture_output=True, text=True, check=False, env=env)
+    out = subprocess.run(
+        [python, "-c", child, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
     if out.returncode:
         raise RuntimeError(f"{python} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -264,16 +286,37 @@ def main() -> None:
     p.add_argument("--dense-var", type=int, default=2_000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--max-rows", type=int, default=10**9, help="stop each run after this many rows")
-    p.add_argument("--hold-ms", type=float, default=0.0, help="consumer holds each batch this long (GIL released)")
-    p.add_argument("--reference-python", help="interpreter with annbatch==0.3.1 and zarrs installed")
-    p.add_argument("--settings", default="all", help="comma-separated indices into SETTINGS, or 'all'")
+    p.add_argument(
+        "--hold-ms",
+        type=float,
+        default=0.0,
+        help="consumer holds each batch this long (GIL released)",
+    )
+    p.add_argument(
+        "--reference-python", help="interpreter with annbatch==0.3.1 and zarrs installed"
+    )
+    p.add_argument(
+        "--settings", default="all", help="comma-separated indices into SETTINGS, or 'all'"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-checksum", action="store_true", help="skip the same-rows check (shuffle=False)")
-    p.add_argument("--baseline-src", help="src folder of another annbatch checkout, run as a third loader")
-    p.add_argument("--writer", choices=["anndata", "write_sharded"], default="anndata",
-                   help="write the stores with anndata (our chunking) or annbatch.write_sharded (reference defaults)")
-    p.add_argument("--samplers", default="", help="comma-separated: also run ours with these samplers "
-                   "(chunk, random, distributed, class, weighted-class), alternating with the others")
+    p.add_argument(
+        "--no-checksum", action="store_true", help="skip the same-rows check (shuffle=False)"
+    )
+    p.add_argument(
+        "--baseline-src", help="src folder of another annbatch checkout, run as a third loader"
+    )
+    p.add_argument(
+        "--writer",
+        choices=["anndata", "write_sharded"],
+        default="anndata",
+        help="write the stores with anndata (our chunking) or annbatch.write_sharded (reference defaults)",
+    )
+    p.add_argument(
+        "--samplers",
+        default="",
+        help="comma-separated: also run ours with these samplers "
+        "(chunk, random, distributed, class, weighted-class), alternating with the others",
+    )
     a = p.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
     paths = make_stores(a.dir, a.n_obs, a.n_var, a.nnz, a.dense_var, a.seed, a.writer)
@@ -290,22 +333,35 @@ def main() -> None:
         loaders["annbatch (baseline)"] = (sys.executable, False, a.baseline_src, None)
     if a.reference_python:
         loaders["reference 0.3.1 + zarrs"] = (a.reference_python, True, None, None)
-    print(f"stores: sparse {a.n_obs:,} x {a.n_var:,} ({a.nnz} nnz/row), dense {a.n_obs:,} x {a.dense_var:,}; "
-          f"batch {BATCH}, shuffled, {a.runs} runs, hold {a.hold_ms} ms/batch")
+    print(
+        f"stores: sparse {a.n_obs:,} x {a.n_var:,} ({a.nnz} nnz/row), dense {a.n_obs:,} x {a.dense_var:,}; "
+        f"batch {BATCH}, shuffled, {a.runs} runs, hold {a.hold_ms} ms/batch"
+    )
     for kind, r in all_rates.items():
         listed = ", ".join(f"{how} {rate:,.0f}" for how, rate in r.items())
         print(f"decode all X in order, {kind} (rows/s): {listed}; bound uses the fastest")
-    print("\n| store | chunk / preload | loader | rows/s median (min-max) | % of bound | bound "
-          "| first batch s | peak RSS MB (above start) |")
+    print(
+        "\n| store | chunk / preload | loader | rows/s median (min-max) | % of bound | bound "
+        "| first batch s | peak RSS MB (above start) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for kind, chunk, preload in chosen:
         bound = rates[kind] * decoded_fraction(paths[kind], chunk, preload)
         results: dict[str, list[dict]] = {name: [] for name in loaders}
         for _ in range(a.runs):  # alternate loaders within each run
             for name, (python, zarrs, pythonpath, sampler) in loaders.items():
-                args = {"path": str(paths[kind]), "batch": BATCH, "chunk": chunk, "preload": preload, "shuffle": True,
-                        "hold_s": a.hold_ms / 1000, "max_rows": a.max_rows, "checksum": False, "zarrs": zarrs,
-                        "sampler": sampler}
+                args = {
+                    "path": str(paths[kind]),
+                    "batch": BATCH,
+                    "chunk": chunk,
+                    "preload": preload,
+                    "shuffle": True,
+                    "hold_s": a.hold_ms / 1000,
+                    "max_rows": a.max_rows,
+                    "checksum": False,
+                    "zarrs": zarrs,
+                    "sampler": sampler,
+                }
                 results[name].append(run_child(python, args, pythonpath=pythonpath))
         for name, runs in results.items():
             speeds = sorted(r["rows"] / r["seconds"] for r in runs)
@@ -313,16 +369,28 @@ def main() -> None:
             first = statistics.median(r["first_s"] for r in runs)
             rss = max(r["rss_mb"] for r in runs)
             above = max(r["rss_mb"] - r["base_mb"] for r in runs)
-            print(f"| {kind} | {chunk} / {preload} | {name} | {med:,.0f} ({speeds[0]:,.0f}-{speeds[-1]:,.0f}) "
-                  f"| {100 * med / bound:.0f}% | {bound:,.0f} | {first:.2f} | {rss:,.0f} ({above:,.0f}) |", flush=True)
+            print(
+                f"| {kind} | {chunk} / {preload} | {name} | {med:,.0f} ({speeds[0]:,.0f}-{speeds[-1]:,.0f}) "
+                f"| {100 * med / bound:.0f}% | {bound:,.0f} | {first:.2f} | {rss:,.0f} ({above:,.0f}) |",
+                flush=True,
+            )
     if a.reference_python and not a.no_checksum:  # same rows out of both loaders, unshuffled
         for kind, path in paths.items():
             sums = {}
             for name, (python, zarrs, pythonpath, sampler) in loaders.items():
                 if sampler:
                     continue
-                args = {"path": str(path), "batch": BATCH, "chunk": 256, "preload": 64, "shuffle": False,
-                        "hold_s": 0, "max_rows": 10**9, "checksum": True, "zarrs": zarrs}
+                args = {
+                    "path": str(path),
+                    "batch": BATCH,
+                    "chunk": 256,
+                    "preload": 64,
+                    "shuffle": False,
+                    "hold_s": 0,
+                    "max_rows": 10**9,
+                    "checksum": True,
+                    "zarrs": zarrs,
+                }
                 sums[name] = run_child(python, args, pythonpath=pythonpath)["checksum"]
             print(f"\nchecksum ({kind}, shuffle=False): {sums}")
 

@@ -57,7 +57,9 @@ def _obs(i: int, rows: int, columns: int) -> dict:
     return out
 
 
-def write_inputs(folder: Path, files: int, rows: int, n_var: int, nnz: int, obs_columns: int = 1) -> list[Path]:
+def write_inputs(
+    folder: Path, files: int, rows: int, n_var: int, nnz: int, obs_columns: int = 1
+) -> list[Path]:
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
@@ -73,14 +75,20 @@ def write_inputs(folder: Path, files: int, rows: int, n_var: int, nnz: int, obs_
         rng = np.random.default_rng(i)
         indices = np.sort(rng.integers(0, n_var, size=(rows, nnz), dtype=np.int32), axis=1).ravel()
         x = sp.csr_matrix(
-            (rng.poisson(2.0, rows * nnz).astype(np.float32) + 1, indices, np.arange(rows + 1) * nnz),
+            (
+                rng.poisson(2.0, rows * nnz).astype(np.float32) + 1,
+                indices,
+                np.arange(rows + 1) * nnz,
+            ),
             shape=(rows, n_var),
         )
         x.sum_duplicates()
         obs = pd.DataFrame(_obs(i, rows, obs_columns), index=[f"f{i}_c{k}" for k in range(rows)])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(n_var)])).write_h5ad(path)
+            ad.AnnData(
+                X=x, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(n_var)])
+            ).write_h5ad(path)
     return paths
 
 
@@ -97,7 +105,9 @@ def main() -> None:
     a = p.parse_args()
     paths = write_inputs(a.dir, a.files, a.rows_per_file, a.n_var, a.nnz, a.obs_columns)
     in_memory = a.files * a.rows_per_file * a.nnz * 8 / 2**20  # data + indices, float32 + int32
-    print(f"| build | inputs | X in memory | obs columns | budget | datasets | rows/s | peak RSS MB (above start) |")
+    print(
+        "| build | inputs | X in memory | obs columns | budget | datasets | rows/s | peak RSS MB (above start) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, pythonpath in [("ours", None), ("baseline", a.baseline_src)]:
         if name == "baseline" and pythonpath is None:
@@ -105,12 +115,27 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         if pythonpath is not None:
             env["PYTHONPATH"] = pythonpath
-        out = subprocess.run([sys.executable, "-c", CHILD, str(a.dir / "collection.zarr"), a.budget, *map(str, paths)],
-                             capture_output=True, text=True, check=True, env=env)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                str(a.dir / "collection.zarr"),
+                a.budget,
+                *map(str, paths),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {name} | {a.files} h5ad x {a.rows_per_file:,} rows, {a.n_var:,} genes, {a.nnz} nnz/row | {in_memory:,.0f} MB "
-              f"| {a.obs_columns} | {a.budget} | {r['datasets']} | {r['n_obs'] / r['seconds']:,.0f} "
-              f"| {r['peak_mb']:,.0f} ({r['peak_mb'] - r['base_mb']:,.0f}) |", flush=True)
+        print(
+            f"| {name} | {a.files} h5ad x {a.rows_per_file:,} rows, {a.n_var:,} genes, {a.nnz} nnz/row | {in_memory:,.0f} MB "
+            f"| {a.obs_columns} | {a.budget} | {r['datasets']} | {r['n_obs'] / r['seconds']:,.0f} "
+            f"| {r['peak_mb']:,.0f} ({r['peak_mb'] - r['base_mb']:,.0f}) |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,15 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mb": status("VmHWM"
 """
 
 
-def run(python: str, kind: str, out: Path, budget: str, options: dict, inputs: list[Path], pythonpath: str | None) -> dict:
+def run(
+    python: str,
+    kind: str,
+    out: Path,
+    budget: str,
+    options: dict,
+    inputs: list[Path],
+    pythonpath: str | None,
+) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
@@ -81,7 +89,12 @@ def main() -> None:
     }
     contenders = {k: v for k, v in contenders.items() if k in a.only.split(",")}
     if a.baseline_src:
-        contenders["baseline-none"] = (sys.executable, "ours", {"compression": "none"}, a.baseline_src)
+        contenders["baseline-none"] = (
+            sys.executable,
+            "ours",
+            {"compression": "none"},
+            a.baseline_src,
+        )
     results: dict[str, list[dict]] = {k: [] for k in contenders}
     for r in range(a.rounds):
         order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
@@ -90,16 +103,24 @@ def main() -> None:
             out = a.dir / f"out_{name}.zarr"
             res = run(python, kind, out, a.budget, options, inputs, pythonpath)
             results[name].append(res)
-            print(f"round {r}: {name}: {res['seconds']:.1f} s, peak {res['peak_mb']:,.0f} MB", file=sys.stderr, flush=True)
-    print(f"\n{a.files} h5ad files x {a.rows_per_file:,} rows x {a.n_var:,} genes, ~{a.nnz} nonzeros per row "
-          f"({n_obs:,} rows, {input_mb:,.0f} MB of h5ad); budget {a.budget}; median of {a.rounds} rounds\n")
+            print(
+                f"round {r}: {name}: {res['seconds']:.1f} s, peak {res['peak_mb']:,.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
+    print(
+        f"\n{a.files} h5ad files x {a.rows_per_file:,} rows x {a.n_var:,} genes, ~{a.nnz} nonzeros per row "
+        f"({n_obs:,} rows, {input_mb:,.0f} MB of h5ad); budget {a.budget}; median of {a.rounds} rounds\n"
+    )
     print("| build | seconds | rows/s | input MB/s | peak RSS MB | output MB |")
     print("|---|---|---|---|---|---|")
     for name, runs in results.items():
         seconds = statistics.median(r["seconds"] for r in runs)
         peak = max(r["peak_mb"] for r in runs)
-        print(f"| {name} | {seconds:,.1f} | {n_obs / seconds:,.0f} | {input_mb / seconds:,.0f} | {peak:,.0f} "
-              f"| {runs[0]['bytes'] / 2**20:,.0f} |")
+        print(
+            f"| {name} | {seconds:,.1f} | {n_obs / seconds:,.0f} | {input_mb / seconds:,.0f} | {peak:,.0f} "
+            f"| {runs[0]['bytes'] / 2**20:,.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,11 @@ annbatch.DatasetCollection(out).add_adatas(inputs, rng=np.random.default_rng(0),
 
 
 def build(
-    python: str, out: Path, inputs: list[Path], options: dict | None = None, pythonpath: str | None = None
+    python: str,
+    out: Path,
+    inputs: list[Path],
+    options: dict | None = None,
+    pythonpath: str | None = None,
 ) -> float:
     if out.exists():
         return float("nan")
@@ -60,10 +64,19 @@ def main() -> None:
     p.add_argument("--n-var", type=int, default=5_000)
     p.add_argument("--nnz", type=int, default=400)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--max-rows", type=int, default=10**9, help="stop each run after this many rows (default: whole epochs)")
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        default=10**9,
+        help="stop each run after this many rows (default: whole epochs)",
+    )
     p.add_argument("--reference-python", required=True)
-    p.add_argument("--compression", default="none,lz4", help="our collections to build and read, by codec")
-    p.add_argument("--baseline-src", help="src folder of another annbatch checkout, run as further loaders")
+    p.add_argument(
+        "--compression", default="none,lz4", help="our collections to build and read, by codec"
+    )
+    p.add_argument(
+        "--baseline-src", help="src folder of another annbatch checkout, run as further loaders"
+    )
     a = p.parse_args()
     inputs = write_inputs(a.dir / "inputs", a.files, a.rows_per_file, a.n_var, a.nnz)
     tag = f"{a.files}x{a.rows_per_file}_{a.n_var}_{a.nnz}"
@@ -71,35 +84,66 @@ def main() -> None:
     loaders: dict[str, tuple[str, Path, bool, dict | None, str | None]] = {}
     for codec in a.compression.split(","):
         loaders[f"annbatch (ours) on its collection ({codec})"] = (
-            sys.executable, a.dir / f"ours_{tag}_{codec}.zarr", False, {"compression": codec}, None
+            sys.executable,
+            a.dir / f"ours_{tag}_{codec}.zarr",
+            False,
+            {"compression": codec},
+            None,
         )
         if a.baseline_src:
             loaders[f"annbatch (baseline) on its collection ({codec})"] = (
-                sys.executable, a.dir / f"baseline_{tag}_{codec}.zarr", False, {"compression": codec}, a.baseline_src
+                sys.executable,
+                a.dir / f"baseline_{tag}_{codec}.zarr",
+                False,
+                {"compression": codec},
+                a.baseline_src,
             )
     loaders["reference 0.3.1 + zarrs on its collection"] = (
-        a.reference_python, a.dir / f"reference_{tag}.zarr", True, None, None
+        a.reference_python,
+        a.dir / f"reference_{tag}.zarr",
+        True,
+        None,
+        None,
     )
     for name, (python, out, _, options, pythonpath) in loaders.items():
         seconds = build(python, out, inputs, options, pythonpath)
-        print(f"{name.split(' on ')[0]}: built {out} ({size_mb(out):,.0f} MB) in {seconds:.0f} s", flush=True)
-    print(f"\n{a.files} inputs x {a.rows_per_file:,} rows, {a.n_var:,} genes, {a.nnz} nnz/row; batch {BATCH}, "
-          f"shuffled, median of {a.runs} runs\n")
-    print("| chunk / preload | loader | rows/s median (min-max) | first batch s | peak RSS MB (above start) |")
+        print(
+            f"{name.split(' on ')[0]}: built {out} ({size_mb(out):,.0f} MB) in {seconds:.0f} s",
+            flush=True,
+        )
+    print(
+        f"\n{a.files} inputs x {a.rows_per_file:,} rows, {a.n_var:,} genes, {a.nnz} nnz/row; batch {BATCH}, "
+        f"shuffled, median of {a.runs} runs\n"
+    )
+    print(
+        "| chunk / preload | loader | rows/s median (min-max) | first batch s | peak RSS MB (above start) |"
+    )
     print("|---|---|---|---|---|")
     for chunk, preload in ((256, 64), (32, 512)):
         results: dict[str, list[dict]] = {name: [] for name in loaders}
         for _ in range(a.runs):
             for name, (python, out, zarrs, _, pythonpath) in loaders.items():
-                args = {"path": str(out), "batch": BATCH, "chunk": chunk, "preload": preload, "shuffle": True,
-                        "hold_s": 0, "max_rows": a.max_rows, "checksum": False, "zarrs": zarrs, "collection": True}
+                args = {
+                    "path": str(out),
+                    "batch": BATCH,
+                    "chunk": chunk,
+                    "preload": preload,
+                    "shuffle": True,
+                    "hold_s": 0,
+                    "max_rows": a.max_rows,
+                    "checksum": False,
+                    "zarrs": zarrs,
+                    "collection": True,
+                }
                 results[name].append(run_child(python, args, pythonpath=pythonpath))
         for name, runs in results.items():
             speeds = sorted(r["rows"] / r["seconds"] for r in runs)
-            print(f"| {chunk} / {preload} | {name} | {statistics.median(speeds):,.0f} ({speeds[0]:,.0f}-{speeds[-1]:,.0f}) "
-                  f"| {statistics.median(r['first_s'] for r in runs):.2f} "
-                  f"| {max(r['rss_mb'] for r in runs):,.0f} ({max(r['rss_mb'] - r['base_mb'] for r in runs):,.0f}) |",
-                  flush=True)
+            print(
+                f"| {chunk} / {preload} | {name} | {statistics.median(speeds):,.0f} ({speeds[0]:,.0f}-{speeds[-1]:,.0f}) "
+                f"| {statistics.median(r['first_s'] for r in runs):.2f} "
+                f"| {max(r['rss_mb'] for r in runs):,.0f} ({max(r['rss_mb'] - r['base_mb'] for r in runs):,.0f}) |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

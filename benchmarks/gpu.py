@@ -89,20 +89,35 @@ def main() -> None:
     p.add_argument("--dense-var", type=int, default=2_000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--max-rows", type=int, default=10**9)
-    p.add_argument("--epochs", type=int, default=1, help="epochs per process (rows/s over all of them)")
+    p.add_argument(
+        "--epochs", type=int, default=1, help="epochs per process (rows/s over all of them)"
+    )
     p.add_argument("--device", default="cuda")
     p.add_argument("--modes", default="ours-gpu,ours-cpu,ref-gpu,ref-cpu")
-    p.add_argument("--reference-path", help="a folder holding annbatch==0.3.1 (and zarrs) to put on PYTHONPATH")
+    p.add_argument(
+        "--reference-path", help="a folder holding annbatch==0.3.1 (and zarrs) to put on PYTHONPATH"
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
 
     a.dir.mkdir(parents=True, exist_ok=True)
     paths = make_stores(a.dir, a.n_obs, a.n_var, a.nnz, a.dense_var, a.seed)
-    base = [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x and Path(x).resolve() != SRC]
+    base = [
+        x
+        for x in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if x and Path(x).resolve() != SRC
+    ]
     modes = [m for m in a.modes.split(",") if a.reference_path or not m.startswith("ref")]
-    paths_of = {"ours": os.pathsep.join([str(SRC), *base]), "ref": os.pathsep.join([a.reference_path or "", *base])}
-    print(f"machine: {os.cpu_count()} CPUs, device {a.device}; batch {BATCH}; shuffled; rows/s to dense tensors on the device")
-    print("| store | chunk / preload | mode | rows/s median | spread | first batch s | peak GPU MB |")
+    paths_of = {
+        "ours": os.pathsep.join([str(SRC), *base]),
+        "ref": os.pathsep.join([a.reference_path or "", *base]),
+    }
+    print(
+        f"machine: {os.cpu_count()} CPUs, device {a.device}; batch {BATCH}; shuffled; rows/s to dense tensors on the device"
+    )
+    print(
+        "| store | chunk / preload | mode | rows/s median | spread | first batch s | peak GPU MB |"
+    )
     print("|---|---|---|---|---|---|---|")
     for store, chunk, preload in SETTINGS:
         results: dict[str, list[dict]] = {m: [] for m in modes}
@@ -112,10 +127,21 @@ def main() -> None:
                 if mode in errors:
                     continue
                 who, where = mode.split("-")
-                args = {"path": str(paths[store]), "batch": BATCH, "chunk": chunk, "preload": preload,
-                        "gpu": where == "gpu", "zarrs": who == "ref", "device": a.device, "max_rows": a.max_rows, "epochs": a.epochs}
+                args = {
+                    "path": str(paths[store]),
+                    "batch": BATCH,
+                    "chunk": chunk,
+                    "preload": preload,
+                    "gpu": where == "gpu",
+                    "zarrs": who == "ref",
+                    "device": a.device,
+                    "max_rows": a.max_rows,
+                    "epochs": a.epochs,
+                }
                 try:
-                    results[mode].append(run_child(sys.executable, args, child=CHILD, pythonpath=paths_of[who]))
+                    results[mode].append(
+                        run_child(sys.executable, args, child=CHILD, pythonpath=paths_of[who])
+                    )
                 except RuntimeError as e:
                     errors[mode] = str(e).strip().splitlines()[-1]
         for mode in modes:

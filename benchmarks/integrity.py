@@ -58,12 +58,15 @@ def indptr_cost(n_rows: int) -> None:
         check_indptr(indptr, n_obs=n_rows, nnz=int(indptr[-1]), exact=True, where="bench")
         times.append(time.perf_counter() - t0)
     ms = 1000 * statistics.median(times)
-    print(f"| indptr check, {n_rows:,} rows | {ms:.1f} ms | {ms / (n_rows / 1e6):.2f} ms per million rows |")
+    print(
+        f"| indptr check, {n_rows:,} rows | {ms:.1f} ms | {ms / (n_rows / 1e6):.2f} ms per million rows |"
+    )
 
 
 def window_check_cost(path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
+    import anndata as ad
     import zarr
 
     from annbatch import ChunkSampler
@@ -73,9 +76,9 @@ def window_check_cost(path: Path) -> None:
     from annbatch._core.sources import as_row_source
     from annbatch._core.validate import check_indices
 
-    import anndata as ad
-
-    source = as_row_source(ad.io.sparse_dataset(zarr.open_group(path, mode="r")["X"]), where="bench")
+    source = as_row_source(
+        ad.io.sparse_dataset(zarr.open_group(path, mode="r")["X"]), where="bench"
+    )
     offsets = dataset_offsets([source.shape[0]])
     threads = read_threads()
     for chunk, preload in ((256, 64), (32, 512)):
@@ -106,14 +109,23 @@ def verify_cost(path: Path, runs: int) -> None:
         results: dict[bool, list[dict]] = {False: [], True: []}
         for _ in range(runs):
             for verify in (False, True):
-                args = {"path": str(path), "batch": BATCH, "chunk": chunk, "preload": preload, "verify": verify}
+                args = {
+                    "path": str(path),
+                    "batch": BATCH,
+                    "chunk": chunk,
+                    "preload": preload,
+                    "verify": verify,
+                }
                 results[verify].append(run_child(sys.executable, args, child=CHILD))
         base = statistics.median(r["rows"] / r["seconds"] for r in results[False])
         for verify, rs in results.items():
             speeds = sorted(r["rows"] / r["seconds"] for r in rs)
             med = statistics.median(speeds)
-            print(f"| {chunk} / {preload} | {verify} | {med:,.0f} ({speeds[0]:,.0f}-{speeds[-1]:,.0f}) ({med / base:.2f}x) "
-                  f"| {statistics.median(r['first_s'] for r in rs):.2f} |", flush=True)
+            print(
+                f"| {chunk} / {preload} | {verify} | {med:,.0f} ({speeds[0]:,.0f}-{speeds[-1]:,.0f}) ({med / base:.2f}x) "
+                f"| {statistics.median(r['first_s'] for r in rs):.2f} |",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -121,7 +133,9 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--indptr-rows", type=int, default=10_000_000)
     p.add_argument("--sparse", type=Path, default=Path("data/bench/sparse_200000x20000_1500.zarr"))
-    p.add_argument("--collection", type=Path, default=Path("data/collections/ours_4x50000_5000_400_none.zarr"))
+    p.add_argument(
+        "--collection", type=Path, default=Path("data/collections/ours_4x50000_5000_400_none.zarr")
+    )
     a = p.parse_args()
     print("| check | time | relative |")
     print("|---|---|---|")

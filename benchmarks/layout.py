@@ -46,7 +46,11 @@ def _codec(name: str) -> object:
 
     if name == "none":
         return None
-    return ZstdCodec(level=0) if name == "zstd" else BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    return (
+        ZstdCodec(level=0)
+        if name == "zstd"
+        else BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    )
 
 
 def rewrite(source: Path, target: Path, codec: str, inner: int) -> None:
@@ -66,7 +70,11 @@ def rewrite(source: Path, target: Path, codec: str, inner: int) -> None:
             kwargs = {"chunks": (inner,), "shards": (shard,), "compressors": _codec(codec)}
         else:
             x = g["X"][...]
-            kwargs = {"chunks": (inner, x.shape[1]), "shards": (inner * max(1, 8192 // inner), x.shape[1]), "compressors": _codec(codec)}
+            kwargs = {
+                "chunks": (inner, x.shape[1]),
+                "shards": (inner * max(1, 8192 // inner), x.shape[1]),
+                "compressors": _codec(codec),
+            }
         ad.io.write_elem(out, "X", x, dataset_kwargs=kwargs)
 
 
@@ -83,8 +91,10 @@ def main() -> None:
     a = p.parse_args()
     codecs = a.codecs.split(",")
     stores = make_stores(a.dir, a.n_obs, a.n_var, a.nnz, a.dense_var, seed=0)
-    print(f"Loader rows/s (median of {a.runs}), batch {BATCH}, shuffled; sparse {a.n_obs:,} x {a.n_var:,} "
-          f"({a.nnz} nnz/row), dense {a.n_obs:,} x {a.dense_var:,}\n")
+    print(
+        f"Loader rows/s (median of {a.runs}), batch {BATCH}, shuffled; sparse {a.n_obs:,} x {a.n_var:,} "
+        f"({a.nnz} nnz/row), dense {a.n_obs:,} x {a.dense_var:,}\n"
+    )
     header = " | ".join(f"chunk {c} / {pl}" for c, pl in SETTINGS)
     print(f"| store | layout | MB on disk | {header} |")
     print("|---|---|---|" + "---|" * len(SETTINGS))
@@ -98,8 +108,17 @@ def main() -> None:
             for chunk, preload in SETTINGS:
                 speeds = []
                 for _ in range(a.runs):
-                    args = {"path": str(target), "batch": BATCH, "chunk": chunk, "preload": preload, "shuffle": True,
-                            "hold_s": 0, "max_rows": a.max_rows, "checksum": False, "zarrs": False}
+                    args = {
+                        "path": str(target),
+                        "batch": BATCH,
+                        "chunk": chunk,
+                        "preload": preload,
+                        "shuffle": True,
+                        "hold_s": 0,
+                        "max_rows": a.max_rows,
+                        "checksum": False,
+                        "zarrs": False,
+                    }
                     r = run_child(sys.executable, args)
                     speeds.append(r["rows"] / r["seconds"])
                 cells.append(f"{statistics.median(speeds):,.0f}")

@@ -7,13 +7,15 @@ each with each loader: locally, through the proxy with no delay, and with a 20 m
 a 200 MB/s cap. The reference reads through zarr-python + obstore (its documented remote setup,
 ``async.concurrency`` 64; zarrs does not read remote stores). Runs alternate; each is a fresh
 process. Reported: rows/s, bytes fetched per yielded row and requests per window (counted by the
-proxy), time to first batch, peak RSS.
+proxy), time to first batch, peak RSS, and the cores each process kept busy during the epoch
+(CPU seconds per second: the loader's, the server's and the proxy's).
 
 The server and the proxy share this machine's cores with the loader: remote numbers are lower
 bounds of what a separate server would give.
 
 Usage: python benchmarks/remote.py --reference-python /path/to/venv/bin/python [--runs 3]
        [--n-obs 20000] [--settings 256/64,32/512] [--networks local,none,20ms]
+       [--stores anndata,collection] [--loaders ours,reference] [--in-flight 4,16,64]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -31,9 +34,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
+from _umi import umi_counts  # noqa: E402
+
 from _proxy import Network, Proxy  # noqa: E402
 from _s3 import BUCKET, KEY_ID, SECRET, start  # noqa: E402
-from _umi import umi_counts  # noqa: E402
 
 BATCH = 4096
 NETWORKS = {
@@ -64,7 +68,7 @@ loader = annbatch.Loader(batch_size=args["batch"], chunk_size=args["chunk"], pre
                          shuffle=True, rng=np.random.default_rng(0), **out)
 loader.add_datasets([ad.io.sparse_dataset(g["X"]) for g in groups])
 base = [l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]
-t0 = time.perf_counter(); first = None; rows = 0
+t0 = time.perf_counter(); c0 = time.process_time(); first = None; rows = 0
 for batch in loader:
     if first is None:
         first = time.perf_counter() - t0
@@ -72,7 +76,7 @@ for batch in loader:
 dt = time.perf_counter() - t0
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
 print(json.dumps({"rows": rows, "seconds": dt, "first_s": first, "rss_mb": int(hwm) / 1024,
-                  "base_mb": int(base) / 1024}))
+                  "base_mb": int(base) / 1024, "cpu_s": time.process_time() - c0}))
 """
 
 
@@ -96,13 +100,35 @@ def make_stores(root: Path, n_obs: int) -> dict[str, Path]:
     return {"anndata store (zstd)": store, "our collection (default)": collection}
 
 
-def run_child(python: str, args: dict) -> dict:
+def run_child(python: str, args: dict, env: dict | None = None) -> dict:
     done = subprocess.run(
-        [python, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, timeout=1800, check=False
+        [python, "-c", CHILD, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+        env=env,
     )
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process (the proxy's threads; the parent is idle otherwise)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def _cores(runs: list[dict], key: str) -> str:
+    """Median CPU seconds of ``key`` per second of the loader's epoch: cores kept busy."""
+    return f"{statistics.median(r[key] / r['seconds'] for r in runs):.2f}"
 
 
 def main() -> None:
@@ -113,19 +139,39 @@ def main() -> None:
     p.add_argument("--reference-python", required=True)
     p.add_argument("--settings", default="256/64,32/512")
     p.add_argument("--networks", default="local,none,20ms")
+    p.add_argument("--stores", default="anndata,collection", help="anndata, collection or both")
+    p.add_argument("--loaders", default="ours,reference", help="ours, reference or both")
+    p.add_argument(
+        "--in-flight",
+        default="",
+        help="ours with these ANNBATCH_REMOTE_IN_FLIGHT values, e.g. 4,16,64",
+    )
     a = p.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
-    stores = make_stores(a.dir, a.n_obs)
-    loaders = {"annbatch (ours)": sys.executable, "reference 0.3.1 (zarr + obstore)": a.reference_python}
+    stores = {
+        k: v for k, v in make_stores(a.dir, a.n_obs).items() if k.split()[1] in a.stores.split(",")
+    }
+    loaders: dict[str, tuple[str, dict | None]] = {}
+    if "ours" in a.loaders.split(","):
+        for n in a.in_flight.split(",") if a.in_flight else [""]:
+            env = {**os.environ, "ANNBATCH_REMOTE_IN_FLIGHT": n} if n else None
+            loaders[f"annbatch (ours{f', {n} in flight' if n else ''})"] = (sys.executable, env)
+    if "reference" in a.loaders.split(","):
+        loaders["reference 0.3.1 (zarr + obstore)"] = (a.reference_python, None)
     server = start(Path(tempfile.mkdtemp(prefix="weed-", dir=a.dir)))
     proxy = Proxy(server.port)
     try:
-        for name, path in stores.items():
+        for path in stores.values():
             server.upload(path, path.name)
-        print(f"\n{a.n_obs:,} UMI-like cells x 20,000 genes; batch {BATCH}, shuffled; median of {a.runs} runs\n")
-        print("| network | chunk / preload | store | loader | rows/s median (min-max) | bytes fetched per row "
-              "| requests per window | first batch s | peak RSS MB (above start) |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print(
+            f"\n{a.n_obs:,} UMI-like cells x 20,000 genes; batch {BATCH}, shuffled; median of {a.runs} runs\n"
+        )
+        print(
+            "| network | chunk / preload | store | loader | rows/s median (min-max) | bytes fetched per row "
+            "| requests per window | first batch s | peak RSS MB (above start) "
+            "| cores busy: loader / server / proxy |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for network in a.networks.split(","):
             if NETWORKS[network] is not None:
                 proxy.network = NETWORKS[network]
@@ -134,28 +180,51 @@ def main() -> None:
                 results: dict[tuple[str, str], list[dict]] = {}
                 for _ in range(a.runs):
                     for store_name, path in stores.items():
-                        for loader, python in loaders.items():
-                            args = {"batch": BATCH, "chunk": chunk, "preload": preload, "local": str(path),
-                                    "endpoint": None if network == "local" else proxy.url, "bucket": BUCKET,
-                                    "path": path.name, "key": KEY_ID, "secret": SECRET}
-                            before = (proxy.bytes_down, proxy.requests)
-                            r = run_child(python, args)
+                        for loader, (python, env) in loaders.items():
+                            args = {
+                                "batch": BATCH,
+                                "chunk": chunk,
+                                "preload": preload,
+                                "local": str(path),
+                                "endpoint": None if network == "local" else proxy.url,
+                                "bucket": BUCKET,
+                                "path": path.name,
+                                "key": KEY_ID,
+                                "secret": SECRET,
+                            }
+                            before = (
+                                proxy.bytes_down,
+                                proxy.requests,
+                                _cpu(server.process.pid),
+                                _own_cpu(),
+                            )
+                            r = run_child(python, args, env)
                             r["bytes"] = proxy.bytes_down - before[0]
                             r["requests"] = proxy.requests - before[1]
+                            r["server_cpu_s"] = _cpu(server.process.pid) - before[2]
+                            r["proxy_cpu_s"] = _own_cpu() - before[3]
                             results.setdefault((store_name, loader), []).append(r)
                 for (store_name, loader), runs in results.items():
                     speeds = sorted(r["rows"] / r["seconds"] for r in runs)
                     windows = math.ceil(runs[0]["rows"] / (chunk * preload))
                     remote = network != "local"
-                    per_row = statistics.median(r["bytes"] / r["rows"] for r in runs) if remote else None
-                    per_window = statistics.median(r["requests"] / windows for r in runs) if remote else None
-                    print(f"| {network} | {chunk} / {preload} | {store_name} | {loader} "
-                          f"| {statistics.median(speeds):,.0f} ({speeds[0]:,.0f}-{speeds[-1]:,.0f}) "
-                          f"| {'-' if per_row is None else f'{per_row:,.0f}'} "
-                          f"| {'-' if per_window is None else f'{per_window:,.0f}'} "
-                          f"| {statistics.median(r['first_s'] for r in runs):.2f} "
-                          f"| {max(r['rss_mb'] for r in runs):,.0f} ({max(r['rss_mb'] - r['base_mb'] for r in runs):,.0f}) |",
-                          flush=True)
+                    per_row = (
+                        statistics.median(r["bytes"] / r["rows"] for r in runs) if remote else None
+                    )
+                    per_window = (
+                        statistics.median(r["requests"] / windows for r in runs) if remote else None
+                    )
+                    print(
+                        f"| {network} | {chunk} / {preload} | {store_name} | {loader} "
+                        f"| {statistics.median(speeds):,.0f} ({speeds[0]:,.0f}-{speeds[-1]:,.0f}) "
+                        f"| {'-' if per_row is None else f'{per_row:,.0f}'} "
+                        f"| {'-' if per_window is None else f'{per_window:,.0f}'} "
+                        f"| {statistics.median(r['first_s'] for r in runs):.2f} "
+                        f"| {max(r['rss_mb'] for r in runs):,.0f} ({max(r['rss_mb'] - r['base_mb'] for r in runs):,.0f}) "
+                        f"| {_cores(runs, 'cpu_s')} / {_cores(runs, 'server_cpu_s') if remote else '-'} "
+                        f"/ {_cores(runs, 'proxy_cpu_s') if remote else '-'} |",
+                        flush=True,
+                    )
     finally:
         proxy.close()
         server.stop()

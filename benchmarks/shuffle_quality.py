@@ -88,7 +88,10 @@ def make_data(folder: Path, donors: int, cells: int, n_var: int, nnz: int) -> tu
     from annbatch import DatasetCollection
 
     folder.mkdir(parents=True, exist_ok=True)
-    atlas, collection = folder / f"atlas_{donors}x{cells}.zarr", folder / f"collection_{donors}x{cells}.zarr"
+    atlas, collection = (
+        folder / f"atlas_{donors}x{cells}.zarr",
+        folder / f"collection_{donors}x{cells}.zarr",
+    )
     if atlas.exists() and collection.exists():
         return atlas, collection
     rng = np.random.default_rng(0)
@@ -96,8 +99,14 @@ def make_data(folder: Path, donors: int, cells: int, n_var: int, nnz: int) -> tu
     parts, paths = [], []
     for d in range(donors):
         indices = np.sort(rng.integers(0, n_var, size=(cells, nnz), dtype=np.int32), axis=1).ravel()
-        x = sp.csr_matrix((rng.poisson(2.0, cells * nnz).astype(np.float32) + 1, indices, np.arange(cells + 1) * nnz),
-                          shape=(cells, n_var))
+        x = sp.csr_matrix(
+            (
+                rng.poisson(2.0, cells * nnz).astype(np.float32) + 1,
+                indices,
+                np.arange(cells + 1) * nnz,
+            ),
+            shape=(cells, n_var),
+        )
         x.sum_duplicates()
         obs = pd.DataFrame({"donor": f"donor_{d:02d}"}, index=[f"d{d}_c{i}" for i in range(cells)])
         adata = ad.AnnData(X=x, obs=obs, var=var)
@@ -125,20 +134,34 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     a = p.parse_args()
     atlas, collection = make_data(a.dir, a.donors, a.cells_per_donor, a.n_var, a.nnz)
-    print(f"{a.donors} donors x {a.cells_per_donor:,} cells, {a.n_var:,} genes, {a.nnz} nnz/row; batch {BATCH}; "
-          f"median of {a.runs} runs\n")
-    print("| rows from | sampler | chunk / preload | rows/s | donor mixing (1 = random) | batch-mates again |")
+    print(
+        f"{a.donors} donors x {a.cells_per_donor:,} cells, {a.n_var:,} genes, {a.nnz} nnz/row; batch {BATCH}; "
+        f"median of {a.runs} runs\n"
+    )
+    print(
+        "| rows from | sampler | chunk / preload | rows/s | donor mixing (1 = random) | batch-mates again |"
+    )
     print("|---|---|---|---|---|---|")
     for source, sampler, chunk, preload in SETTINGS:
-        args = {"path": str(collection if source == "collection" else atlas), "collection": source == "collection",
-                "sampler": sampler, "batch": BATCH, "chunk": chunk, "preload": preload}
+        args = {
+            "path": str(collection if source == "collection" else atlas),
+            "collection": source == "collection",
+            "sampler": sampler,
+            "batch": BATCH,
+            "chunk": chunk,
+            "preload": preload,
+        }
         runs = []
         for _ in range(a.runs):
             runs.append(run_child(sys.executable, args, child=CHILD))
         speed = statistics.median(r["rows_s"] for r in runs)
         score = statistics.median(r["score"] for r in runs)
         again = statistics.median(r["again"] for r in runs)
-        print(f"| {source} | {sampler} | {chunk} / {preload} | {speed:,.0f} | {score:.2f} | {again:.2f} |", flush=True)
+        print(
+            f"| {source} | {sampler} | {chunk} / {preload} | {speed:,.0f} | {score:.2f} | {again:.2f} |",
+            flush=True,
+        )
+
 
 if __name__ == "__main__":
     main()

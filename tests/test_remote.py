@@ -524,3 +524,23 @@ def test_ddp_ranks_with_workers_read_disjoint_complete_shares(s3, uploaded, tmp_
     # disjoint, up to the padding that gives both ranks equal shares
     assert len(shares[0] & shares[1]) <= 1
     assert sum(counts) - len(values) <= 1
+
+
+def test_requests_in_flight_are_configurable(s3, uploaded, monkeypatch):
+    """ANNBATCH_REMOTE_IN_FLIGHT bounds the requests per read task (checked when the dataset
+    is added); one request at a time still reads every row."""
+    from annbatch.errors import InvalidArgumentError
+
+    path, values = uploaded["collection dense none"]
+    array = _groups(s3, path)[0]["X"]
+    assert direct_array(array).in_flight == 16  # type: ignore[union-attr]
+    for bad in ("0", "many", "5000"):
+        monkeypatch.setenv("ANNBATCH_REMOTE_IN_FLIGHT", bad)
+        with pytest.raises(InvalidArgumentError, match="ANNBATCH_REMOTE_IN_FLIGHT must be"):
+            Loader(batch_size=10, chunk_size=10, preload_nchunks=1).add_anndatas(
+                [load_x_and_obs(g) for g in _groups(s3, path)]
+            )
+    monkeypatch.setenv("ANNBATCH_REMOTE_IN_FLIGHT", "1")
+    assert direct_array(array).in_flight == 1  # type: ignore[union-attr]
+    loader = Loader(batch_size=64, chunk_size=8, preload_nchunks=8, shuffle=True, to=None)
+    _check_epoch(loader.add_anndatas([load_x_and_obs(g) for g in _groups(s3, path)]), values)

@@ -11,7 +11,8 @@ each read task first works out every byte range it needs, then fetches them all 
    verified) whole; an uncompressed chunk only the wanted rows' bytes;
 3. ranges of one object closer than :data:`MERGE_GAP` bytes are merged into one request, and
    the requests run concurrently, at most ``in_flight`` at a time per task
-   (:data:`DEFAULT_IN_FLIGHT`), with obstore's retries and timeouts;
+   (:data:`DEFAULT_IN_FLIGHT`, or the environment variable :data:`IN_FLIGHT_VARIABLE`),
+   with obstore's retries and timeouts;
 4. the fetched bytes are checked (size, CRC32C) and decoded exactly as local ones.
 
 Decoding overlaps fetching across tasks: the read pool runs several tasks at once, and the
@@ -21,6 +22,7 @@ Loader's read-ahead loads the next window while the current one is consumed.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,7 +30,7 @@ import obstore
 from obstore.exceptions import NotFoundError
 
 from annbatch._core.direct import DirectArray, _copy_pieces
-from annbatch.errors import CorruptChunkError
+from annbatch.errors import CorruptChunkError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -42,10 +44,32 @@ MERGE_GAP = 256 * 1024
 and 20 ms per request, 256 KB costs less time than a request of its own."""
 
 
+IN_FLIGHT_VARIABLE = "ANNBATCH_REMOTE_IN_FLIGHT"
+"""The environment variable that sets the requests in flight per read task (it reaches
+DataLoader workers and DDP ranks with the environment)."""
+
+
+def in_flight_setting() -> int:
+    """Requests in flight per read task: :data:`IN_FLIGHT_VARIABLE` if set, else the default."""
+    raw = os.environ.get(IN_FLIGHT_VARIABLE)
+    if raw is None or not raw.strip():
+        return DEFAULT_IN_FLIGHT
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 1024:
+        msg = f"{IN_FLIGHT_VARIABLE} must be an integer from 1 to 1024 (requests in flight per read task), got {raw!r}"
+        raise InvalidArgumentError(msg)
+    return value
+
+
 class RemoteArray(DirectArray):
     """Row ranges of a zarr array in object storage (see the module docstring)."""
 
-    in_flight = DEFAULT_IN_FLIGHT
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_flight = in_flight_setting()
 
     def _read_index(self, path: str, nbytes: int) -> tuple[bytes, int] | None:
         return _run(_get_index(self._layout.store, path, nbytes, at_end=self._layout.index_at_end))
