@@ -3,6 +3,7 @@ loopback proxy that adds delay, caps bandwidth, resets connections and stalls.""
 
 from __future__ import annotations
 
+import pickle
 import time
 from pathlib import Path
 
@@ -542,5 +543,6 @@ def test_requests_in_flight_are_configurable(s3, uploaded, monkeypatch):
             )
     monkeypatch.setenv("ANNBATCH_REMOTE_IN_FLIGHT", "1")
     assert direct_array(array).in_flight == 1  # type: ignore[union-attr]
+    assert pickle.loads(pickle.dumps(direct_array(array))).in_flight == 1  # to workers
     loader = Loader(batch_size=64, chunk_size=8, preload_nchunks=8, shuffle=True, to=None)
     _check_epoch(loader.add_anndatas([load_x_and_obs(g) for g in _groups(s3, path)]), values)

@@ -194,14 +194,18 @@ def _run(args: argparse.Namespace) -> int:
         f"{info['path']}: {info['n_datasets']} datasets, {info['n_obs']:,} rows x {info['n_var']:,} genes, {_human(info['bytes'])} on disk"
     )
     print(
-        f"{'dataset':<16} {'rows':>12} {'dtype':>8} {'X':>11} {'codec':>12} {'chunks':>10} {'shards':>10} {'size':>10}"
+        f"{'dataset':<16} {'rows':>12} {'dtype':>8} {'stored as':>24} {'X':>11} {'codec':>12} "
+        f"{'chunks':>10} {'shards':>10} {'size':>10} {'B/nnz':>6}"
     )
     for d in info["datasets"]:
         chunks = "x".join(str(c) for c in d["chunks"]) or "-"
         shards = "x".join(str(c) for c in d["shards"]) if d["shards"] else "-"
+        # bytes per stored nonzero of the whole dataset (obs and var included): what a row costs
+        per_nnz = f"{d['bytes'] / d['nnz']:.2f}" if d.get("nnz") else "-"
         print(
-            f"{d['name']:<16} {d['n_obs']:>12,} {d['dtype'] or '-':>8} {d['encoding']:>11} {d['codec']:>12} "
-            f"{chunks:>10} {shards:>10} {_human(d['bytes']):>10}"
+            f"{d['name']:<16} {d['n_obs']:>12,} {d['dtype'] or '-':>8} {d.get('stored', '-'):>24} "
+            f"{d['encoding']:>11} {d['codec']:>12} {chunks:>10} {shards:>10} "
+            f"{_human(d['bytes']):>10} {per_nnz:>6}"
         )
     return 0
 

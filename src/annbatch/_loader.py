@@ -127,6 +127,11 @@ class Loader(_IterableBase):
         they are read whole, which is always the case for compressed chunks. Uncompressed
         chunks are read in part, only the wanted rows' bytes; ``True`` reads each of those
         whole too, and verifies it (slower: see the README for the measured cost).
+    stored_dtype
+        Yield X's values in the dtype they are stored in. A collection in the ``packed``
+        layout stores integer counts in the narrowest exact integer type (uint8, uint16...)
+        and the Loader widens them back to the dtype the inputs had (float32, say); ``True``
+        yields the narrow type instead (fewer bytes to move to a GPU; cast there).
 
     Examples
     --------
@@ -157,6 +162,7 @@ class Loader(_IterableBase):
         to: Literal["numpy", "torch", "jax"] | None = _UNSET,
         read_ahead: int = 1,
         verify_checksums: bool = False,
+        stored_dtype: bool = False,
     ) -> None:
         sampler_args = {
             "chunk_size": chunk_size,
@@ -211,12 +217,17 @@ class Loader(_IterableBase):
             numpy=False,
             hint=" (windows read in the background)",
         )
-        for name, flag in (("return_index", return_index), ("verify_checksums", verify_checksums)):
+        for name, flag in (
+            ("return_index", return_index),
+            ("verify_checksums", verify_checksums),
+            ("stored_dtype", stored_dtype),
+        ):
             if not isinstance(flag, bool):
                 msg = f"{name} must be a bool, got {flag!r}"
                 raise InvalidArgumentError(msg)
         self._return_index = return_index
         self._verify_checksums = verify_checksums
+        self._stored_dtype = stored_dtype
         self._sources: list[RowSource] = []
         self._obs: list[pd.DataFrame | None] = []
         self._obs_all: pd.DataFrame | None = None  # concatenation of self._obs, built lazily
@@ -350,7 +361,12 @@ class Loader(_IterableBase):
             raise ObsMismatchError(msg)
         first = len(self._sources)
         new = [
-            as_row_source(d, where=f"dataset {first + i}", verify_checksums=self._verify_checksums)
+            as_row_source(
+                d,
+                where=f"dataset {first + i}",
+                verify_checksums=self._verify_checksums,
+                stored_dtype=self._stored_dtype,
+            )
             for i, d in enumerate(datasets)
         ]
         for i, (source, o) in enumerate(zip(new, obs_list, strict=True)):

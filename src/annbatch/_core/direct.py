@@ -384,8 +384,12 @@ class DirectArray:
         layout = self._layout
         rows = layout.rows_per_chunk
         whole_rows = layout.chunk_shape[1:] == self.shape[1:] and out.dtype == self.dtype
-        if whole_rows and layout.compressor is None and out.flags.c_contiguous:
-            self._run_raw(out, pieces, start, stop)
+        if (
+            layout.chunk_shape[1:] == self.shape[1:]
+            and layout.compressor is None
+            and out.flags.c_contiguous
+        ):
+            self._run_raw(out, pieces, start, stop)  # (casts rows to out's dtype if need be)
             return
         scratch: np.ndarray | None = None
         files: dict[str, int] = {}
@@ -447,7 +451,13 @@ class DirectArray:
         def flush() -> None:
             if run:
                 fd, offset, at, n, c = run
-                read(fd, out[at : at + n], offset, c)
+                if out.dtype == self.dtype:
+                    read(fd, out[at : at + n], offset, c)
+                else:  # narrow values (annbatch._narrow): read, then widen into place
+                    rows = _thread_scratch(n * row_bytes).view(self.dtype)
+                    rows = rows.reshape(n, *self.shape[1:])
+                    read(fd, rows, offset, c)
+                    out[at : at + n] = rows
                 run.clear()
 
         bounds = np.flatnonzero(np.diff(chunk)) + 1

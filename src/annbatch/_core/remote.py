@@ -71,6 +71,9 @@ class RemoteArray(DirectArray):
         super().__init__(*args, **kwargs)
         self.in_flight = in_flight_setting()
 
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers, DDP ranks
+        return super().__getstate__() | {"in_flight": self.in_flight}
+
     def _read_index(self, path: str, nbytes: int) -> tuple[bytes, int] | None:
         return _run(_get_index(self._layout.store, path, nbytes, at_end=self._layout.index_at_end))
 
@@ -84,7 +87,7 @@ class RemoteArray(DirectArray):
         row_bytes = self.dtype.itemsize * int(np.prod(tail, dtype=np.int64))
         whole_rows = layout.chunk_shape[1:] == tail and out.dtype == self.dtype
         partial = (
-            whole_rows
+            layout.chunk_shape[1:] == tail
             and layout.compressor is None
             and out.flags.c_contiguous
             and not self._verify_all
@@ -129,7 +132,10 @@ class RemoteArray(DirectArray):
                     raise CorruptChunkError(msg)
                 at = int(dst[i])
                 n = int(src_hi[i] - src_lo[i])
-                out[at : at + n].reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
+                if out.dtype == self.dtype:
+                    out[at : at + n].reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
+                else:  # narrow values (annbatch._narrow), widened into place
+                    out[at : at + n] = np.frombuffer(data, self.dtype).reshape(n, *tail)
                 continue
             if nbytes >= 0 and len(data) != nbytes:
                 msg = f"{self._where(c)} ends after {len(data)} of its {nbytes} bytes; the store is damaged or truncated"

@@ -24,6 +24,7 @@ import anndata as ad
 import h5py
 import zarr
 
+from annbatch._narrow import widen
 from annbatch._anndata_io import read_obs
 from annbatch.collection._build import checkpoint
 from annbatch.errors import CollectionPathError
@@ -74,6 +75,18 @@ def read_state(
     return {"state": "complete", "datasets": datasets, "var_names": var_names, "format": "h5ad"}
 
 
+def _widen(adata: ad.AnnData, group: Any) -> None:
+    """X, layers and obsm of a dataset read from a packed zarr collection, in the types the
+    inputs had (see :mod:`annbatch._narrow`)."""
+    if "X" in group and adata.X is not None:
+        adata.X = widen(adata.X, group["X"])
+    for key in ("layers", "obsm"):
+        mapping = getattr(adata, key)
+        for name in list(mapping.keys()):
+            if key in group and name in group[key]:
+                mapping[name] = widen(mapping[name], group[key][name])
+
+
 def convert(folder: Path, scratch: Any, compressor: str | None) -> None:
     """Rewrite every dataset of the finished zarr collection ``scratch`` that is not an h5ad
     file in ``folder`` yet as one, then write the manifest and remove the scratch collection."""
@@ -88,6 +101,7 @@ def convert(folder: Path, scratch: Any, compressor: str | None) -> None:
             group: Any = root[name]
             adata = ad.io.read_elem(group)  # one dataset in memory: bounded by dataset_size
             adata.obs = read_obs(group)  # with the types annbatch stores differently restored
+            _widen(adata, group)  # h5ad files hold the values in the type the inputs had
             tmp = target.with_suffix(".h5ad.tmp")
             with warnings.catch_warnings(), ad.settings.override(allow_write_nullable_strings=True):
                 warnings.simplefilter("ignore")

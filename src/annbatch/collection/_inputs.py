@@ -23,6 +23,7 @@ import scipy.sparse as sp
 import zarr
 
 from annbatch._anndata_io import is_legacy, read_legacy
+from annbatch._narrow import widened
 from annbatch.collection._obs import FrameColumns, GroupColumns, ObsColumns
 from annbatch.errors import (
     IncompatibleDatasetsError,
@@ -172,6 +173,8 @@ def _from_group(group: Any, name: str, handle: Any) -> Input:
                 else x_elem
             )
         x, sparse = _x_of(x, name)
+        if x is not None:  # X of a packed collection: read back in the type it had
+            x = widened(x, x_elem, f"{name}: X")
     except Exception:
         if handle is not None:
             handle.close()
@@ -206,9 +209,13 @@ def _elements(adata: Any, name: str) -> dict[str, Any]:
                 if elem.attrs.get("encoding-type") != "csr_matrix":
                     skipped.append(path)
                     continue
+                stored = elem
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     elem = ad.io.sparse_dataset(elem)
+                elem = widened(elem, stored, f"{name}: {path}")
+            elif isinstance(elem, zarr.Array | h5py.Dataset):
+                elem = widened(elem, elem, f"{name}: {path}")
             if isinstance(elem, pd.DataFrame) or not hasattr(elem, "shape"):
                 skipped.append(path)
                 continue
@@ -338,7 +345,11 @@ def element_specs(inputs: Sequence[Input]) -> list[ElementSpec]:
         kinds = set()
         for inp in inputs:
             elem = inp.elements[path]
-            sparse = sp.issparse(elem) or isinstance(elem, anndata.abc.CSRDataset)
+            sparse = (
+                sp.issparse(elem)
+                or isinstance(elem, anndata.abc.CSRDataset)
+                or getattr(elem, "is_sparse", False)
+            )
             tail = () if path.startswith("layers/") else tuple(int(d) for d in elem.shape[1:])
             if elem.shape[0] != inp.n_obs:
                 has = "X has" if inp.has_x else "obs has"

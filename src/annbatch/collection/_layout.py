@@ -27,6 +27,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, Zstd
 
 from annbatch._anndata_io import DTYPE_ATTR
 from annbatch._args import parse_int
+from annbatch._narrow import VALUES_DTYPE_ATTR, declared_dtype, narrow_values
 from annbatch.collection._obs import prepare_for_write
 from annbatch.errors import InvalidArgumentError
 
@@ -48,8 +49,12 @@ DENSE_SHARD_CHUNKS = 64
 """Chunks per shard file of a dense dataset."""
 
 
-Compression = Literal["none", "lz4", "zstd"]
+Compression = Literal["none", "lz4", "zstd", "packed", "packed-lz4"]
 COMPRESSIONS: tuple[str, ...] = get_args(Compression)
+PACKED: tuple[str, ...] = ("packed", "packed-lz4")
+"""Layouts that store integer-valued arrays in the narrowest exact integer type (and CSR
+column indices in uint16 for up to 65,536 genes; see :mod:`annbatch._narrow`): ``packed``
+uncompressed (rows still read in part), ``packed-lz4`` with LZ4 on top."""
 DEFAULT_COMPRESSION: Compression = "none"
 """Fastest to read (1.8-3.0x LZ4's rows/s with our Loader), largest on disk (3.3x LZ4 on
 random-valued counts)."""
@@ -67,7 +72,7 @@ def compressors(compression: Compression) -> list[Any]:
     """The zarr bytes-to-bytes codecs for ``compression``, then a CRC32C checksum: none; LZ4
     inside blosc with byte shuffle (decodes about twice as fast as zstd); or zstd (smallest,
     slowest to decode)."""
-    if compression == "lz4":
+    if compression in ("lz4", "packed-lz4"):
         return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
     if compression == "zstd":
         return [ZstdCodec(level=3), Crc32cCodec()]
@@ -140,6 +145,10 @@ def dense_chunk_rows(n_var: int, itemsize: int) -> int:
     return int(max(1, min(4096, DENSE_CHUNK_BYTES // max(1, n_var * itemsize))))
 
 
+_RAW = ("none", "packed")
+"""Layouts without a codec: rows are read in part."""
+
+
 def array_kwargs(x: Any, compression: Compression, layout: XLayout | None = None) -> dict[str, Any]:
     """zarr ``create_array`` arguments for a row-indexed array of a dataset (X, a layer, an
     obsm entry; dense of any rank, or CSR): ``layout`` if given, else annbatch's layout for
@@ -148,7 +157,7 @@ def array_kwargs(x: Any, compression: Compression, layout: XLayout | None = None
         return {**layout.kwargs(x), "config": {"write_empty_chunks": True}}
     if sp.issparse(x):
         n = max(1, int(x.nnz))
-        per_chunk = SPARSE_CHUNK_UNCOMPRESSED if compression == "none" else SPARSE_CHUNK
+        per_chunk = SPARSE_CHUNK_UNCOMPRESSED if compression in _RAW else SPARSE_CHUNK
         chunk = min(per_chunk, n)
         return {
             "chunks": (chunk,),
@@ -190,7 +199,7 @@ def write_dataset(
     with warnings.catch_warnings(), ad.settings.override(allow_write_nullable_strings=True):
         warnings.simplefilter("ignore")  # anndata's notes about zarr v3 and string arrays
         if x is not None:  # None: an AnnData without X (its rows are in layers / obsm)
-            ad.io.write_elem(group, "X", x, dataset_kwargs=array_kwargs(x, compression, layout))
+            _write_values(group, "X", x, compression, layout)
         for key in ("layers", "obsm"):
             mine = {
                 p.split("/", 1)[1]: v
@@ -204,9 +213,7 @@ def write_dataset(
             ad.io.write_elem(group, key, {})  # an empty mapping: anndata's dict encoding
             sub: Any = group[key]
             for name, array in mine.items():
-                ad.io.write_elem(
-                    sub, name, array, dataset_kwargs=array_kwargs(array, compression, layout)
-                )
+                _write_values(sub, name, array, compression, layout)
         if checkpoint is not None:
             checkpoint(f"write obs and var of {group.basename}")
         ad.io.write_elem(group, "obs", obs, dataset_kwargs=OBS_CODECS)
@@ -218,9 +225,24 @@ def write_dataset(
     group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
 
 
+def _write_values(
+    group: zarr.Group, name: str, x: Any, compression: Compression, layout: XLayout | None
+) -> None:
+    """Write one row-indexed array (X, a layer, an obsm entry) of a dataset; in a packed
+    layout with its values narrowed and the dtype they had recorded."""
+    narrowed_from = None
+    if layout is None and compression in PACKED:
+        x, narrowed_from = narrow_values(x)
+    ad.io.write_elem(group, name, x, dataset_kwargs=array_kwargs(x, compression, layout))
+    if narrowed_from is not None:
+        element: Any = group[name]
+        element.attrs[VALUES_DTYPE_ATTR] = narrowed_from.name
+
+
 def describe_x(group: zarr.Group) -> dict[str, Any]:
-    """Rows, columns, dtype, codec and on-disk layout of a dataset's X (a dataset without X:
-    its rows and genes, and ``encoding`` ``"none"``)."""
+    """Rows, columns, dtype (the values' own: what the Loader yields), the stored types, stored
+    entries (``nnz``; CSR only), codec and on-disk layout of a dataset's X (a dataset without
+    X: its rows and genes, and ``encoding`` ``"none"``)."""
     if "X" not in group:
         obs: Any = group["obs"]
         var: Any = group["var"]
@@ -229,6 +251,8 @@ def describe_x(group: zarr.Group) -> dict[str, Any]:
             "n_obs": int(obs[obs.attrs["_index"]].shape[0]),
             "n_var": int(n_var),
             "dtype": None,
+            "stored": "-",
+            "nnz": None,
             "encoding": "none",
             "chunks": (),
             "shards": None,
@@ -243,10 +267,18 @@ def describe_x(group: zarr.Group) -> dict[str, Any]:
     if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
         codecs = list(codecs[0].codecs)
     names = [_codec_name(c) for c in codecs if not isinstance(c, BytesCodec | Crc32cCodec)]
+    stored = np.dtype(array.dtype)
+    declared = declared_dtype(x.attrs, stored, f"X of {group.basename}")
+    stored_types = str(stored)
+    if encoding == "csr_matrix":
+        indices: Any = x["indices"]
+        stored_types += f" + {np.dtype(indices.dtype)} indices"
     return {
         "n_obs": int(shape[0]),
         "n_var": int(shape[1]),
-        "dtype": str(np.dtype(array.dtype)),
+        "dtype": str(stored if declared is None else declared),
+        "stored": stored_types,
+        "nnz": int(array.shape[0]) if encoding == "csr_matrix" else None,
         "encoding": encoding,
         "chunks": tuple(array.chunks),
         "shards": tuple(array.shards) if array.shards else None,

@@ -96,7 +96,9 @@ class RowSource(Protocol):
         """A short human-readable name for error messages."""
 
 
-def as_row_source(dataset: object, *, where: str, verify_checksums: bool = False) -> RowSource:
+def as_row_source(
+    dataset: object, *, where: str, verify_checksums: bool = False, stored_dtype: bool = False
+) -> RowSource:
     """Wrap a user's array in the matching :class:`RowSource`, or explain why it cannot be.
 
     Parameters
@@ -108,6 +110,9 @@ def as_row_source(dataset: object, *, where: str, verify_checksums: bool = False
     verify_checksums
         Verify the checksum of every chunk read, also of chunks that are only partly wanted
         (see :func:`annbatch._core.direct.direct_array`).
+    stored_dtype
+        Yield values in the dtype they are stored in, also where a packed collection layout
+        stored them narrower than they were (:mod:`annbatch._narrow`).
     """
     if isinstance(dataset, zarr.Group | h5py.Group):
         check_h5_open(dataset, where)
@@ -122,7 +127,9 @@ def as_row_source(dataset: object, *, where: str, verify_checksums: bool = False
         raise UnsupportedDatasetError(msg)
     if isinstance(dataset, anndata.abc.CSRDataset):
         check_h5_open(dataset.group, where)
-        return CSRSource.from_anndata(dataset, verify_checksums=verify_checksums)
+        return CSRSource.from_anndata(
+            dataset, verify_checksums=verify_checksums, stored_dtype=stored_dtype
+        )
     if isinstance(dataset, sp.sparray | sp.spmatrix):
         if not isinstance(dataset, sp.csr_matrix | sp.csr_array):
             msg = f"{where} is a scipy.sparse matrix in {dataset.format.upper()} format; expected CSR (convert with `.tocsr()`)"
@@ -133,7 +140,9 @@ def as_row_source(dataset: object, *, where: str, verify_checksums: bool = False
         if dataset.ndim < 2:
             msg = f"{where} has shape {dataset.shape}; expected at least 2 dimensions (rows, columns, ...)"
             raise UnsupportedDatasetError(msg)
-        return DenseSource(dataset, verify_checksums=verify_checksums)
+        return DenseSource(
+            dataset, verify_checksums=verify_checksums, stored_dtype=stored_dtype
+        )
     if isinstance(dataset, zarr.Group | h5py.Group):
         msg = (
             f"{where} is a {type(dataset).__name__} that holds no array or sparse matrix "

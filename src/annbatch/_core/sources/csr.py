@@ -30,6 +30,7 @@ from annbatch._core.sources._common import (
 )
 from annbatch._core.types import ReadJob, csr_from_arrays
 from annbatch._core.validate import check_indices, check_indptr
+from annbatch._narrow import declared_dtype
 from annbatch.errors import CorruptDataError
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ class CSRSource:
         container: Any = None,
         *,
         verify_checksums: bool = False,
+        values_dtype: np.dtype | None = None,
     ) -> None:
         self._data = data
         self._indices = indices
@@ -76,6 +78,7 @@ class CSRSource:
         self._type = dataset_type
         self._container = container
         self._indptr = self._checked_indptr(indptr)
+        self._dtype = np.dtype(data.dtype) if values_dtype is None else np.dtype(values_dtype)
         self._direct = _direct_pair(data, indices, verify_checksums=verify_checksums)
 
     def _checked_indptr(self, indptr: np.ndarray) -> np.ndarray:
@@ -103,8 +106,15 @@ class CSRSource:
 
     @classmethod
     def from_anndata(
-        cls, dataset: anndata.abc.CSRDataset, *, verify_checksums: bool = False
+        cls,
+        dataset: anndata.abc.CSRDataset,
+        *,
+        verify_checksums: bool = False,
+        stored_dtype: bool = False,
     ) -> CSRSource:
+        """A source over an anndata CSR dataset. Values narrowed by a packed collection
+        layout (:mod:`annbatch._narrow`) are widened to the dtype they had, unless
+        ``stored_dtype``."""
         group = dataset.group
         where = f"anndata.abc.CSRDataset ({describe_array(group)})"  # as describe() names it
         missing = [k for k in ("data", "indices", "indptr") if k not in group]
@@ -117,6 +127,7 @@ class CSRSource:
             data, indices = group["data"], group["indices"]
             indptr = np.asarray(group["indptr"][...])
             shape = tuple(int(n) for n in dataset.shape)
+            declared = declared_dtype(group.attrs, np.dtype(data.dtype), where)
         return cls(
             data,
             indices,
@@ -125,6 +136,7 @@ class CSRSource:
             anndata.abc.CSRDataset,
             container=group,
             verify_checksums=verify_checksums,
+            values_dtype=None if stored_dtype else declared,
         )
 
     @classmethod
@@ -143,7 +155,8 @@ class CSRSource:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self._data.dtype)
+        """The dtype rows are yielded in (stored values are cast to it, exactly)."""
+        return self._dtype
 
     @property
     def dataset_type(self) -> type:
@@ -159,8 +172,9 @@ class CSRSource:
 
     @property
     def index_dtype(self) -> np.dtype:
-        """Dtype of the stored column indices."""
-        return np.dtype(self._indices.dtype)
+        """Dtype of the yielded column indices: the stored one, widened to at least int32
+        (scipy's index types; a packed layout stores uint16)."""
+        return np.promote_types(np.dtype(self._indices.dtype), np.int32)
 
     def read_job(self, starts: np.ndarray, stops: np.ndarray, n_tasks: int) -> ReadJob:
         """See :meth:`RowSource.read_job`."""
@@ -257,8 +271,10 @@ class CSRSource:
         lo, hi = int(self._indptr[start]), int(self._indptr[stop])
         in_memory = isinstance(self._data, np.ndarray)  # see DenseSource.read
         with read_errors(self, f"rows {start}:{stop} (entries {lo}:{hi})"):
-            data = owned(self._data[lo:hi], in_memory=in_memory)
-            indices = owned(self._indices[lo:hi], in_memory=in_memory)
+            data = owned(self._data[lo:hi], in_memory=in_memory).astype(self.dtype, copy=False)
+            indices = owned(self._indices[lo:hi], in_memory=in_memory).astype(
+                self.index_dtype, copy=False
+            )
         if data.shape != (hi - lo,) or indices.shape != (hi - lo,):
             msg = (
                 f"{self.describe()}, rows {start}:{stop}: read {data.size} values and "
@@ -299,6 +315,7 @@ class CSRSource:
             **state,
             "indptr": self._indptr,
             "shape": self._shape,
+            "dtype": self._dtype,
             "type": self._type,
             "direct": self._direct,
         }
@@ -309,5 +326,6 @@ class CSRSource:
         self._container = h5_restore(state["container"])
         self._indptr = state["indptr"]
         self._shape = state["shape"]
+        self._dtype = state["dtype"]
         self._type = state["type"]
         self._direct = state["direct"]

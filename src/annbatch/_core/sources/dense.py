@@ -20,7 +20,9 @@ from annbatch._core.sources._common import (
     per_range_job,
     read_errors,
 )
+from annbatch._core.failures import store_errors
 from annbatch._core.types import ReadJob
+from annbatch._narrow import declared_dtype
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -38,10 +40,21 @@ class DenseSource:
     is_sparse = False
 
     def __init__(
-        self, array: zarr.Array | h5py.Dataset | np.ndarray, *, verify_checksums: bool = False
+        self,
+        array: zarr.Array | h5py.Dataset | np.ndarray,
+        *,
+        verify_checksums: bool = False,
+        stored_dtype: bool = False,
     ) -> None:
         self._array = array
         self._type: type = type(array) if not isinstance(array, np.ndarray) else np.ndarray
+        stored = np.dtype(array.dtype)
+        declared = None
+        if not stored_dtype and not isinstance(array, np.ndarray):  # see annbatch._narrow
+            with store_errors(lambda: f"reading the attributes of {self.describe()}"):
+                attrs = array.attrs
+                declared = declared_dtype(attrs, stored, self.describe())
+        self._dtype = stored if declared is None else declared
         self._direct = direct_array(array, verify_checksums=verify_checksums)
 
     @property
@@ -50,7 +63,9 @@ class DenseSource:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self._array.dtype)
+        """The dtype rows are yielded in: the stored one, or the one a packed collection
+        layout narrowed the values from (:mod:`annbatch._narrow`)."""
+        return self._dtype
 
     @property
     def dataset_type(self) -> type:
@@ -90,7 +105,9 @@ class DenseSource:
         # tensors sharing their memory) never alias the user's array.
         with read_errors(self, f"rows {start}:{stop}"):
             rows = self._array[start:stop]
-        return owned(rows, in_memory=isinstance(self._array, np.ndarray))
+        return owned(rows, in_memory=isinstance(self._array, np.ndarray)).astype(
+            self._dtype, copy=False
+        )
 
     def check_open(self) -> None:
         check_h5_open(self._array, self.describe())
@@ -103,9 +120,15 @@ class DenseSource:
         return f"{self._type.__module__.split('.')[0]}.{self._type.__name__} ({describe_array(self._array)})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"array": h5_state(self._array), "type": self._type, "direct": self._direct}
+        return {
+            "array": h5_state(self._array),
+            "type": self._type,
+            "dtype": self._dtype,
+            "direct": self._direct,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._array = h5_restore(state["array"])
         self._type = state["type"]
+        self._dtype = state["dtype"]
         self._direct = state["direct"]
