@@ -61,11 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument(
         "--compression",
-        choices=["none", "lz4", "zstd"],
-        default="none",
-        help="codec of X (default: %(default)s). none: fastest to read (the Loader reads only "
-        "the bytes of the rows it wants), several times larger on disk; lz4: compressed, "
-        "decodes fast; zstd: smallest, decodes about half as fast as lz4",
+        choices=["packed", "packed-lz4", "none", "lz4", "zstd"],
+        default="packed",
+        help="layout of X (default: %(default)s). packed: counts in the narrowest exact integer "
+        "type and uint16 gene indices, uncompressed (fastest to read; half of none's size on "
+        "counts); packed-lz4: that, with the counts LZ4-compressed (smaller, slower to read); "
+        "none: the inputs' types, uncompressed; lz4, zstd: the inputs' types, compressed",
     )
     build.add_argument(
         "--append",

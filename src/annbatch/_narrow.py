@@ -80,7 +80,9 @@ def narrow_values(x: Any) -> tuple[Any, np.dtype | None]:
 def _index_dtype(n_var: int, current: np.dtype) -> np.dtype:
     for candidate in _UNSIGNED:
         if n_var <= int(np.iinfo(candidate).max) + 1:
-            return candidate if candidate.itemsize < np.dtype(current).itemsize else np.dtype(current)
+            return (
+                candidate if candidate.itemsize < np.dtype(current).itemsize else np.dtype(current)
+            )
     return np.dtype(current)
 
 

@@ -529,13 +529,17 @@ class DatasetCollection:
         progress
             Show a progress bar with rows per second.
         compression
-            Codec of the new datasets' X: ``"none"`` (default), ``"lz4"`` or ``"zstd"``.
-            Uncompressed datasets are the fastest to read by far, because the Loader reads
-            exactly the bytes of the rows it wants and decodes nothing (measured: 1.8-2.6x the
-            rows/s of LZ4 at ``chunk_size=256``, 2.8-3.0x at 32); they are also the largest
-            (3.3x LZ4 on random-valued counts; on real data it depends on how well it
-            compresses). Choose ``"lz4"`` where disk space or a slow disk matters more,
-            ``"zstd"`` for the smallest store (it decodes about half as fast as LZ4).
+            Layout of the new datasets' X (and of the layers and obsm arrays they carry):
+            ``"packed"`` (default), ``"packed-lz4"``, ``"none"``, ``"lz4"`` or ``"zstd"``.
+            ``"packed"`` stores integer-valued arrays (counts) in the narrowest integer type
+            that holds every value exactly and CSR gene indices as uint16 (up to 65,536
+            genes), uncompressed: the Loader reads only the wanted rows' bytes and widens
+            them back to the inputs' dtype (``Loader(stored_dtype=True)`` keeps the narrow
+            type); other values are stored as they are. ``anndata.read_zarr`` reads the same
+            values in the narrow type. ``"packed-lz4"`` also compresses the values with LZ4:
+            smaller, slower to read. ``"none"`` keeps the inputs' types, uncompressed;
+            ``"lz4"`` and ``"zstd"`` compress them. Measured sizes and speeds are in
+            ``benchmarks/RESULTS.md`` ("packed layouts").
         append
             Add the inputs to a finished collection (implied for later calls on the object
             whose add_adatas built or extended it, as in the reference library). Checked before anything is written: X's

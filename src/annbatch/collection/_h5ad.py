@@ -24,8 +24,8 @@ import anndata as ad
 import h5py
 import zarr
 
-from annbatch._narrow import widen
 from annbatch._anndata_io import read_obs
+from annbatch._narrow import widen
 from annbatch.collection._build import checkpoint
 from annbatch.errors import CollectionPathError
 

@@ -49,15 +49,20 @@ DENSE_SHARD_CHUNKS = 64
 """Chunks per shard file of a dense dataset."""
 
 
-Compression = Literal["none", "lz4", "zstd", "packed", "packed-lz4"]
+Compression = Literal["packed", "packed-lz4", "none", "lz4", "zstd"]
 COMPRESSIONS: tuple[str, ...] = get_args(Compression)
 PACKED: tuple[str, ...] = ("packed", "packed-lz4")
-"""Layouts that store integer-valued arrays in the narrowest exact integer type (and CSR
-column indices in uint16 for up to 65,536 genes; see :mod:`annbatch._narrow`): ``packed``
-uncompressed (rows still read in part), ``packed-lz4`` with LZ4 on top."""
-DEFAULT_COMPRESSION: Compression = "none"
-"""Fastest to read (1.8-3.0x LZ4's rows/s with our Loader), largest on disk (3.3x LZ4 on
-random-valued counts)."""
+"""Layouts that store integer-valued arrays in the narrowest integer type that holds them
+exactly, and CSR column indices in uint16 for up to 65,536 genes (:mod:`annbatch._narrow`).
+``packed`` has no codec: rows are still read in part, and widening them costs less than
+reading twice the bytes. ``packed-lz4`` compresses the values (not the indices) with LZ4
+after a bit shuffle."""
+DEFAULT_COMPRESSION: Compression = "packed"
+"""On UMI-like counts: half the bytes of ``none`` (4.0 against 8.0 per nonzero) and at least as
+fast to read (benchmarks/RESULTS.md, "packed layouts")."""
+PACKED_LZ4_CHUNK = 65_536
+"""Values per on-disk chunk of ``packed-lz4``'s compressed CSR values (measured: 65,536 read
+faster than 32,768 or 16,384 at loader chunks 32 and 256; the compression is the same)."""
 
 
 def parse_compression(value: object) -> Compression:
@@ -72,8 +77,10 @@ def compressors(compression: Compression) -> list[Any]:
     """The zarr bytes-to-bytes codecs for ``compression``, then a CRC32C checksum: none; LZ4
     inside blosc with byte shuffle (decodes about twice as fast as zstd); or zstd (smallest,
     slowest to decode)."""
-    if compression in ("lz4", "packed-lz4"):
+    if compression == "lz4":
         return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+    if compression == "packed-lz4":  # narrow integers: a bit shuffle packs their zero bits
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()]
     if compression == "zstd":
         return [ZstdCodec(level=3), Crc32cCodec()]
     return [Crc32cCodec()]
@@ -233,7 +240,26 @@ def _write_values(
     narrowed_from = None
     if layout is None and compression in PACKED:
         x, narrowed_from = narrow_values(x)
-    ad.io.write_elem(group, name, x, dataset_kwargs=array_kwargs(x, compression, layout))
+    if layout is None and compression == "packed-lz4" and sp.issparse(x):
+        # Only the values are compressed: the column indices (uint16, raw) are read in part
+        # as in ``packed``, and decoding stays at half of the bytes.
+        ad.io.write_elem(group, name, x, dataset_kwargs=array_kwargs(x, "packed"))
+        csr: Any = group[name]
+        del csr["data"]
+        n = int(x.nnz)
+        chunk = max(1, min(PACKED_LZ4_CHUNK, n))
+        values = csr.create_array(
+            "data",
+            shape=(n,),
+            dtype=x.data.dtype,
+            chunks=(chunk,),
+            shards=(chunk * min(SPARSE_SHARD // PACKED_LZ4_CHUNK, -(-max(1, n) // chunk)),),
+            compressors=compressors("packed-lz4"),
+            config={"write_empty_chunks": True},
+        )
+        values[...] = x.data
+    else:
+        ad.io.write_elem(group, name, x, dataset_kwargs=array_kwargs(x, compression, layout))
     if narrowed_from is not None:
         element: Any = group[name]
         element.attrs[VALUES_DTYPE_ATTR] = narrowed_from.name

@@ -140,9 +140,7 @@ def as_row_source(
         if dataset.ndim < 2:
             msg = f"{where} has shape {dataset.shape}; expected at least 2 dimensions (rows, columns, ...)"
             raise UnsupportedDatasetError(msg)
-        return DenseSource(
-            dataset, verify_checksums=verify_checksums, stored_dtype=stored_dtype
-        )
+        return DenseSource(dataset, verify_checksums=verify_checksums, stored_dtype=stored_dtype)
     if isinstance(dataset, zarr.Group | h5py.Group):
         msg = (
             f"{where} is a {type(dataset).__name__} that holds no array or sparse matrix "

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from annbatch._core.direct import direct_array
+from annbatch._core.failures import store_errors
 from annbatch._core.reader import empty_window
 from annbatch._core.sources._common import (
     block_per_part,
@@ -20,7 +21,6 @@ from annbatch._core.sources._common import (
     per_range_job,
     read_errors,
 )
-from annbatch._core.failures import store_errors
 from annbatch._core.types import ReadJob
 from annbatch._narrow import declared_dtype
 
