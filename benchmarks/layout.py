@@ -1,10 +1,18 @@
-"""Which on-disk layout makes the Loader fastest: codec and inner chunk size, measured.
+"""Collection layouts on UMI-like counts: bytes per nonzero and the Loader's rows/s, measured.
 
-Rewrites the X of the read-engine benchmark's stores (``bench.py`` writes them) in several
-layouts, then times our Loader on each (fresh process per run, median of --runs), at the
-chunk / preload settings of the read-engine issue. Prints one table with size on disk.
+Writes seeded UMI-like counts (``_umi.py``: ~3,200 detected genes of 20,000 per cell) as one
+h5ad input, builds a collection from it with each of annbatch's layouts
+(``DatasetCollection.add_adatas(compression=...)``), and one in the reference library's
+collection layout (64 rows per chunk, Blosc LZ4 with byte shuffle: ``n_obs_per_chunk=64``,
+what ``write_sharded`` writes), then times our Loader on each: page cache warm, shuffled,
+batch 4,096, at chunk 256 / preload 64 and chunk 32 / preload 512. Runs alternate between the
+layouts; each is a fresh process that reads ``--epochs`` epochs and reports the rows/s of
+all but the first (the first pays for imports, thread start-up and page faults). Also printed:
+bytes per nonzero of X on disk (data, indices and indptr; obs and var excluded) and each
+layout's rows/s as a ratio of ``none`` (the inputs' types, uncompressed).
 
-Usage: python benchmarks/layout.py [--n-obs 100000 --n-var 5000 --nnz 400] [--runs 3]
+Usage: python benchmarks/layout.py [--n-obs 20000] [--runs 5] [--epochs 3]
+       [--layouts packed,packed-lz4,none,lz4,zstd,reference]
 """
 
 from __future__ import annotations
@@ -16,113 +24,122 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import BATCH, make_stores, run_child, size_mb
+from bench import BATCH, run_child
 
-# (name, codec, inner chunk: elements for sparse data/indices, rows for dense)
-SPARSE_LAYOUTS = [
-    ("zstd, 131072", "zstd", 131_072),
-    ("zstd, 32768", "zstd", 32_768),
-    ("blosc-lz4, 131072", "lz4", 131_072),
-    ("blosc-lz4, 32768", "lz4", 32_768),
-    ("blosc-lz4, 8192", "lz4", 8_192),
-    ("none, 32768", "none", 32_768),
-    ("none, 131072", "none", 131_072),
-    ("none, 524288", "none", 524_288),
-]
-DENSE_LAYOUTS = [
-    ("zstd, 256 rows", "zstd", 256),
-    ("blosc-lz4, 256 rows", "lz4", 256),
-    ("blosc-lz4, 128 rows", "lz4", 128),
-    ("blosc-lz4, 32 rows", "lz4", 32),
-    ("none, 128 rows", "none", 128),
-    ("none, 32 rows", "none", 32),
-    ("none, 512 rows", "none", 512),
-]
-SETTINGS = [(256, 64), (32, 512), (1, 16384)]
+SETTINGS = [(256, 64), (32, 512)]
+
+CHILD = r"""
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+import numpy as np, annbatch
+a = json.loads(sys.argv[1])
+collection = annbatch.DatasetCollection(a["path"], mode="r")
+loader = annbatch.Loader(batch_size=a["batch"], chunk_size=a["chunk"], preload_nchunks=a["preload"],
+                         shuffle=True, to=None, rng=np.random.default_rng(0))
+loader.add_datasets([g["X"] for g in collection])
+speeds = []
+for epoch in range(a["epochs"]):
+    t0 = time.perf_counter(); rows = 0
+    for batch in loader:
+        rows += batch["X"].shape[0]
+    speeds.append(rows / (time.perf_counter() - t0))
+print(json.dumps({"rows_per_s": sum(speeds[1:]) / max(1, len(speeds) - 1) if len(speeds) > 1 else speeds[0]}))
+"""
 
 
-def _codec(name: str) -> object:
-    from zarr.codecs import BloscCodec, ZstdCodec
+def build(source: Path, target: Path, layout: str) -> None:
+    """A collection of ``source`` in ``layout`` (an annbatch compression, or ``reference``)."""
+    import numpy as np
 
-    if name == "none":
-        return None
-    return (
-        ZstdCodec(level=0)
-        if name == "zstd"
-        else BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-    )
-
-
-def rewrite(source: Path, target: Path, codec: str, inner: int) -> None:
-    """X of ``source`` written again to ``target`` with another codec and inner chunk."""
-    import anndata as ad
-    import zarr
+    from annbatch import DatasetCollection
 
     if target.exists():
         return
-    g = zarr.open_group(source, mode="r")
-    out = zarr.open_group(target, mode="w")
+    options = {"n_obs_per_chunk": 64} if layout == "reference" else {"compression": layout}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if isinstance(g["X"], zarr.Group):
-            x = ad.io.read_elem(g["X"])
-            shard = inner * max(1, 4_194_304 // inner)
-            kwargs = {"chunks": (inner,), "shards": (shard,), "compressors": _codec(codec)}
-        else:
-            x = g["X"][...]
-            kwargs = {
-                "chunks": (inner, x.shape[1]),
-                "shards": (inner * max(1, 8192 // inner), x.shape[1]),
-                "compressors": _codec(codec),
-            }
-        ad.io.write_elem(out, "X", x, dataset_kwargs=kwargs)
+        DatasetCollection(target).add_adatas(
+            [source], rng=np.random.default_rng(0), progress=False, **options
+        )
+
+
+def x_bytes_per_nnz(path: Path) -> float:
+    """Bytes of X's arrays on disk per stored nonzero, over all datasets."""
+    import zarr
+
+    nbytes = nnz = 0
+    for group in zarr.open_group(path, mode="r").groups():
+        x = path / group[0] / "X"
+        nbytes += sum(f.stat().st_size for f in x.rglob("*") if f.is_file())
+        nnz += int(group[1]["X"]["data"].shape[0])
+    return nbytes / max(1, nnz)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dir", type=Path, default=Path("data/bench"))
-    p.add_argument("--n-obs", type=int, default=100_000)
-    p.add_argument("--n-var", type=int, default=5_000)
-    p.add_argument("--nnz", type=int, default=400)
-    p.add_argument("--dense-var", type=int, default=2_000)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--max-rows", type=int, default=49_152)
-    p.add_argument("--codecs", default="zstd,lz4,none", help="comma-separated codecs to measure")
+    p.add_argument("--dir", type=Path, default=Path("data/layout"))
+    p.add_argument("--n-obs", type=int, default=20_000)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--layouts", default="packed,packed-lz4,none,lz4,zstd,reference")
     a = p.parse_args()
-    codecs = a.codecs.split(",")
-    stores = make_stores(a.dir, a.n_obs, a.n_var, a.nnz, a.dense_var, seed=0)
+    layouts = a.layouts.split(",")
+
+    import anndata as ad
+    from _umi import umi_counts
+
+    a.dir.mkdir(parents=True, exist_ok=True)
+    source = a.dir / f"umi_{a.n_obs}.h5ad"
+    if not source.exists():
+        x = umi_counts(a.n_obs, seed=0)
+        adata = ad.AnnData(X=x)
+        adata.obs_names = [f"c{i}" for i in range(a.n_obs)]
+        adata.var_names = [f"g{j}" for j in range(x.shape[1])]
+        adata.write_h5ad(source)
+    paths = {name: a.dir / f"umi_{a.n_obs}_{name}.zarr" for name in layouts}
+    for name, path in paths.items():
+        build(source, path, name)
+    speeds: dict[str, dict[tuple[int, int], list[float]]] = {
+        n: {s: [] for s in SETTINGS} for n in layouts
+    }
+    for _ in range(a.runs):
+        for setting in SETTINGS:
+            for name in layouts:
+                args = {
+                    "path": str(paths[name]),
+                    "batch": BATCH,
+                    "chunk": setting[0],
+                    "preload": setting[1],
+                    "epochs": a.epochs,
+                }
+                speeds[name][setting].append(
+                    run_child(sys.executable, args, child=CHILD)["rows_per_s"]
+                )
+    median = {n: {s: statistics.median(v) for s, v in d.items()} for n, d in speeds.items()}
+    nnz_per_row = umi_counts_nnz(source) / a.n_obs
     print(
-        f"Loader rows/s (median of {a.runs}), batch {BATCH}, shuffled; sparse {a.n_obs:,} x {a.n_var:,} "
-        f"({a.nnz} nnz/row), dense {a.n_obs:,} x {a.dense_var:,}\n"
+        f"\n{a.n_obs:,} UMI-like cells x 20,000 genes ({nnz_per_row:,.0f} nonzeros per cell); our "
+        f"Loader, batch {BATCH}, shuffled; rows/s = median over {a.runs} alternating runs of the "
+        f"mean of epochs 2-{a.epochs}\n"
     )
-    header = " | ".join(f"chunk {c} / {pl}" for c, pl in SETTINGS)
-    print(f"| store | layout | MB on disk | {header} |")
-    print("|---|---|---|" + "---|" * len(SETTINGS))
-    for kind, layouts in (("sparse", SPARSE_LAYOUTS), ("dense", DENSE_LAYOUTS)):
-        for name, codec, inner in layouts:
-            if codec not in codecs:
-                continue
-            target = a.dir / "layouts" / f"{stores[kind].stem}_{codec}_{inner}.zarr"
-            rewrite(stores[kind], target, codec, inner)
-            cells = []
-            for chunk, preload in SETTINGS:
-                speeds = []
-                for _ in range(a.runs):
-                    args = {
-                        "path": str(target),
-                        "batch": BATCH,
-                        "chunk": chunk,
-                        "preload": preload,
-                        "shuffle": True,
-                        "hold_s": 0,
-                        "max_rows": a.max_rows,
-                        "checksum": False,
-                        "zarrs": False,
-                    }
-                    r = run_child(sys.executable, args)
-                    speeds.append(r["rows"] / r["seconds"])
-                cells.append(f"{statistics.median(speeds):,.0f}")
-            print(f"| {kind} | {name} | {size_mb(target):,.0f} | {' | '.join(cells)} |", flush=True)
+    header = " | ".join(f"chunk {c} / {pl} rows/s | vs none" for c, pl in SETTINGS)
+    print(f"| layout | X bytes per nonzero | {header} |")
+    print("|---|---|" + "---|---|" * len(SETTINGS))
+    for name in layouts:
+        cells = []
+        for s in SETTINGS:
+            base = median.get("none", {}).get(s)
+            ratio = f"{median[name][s] / base:.2f}x" if base else "-"
+            cells.append(f"{median[name][s]:,.0f} | {ratio}")
+        label = "reference layout (64 rows/chunk, LZ4)" if name == "reference" else name
+        print(f"| {label} | {x_bytes_per_nnz(paths[name]):.2f} | {' | '.join(cells)} |")
+
+
+def umi_counts_nnz(source: Path) -> int:
+    import h5py
+
+    with h5py.File(source, "r") as f:
+        return int(f["X"]["data"].shape[0])
 
 
 if __name__ == "__main__":

@@ -378,7 +378,8 @@ def test_layers_and_obsm_are_carried_and_streamed(tmp_path, layout):
     first = ad.read_zarr(tmp_path / "e.zarr" / collection.dataset_names[0])
     assert set(first.layers) == {"counts"}
     assert set(first.obsm) == {"X_pca", "image"}
-    assert first.layers["counts"].dtype == np.int32
+    stored = first.layers["counts"].dtype  # the default, packed layout stores counts narrower
+    assert stored == np.int32 if layout else (stored.itemsize < 4 and np.can_cast(stored, np.int32))
     layers = [ad.io.sparse_dataset(g["layers"]["counts"]) for g in collection]
     groups = [g["layers"]["counts"] for g in collection]  # as the reference's docs write it
     images = [g["obsm"]["image"] for g in collection]
@@ -387,6 +388,8 @@ def test_layers_and_obsm_are_carried_and_streamed(tmp_path, layout):
         rows = [b["X"] for b in loader.add_datasets(datasets)]
         assert sum(r.shape[0] for r in rows) == 90
         assert rows[0].shape[1:] == shape
+        if datasets is not images:  # the Loader yields the inputs' dtype
+            assert rows[0].dtype == np.int32
 
 
 def test_elements_not_in_every_input_are_said(tmp_path):
