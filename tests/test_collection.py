@@ -102,7 +102,13 @@ def _digest(paths: list[str]) -> str:
     return h.hexdigest()
 
 
-CODEC_NAMES = {"none": "none", "lz4": "blosc(lz4)", "zstd": "zstd"}
+CODEC_NAMES = {
+    "packed-lz4": "blosc(lz4)",
+    "packed": "none",
+    "none": "none",
+    "lz4": "blosc(lz4)",
+    "zstd": "zstd",
+}
 
 
 @pytest.mark.parametrize("compression", sorted(CODEC_NAMES))
@@ -350,7 +356,7 @@ def test_anndata_objects_as_inputs(tmp_path):
     assert set(obs[SOURCE_COLUMN]) == {"AnnData 0", "AnnData 1", "AnnData 2"}
 
 
-@pytest.mark.parametrize("compression", [None, "lz4", "zstd"])
+@pytest.mark.parametrize("compression", [None, "packed", "none", "lz4", "zstd"])
 def test_command_line_build_and_info(tmp_path, capsys, compression):
     paths, _ = _inputs(tmp_path)
     genes = tmp_path / "genes.txt"
@@ -378,7 +384,7 @@ def test_command_line_build_and_info(tmp_path, capsys, compression):
     assert cli(["info", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "148 rows x 3 genes" in printed
-    assert CODEC_NAMES[compression or "none"] in printed
+    assert CODEC_NAMES[compression or "packed-lz4"] in printed
     assert cli(["info", str(tmp_path / "nothing.zarr")]) == 1
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty.zarr").mkdir()

@@ -60,12 +60,15 @@ def test_narrowest_checks_every_block(monkeypatch):
     assert narrowest(np.array([1, 2, 3, 4, 5, 6, 7, 300], dtype=np.float32)) == np.uint16
 
 
-@pytest.mark.parametrize(("n_var", "index_type"), [(256, "uint8"), (65_536, "uint16"), (65_537, "int32")])
+@pytest.mark.parametrize(
+    ("n_var", "index_type"), [(256, "uint8"), (65_536, "uint16"), (65_537, "int32")]
+)
 def test_csr_indices_narrowed_to_fit_the_columns(n_var, index_type):
     x = sp.csr_matrix(([1.0, 2.0], [0, n_var - 1], [0, 1, 2]), shape=(2, n_var), dtype=np.float32)
     packed, was = narrow_values(x)
     assert packed.indices.dtype == np.dtype(index_type)
-    assert was == np.float32 and packed.data.dtype == np.uint8
+    assert was == np.float32
+    assert packed.data.dtype == np.uint8
     assert (packed.astype(np.float32) != x).nnz == 0
 
 
@@ -103,8 +106,13 @@ def _adata(dtype: str, values: list, n_obs: int = 60, n_var: int = 40, seed: int
 
 def _epoch(datasets: list, **kwargs) -> tuple[np.ndarray, np.dtype, np.ndarray]:
     loader = Loader(
-        batch_size=16, chunk_size=4, preload_nchunks=8, shuffle=True, to=None,
-        return_index=True, **kwargs,
+        batch_size=16,
+        chunk_size=4,
+        preload_nchunks=8,
+        shuffle=True,
+        to=None,
+        return_index=True,
+        **kwargs,
     ).add_datasets(datasets)
     batches = list(loader)
     x = [b["X"].toarray() if sp.issparse(b["X"]) else np.asarray(b["X"]) for b in batches]
@@ -127,7 +135,9 @@ def test_packed_round_trip_is_exact(tmp_path, compression, case):
     order = np.concatenate([g["obs"]["_index"][...] for g in groups])
     expected = adata[order]
     for key, element in (("X", "X"), ("layer", "layers/dense"), ("obsm", "obsm/rows")):
-        truth = {"X": expected.X, "layer": expected.layers["dense"], "obsm": expected.obsm["rows"]}[key]
+        truth = {"X": expected.X, "layer": expected.layers["dense"], "obsm": expected.obsm["rows"]}[
+            key
+        ]
         truth = truth.toarray() if sp.issparse(truth) else np.asarray(truth)
         datasets = [g[element] for g in groups]
         x, got_dtype, index = _epoch(datasets)
@@ -157,7 +167,8 @@ def test_anndata_reads_a_packed_dataset(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         read = ad.read_zarr(tmp_path / "c.zarr" / group.basename)
-    assert read.X.dtype == np.uint16 and read.X.indices.dtype == np.uint8
+    assert read.X.dtype == np.uint16
+    assert read.X.indices.dtype == np.uint8
     names = read.obs_names.to_numpy()
     np.testing.assert_array_equal(read.X.toarray(), adata[names].X.toarray())
 
@@ -185,7 +196,7 @@ def test_appends_and_rebuilds_keep_the_inputs_dtype(tmp_path):
         groups, compression="none", progress=False
     )
     assert {g["X"]["data"].dtype for g in again} == {np.dtype(np.float32)}
-    x2, dtype2, index2 = _epoch([g["X"] for g in again])
+    x2, _dtype2, index2 = _epoch([g["X"] for g in again])
     names2 = np.concatenate([g["obs"]["_index"][...] for g in again])
     np.testing.assert_array_equal(x2, both[names2].X.toarray()[index2])
 
@@ -225,4 +236,6 @@ def test_info_shows_stored_types(tmp_path, capsys):
     DatasetCollection(tmp_path / "c.zarr").add_adatas([adata], progress=False)
     assert cli(["info", str(tmp_path / "c.zarr")]) == 0
     out = capsys.readouterr().out
-    assert "uint16 + uint8 indices" in out and "float32" in out and "B/nnz" in out
+    assert "uint16 + uint8 indices" in out
+    assert "float32" in out
+    assert "B/nnz" in out

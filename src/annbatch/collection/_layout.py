@@ -49,7 +49,7 @@ DENSE_SHARD_CHUNKS = 64
 """Chunks per shard file of a dense dataset."""
 
 
-Compression = Literal["packed", "packed-lz4", "none", "lz4", "zstd"]
+Compression = Literal["packed-lz4", "packed", "none", "lz4", "zstd"]
 COMPRESSIONS: tuple[str, ...] = get_args(Compression)
 PACKED: tuple[str, ...] = ("packed", "packed-lz4")
 """Layouts that store integer-valued arrays in the narrowest integer type that holds them
@@ -57,12 +57,13 @@ exactly, and CSR column indices in uint16 for up to 65,536 genes (:mod:`annbatch
 ``packed`` has no codec: rows are still read in part, and widening them costs less than
 reading twice the bytes. ``packed-lz4`` compresses the values (not the indices) with LZ4
 after a bit shuffle."""
-DEFAULT_COMPRESSION: Compression = "packed"
-"""On UMI-like counts: half the bytes of ``none`` (4.0 against 8.0 per nonzero) and at least as
-fast to read (benchmarks/RESULTS.md, "packed layouts")."""
-PACKED_LZ4_CHUNK = 65_536
-"""Values per on-disk chunk of ``packed-lz4``'s compressed CSR values (measured: 65,536 read
-faster than 32,768 or 16,384 at loader chunks 32 and 256; the compression is the same)."""
+DEFAULT_COMPRESSION: Compression = "packed-lz4"
+"""On UMI-like counts: 2.5 bytes per nonzero (1.14x zstd's, 0.31x ``none``'s) at 0.9-1.04x the
+rows/s of ``none`` (benchmarks/RESULTS.md, "packed layouts")."""
+PACKED_LZ4_CHUNK = 262_144
+"""Values per on-disk chunk of ``packed-lz4``'s compressed CSR values (about 80 rows of UMI
+counts). Measured on UMI-like counts: 262,144 read at 1.04x / 0.90x the rows/s of ``none`` at
+loader chunks 256 / 32, 65,536 at 0.80x / 0.84x, 32,768 lower still; the size is the same."""
 
 
 def parse_compression(value: object) -> Compression:
