@@ -1,11 +1,13 @@
 """Our Loader on our DatasetCollection against the reference loader on its own collection.
 
-Writes seeded sparse h5ad inputs (``build_memory.py``'s generator), builds one collection with
+Writes seeded sparse h5ad inputs (UMI-like counts from ``_umi.py`` by default; ``--data
+uniform``: ``build_memory.py``'s generator), builds one collection with
 annbatch and one with the reference (annbatch 0.3.1, its defaults, in its own interpreter),
 then times each loader on its own collection, alternating, fresh process per run.
 
 Usage: python benchmarks/collection_vs_reference.py --reference-python /path/to/venv/bin/python
-       [--files 4] [--rows-per-file 50000] [--runs 3] [--compression none,lz4]
+       [--files 4] [--rows-per-file 10000] [--runs 3] [--compression packed-lz4,none]
+       [--data umi|uniform]
        [--baseline-src /path/to/other/checkout/src]
 
 With --baseline-src, annbatch from that source tree (an earlier commit) builds its own
@@ -56,11 +58,35 @@ def build(
     return time.perf_counter() - t0
 
 
+def write_umi_inputs(folder: Path, files: int, rows: int) -> list[Path]:
+    """``files`` h5ad files of ``rows`` seeded UMI-like cells each (seed: the file's number)."""
+    import warnings
+
+    import anndata as ad
+    from _umi import umi_counts
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(files):
+        path = folder / f"umi_{i}_{rows}.h5ad"
+        paths.append(path)
+        if path.exists():
+            continue
+        x = umi_counts(rows, seed=i)
+        adata = ad.AnnData(X=x)
+        adata.obs_names = [f"f{i}_c{k}" for k in range(rows)]
+        adata.var_names = [f"g{j}" for j in range(x.shape[1])]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adata.write_h5ad(path)
+    return paths
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", type=Path, default=Path("data/collections"))
     p.add_argument("--files", type=int, default=4)
-    p.add_argument("--rows-per-file", type=int, default=50_000)
+    p.add_argument("--rows-per-file", type=int, default=10_000)
     p.add_argument("--n-var", type=int, default=5_000)
     p.add_argument("--nnz", type=int, default=400)
     p.add_argument("--runs", type=int, default=3)
@@ -72,14 +98,27 @@ def main() -> None:
     )
     p.add_argument("--reference-python", required=True)
     p.add_argument(
-        "--compression", default="none,lz4", help="our collections to build and read, by codec"
+        "--compression",
+        default="packed-lz4,none",
+        help="our collections to build and read, by layout (compression=)",
     )
     p.add_argument(
         "--baseline-src", help="src folder of another annbatch checkout, run as further loaders"
     )
+    p.add_argument(
+        "--data",
+        choices=["umi", "uniform"],
+        default="umi",
+        help="umi: UMI-like counts (benchmarks/_umi.py, 20,000 genes, ~3,200 detected per cell; "
+        "--n-var and --nnz are ignored); uniform: --nnz Poisson counts per row at random genes",
+    )
     a = p.parse_args()
-    inputs = write_inputs(a.dir / "inputs", a.files, a.rows_per_file, a.n_var, a.nnz)
-    tag = f"{a.files}x{a.rows_per_file}_{a.n_var}_{a.nnz}"
+    if a.data == "umi":
+        inputs = write_umi_inputs(a.dir / "inputs", a.files, a.rows_per_file)
+        tag = f"umi_{a.files}x{a.rows_per_file}"
+    else:
+        inputs = write_inputs(a.dir / "inputs", a.files, a.rows_per_file, a.n_var, a.nnz)
+        tag = f"{a.files}x{a.rows_per_file}_{a.n_var}_{a.nnz}"
     # name -> (interpreter, collection, zarrs pipeline, build options, PYTHONPATH)
     loaders: dict[str, tuple[str, Path, bool, dict | None, str | None]] = {}
     for codec in a.compression.split(","):

