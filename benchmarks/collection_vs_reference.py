@@ -151,8 +151,13 @@ def main() -> None:
             flush=True,
         )
     print(
-        f"\n{a.files} inputs x {a.rows_per_file:,} rows, {a.n_var:,} genes, {a.nnz} nnz/row; batch {BATCH}, "
-        f"shuffled, median of {a.runs} runs\n"
+        f"\n{a.files} inputs x {a.rows_per_file:,} rows, "
+        + (
+            "UMI-like counts (20,000 genes, ~3,260 nonzeros per cell)"
+            if a.data == "umi"
+            else f"{a.n_var:,} genes, {a.nnz} nnz/row"
+        )
+        + f"; batch {BATCH}, shuffled, median of {a.runs} runs\n"
     )
     print(
         "| chunk / preload | loader | rows/s median (min-max) | first batch s | peak RSS MB (above start) |"

@@ -214,7 +214,7 @@ def test_h5ad_collection_holds_the_inputs_dtype(tmp_path):
     assert collection.n_obs == adata.n_obs
 
 
-@pytest.mark.parametrize("declared", ["banana", "int8", "object", "S4"])
+@pytest.mark.parametrize("declared", ["banana", "int8", "object", "S4", "i4,,", ">f4", "float16"])
 def test_damaged_dtype_attribute_is_a_clear_error(tmp_path, declared):
     adata = _adata("float32", [1, 2, 300])
     collection = DatasetCollection(tmp_path / "c.zarr").add_adatas([adata], progress=False)
@@ -239,3 +239,50 @@ def test_info_shows_stored_types(tmp_path, capsys):
     assert "uint16 + uint8 indices" in out
     assert "float32" in out
     assert "B/nnz" in out
+
+
+def test_a_backed_anndata_of_a_packed_dataset_is_read_widened(tmp_path):
+    """An AnnData opened with X on disk (load_x_and_obs) from a packed collection is an input
+    in the dtype its values had."""
+    from annbatch import load_x_and_obs
+
+    adata = _adata("float32", [1, 2, 300])
+    collection = DatasetCollection(tmp_path / "c.zarr").add_adatas([adata], progress=False)
+    backed = [load_x_and_obs(g) for g in collection]
+    again = DatasetCollection(tmp_path / "again.zarr").add_adatas(
+        backed, compression="none", progress=False
+    )
+    assert {g["X"]["data"].dtype for g in again} == {np.dtype(np.float32)}
+    x, _, index = _epoch([g["X"] for g in again])
+    names = np.concatenate([g["obs"]["_index"][...] for g in again])
+    np.testing.assert_array_equal(x, adata[names].X.toarray()[index])
+
+
+def test_a_collection_keeps_its_layout_when_none_is_given(tmp_path):
+    """Without compression=, repeating the call that built a collection (in a layout that is
+    no longer the default) writes nothing, and an append uses the collection's layout."""
+    path = tmp_path / "c.zarr"
+    first, second = _adata("float32", [1, 2], seed=0), _adata("float32", [3, 4], seed=1)
+    DatasetCollection(path).add_adatas([first], compression="none", progress=False)
+    with pytest.warns(UserWarning, match="nothing was written"):
+        DatasetCollection(path).add_adatas([first], progress=False)
+    collection = DatasetCollection(path).add_adatas([second], append=True, progress=False)
+    assert {g["X"]["data"].dtype for g in collection} == {np.dtype(np.float32)}
+    assert {d["codec"] for d in collection.info()["datasets"]} == {"none"}
+
+
+def test_uint64_indices_are_read(tmp_path):
+    """uint64 column indices (which widen to no integer type together with int32) are read as
+    scipy's index types."""
+    x = sp.csr_matrix(np.array([[0, 1.0, 0], [2.0, 0, 3.0]], dtype=np.float32))
+    group = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ad.io.write_elem(group, "X", x)
+    data = group["X"]["indices"][...]
+    del group["X"]["indices"]
+    group["X"].create_array("indices", data=data.astype(np.uint64))
+    loader = Loader(batch_size=2, chunk_size=2, preload_nchunks=1, to=None, shuffle=False)
+    batch = next(iter(loader.add_dataset(zarr.open_group(tmp_path / "s.zarr")["X"])))
+    assert batch["X"].indices.dtype in (np.int32, np.int64)
+    np.testing.assert_array_equal(batch["X"].toarray(), x.toarray())

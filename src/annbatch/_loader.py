@@ -131,7 +131,10 @@ class Loader(_IterableBase):
         Yield X's values in the dtype they are stored in. A collection in the ``packed``
         layout stores integer counts in the narrowest exact integer type (uint8, uint16...)
         and the Loader widens them back to the dtype the inputs had (float32, say); ``True``
-        yields the narrow type instead (fewer bytes to move to a GPU; cast there).
+        yields the narrow type instead (fewer bytes to move to a GPU; cast there). The type
+        is chosen per dataset: datasets stored in different types are promoted to a common
+        one, with a warning, as for any datasets of different dtypes. torch implements few
+        operations on unsigned types beyond uint8: cast first (``batch["X"].float()``).
 
     Examples
     --------

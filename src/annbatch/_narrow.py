@@ -99,17 +99,32 @@ def declared_dtype(attrs: Any, stored: np.dtype, where: str) -> np.dtype | None:
     raw = attrs.get(VALUES_DTYPE_ATTR) if attrs is not None else None
     if raw is None:
         return None
-    try:
-        declared = np.dtype(str(raw))
-    except TypeError:
-        declared = None
-    if declared is None or declared.kind not in "fiu" or not np.can_cast(stored, declared, "safe"):
+    declared = _NUMERIC.get(str(raw))
+    if declared is None or not _widens_exactly(stored, declared):
         msg = (
             f"{where}: its attribute {VALUES_DTYPE_ATTR}={raw!r} is not a numeric dtype that the "
             f"stored {stored} values widen to exactly; the store is damaged"
         )
         raise CorruptDataError(msg)
     return declared
+
+
+_NUMERIC = {
+    name: np.dtype(name)
+    for name in (
+        "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
+        "float16", "float32", "float64",
+    )
+}  # fmt: skip
+"""The dtypes the attribute may name (numpy's names: native byte order, nothing to parse)."""
+
+
+def _widens_exactly(stored: np.dtype, declared: np.dtype) -> bool:
+    """Whether every value of ``stored`` is exactly a value of ``declared`` (an integer in a
+    float: the float's significand must hold it, so twice the integer's bytes)."""
+    if not np.can_cast(stored, declared, "safe"):
+        return False
+    return declared.kind != "f" or stored.kind == "f" or 2 * stored.itemsize <= declared.itemsize
 
 
 class Widened:
@@ -124,6 +139,8 @@ class Widened:
         self.is_sparse = sp.issparse(matrix) or isinstance(matrix, anndata.abc.CSRDataset)
 
     def __getattr__(self, name: str) -> Any:  # the matrix's own (group, nnz...)
+        if "matrix" not in self.__dict__:  # (not initialised: unpickling, copy)
+            raise AttributeError(name)
         return getattr(self.__dict__["matrix"], name)
 
     def __len__(self) -> int:

@@ -39,6 +39,7 @@ from annbatch.collection._inputs import (
     union_var_names,
 )
 from annbatch.collection._layout import (
+    COMPRESSIONS,
     DEFAULT_COMPRESSION,
     Compression,
     XLayout,
@@ -584,6 +585,7 @@ class DatasetCollection:
         if layout is not None and compression is not None:
             msg = "give compression (annbatch's layouts) or n_obs_per_chunk / shard_size / zarr_compressor, not both"
             raise InvalidArgumentError(msg)
+        compression_given = compression is not None
         compression = parse_compression(DEFAULT_COMPRESSION if compression is None else compression)
         if merge not in _MERGES:
             msg = f"merge must be one of {_MERGES} (as for anndata.concat), got {merge!r}"
@@ -602,6 +604,13 @@ class DatasetCollection:
             msg = "var_subset (var_names) must be a non-empty list of unique gene names"
             raise InvalidArgumentError(msg)
         state = self._state()  # raises if the path holds something else
+        if not compression_given and state is not None:
+            # Without compression=, a collection keeps the layout it was built with (the
+            # default has changed over releases): repeats match, appends stay alike.
+            used = [b.get("compression") for b in state.get("builds", [])]
+            used = [c for c in used if c in COMPRESSIONS]
+            if used:
+                compression = used[-1]
         # Later calls on the object that built the collection add to it (the reference's
         # current API); a collection opened anew takes append=True for that.
         append = append or self._added

@@ -120,6 +120,7 @@ def open_input(
         if name is None:
             name = str(item.filename) if item.isbacked else f"AnnData {position}"
         x, sparse = _x_of(item.X, name)
+        x = _widened_on_disk(x, f"{name}: X")
         return Input(
             name,
             x,
@@ -205,6 +206,7 @@ def _elements(adata: Any, name: str) -> dict[str, Any]:
             mapping = {k: group[k] for k in names}
         for elem_name, elem in mapping.items():
             path = f"{key}/{elem_name}"
+            elem = _widened_on_disk(elem, f"{name}: {path}")
             if isinstance(elem, h5py.Group | zarr.Group):
                 if elem.attrs.get("encoding-type") != "csr_matrix":
                     skipped.append(path)
@@ -233,6 +235,16 @@ def _elements(adata: Any, name: str) -> dict[str, Any]:
             stacklevel=5,
         )
     return found
+
+
+def _widened_on_disk(x: Any, where: str) -> Any:
+    """``x`` widened if it is an element on disk (an anndata CSR dataset, a zarr or h5py array)
+    of a packed collection; anything else (in memory, where the record is lost) as it is."""
+    if isinstance(x, anndata.abc.CSRDataset):
+        return widened(x, x.group, where)
+    if isinstance(x, zarr.Array | h5py.Dataset):
+        return widened(x, x, where)
+    return x
 
 
 def _read_elem(elem: Any) -> Any:

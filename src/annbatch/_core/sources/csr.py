@@ -172,9 +172,14 @@ class CSRSource:
 
     @property
     def index_dtype(self) -> np.dtype:
-        """Dtype of the yielded column indices: the stored one, widened to at least int32
-        (scipy's index types; a packed layout stores uint16)."""
-        return np.promote_types(np.dtype(self._indices.dtype), np.int32)
+        """Dtype of the yielded column indices: int32 for stored types of up to 4 bytes
+        (a packed layout stores uint16), else int64 (scipy's index types)."""
+        stored = np.dtype(self._indices.dtype)
+        return (
+            np.dtype(np.int64)
+            if stored.itemsize >= 4 and stored != np.int32
+            else np.dtype(np.int32)
+        )
 
     def read_job(self, starts: np.ndarray, stops: np.ndarray, n_tasks: int) -> ReadJob:
         """See :meth:`RowSource.read_job`."""
