@@ -86,6 +86,16 @@ def _index_dtype(n_var: int, current: np.dtype) -> np.dtype:
     return np.dtype(current)
 
 
+_NUMERIC = {
+    name: np.dtype(name)
+    for name in (
+        "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
+        "float16", "float32", "float64",
+    )
+}  # fmt: skip
+"""The dtypes the attribute may name (numpy's names: native byte order, nothing to parse)."""
+
+
 def declared_dtype(attrs: Any, stored: np.dtype, where: str) -> np.dtype | None:
     """The dtype an element's values had before they were narrowed (its
     :data:`VALUES_DTYPE_ATTR`), checked: a numeric dtype that holds every value of the stored
@@ -107,16 +117,6 @@ def declared_dtype(attrs: Any, stored: np.dtype, where: str) -> np.dtype | None:
         )
         raise CorruptDataError(msg)
     return declared
-
-
-_NUMERIC = {
-    name: np.dtype(name)
-    for name in (
-        "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
-        "float16", "float32", "float64",
-    )
-}  # fmt: skip
-"""The dtypes the attribute may name (numpy's names: native byte order, nothing to parse)."""
 
 
 def _widens_exactly(stored: np.dtype, declared: np.dtype) -> bool:
@@ -163,11 +163,5 @@ def widened(matrix: Any, stored: Any, where: str) -> Any:
 def widen(element: Any, stored: Any) -> Any:
     """``element`` (what anndata read of a stored element) in the dtype recorded on ``stored``
     (the zarr or h5py element), if it was narrowed; else ``element`` itself."""
-    declared = declared_dtype(getattr(stored, "attrs", None), _dtype_of(element), str(stored))
-    if declared is None:
-        return element
-    return element.astype(declared)
-
-
-def _dtype_of(element: Any) -> np.dtype:
-    return np.dtype(getattr(element, "dtype", np.float64))
+    declared = declared_dtype(getattr(stored, "attrs", None), np.dtype(element.dtype), str(stored))
+    return element if declared is None else element.astype(declared)

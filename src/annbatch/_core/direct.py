@@ -383,12 +383,9 @@ class DirectArray:
         chunk, src_lo, src_hi, dst = pieces
         layout = self._layout
         rows = layout.rows_per_chunk
-        whole_rows = layout.chunk_shape[1:] == self.shape[1:] and out.dtype == self.dtype
-        if (
-            layout.chunk_shape[1:] == self.shape[1:]
-            and layout.compressor is None
-            and out.flags.c_contiguous
-        ):
+        row_chunks = layout.chunk_shape[1:] == self.shape[1:]  # chunks hold whole rows
+        whole_rows = row_chunks and out.dtype == self.dtype
+        if row_chunks and layout.compressor is None and out.flags.c_contiguous:
             self._run_raw(out, pieces, start, stop)  # (casts rows to out's dtype if need be)
             return
         scratch: np.ndarray | None = None

@@ -85,9 +85,10 @@ class RemoteArray(DirectArray):
         rows = layout.rows_per_chunk
         tail = self.shape[1:]
         row_bytes = self.dtype.itemsize * int(np.prod(tail, dtype=np.int64))
-        whole_rows = layout.chunk_shape[1:] == tail and out.dtype == self.dtype
+        row_chunks = layout.chunk_shape[1:] == tail  # chunks hold whole rows
+        whole_rows = row_chunks and out.dtype == self.dtype
         partial = (
-            layout.chunk_shape[1:] == tail
+            row_chunks
             and layout.compressor is None
             and out.flags.c_contiguous
             and not self._verify_all

@@ -175,7 +175,7 @@ def _from_group(group: Any, name: str, handle: Any) -> Input:
             )
         x, sparse = _x_of(x, name)
         if x is not None:  # X of a packed collection: read back in the type it had
-            x = widened(x, x_elem, f"{name}: X")
+            x = _widened_on_disk(x, f"{name}: X")
     except Exception:
         if handle is not None:
             handle.close()
@@ -206,18 +206,14 @@ def _elements(adata: Any, name: str) -> dict[str, Any]:
             mapping = {k: group[k] for k in names}
         for elem_name, elem in mapping.items():
             path = f"{key}/{elem_name}"
-            elem = _widened_on_disk(elem, f"{name}: {path}")
             if isinstance(elem, h5py.Group | zarr.Group):
                 if elem.attrs.get("encoding-type") != "csr_matrix":
                     skipped.append(path)
                     continue
-                stored = elem
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     elem = ad.io.sparse_dataset(elem)
-                elem = widened(elem, stored, f"{name}: {path}")
-            elif isinstance(elem, zarr.Array | h5py.Dataset):
-                elem = widened(elem, elem, f"{name}: {path}")
+            elem = _widened_on_disk(elem, f"{name}: {path}")
             if isinstance(elem, pd.DataFrame) or not hasattr(elem, "shape"):
                 skipped.append(path)
                 continue
