@@ -20,7 +20,7 @@ import zarr
 import annbatch._core.zarr_layout as zarr_layout
 from annbatch import DatasetCollection, Loader, load_x_and_obs, verify
 from annbatch._cli import main as cli
-from annbatch._core.direct import direct_array
+from annbatch._core.direct import COMPLETE_ATTR, direct_array
 from annbatch._core.sources import as_row_source
 from annbatch.errors import (
     AnnbatchError,
@@ -215,6 +215,35 @@ def test_damaged_chunk_of_a_collection_is_caught_by_its_checksum(
     with pytest.raises(ChecksumMismatchError, match="CRC32C") as info:
         _epoch(loader)
     assert str(out) in str(info.value)
+
+
+@pytest.mark.parametrize("compression", ["none", "packed-lz4", "lz4"])
+def test_a_chunk_missing_from_a_collection_is_an_error_not_zeros(tmp_path, compression):
+    """zarr reads a chunk that does not exist as the fill value; a collection writes every
+    chunk and says so (COMPLETE_ATTR), so one lost in a copy is damage, in the Loader and in
+    verify; without the attribute (stores written elsewhere) the fill value stays."""
+    out = _collection(tmp_path, compression)
+    arrays = [a for _, a in zarr.open_group(out, mode="r").arrays()] + [
+        zarr.open_array(m.parent, mode="r")
+        for m in out.rglob("X/*/zarr.json")
+        if json.loads(m.read_text())["node_type"] == "array"
+    ]
+    assert arrays
+    assert all(a.attrs[COMPLETE_ATTR] is True for a in arrays)
+    shard = _data_shard(out)
+    shard.unlink()
+    loader = _loader().use_collection(DatasetCollection(out))
+    with pytest.raises(CorruptChunkError, match="is missing.*every chunk was written") as info:
+        _epoch(loader)
+    assert str(out) in str(info.value)
+    problems = verify(out)
+    assert problems
+    assert all("is missing" in p.problem and "X/data" in p.array for p in problems)
+    # The same store without the record reads the missing chunk as zarr does: the fill value.
+    data = zarr.open_array(shard.parent.parent, mode="r+")
+    del data.attrs[COMPLETE_ATTR]
+    batches = list(_loader().use_collection(DatasetCollection(out)))
+    assert any((b["X"].data == 0).any() for b in batches)  # values of the lost chunk: 0
 
 
 def test_partial_reads_of_uncompressed_chunks_are_not_verified_by_default(tmp_path):

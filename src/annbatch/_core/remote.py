@@ -104,7 +104,7 @@ class RemoteArray(DirectArray):
             c = int(chunk[i])
             where = self._locate(c)
             if where is None:  # never written: the fill value
-                self._fill_pieces(out, src_lo[i:j], src_hi[i:j], dst[i:j])
+                self._fill_pieces(out, src_lo[i:j], src_hi[i:j], dst[i:j], c)
                 continue
             path, base, nbytes = where
             wanted = int((src_hi[i:j] - src_lo[i:j]).sum())
@@ -125,7 +125,7 @@ class RemoteArray(DirectArray):
         for (i, j, c), (_, _, nbytes), data in zip(uses, requests, fetched, strict=True):
             if data is None:  # an object deleted since its index was read: the fill value
                 hi = i + 1 if j < 0 else j
-                self._fill_pieces(out, src_lo[i:hi], src_hi[i:hi], dst[i:hi])
+                self._fill_pieces(out, src_lo[i:hi], src_hi[i:hi], dst[i:hi], c)
                 continue
             if j < 0:  # one piece of rows, raw
                 if len(data) != nbytes:

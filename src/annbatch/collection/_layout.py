@@ -23,18 +23,18 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
 from annbatch._anndata_io import DTYPE_ATTR
 from annbatch._args import parse_int
+from annbatch._core.direct import COMPLETE_ATTR
 from annbatch._narrow import VALUES_DTYPE_ATTR, declared_dtype, narrow_values
 from annbatch.collection._obs import prepare_for_write
 from annbatch.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-    import zarr
 
 SPARSE_CHUNK = 32_768
 """Elements per on-disk chunk of a compressed sparse dataset's data and indices."""
@@ -261,9 +261,12 @@ def _write_values(
         values[...] = x.data
     else:
         ad.io.write_elem(group, name, x, dataset_kwargs=array_kwargs(x, compression, layout))
+    element: Any = group[name]
     if narrowed_from is not None:
-        element: Any = group[name]
         element.attrs[VALUES_DTYPE_ATTR] = narrowed_from.name
+    # Every chunk was written (write_empty_chunks): the reader treats a missing one as damage.
+    for array in [element] if isinstance(element, zarr.Array) else element.array_values():
+        array.attrs[COMPLETE_ATTR] = True
 
 
 def describe_x(group: zarr.Group) -> dict[str, Any]:
