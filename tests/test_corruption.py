@@ -357,9 +357,11 @@ def damage_delete(store: Pristine, root: Path, ch: Chooser) -> Damage:
     array = ch.choice(_zarr_arrays(store, root))
     path = ch.choice(array.chunk_files())
     path.unlink()
-    # A chunk never written reads as the fill value, in zarr as in annbatch; the store cannot
-    # tell a deleted chunk from one that was never written, so no checksum is expected to.
-    return Damage("delete", "file", _rel(path, root), "deleted", undetectable=True, content=False)
+    # zarr reads a chunk never written as the fill value, and a store cannot tell a deleted
+    # chunk from one never written; a collection records that every chunk was written, so
+    # there the loss must be caught.
+    lost = store.family != "collection"
+    return Damage("delete", "file", _rel(path, root), "deleted", undetectable=lost, content=False)
 
 
 SHARD_INDEX_MODES = (
@@ -423,7 +425,9 @@ def damage_shard_index(
     path.write_bytes(bytes(raw))
     valid = bool(fix_crc) or not checksum
     detail = f"entry {j}: {before[j].tolist()} -> {entries[j].tolist()}, crc {'fixed' if fix_crc else 'stale'}"
-    undetectable = valid and mode in ("swap", "missing")
+    undetectable = valid and (
+        mode == "swap" or (mode == "missing" and store.family != "collection")
+    )
     # An entry marked "never written" (with a valid index checksum) is a deleted chunk.
     content = not (valid and mode == "missing")
     return Damage("shard_index", mode, _rel(path, root), detail, undetectable, content=content)

@@ -125,7 +125,7 @@ class CSRSource:
             raise CorruptDataError(msg)
         with store_errors(lambda: f"reading indptr of {where}"):
             data, indices = group["data"], group["indices"]
-            indptr = np.asarray(group["indptr"][...])
+            indptr = _read_whole(group["indptr"])
             shape = tuple(int(n) for n in dataset.shape)
             declared = declared_dtype(group.attrs, np.dtype(data.dtype), where)
         return cls(
@@ -334,3 +334,15 @@ class CSRSource:
         self._dtype = state["dtype"]
         self._type = state["type"]
         self._direct = state["direct"]
+
+
+def _read_whole(array: Any) -> np.ndarray:
+    """All of ``array`` (a zarr array), through the chunk reader where it can read it: with
+    its checks (shard indexes, CRC32C of every chunk, no chunk of a collection missing)."""
+    direct = direct_array(array)
+    if direct is None:
+        return np.asarray(array[...])
+    out = np.empty(direct.shape, dtype=direct.dtype)
+    for task in direct.tasks(np.array([0]), np.array([direct.shape[0]]), out, 1):
+        task()
+    return out
