@@ -16,7 +16,7 @@ bounds of what a separate server would give.
 Usage: python benchmarks/remote.py --reference-python /path/to/venv/bin/python [--runs 3]
        [--n-obs 20000] [--settings 256/64,32/512] [--networks local,none,20ms]
        [--stores anndata,collection] [--layouts packed-lz4,none] [--loaders ours,reference]
-       [--in-flight 4,16,64]
+       [--in-flight 4,16,64] [--ours-from LABEL=SRC_DIR]
 """
 
 from __future__ import annotations
@@ -158,6 +158,12 @@ def main() -> None:
         default="",
         help="ours with these ANNBATCH_REMOTE_IN_FLIGHT values, e.g. 4,16,64",
     )
+    p.add_argument(
+        "--ours-from",
+        default="",
+        help="also ours from other source trees, as LABEL=SRC_DIR,... (e.g. a worktree of an "
+        "earlier commit's src/), measured in the same alternation",
+    )
     a = p.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
     stores = {
@@ -170,6 +176,10 @@ def main() -> None:
         for n in a.in_flight.split(",") if a.in_flight else [""]:
             env = {**os.environ, "ANNBATCH_REMOTE_IN_FLIGHT": n} if n else None
             loaders[f"annbatch (ours{f', {n} in flight' if n else ''})"] = (sys.executable, env)
+        for item in filter(None, a.ours_from.split(",")):
+            label, src = item.split("=", 1)
+            env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
+            loaders[f"annbatch ({label})"] = (sys.executable, env)
     if "reference" in a.loaders.split(","):
         loaders["reference 0.3.1 (zarr + obstore)"] = (a.reference_python, None)
     server = start(Path(tempfile.mkdtemp(prefix="weed-", dir=a.dir)))

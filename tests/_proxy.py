@@ -41,6 +41,8 @@ class Proxy:
         self.target = target
         self.network = network or Network()
         self.connections = 0
+        self.open = 0  # connections open now
+        self.peak_open = 0  # the most open at once
         self.bytes_down = 0
         self.requests = 0  # HTTP requests seen (GET and HEAD lines from clients)
         self._loop = asyncio.new_event_loop()
@@ -80,6 +82,8 @@ class Proxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.open += 1
+        self.peak_open = max(self.peak_open, self.open)
         net = self.network
         reset = net.reset_every > 0 and self.connections % net.reset_every == 0
         self._writers.add(writer)
@@ -88,6 +92,7 @@ class Proxy:
         except OSError:
             _abort(writer)
             self._writers.discard(writer)
+            self.open -= 1
             return
         self._writers.add(up_w)
         try:
@@ -97,6 +102,7 @@ class Proxy:
                 return_exceptions=True,
             )
         finally:
+            self.open -= 1
             for w in (writer, up_w):
                 self._writers.discard(w)
                 _abort(w)

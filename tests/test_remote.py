@@ -548,21 +548,66 @@ def test_ddp_ranks_with_workers_read_disjoint_complete_shares(s3, uploaded, tmp_
 
 
 def test_requests_in_flight_are_configurable(s3, uploaded, monkeypatch):
-    """ANNBATCH_REMOTE_IN_FLIGHT bounds the requests per read task (checked when the dataset
-    is added); one request at a time still reads every row."""
+    """ANNBATCH_REMOTE_IN_FLIGHT bounds the requests in flight (checked when the dataset is
+    added; carried to workers): no more connections are ever open at once; one request at a
+    time still reads every row."""
+    from annbatch._core.remote import DEFAULT_IN_FLIGHT
     from annbatch.errors import InvalidArgumentError
 
-    path, values = uploaded["collection dense none"]
-    array = _groups(s3, path)[0]["X"]
-    assert direct_array(array).in_flight == 16  # type: ignore[union-attr]
+    path, values = uploaded["collection sparse none"]
+    array = _groups(s3, path)[0]["X"]["data"]
+    assert direct_array(array).in_flight == DEFAULT_IN_FLIGHT  # type: ignore[union-attr]
     for bad in ("0", "many", "5000"):
         monkeypatch.setenv("ANNBATCH_REMOTE_IN_FLIGHT", bad)
         with pytest.raises(InvalidArgumentError, match="ANNBATCH_REMOTE_IN_FLIGHT must be"):
             Loader(batch_size=10, chunk_size=10, preload_nchunks=1).add_anndatas(
                 [load_x_and_obs(g) for g in _groups(s3, path)]
             )
-    monkeypatch.setenv("ANNBATCH_REMOTE_IN_FLIGHT", "1")
-    assert direct_array(array).in_flight == 1  # type: ignore[union-attr]
-    assert pickle.loads(pickle.dumps(direct_array(array))).in_flight == 1  # to workers
-    loader = Loader(batch_size=64, chunk_size=8, preload_nchunks=8, shuffle=True, to=None)
-    _check_epoch(loader.add_anndatas([load_x_and_obs(g) for g in _groups(s3, path)]), values)
+    for limit in (1, 3):
+        monkeypatch.setenv("ANNBATCH_REMOTE_IN_FLIGHT", str(limit))
+        assert direct_array(array).in_flight == limit  # type: ignore[union-attr]
+        assert pickle.loads(pickle.dumps(direct_array(array))).in_flight == limit  # to workers
+        proxy = Proxy(s3.port, Network(rtt_s=0.01))
+        try:
+            groups = _groups(s3, path, endpoint=proxy.url)
+            adatas = [load_x_and_obs(g) for g in groups]  # metadata and obs: zarr's requests
+            loader = Loader(batch_size=64, chunk_size=8, preload_nchunks=8, shuffle=True, to=None)
+            loader.add_anndatas(adatas)
+            # As in a DataLoader worker: a new client, with no connections yet, for the reads.
+            loader = pickle.loads(pickle.dumps(loader))
+            opened = proxy.connections
+            _check_epoch(loader, values)
+            assert 1 <= proxy.connections - opened <= limit
+        finally:
+            proxy.close()
+
+
+def test_read_tasks_dropped_unrun_cancel_their_requests(s3, uploaded):
+    """Making a window's read tasks starts their requests; a window abandoned before its tasks
+    run (a training loop that stops early) cancels them instead of leaving them on the link."""
+    import gc
+
+    path, _ = uploaded["collection dense none"]
+    proxy = Proxy(s3.port)
+    try:
+        array = direct_array(_groups(s3, path, endpoint=proxy.url)[0]["X"])
+        assert isinstance(array, RemoteArray)
+        n = array.shape[0]
+        out = np.empty(array.shape, dtype=array.dtype)
+        proxy.network.stall = True  # responses held: every request stays in flight
+        tasks = array.tasks(np.array([0]), np.array([n]), out, 4)
+        futures = [task.future for task in tasks]  # type: ignore[attr-defined]
+        assert futures
+        assert not any(f.done() for f in futures)
+        del tasks
+        gc.collect()
+        assert all(f.cancelled() for f in futures)
+        proxy.network.stall = False
+        tasks = array.tasks(np.array([0]), np.array([n]), out, 4)  # undisturbed: read
+        for task in tasks:
+            task()
+        expected = np.asarray(_groups(s3, path)[0]["X"][:])
+        np.testing.assert_array_equal(out, expected)
+    finally:
+        proxy.network.stall = False
+        proxy.close()

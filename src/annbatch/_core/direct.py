@@ -635,6 +635,10 @@ class _Task:
 
     def __call__(self) -> None:
         self.array._run(self.out, self.pieces, self.start, self.stop)
+        self.check_filled()
+
+    def check_filled(self) -> None:
+        """Run ``check`` on what the task filled."""
         if self.check is not None:
             _, lo, hi, dst = (p[self.start : self.stop] for p in self.pieces)
             ends = dst + hi - lo

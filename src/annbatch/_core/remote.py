@@ -3,40 +3,48 @@
 Object stores (S3, GCS, Azure, MinIO, SeaweedFS...) answer each request after tens of
 milliseconds and reward many requests in flight. :class:`RemoteArray` reads the same layouts as
 :class:`~annbatch._core.direct.DirectArray` (zarr's ``ObjectStore`` over an obstore store), but
-each read task first works out every byte range it needs, then fetches them all at once:
+fetching is separated from decoding, so that the link never waits for the decoder:
 
-1. the shard indexes the task needs are fetched (one ranged GET each, concurrently) and cached
-   for the life of the array;
+1. when a window's tasks are made (:meth:`RemoteArray.tasks`), the shard indexes they need are
+   fetched (one ranged GET each, concurrently) and cached for the life of the array;
 2. each wanted chunk becomes a byte range: a compressed chunk (or one whose checksum is to be
-   verified) whole; an uncompressed chunk only the wanted rows' bytes;
-3. ranges of one object closer than :data:`MERGE_GAP` bytes are merged into one request, and
-   the requests run concurrently, at most ``in_flight`` at a time per task
-   (:data:`DEFAULT_IN_FLIGHT`, or the environment variable :data:`IN_FLIGHT_VARIABLE`),
-   with obstore's retries and timeouts;
-4. the fetched bytes are checked (size, CRC32C) and decoded exactly as local ones.
+   verified) whole; an uncompressed chunk only the wanted rows' bytes; ranges of one object
+   closer than :data:`MERGE_GAP` bytes are merged into one request;
+3. every task's requests are then started at once, in task order, on the process's fetch loop
+   (an asyncio event loop in a background thread), at most ``in_flight`` requests at a time
+   (:data:`DEFAULT_IN_FLIGHT`, or the environment variable :data:`IN_FLIGHT_VARIABLE`), with
+   obstore's retries and timeouts;
+4. a task, run on the read threads, waits for its own requests only, then checks the bytes
+   (size, CRC32C) and decodes them exactly as local ones, while later tasks' bytes arrive.
 
-Decoding overlaps fetching across tasks: the read pool runs several tasks at once, and the
-Loader's read-ahead loads the next window while the current one is consumed.
+A window's fetched bytes wait in memory until their task decodes them: at most the window's
+encoded size, and little when decoding keeps up with the link. A task dropped unrun (an
+abandoned window) cancels its requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from typing import TYPE_CHECKING, Any
+import threading
+import weakref
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import obstore
 from obstore.exceptions import NotFoundError
 
-from annbatch._core.direct import DirectArray, _copy_pieces
+from annbatch._core.direct import DirectArray, _copy_pieces, _Task
+from annbatch._core.failures import store_errors
 from annbatch.errors import CorruptChunkError, InvalidArgumentError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Coroutine, Sequence
+    from concurrent.futures import Future
 
-DEFAULT_IN_FLIGHT = 16
-"""Requests in flight per read task (a Loader runs about twice as many tasks as cores at once)."""
+DEFAULT_IN_FLIGHT = 32
+"""Requests in flight per array and process (a CSR window reads two arrays: data and indices)."""
 _MISSING = (NotFoundError, FileNotFoundError)
 """What obstore raises for an object that does not exist (a chunk never written)."""
 MERGE_GAP = 256 * 1024
@@ -45,12 +53,12 @@ and 20 ms per request, 256 KB costs less time than a request of its own."""
 
 
 IN_FLIGHT_VARIABLE = "ANNBATCH_REMOTE_IN_FLIGHT"
-"""The environment variable that sets the requests in flight per read task (it reaches
-DataLoader workers and DDP ranks with the environment)."""
+"""The environment variable that sets the requests in flight per array (it reaches DataLoader
+workers and DDP ranks with the environment)."""
 
 
 def in_flight_setting() -> int:
-    """Requests in flight per read task: :data:`IN_FLIGHT_VARIABLE` if set, else the default."""
+    """Requests in flight per array: :data:`IN_FLIGHT_VARIABLE` if set, else the default."""
     raw = os.environ.get(IN_FLIGHT_VARIABLE)
     if raw is None or not raw.strip():
         return DEFAULT_IN_FLIGHT
@@ -59,7 +67,7 @@ def in_flight_setting() -> int:
     except ValueError:
         value = 0
     if not 1 <= value <= 1024:
-        msg = f"{IN_FLIGHT_VARIABLE} must be an integer from 1 to 1024 (requests in flight per read task), got {raw!r}"
+        msg = f"{IN_FLIGHT_VARIABLE} must be an integer from 1 to 1024 (requests in flight per array), got {raw!r}"
         raise InvalidArgumentError(msg)
     return value
 
@@ -74,37 +82,100 @@ class RemoteArray(DirectArray):
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers, DDP ranks
         return super().__getstate__() | {"in_flight": self.in_flight}
 
+    def tasks(
+        self,
+        starts: np.ndarray,
+        stops: np.ndarray,
+        out: np.ndarray,
+        n_tasks: int,
+        dst: np.ndarray | None = None,
+        check: Callable[[np.ndarray], None] | None = None,
+    ) -> list[Callable[[], None]]:
+        """As :meth:`DirectArray.tasks`, and every task's requests are started now, in task
+        order (the tasks then wait for their own bytes only)."""
+        planned = cast("list[_Task]", super().tasks(starts, stops, out, n_tasks, dst, check))
+        if not planned:
+            return []
+        return [
+            _Prefetched(task, _submit(self._fetch(task.out, task.pieces, task.start, task.stop)))
+            for task in planned
+        ]
+
+    async def _fetch(
+        self, out: np.ndarray, pieces: tuple[np.ndarray, ...], start: int, stop: int
+    ) -> tuple[list[tuple[str, int, int]], list[tuple[int, int, int]], list[memoryview | None]]:
+        """On the fetch loop: the shard indexes that pieces ``start:stop`` need (each fetched
+        once for all tasks), then their bytes; (requests, their uses, their bytes) for
+        :meth:`_consume`."""
+        await self._indexes_for(pieces[0][start:stop])
+        requests, uses = self._plan(out, pieces, start, stop)
+        merged = _merge(requests)
+        bodies = await _get_merged(self._layout.store, merged, self.in_flight)
+        return requests, uses, _split(requests, merged, bodies)
+
+    async def _indexes_for(self, chunks: np.ndarray) -> None:
+        """Fetch the shard indexes of ``chunks`` not cached yet, each once however many tasks
+        ask for it at the same time (on the fetch loop)."""
+        layout = self._layout
+        if not layout.index_entries:
+            return
+        loop = asyncio.get_running_loop()
+        if getattr(self, "_pending_loop", None) is not loop:  # a new process's loop
+            self._pending_loop = loop
+            self._pending: dict[int, asyncio.Future[None]] = {}
+        shards = sorted({int(c) // layout.chunks_per_shard for c in np.unique(chunks)})
+        wanted = [shard for shard in shards if shard not in self._indexes]
+        pending = self._pending
+        for shard in wanted:
+            if shard not in pending:
+                future = pending[shard] = asyncio.ensure_future(self._index_of(shard))
+                # Done, it is cached (or failed: the next window asks again).
+                future.add_done_callback(partial(_forget, pending, shard))
+        # Shielded: a task cancelled while waiting does not cancel the others' index.
+        await asyncio.gather(*(asyncio.shield(pending[shard]) for shard in wanted))
+
+    async def _index_of(self, shard: int) -> None:
+        layout = self._layout
+        path = self._shard_path(shard)
+        get = _get_index(layout.store, path, layout.index_nbytes, at_end=layout.index_at_end)
+        (found,) = await _gather([get], self.in_flight)
+        self._keep_index(shard, path, found)
+
     def _read_index(self, path: str, nbytes: int) -> tuple[bytes, int] | None:
-        return _run(_get_index(self._layout.store, path, nbytes, at_end=self._layout.index_at_end))
+        return _call(_get_index(self._layout.store, path, nbytes, at_end=self._layout.index_at_end))
 
     def _run_unchecked(
         self, out: np.ndarray, pieces: tuple[np.ndarray, ...], start: int, stop: int
     ) -> None:
-        chunk, src_lo, src_hi, dst = (p[start:stop] for p in pieces)
+        requests, uses, fetched = _call(self._fetch(out, pieces, start, stop))
+        self._consume(out, pieces, start, stop, requests, uses, fetched)
+
+    def _plan(
+        self, out: np.ndarray, pieces: tuple[np.ndarray, ...], start: int, stop: int
+    ) -> tuple[list[tuple[str, int, int]], list[tuple[int, int, int]]]:
+        """The requests that pieces ``start:stop`` need: (object, offset, nbytes; -1: whole
+        object), and what each serves: (first piece, last piece or -1: that one piece's rows
+        only, chunk). Chunks never written get no request: (first, last, chunk) with -2."""
+        chunk, src_lo, src_hi = (p[start:stop] for p in pieces[:3])
         layout = self._layout
         rows = layout.rows_per_chunk
-        tail = self.shape[1:]
-        row_bytes = self.dtype.itemsize * int(np.prod(tail, dtype=np.int64))
-        row_chunks = layout.chunk_shape[1:] == tail  # chunks hold whole rows
-        whole_rows = row_chunks and out.dtype == self.dtype
+        row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
         partial = (
-            row_chunks
+            layout.chunk_shape[1:] == self.shape[1:]  # chunks hold whole rows
             and layout.compressor is None
             and out.flags.c_contiguous
             and not self._verify_all
         )
         stored_raw = rows * row_bytes + (4 if layout.checksum else 0)
         bounds = np.flatnonzero(np.diff(chunk)) + 1
-        firsts = [0, *bounds.tolist()]
-        lasts = [*bounds.tolist(), chunk.size]
-        self._fetch_indexes({int(chunk[i]) for i in firsts})
-        requests: list[tuple[str, int, int]] = []  # (object, offset, nbytes); nbytes -1: whole
-        uses: list[tuple[int, int, int]] = []  # (first piece, last piece, chunk); -1: one piece
-        for i, j in zip(firsts, lasts, strict=True):
+        requests: list[tuple[str, int, int]] = []
+        uses: list[tuple[int, int, int]] = []
+        for i, j in zip([0, *bounds.tolist()], [*bounds.tolist(), chunk.size], strict=True):
             c = int(chunk[i])
             where = self._locate(c)
-            if where is None:  # never written: the fill value
-                self._fill_pieces(out, src_lo[i:j], src_hi[i:j], dst[i:j], c)
+            if where is None:  # never written
+                requests.append(("", 0, 0))
+                uses.append((i, -2 - j, c))
                 continue
             path, base, nbytes = where
             wanted = int((src_hi[i:j] - src_lo[i:j]).sum())
@@ -120,11 +191,28 @@ class RemoteArray(DirectArray):
             else:
                 requests.append((path, base, nbytes))
                 uses.append((i, j, c))
-        fetched = _fetch(layout.store, requests, self.in_flight)
+        return requests, uses
+
+    def _consume(
+        self,
+        out: np.ndarray,
+        pieces: tuple[np.ndarray, ...],
+        start: int,
+        stop: int,
+        requests: Sequence[tuple[str, int, int]],
+        uses: Sequence[tuple[int, int, int]],
+        fetched: Sequence[memoryview | None],
+    ) -> None:
+        """Check and decode the bytes ``fetched`` for :meth:`_plan`'s requests into ``out``."""
+        src_lo, src_hi, dst = (p[start:stop] for p in pieces[1:])
+        layout = self._layout
+        rows = layout.rows_per_chunk
+        tail = self.shape[1:]
+        whole_rows = layout.chunk_shape[1:] == tail and out.dtype == self.dtype
         scratch: np.ndarray | None = None
         for (i, j, c), (_, _, nbytes), data in zip(uses, requests, fetched, strict=True):
-            if data is None:  # an object deleted since its index was read: the fill value
-                hi = i + 1 if j < 0 else j
+            if j <= -2 or data is None:  # never written, or deleted since its index was read
+                hi = -2 - j if j <= -2 else i + 1 if j < 0 else j
                 self._fill_pieces(out, src_lo[i:hi], src_hi[i:hi], dst[i:hi], c)
                 continue
             if j < 0:  # one piece of rows, raw
@@ -152,23 +240,87 @@ class RemoteArray(DirectArray):
             self._decode(encoded, scratch, c)
             _copy_pieces(scratch, out, src_lo[i:j], src_hi[i:j], dst[i:j], tail)
 
-    def _fetch_indexes(self, chunks: set[int]) -> None:
-        """Fetch, concurrently, the shard indexes of ``chunks`` not cached yet."""
-        layout = self._layout
-        if not layout.index_entries:
-            return
-        shards = sorted({c // layout.chunks_per_shard for c in chunks} - set(self._indexes))
-        if not shards:
-            return
-        paths = [self._shard_path(shard) for shard in shards]
-        jobs = [
-            _get_index(layout.store, p, layout.index_nbytes, at_end=layout.index_at_end)
-            for p in paths
-        ]
-        for shard, path, found in zip(
-            shards, paths, _run(_gather(jobs, self.in_flight)), strict=True
-        ):
-            self._keep_index(shard, path, found)
+
+def _forget(pending: dict[int, Any], shard: int, _: object) -> None:
+    pending.pop(shard, None)
+
+
+class _Prefetched:
+    """A read task whose requests were started when it was made: run, it waits for them,
+    then decodes (on a read thread). Dropped unrun, it cancels them."""
+
+    __slots__ = ("__weakref__", "future", "task")
+
+    def __init__(self, task: _Task, future: Future[Any]) -> None:
+        self.task, self.future = task, future
+        weakref.finalize(self, future.cancel)
+
+    def __call__(self) -> None:
+        task = self.task
+        array: RemoteArray = task.array  # type: ignore[assignment]
+        first = int(task.pieces[0][task.start])
+        with store_errors(lambda: f"reading {array._where(first)} and the chunks after it"):
+            requests, uses, fetched = self.future.result()
+            array._consume(task.out, task.pieces, task.start, task.stop, requests, uses, fetched)
+        task.check_filled()
+
+
+# ---------------------------------------------------------------------------- the fetch loop
+class _FetchLoop:
+    """An asyncio event loop in a daemon thread, one per process, that every remote read of
+    the process awaits its requests on; and the gates that bound the requests in flight."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.gates: dict[int, asyncio.Semaphore] = {}  # by limit; touched on the loop only
+        threading.Thread(target=self.loop.run_forever, name="annbatch-fetch", daemon=True).start()
+
+
+_LOCK = threading.Lock()
+_CURRENT: list[_FetchLoop] = []
+
+
+def _after_fork() -> None:  # the child has no fetch thread, and the lock may have been held
+    global _LOCK
+    _LOCK = threading.Lock()
+    _CURRENT.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _submit(coroutine: Coroutine[Any, Any, Any]) -> Future[Any]:
+    """Start ``coroutine`` on this process's fetch loop."""
+    with _LOCK:
+        if not _CURRENT or _CURRENT[0].pid != os.getpid():
+            _CURRENT[:] = [_FetchLoop()]
+        loop = _CURRENT[0].loop
+    return asyncio.run_coroutine_threadsafe(coroutine, loop)
+
+
+def _call(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coroutine`` on the fetch loop and wait for its result (from any other thread)."""
+    return _submit(coroutine).result()
+
+
+def _gate(limit: int) -> asyncio.Semaphore:
+    """The process's gate for ``limit`` requests in flight (called on the fetch loop)."""
+    gates = _CURRENT[0].gates
+    if limit not in gates:
+        gates[limit] = asyncio.Semaphore(limit)
+    return gates[limit]
+
+
+async def _gather(jobs: Sequence[Coroutine[Any, Any, Any]], limit: int) -> list[Any]:
+    """Await ``jobs``, at most ``limit`` at a time in the process, results in order."""
+    gate = _gate(limit)
+
+    async def one(job: Coroutine[Any, Any, Any]) -> Any:
+        async with gate:
+            return await job
+
+    return await asyncio.gather(*(one(job) for job in jobs))
 
 
 async def _get_index(
@@ -184,20 +336,24 @@ async def _get_index(
     return raw, int(result.meta["size"])
 
 
-async def _gather(jobs: Sequence[Any], limit: int) -> list[Any]:
-    """Await ``jobs`` (coroutines), at most ``limit`` at a time, results in order."""
-    gate = asyncio.Semaphore(limit)
+async def _get_merged(
+    store: Any, merged: Sequence[tuple[str, int, int, list[int]]], limit: int
+) -> list[Any]:
+    """The bodies of :func:`_merge`'s requests (None: no such object; an empty path: a chunk
+    never written, not fetched)."""
 
-    async def one(job: Any) -> Any:
-        async with gate:
-            return await job
+    async def get(path: str, begin: int, end: int) -> Any:
+        if not path:
+            return None
+        try:
+            if end < 0:
+                result = await obstore.get_async(store, path)
+                return await result.bytes_async()
+            return await obstore.get_range_async(store, path, start=begin, end=end)
+        except _MISSING:
+            return None
 
-    return await asyncio.gather(*(one(job) for job in jobs))
-
-
-def _run(coroutine: Any) -> Any:
-    """Run ``coroutine`` to completion on this (read) thread."""
-    return asyncio.run(coroutine)
+    return await _gather([get(path, begin, end) for path, begin, end, _ in merged], limit)
 
 
 def _merge(requests: Sequence[tuple[str, int, int]]) -> list[tuple[str, int, int, list[int]]]:
@@ -207,7 +363,7 @@ def _merge(requests: Sequence[tuple[str, int, int]]) -> list[tuple[str, int, int
     order = sorted(range(len(requests)), key=lambda k: (requests[k][0], requests[k][1]))
     for k in order:
         path, offset, nbytes = requests[k]
-        if nbytes < 0:
+        if nbytes < 0 or not path:
             merged.append((path, 0, -1, [k]))
             continue
         last = merged[-1] if merged else None
@@ -218,24 +374,12 @@ def _merge(requests: Sequence[tuple[str, int, int]]) -> list[tuple[str, int, int
     return merged
 
 
-def _fetch(
-    store: Any, requests: Sequence[tuple[str, int, int]], limit: int
+def _split(
+    requests: Sequence[tuple[str, int, int]],
+    merged: Sequence[tuple[str, int, int, list[int]]],
+    bodies: Sequence[Any],
 ) -> list[memoryview | None]:
-    """The bytes of each request (None: the object does not exist), fetched concurrently."""
-    if not requests:
-        return []
-    merged = _merge(requests)
-
-    async def get(path: str, begin: int, end: int) -> Any:
-        try:
-            if end < 0:
-                result = await obstore.get_async(store, path)
-                return await result.bytes_async()
-            return await obstore.get_range_async(store, path, start=begin, end=end)
-        except _MISSING:
-            return None
-
-    bodies = _run(_gather([get(path, begin, end) for path, begin, end, _ in merged], limit))
+    """The bytes of each request, cut from the merged requests' bodies."""
     out: list[memoryview | None] = [None] * len(requests)
     for (_, begin, end, served), body in zip(merged, bodies, strict=True):
         if body is None:
