@@ -16,7 +16,7 @@ bounds of what a separate server would give.
 Usage: python benchmarks/remote.py --reference-python /path/to/venv/bin/python [--runs 3]
        [--n-obs 20000] [--settings 256/64,32/512] [--networks local,none,20ms]
        [--stores anndata,collection] [--layouts packed-lz4,none] [--loaders ours,reference]
-       [--in-flight 4,16,64] [--ours-from LABEL=SRC_DIR]
+       [--in-flight 4,16,64] [--ours-from LABEL=SRC_DIR] [--epochs 1]
 """
 
 from __future__ import annotations
@@ -69,14 +69,17 @@ loader = annbatch.Loader(batch_size=args["batch"], chunk_size=args["chunk"], pre
                          shuffle=True, rng=np.random.default_rng(0), **out)
 loader.add_datasets([ad.io.sparse_dataset(g["X"]) for g in groups])
 base = [l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]
-t0 = time.perf_counter(); c0 = time.process_time(); first = None; rows = 0
-for batch in loader:
-    if first is None:
-        first = time.perf_counter() - t0
-    rows += batch["X"].shape[0]
-dt = time.perf_counter() - t0
+c0 = time.process_time(); first = None; rows = 0; seconds = []
+for epoch in range(args["epochs"]):
+    t0 = time.perf_counter()
+    for batch in loader:
+        if first is None:
+            first = time.perf_counter() - t0
+        rows += batch["X"].shape[0]
+    seconds.append(time.perf_counter() - t0)
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-print(json.dumps({"rows": rows, "seconds": dt, "first_s": first, "rss_mb": int(hwm) / 1024,
+print(json.dumps({"rows": rows // len(seconds), "seconds": seconds[0], "later_s": seconds[1:],
+                  "all_s": sum(seconds), "first_s": first, "rss_mb": int(hwm) / 1024,
                   "base_mb": int(base) / 1024, "cpu_s": time.process_time() - c0}))
 """
 
@@ -134,8 +137,8 @@ def _own_cpu() -> float:
 
 
 def _cores(runs: list[dict], key: str) -> str:
-    """Median CPU seconds of ``key`` per second of the loader's epoch: cores kept busy."""
-    return f"{statistics.median(r[key] / r['seconds'] for r in runs):.2f}"
+    """Median CPU seconds of ``key`` per second of the loader's epochs: cores kept busy."""
+    return f"{statistics.median(r[key] / r['all_s'] for r in runs):.2f}"
 
 
 def main() -> None:
@@ -143,6 +146,13 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=Path("data/remote"))
     p.add_argument("--n-obs", type=int, default=20_000)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=1,
+        help="epochs per process: the first is reported apart from the later ones (the first "
+        "epoch of a process pays for fresh memory pages; the data is warm in the server)",
+    )
     p.add_argument("--reference-python", required=True)
     p.add_argument("--settings", default="256/64,32/512")
     p.add_argument("--networks", default="local,none,20ms")
@@ -190,12 +200,14 @@ def main() -> None:
         print(
             f"\n{a.n_obs:,} UMI-like cells x 20,000 genes; batch {BATCH}, shuffled; median of {a.runs} runs\n"
         )
+        later = " | rows/s, later epochs" if a.epochs > 1 else ""
         print(
-            "| network | chunk / preload | store | loader | rows/s median (min-max) | bytes fetched per row "
+            "| network | chunk / preload | store | loader | rows/s median (min-max)"
+            f"{', first epoch' if later else ''}{later} | bytes fetched per row "
             "| requests per window | first batch s | peak RSS MB (above start) "
             "| cores busy: loader / server / proxy |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---" * (11 if later else 10) + "|")
         for network in a.networks.split(","):
             if NETWORKS[network] is not None:
                 proxy.network = NETWORKS[network]
@@ -207,6 +219,7 @@ def main() -> None:
                         for loader, (python, env) in loaders.items():
                             args = {
                                 "batch": BATCH,
+                                "epochs": a.epochs,
                                 "chunk": chunk,
                                 "preload": preload,
                                 "local": str(path),
@@ -230,17 +243,26 @@ def main() -> None:
                             results.setdefault((store_name, loader), []).append(r)
                 for (store_name, loader), runs in results.items():
                     speeds = sorted(r["rows"] / r["seconds"] for r in runs)
-                    windows = math.ceil(runs[0]["rows"] / (chunk * preload))
+                    windows = math.ceil(runs[0]["rows"] / (chunk * preload)) * a.epochs
                     remote = network != "local"
                     per_row = (
-                        statistics.median(r["bytes"] / r["rows"] for r in runs) if remote else None
+                        statistics.median(r["bytes"] / (r["rows"] * a.epochs) for r in runs)
+                        if remote
+                        else None
                     )
                     per_window = (
                         statistics.median(r["requests"] / windows for r in runs) if remote else None
                     )
+                    if later:
+                        warm = sorted(r["rows"] / t for r in runs for t in r["later_s"])
+                        steady = (
+                            f" | {statistics.median(warm):,.0f} ({warm[0]:,.0f}-{warm[-1]:,.0f})"
+                        )
+                    else:
+                        steady = ""
                     print(
                         f"| {network} | {chunk} / {preload} | {store_name} | {loader} "
-                        f"| {statistics.median(speeds):,.0f} ({speeds[0]:,.0f}-{speeds[-1]:,.0f}) "
+                        f"| {statistics.median(speeds):,.0f} ({speeds[0]:,.0f}-{speeds[-1]:,.0f}){steady} "
                         f"| {'-' if per_row is None else f'{per_row:,.0f}'} "
                         f"| {'-' if per_window is None else f'{per_window:,.0f}'} "
                         f"| {statistics.median(r['first_s'] for r in runs):.2f} "
