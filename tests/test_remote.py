@@ -549,8 +549,8 @@ def test_ddp_ranks_with_workers_read_disjoint_complete_shares(s3, uploaded, tmp_
 
 def test_requests_in_flight_are_configurable(s3, uploaded, monkeypatch):
     """ANNBATCH_REMOTE_IN_FLIGHT bounds the requests in flight (checked when the dataset is
-    added; carried to workers): no more connections are ever open at once; one request at a
-    time still reads every row."""
+    added; carried to workers): at most that many for data and as many for shard indexes, so
+    no more connections are ever open at once; one request at a time still reads every row."""
     from annbatch._core.remote import DEFAULT_IN_FLIGHT
     from annbatch.errors import InvalidArgumentError
 
@@ -577,37 +577,76 @@ def test_requests_in_flight_are_configurable(s3, uploaded, monkeypatch):
             loader = pickle.loads(pickle.dumps(loader))
             opened = proxy.connections
             _check_epoch(loader, values)
-            assert 1 <= proxy.connections - opened <= limit
+            assert 1 <= proxy.connections - opened <= 2 * limit  # data + shard indexes
         finally:
             proxy.close()
 
 
-def test_read_tasks_dropped_unrun_cancel_their_requests(s3, uploaded):
+def test_read_tasks_dropped_unrun_cancel_their_requests(s3, uploaded, monkeypatch):
     """Making a window's read tasks starts their requests; a window abandoned before its tasks
-    run (a training loop that stops early) cancels them instead of leaving them on the link."""
+    run (a training loop that stops early) cancels them instead of leaving them on the link,
+    the requests still waiting for a slot included (without "never awaited" warnings, which
+    this suite turns into errors), and the next window reads exactly."""
     import gc
+
+    expected = np.arange(64 * 100, dtype=np.float32).reshape(64, 100)
+    writable = zarr.storage.ObjectStore(s3.store())
+    zarr.create_array(
+        zarr.storage.StorePath(writable, "one_object_per_row"),
+        data=expected,
+        chunks=(1, 100),  # 64 objects, a request each
+        compressors=None,
+        zarr_format=3,
+    )
+    monkeypatch.setenv("ANNBATCH_REMOTE_IN_FLIGHT", "1")  # the other requests wait for a slot
+    proxy = Proxy(s3.port)
+    try:
+        store = zarr.storage.ObjectStore(s3.store(endpoint=proxy.url), read_only=True)
+        array = direct_array(zarr.open_array(zarr.storage.StorePath(store, "one_object_per_row")))
+        assert isinstance(array, RemoteArray)
+        n = array.shape[0]
+        for _ in range(2):
+            out = np.empty(array.shape, dtype=array.dtype)
+            proxy.network.stall = True  # responses held: every request stays in flight
+            tasks = array.tasks(np.array([0]), np.array([n]), out, 4)
+            futures = [task.future for task in tasks]  # type: ignore[attr-defined]
+            assert len(futures) > 1
+            time.sleep(0.2)
+            assert not any(f.done() for f in futures)
+            del tasks
+            gc.collect()
+            assert all(f.cancelled() for f in futures)
+            time.sleep(0.2)  # the loop runs the cancellations
+            gc.collect()
+            proxy.network.stall = False
+            for task in array.tasks(np.array([0]), np.array([n]), out, 4):  # undisturbed
+                task()
+            np.testing.assert_array_equal(out, expected)
+    finally:
+        proxy.network.stall = False
+        proxy.close()
+
+
+def test_an_abandoned_read_cancels_its_requests_at_once(s3, uploaded):
+    """The reader cancels the requests of a window it abandons (or that failed) itself, while
+    the tasks are still referenced (a traceback can keep them alive)."""
+    import threading
+
+    from annbatch._core.reader import ReadCancelled, _run
 
     path, _ = uploaded["collection dense none"]
     proxy = Proxy(s3.port)
     try:
         array = direct_array(_groups(s3, path, endpoint=proxy.url)[0]["X"])
         assert isinstance(array, RemoteArray)
-        n = array.shape[0]
         out = np.empty(array.shape, dtype=array.dtype)
-        proxy.network.stall = True  # responses held: every request stays in flight
-        tasks = array.tasks(np.array([0]), np.array([n]), out, 4)
-        futures = [task.future for task in tasks]  # type: ignore[attr-defined]
-        assert futures
-        assert not any(f.done() for f in futures)
-        del tasks
-        gc.collect()
-        assert all(f.cancelled() for f in futures)
-        proxy.network.stall = False
-        tasks = array.tasks(np.array([0]), np.array([n]), out, 4)  # undisturbed: read
-        for task in tasks:
-            task()
-        expected = np.asarray(_groups(s3, path)[0]["X"][:])
-        np.testing.assert_array_equal(out, expected)
+        proxy.network.stall = True
+        tasks = array.tasks(np.array([0]), np.array([array.shape[0]]), out, 4)
+        stop = threading.Event()
+        stop.set()
+        with pytest.raises(ReadCancelled):
+            _run(tasks, None, stop)
+        assert all(t.future.cancelled() for t in tasks)  # type: ignore[attr-defined]
     finally:
         proxy.network.stall = False
         proxy.close()

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import zarr
 
-from annbatch._core.direct import direct_array
+from annbatch._core.direct import direct_array, read_whole
 from annbatch._core.validate import check_indices, check_indptr
 from annbatch._stores import is_url, open_zarr
 from annbatch.errors import AnnbatchError, InvalidArgumentError, StoreReadError
@@ -190,7 +190,7 @@ def _check_csr(group: Any, where: str) -> Iterator[Problem]:
         shape = tuple(int(n) for n in group.attrs["shape"])
         data, indices = group["data"], group["indices"]
         indptr = check_indptr(
-            group["indptr"][...],
+            read_whole(group["indptr"]),
             n_obs=shape[0],
             nnz=min(int(data.shape[0]), int(indices.shape[0])),
             exact=True,

@@ -78,6 +78,19 @@ def direct_array(array: object, *, verify_checksums: bool = False) -> DirectArra
     return kind(layout, shape, dtype, fill, verify_checksums=verify_checksums, complete=complete)
 
 
+def read_whole(array: Any) -> np.ndarray:
+    """All of ``array``: through the chunk reader where it can read it (with its checks:
+    shard indexes, CRC32C of every chunk, no chunk missing from a collection), else by
+    indexing it."""
+    direct = direct_array(array)
+    if direct is None:
+        return np.asarray(array[...])
+    out = np.empty(direct.shape, dtype=direct.dtype)
+    for task in direct.tasks(np.array([0]), np.array([direct.shape[0]]), out, 1):
+        task()
+    return out
+
+
 _SIZE_MODULUS: dict[type, int] = defaultdict(lambda: 2**64, {numcodecs.GZip: 2**32})
 """What :func:`_decoded_nbytes` states the size modulo."""
 

@@ -112,20 +112,29 @@ def _run(
     cancel: threading.Event | None = None,
 ) -> None:
     """Run ``tasks`` (on ``executor`` if given) and re-raise the first error. When ``cancel``
-    is set, tasks not started yet are dropped and :class:`ReadCancelled` is raised."""
-    if executor is None or len(tasks) < 2:
-        for task in tasks:
-            if cancel is not None and cancel.is_set():
+    is set, tasks not started yet are dropped and :class:`ReadCancelled` is raised. Either
+    way, tasks that can be cancelled (remote reads, whose requests started when they were
+    made) are told to, so that no request of the window outlives it."""
+    try:
+        if executor is None or len(tasks) < 2:
+            for task in tasks:
+                if cancel is not None and cancel.is_set():
+                    raise ReadCancelled
+                task()
+            return
+        pending = {executor.submit(task) for task in tasks}
+        while pending:
+            done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_EXCEPTION)
+            failed = [f for f in done if f.exception() is not None]
+            if failed or (cancel is not None and cancel.is_set()):
+                for future in pending:
+                    future.cancel()
+                if failed:
+                    raise failed[0].exception()  # type: ignore[misc]
                 raise ReadCancelled
-            task()
-        return
-    pending = {executor.submit(task) for task in tasks}
-    while pending:
-        done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_EXCEPTION)
-        failed = [f for f in done if f.exception() is not None]
-        if failed or (cancel is not None and cancel.is_set()):
-            for future in pending:
-                future.cancel()
-            if failed:
-                raise failed[0].exception()  # type: ignore[misc]
-            raise ReadCancelled
+    except BaseException:
+        for task in tasks:
+            stop = getattr(task, "cancel", None)
+            if stop is not None:
+                stop()
+        raise

@@ -3,23 +3,26 @@
 Object stores (S3, GCS, Azure, MinIO, SeaweedFS...) answer each request after tens of
 milliseconds and reward many requests in flight. :class:`RemoteArray` reads the same layouts as
 :class:`~annbatch._core.direct.DirectArray` (zarr's ``ObjectStore`` over an obstore store), but
-fetching is separated from decoding, so that the link never waits for the decoder:
+fetching is separated from decoding, so that the link never waits for the decoder. When a
+window's tasks are made (:meth:`RemoteArray.tasks`), each task's fetch starts on the process's
+fetch loop (an asyncio event loop in a background thread), in task order:
 
-1. when a window's tasks are made (:meth:`RemoteArray.tasks`), the shard indexes they need are
-   fetched (one ranged GET each, concurrently) and cached for the life of the array;
+1. the shard indexes the task needs are fetched (one ranged GET each; each index once for all
+   tasks, on a gate of its own so that it never waits behind data requests) and cached for the
+   life of the array;
 2. each wanted chunk becomes a byte range: a compressed chunk (or one whose checksum is to be
    verified) whole; an uncompressed chunk only the wanted rows' bytes; ranges of one object
    closer than :data:`MERGE_GAP` bytes are merged into one request;
-3. every task's requests are then started at once, in task order, on the process's fetch loop
-   (an asyncio event loop in a background thread), at most ``in_flight`` requests at a time
-   (:data:`DEFAULT_IN_FLIGHT`, or the environment variable :data:`IN_FLIGHT_VARIABLE`), with
-   obstore's retries and timeouts;
-4. a task, run on the read threads, waits for its own requests only, then checks the bytes
-   (size, CRC32C) and decodes them exactly as local ones, while later tasks' bytes arrive.
+3. the requests run at most ``in_flight`` at a time in the process (:data:`DEFAULT_IN_FLIGHT`,
+   or the environment variable :data:`IN_FLIGHT_VARIABLE`), with obstore's retries and
+   timeouts; the first that fails cancels the task's others;
+4. the task, run on a read thread, waits for its own bytes only, then checks them (size,
+   CRC32C) and decodes them exactly as local ones, while later tasks' bytes arrive.
 
-A window's fetched bytes wait in memory until their task decodes them: at most the window's
-encoded size, and little when decoding keeps up with the link. A task dropped unrun (an
-abandoned window) cancels its requests.
+A window's fetched bytes wait in memory until their task decodes them (then they are freed):
+at most the window's encoded size, and little when decoding keeps up with the link. A window
+abandoned or failed cancels the requests of its tasks (the reader tells them; a task dropped
+unrun does too).
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
 
 DEFAULT_IN_FLIGHT = 32
-"""Requests in flight at once in each process, every array together (measured: 16, 32, 64)."""
+"""Data requests in flight at once in each process, every array together (shard indexes have
+a gate of their own); measured against 8 and 128 in ``benchmarks/RESULTS.md``."""
 _MISSING = (NotFoundError, FileNotFoundError)
 """What obstore raises for an object that does not exist (a chunk never written)."""
 MERGE_GAP = 256 * 1024
@@ -147,7 +151,7 @@ class RemoteArray(DirectArray):
         layout = self._layout
         path = self._shard_path(shard)
         get = _get_index(layout.store, path, layout.index_nbytes, at_end=layout.index_at_end)
-        (found,) = await _gather([get], self.in_flight)
+        (found,) = await _gather([get], self.in_flight, kind="index")
         self._keep_index(shard, path, found)
 
     def _read_index(self, path: str, nbytes: int) -> tuple[bytes, int] | None:
@@ -164,7 +168,8 @@ class RemoteArray(DirectArray):
     ) -> tuple[list[tuple[str, int, int]], list[tuple[int, int, int]]]:
         """The requests that pieces ``start:stop`` need: (object, offset, nbytes; -1: whole
         object), and what each serves: (first piece, last piece or -1: that one piece's rows
-        only, chunk). Chunks never written get no request: (first, last, chunk) with -2."""
+        only, chunk). A chunk never written gets an empty request, used as (first, -2 - last,
+        chunk)."""
         chunk, src_lo, src_hi = (p[start:stop] for p in pieces[:3])
         layout = self._layout
         rows = layout.rows_per_chunk
@@ -264,6 +269,10 @@ class _Prefetched:
         self.task, self.future = task, future
         weakref.finalize(self, future.cancel)
 
+    def cancel(self) -> None:
+        """Cancel the requests (a window abandoned, or failed, before this task ran)."""
+        self.future.cancel()
+
     def __call__(self) -> None:
         task = self.task
         array: RemoteArray = task.array  # type: ignore[assignment]
@@ -283,7 +292,7 @@ class _FetchLoop:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
-        self.gates: dict[int, asyncio.Semaphore] = {}  # by limit; touched on the loop only
+        self.gates: dict[tuple[str, int], asyncio.Semaphore] = {}  # touched on the loop only
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="annbatch-fetch", daemon=True
         )
@@ -300,7 +309,8 @@ def _after_fork() -> None:  # the child has no fetch thread, and the lock may ha
     _CURRENT.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork)
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _submit(coroutine: Coroutine[Any, Any, Any]) -> Future[Any]:
@@ -321,23 +331,39 @@ def _call(coroutine: Coroutine[Any, Any, Any]) -> Any:
     return _submit(coroutine).result()
 
 
-def _gate(limit: int) -> asyncio.Semaphore:
-    """The process's gate for ``limit`` requests in flight (called on the fetch loop)."""
+def _gate(limit: int, kind: str = "data") -> asyncio.Semaphore:
+    """The process's gate for ``limit`` requests of ``kind`` in flight (on the fetch loop).
+    Shard indexes have a gate of their own, so that a task's index never waits behind the
+    data requests of tasks planned after it."""
     gates = _CURRENT[0].gates
-    if limit not in gates:
-        gates[limit] = asyncio.Semaphore(limit)
-    return gates[limit]
+    if (kind, limit) not in gates:
+        gates[kind, limit] = asyncio.Semaphore(limit)
+    return gates[kind, limit]
 
 
-async def _gather(jobs: Sequence[Coroutine[Any, Any, Any]], limit: int) -> list[Any]:
-    """Await ``jobs``, at most ``limit`` at a time in the process, results in order."""
-    gate = _gate(limit)
+async def _gather(
+    jobs: Sequence[Coroutine[Any, Any, Any]], limit: int, kind: str = "data"
+) -> list[Any]:
+    """Await ``jobs``, at most ``limit`` of ``kind`` at a time in the process, results in
+    order. The first failure cancels the jobs still running or waiting (their requests stop),
+    then is raised."""
+    gate = _gate(limit, kind)
 
     async def one(job: Coroutine[Any, Any, Any]) -> Any:
-        async with gate:
-            return await job
+        try:
+            async with gate:
+                return await job
+        finally:
+            job.close()  # never started (cancelled while waiting): not "never awaited"
 
-    return await asyncio.gather(*(one(job) for job in jobs))
+    running = [asyncio.ensure_future(one(job)) for job in jobs]
+    try:
+        return await asyncio.gather(*running)
+    except BaseException:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        raise
 
 
 async def _get_index(

@@ -13,7 +13,7 @@ import anndata.abc
 import numpy as np
 import scipy.sparse as sp
 
-from annbatch._core.direct import DirectArray, direct_array
+from annbatch._core.direct import DirectArray, direct_array, read_whole
 from annbatch._core.failures import store_errors
 from annbatch._core.ranges import expand_ranges
 from annbatch._core.reader import empty_window
@@ -125,7 +125,7 @@ class CSRSource:
             raise CorruptDataError(msg)
         with store_errors(lambda: f"reading indptr of {where}"):
             data, indices = group["data"], group["indices"]
-            indptr = _read_whole(group["indptr"])
+            indptr = read_whole(group["indptr"])
             shape = tuple(int(n) for n in dataset.shape)
             declared = declared_dtype(group.attrs, np.dtype(data.dtype), where)
         return cls(
@@ -334,15 +334,3 @@ class CSRSource:
         self._dtype = state["dtype"]
         self._type = state["type"]
         self._direct = state["direct"]
-
-
-def _read_whole(array: Any) -> np.ndarray:
-    """All of ``array`` (a zarr array), through the chunk reader where it can read it: with
-    its checks (shard indexes, CRC32C of every chunk, no chunk of a collection missing)."""
-    direct = direct_array(array)
-    if direct is None:
-        return np.asarray(array[...])
-    out = np.empty(direct.shape, dtype=direct.dtype)
-    for task in direct.tasks(np.array([0]), np.array([direct.shape[0]]), out, 1):
-        task()
-    return out
