@@ -448,9 +448,16 @@ class DirectArray:
         """Pieces of chunk ``chunk``, which was never written: the array's fill value (an
         array that records every chunk as written raises instead)."""
         if self._complete:
+            layout = self._layout
+            shard = chunk // max(1, layout.chunks_per_shard)
+            if layout.index_entries and self._indexes.get(shard, ()) is None:  # the whole shard
+                key = layout.key((shard, *layout.trailing))
+                what = f"shard {key} of the zarr array {layout.describe()}"
+            else:
+                what = self._where(chunk)
             msg = (
-                f"{self._where(chunk)} is missing, but the array records that every chunk was "
-                "written; the store is incomplete (an interrupted copy or upload?) or damaged"
+                f"{what} is missing, but the array records that every chunk was written; the "
+                "store is incomplete (an interrupted copy or upload?) or damaged"
             )
             raise CorruptChunkError(msg)
         for lo, hi, at in zip(src_lo.tolist(), src_hi.tolist(), dst.tolist(), strict=True):
