@@ -43,6 +43,7 @@ from annbatch.errors import ChecksumMismatchError, CorruptChunkError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from contextlib import AbstractContextManager
 
 _MISSING = np.iinfo(np.uint64).max  # shard index entry of an inner chunk that was never written
 COMPLETE_ATTR = "annbatch-every-chunk-written"
@@ -397,10 +398,16 @@ class DirectArray:
             raise CorruptChunkError(msg) from e
 
     def _run(self, out: np.ndarray, pieces: tuple[np.ndarray, ...], start: int, stop: int) -> None:
-        # Failures of the OS (EIO, a file removed under us...) or numpy name the first chunk.
-        first = int(pieces[0][start])
-        with store_errors(lambda: f"reading {self._where(first)} and the chunks after it"):
+        with self._read_errors(pieces, start):
             self._run_unchecked(out, pieces, start, stop)
+
+    def _read_errors(
+        self, pieces: tuple[np.ndarray, ...], start: int
+    ) -> AbstractContextManager[None]:
+        """Failures of the OS (EIO, a file removed under us...), the store or numpy while
+        reading pieces ``start:`` become a StoreReadError naming their first chunk."""
+        first = int(pieces[0][start])
+        return store_errors(lambda: f"reading {self._where(first)} and the chunks after it")
 
     def _run_unchecked(
         self, out: np.ndarray, pieces: tuple[np.ndarray, ...], start: int, stop: int

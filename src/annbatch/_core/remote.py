@@ -39,7 +39,6 @@ import obstore
 from obstore.exceptions import NotFoundError
 
 from annbatch._core.direct import DirectArray, _copy_pieces, _Task
-from annbatch._core.failures import store_errors
 from annbatch.errors import CorruptChunkError, InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -101,30 +100,22 @@ class RemoteArray(DirectArray):
         if not planned:
             return []
         return [
-            _Prefetched(
-                task, _submit(self._fetch_boxed(task.out, task.pieces, task.start, task.stop))
-            )
+            _Prefetched(task, _submit(self._fetch(task.out, task.pieces, task.start, task.stop)))
             for task in planned
         ]
 
-    async def _fetch_boxed(
-        self, out: np.ndarray, pieces: tuple[np.ndarray, ...], start: int, stop: int
-    ) -> list[Any]:
-        """:meth:`_fetch`'s result in a list, which the task empties once it has decoded it:
-        the future that holds the list lives until the whole window is read."""
-        return [await self._fetch(out, pieces, start, stop)]
-
     async def _fetch(
         self, out: np.ndarray, pieces: tuple[np.ndarray, ...], start: int, stop: int
-    ) -> tuple[list[tuple[str, int, int]], list[tuple[int, int, int]], list[memoryview | None]]:
+    ) -> list[tuple[list[Any], list[tuple[int, int, int]], list[memoryview | None]]]:
         """On the fetch loop: the shard indexes that pieces ``start:stop`` need (each fetched
-        once for all tasks), then their bytes; (requests, their uses, their bytes) for
-        :meth:`_consume`."""
+        once for all tasks), then their bytes. Returns (requests, their uses, their bytes) for
+        :meth:`_consume` in a list that the task empties once it has decoded them: the future
+        holding the list lives until the whole window is read, the bytes need not."""
         await self._indexes_for(pieces[0][start:stop])
         requests, uses = self._plan(out, pieces, start, stop)
         merged = _merge(requests)
         bodies = await _get_merged(self._layout.store, merged, self.in_flight)
-        return requests, uses, _split(requests, merged, bodies)
+        return [(requests, uses, _split(requests, merged, bodies))]
 
     async def _indexes_for(self, chunks: np.ndarray) -> None:
         """Fetch the shard indexes of ``chunks`` not cached yet, each once however many tasks
@@ -160,7 +151,7 @@ class RemoteArray(DirectArray):
     def _run_unchecked(
         self, out: np.ndarray, pieces: tuple[np.ndarray, ...], start: int, stop: int
     ) -> None:
-        requests, uses, fetched = _call(self._fetch(out, pieces, start, stop))
+        requests, uses, fetched = _call(self._fetch(out, pieces, start, stop)).pop()
         self._consume(out, pieces, start, stop, requests, uses, fetched)
 
     def _plan(
@@ -276,10 +267,8 @@ class _Prefetched:
     def __call__(self) -> None:
         task = self.task
         array: RemoteArray = task.array  # type: ignore[assignment]
-        first = int(task.pieces[0][task.start])
-        with store_errors(lambda: f"reading {array._where(first)} and the chunks after it"):
-            box = self.future.result()
-            requests, uses, fetched = box.pop()  # the bytes go as soon as they are decoded
+        with array._read_errors(task.pieces, task.start):
+            requests, uses, fetched = self.future.result().pop()  # freed once decoded
             array._consume(task.out, task.pieces, task.start, task.stop, requests, uses, fetched)
         task.check_filled()
 
