@@ -20,6 +20,7 @@ from annbatch._core import gpu
 from annbatch._core.assembler import parse_concat_strategy
 from annbatch._core.epoch import Epoch, read_threads
 from annbatch._core.reader import common_dtype
+from annbatch._core.resume import Progress, ResumePoint, same_state
 from annbatch._core.sources import as_row_source
 from annbatch._core.workers import current_shard
 from annbatch.abc import Sampler
@@ -237,10 +238,7 @@ class Loader(_IterableBase):
         self._var: pd.DataFrame | None = None
         self._active_iterations = 0
         self._used_collection = False
-        self._epoch_state: dict[str, Any] | None = None  # sampler state when the epoch began
-        self._epoch_running = False  # an epoch began and did not run to its end
-        self._batches_done = 0  # batches yielded in that epoch (resumed ones included)
-        self._resume_batches = 0  # batches the next epoch skips (load_state_dict)
+        self._progress = Progress()  # the running epoch and a pending resume point
 
     # ----------------------------------------------------------------------------- attributes
     @property
@@ -529,36 +527,34 @@ class Loader(_IterableBase):
 
         :meth:`load_state_dict` on a Loader over the same data then yields exactly the rest
         of that epoch (none of its rows twice), and later epochs as they would have been.
+        After :meth:`load_state_dict`, the loaded state is returned until the epoch it
+        belongs to begins, so a second interruption before the first batch loses nothing.
 
         Parameters
         ----------
         batches_seen
-            Batches of the current epoch that training consumed. Default: the number this
-            Loader yielded, which is right when it is iterated in this process. Under a
-            ``DataLoader`` with workers, the Loader in this process does not see the batches:
-            pass the count taken from the DataLoader (and call :meth:`set_epoch` before each
-            epoch, so that the workers' order depends on the epoch alone).
+            Batches of the current epoch that training consumed, those consumed before a
+            resume included. Default: the number this Loader yielded, which is right when it
+            is iterated in this process. Under a ``DataLoader`` with workers, the Loader in
+            this process does not see the batches: pass the count taken from the DataLoader,
+            and call :meth:`set_epoch` before each epoch, so that the workers' order depends
+            on the epoch alone (resuming without it is an error in the workers).
         """
         if batches_seen is not None:
             batches_seen = parse_int(batches_seen, "batches_seen", minimum=0, numpy=False)
-        if self._epoch_running and self._epoch_state is not None:
-            sampler, done = self._epoch_state, self._batches_done
-        else:
-            sampler, done = self._sampler.state_dict(), 0
-        return {"sampler": sampler, "batches_done": done if batches_seen is None else batches_seen}
+        now = self._sampler.state_dict()  # raises for samplers that cannot be resumed
+        return self._progress.current(now, batches_seen, self._sampler._epoch_of).as_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict`: the next iteration yields the epoch's remaining
-        batches only."""
+        """Continue from :meth:`state_dict`: the epoch it was taken in yields its remaining
+        batches only, wherever it runs (this process, DataLoader workers); later epochs are
+        whole."""
         if self._active_iterations:
             msg = "cannot load a state while the Loader is being iterated"
             raise LoaderBusyError(msg)
-        if not isinstance(state, dict) or not {"sampler", "batches_done"} <= state.keys():
-            msg = f"expected the dict of Loader.state_dict(), got {state!r}"
-            raise InvalidArgumentError(msg)
-        done = parse_int(state["batches_done"], "state['batches_done']", minimum=0, numpy=False)
-        self._sampler.load_state_dict(state["sampler"])
-        self._resume_batches = done
+        point = ResumePoint.parse(state)
+        self._sampler.load_state_dict(point.sampler)
+        self._progress.load(point)
 
     # ------------------------------------------------------------------------------ iterating
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -590,15 +586,27 @@ class Loader(_IterableBase):
     def _iterate(self, device: int | None = None) -> Iterator[dict[str, Any]]:
         """One epoch (see :class:`~annbatch._core.epoch.Epoch`), with the bookkeeping that
         :meth:`state_dict` reads."""
+        sampler = self._sampler
         try:
-            self._epoch_state = self._sampler.state_dict()
+            start: dict[str, Any] | None = sampler.state_dict()
         except InvalidArgumentError:  # a sampler that cannot be resumed
-            self._epoch_state = None
-        skip, self._resume_batches = self._resume_batches, 0
-        self._batches_done, self._epoch_running = skip, True
+            start = None
+        skip = self._progress.begin(start, sampler._epoch_of)
+        shard = current_shard()
+        if shard.seed is not None:
+            # DataLoader workers: one order for all workers of the epoch, a new one each epoch.
+            sampler.reseed(shard.seed)
+            if skip and not same_state(sampler.state_dict(), start):
+                msg = (
+                    "cannot resume under DataLoader workers: the sampler's order depends on "
+                    "the DataLoader's seed of this epoch, which the interrupted run had drawn "
+                    "differently; call loader.set_epoch(epoch) before every epoch (in the run "
+                    "that saves the state and in the one that resumes)"
+                )
+                raise InvalidArgumentError(msg)
         epoch = Epoch(
             sources=self._sources,
-            sampler=self._sampler,
+            sampler=sampler,
             strategy=self._concat_strategy
             or ("concat-shuffle" if self._sources[0].is_sparse else "shuffle-concat"),
             obs=self._all_obs(),
@@ -613,9 +621,9 @@ class Loader(_IterableBase):
         self._active_iterations += 1
         try:
             for batch in batches:
-                self._batches_done += 1  # counted as consumed once handed over
+                self._progress.handed_over()  # counted as consumed once handed over
                 yield batch
-            self._epoch_running = False
+            self._progress.end()
         finally:
             self._active_iterations -= 1
             batches.close()
@@ -632,6 +640,7 @@ class Loader(_IterableBase):
         # Sent to DataLoader workers: a worker starts with no iteration running.
         state = self.__dict__.copy()
         state["_active_iterations"] = 0
+        state["_progress"] = self._progress.for_worker()
         state["_obs_all"] = None
         return state
 

@@ -108,9 +108,7 @@ class Epoch:
         out the first :attr:`skip` batches of the epoch. On the GPU path, every thread used
         works on :attr:`device`."""
         sampler = self.sampler
-        shard = current_shard()
-        if shard.seed is not None:
-            sampler.reseed(shard.seed)
+        shard = current_shard()  # the sampler was reseeded for it by the Loader
         offsets = dataset_offsets([s.shape[0] for s in self.sources])
         threads = read_threads(shard.count)
         copier = None

@@ -151,6 +151,12 @@ class Sampler(ABC):
         """Restore what :meth:`state_dict` returned; see there."""
         self.state_dict()  # raises for samplers that cannot be resumed
 
+    def _epoch_of(self, state: dict[str, Any]) -> object:
+        """What of a :meth:`state_dict` names the epoch a sampler in that state draws next
+        (a resumed epoch is the one whose state at its start names the same). Default: the
+        whole state."""
+        return state
+
     def sample(self, n_obs: int) -> Iterator[LoadRequest]:
         """Yield the load requests of one epoch, checked and as :class:`LoadRequest` objects.
 

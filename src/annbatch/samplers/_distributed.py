@@ -175,6 +175,9 @@ class DistributedSampler(Sampler):
         """Restore the wrapped sampler's state."""
         self._sampler.load_state_dict(state)
 
+    def _epoch_of(self, state: dict[str, Any]) -> object:
+        return self._sampler._epoch_of(state)
+
 
 def _dist_info(dist_info: object) -> tuple[int, int]:
     """``(rank, world_size)`` from ``dist_info`` (see :class:`DistributedSampler`)."""

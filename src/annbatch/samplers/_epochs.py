@@ -122,6 +122,11 @@ class EpochSampler(Sampler):
             raise InvalidArgumentError(msg) from e
         self._seed, self._epoch, self._explicit_epochs = seed, epoch, explicit
 
+    def _epoch_of(self, state: dict[str, Any]) -> object:
+        # The seed and the epoch decide the order; whether set_epoch was called does not
+        # (where it would, under DataLoader workers, the Loader checks the reseed instead).
+        return (state.get("seed"), state.get("epoch"))
+
     def reseed(self, seed: int) -> None:
         """Mix a DataLoader epoch seed into the sampler's seed (see :meth:`Sampler.reseed`).
 
