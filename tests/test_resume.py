@@ -5,6 +5,7 @@ every later epoch every row once, in the order an uninterrupted run yields them.
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -33,26 +34,31 @@ def _loader(stores, seed: int, *, read_ahead: int = 1) -> Loader:
     ).add_anndatas([s.adata() for s in stores])
 
 
-def _batches(loader: Loader, workers: int, *, persistent: bool = False, start: str = "fork"):
+def _batches(loader: Loader, workers: int, *, persistent: bool = False, start: str = "forkserver"):
     """What the training loop iterates: the Loader itself, or a DataLoader over it."""
     if not workers:
         return loader
     from torch.utils.data import DataLoader
 
+    context = multiprocessing.get_context(start)
+    if start == "forkserver":
+        # Not fork: a forked worker inherits whatever threads other tests' imports (jax) started.
+        context.set_forkserver_preload(["annbatch", "torch"])
     return DataLoader(
         loader,
         batch_size=None,
         num_workers=workers,
         persistent_workers=persistent,
-        multiprocessing_context=start,
+        multiprocessing_context=context,
     )
 
 
 def _rows(batches) -> np.ndarray:
-    return np.concatenate([np.asarray(b["index"]) for b in batches])
+    rows = [np.asarray(b["index"]) for b in batches]
+    return np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)  # a finished epoch
 
 
-def _run(stores, workers, persistent, stop_epoch, stop_after, start="fork"):
+def _run(stores, workers, persistent, stop_epoch, stop_after, start="forkserver"):
     """Epochs of an uninterrupted run, and those of a run interrupted after ``stop_after``
     batches of epoch ``stop_epoch`` and resumed by a new Loader (another seed: the state
     decides)."""
