@@ -650,3 +650,66 @@ def test_an_abandoned_read_cancels_its_requests_at_once(s3, uploaded):
     finally:
         proxy.network.stall = False
         proxy.close()
+
+
+# ------------------------------------------------------------- forked workers and stalled reads
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")  # jax, if imported
+def test_fork_started_workers_fail_at_once_naming_spawn(s3, uploaded):
+    """obstore's runtime does not survive fork (a new store in the child hangs too): DataLoader
+    workers forked after this process read object storage (torch's default on Linux) raise
+    at once, naming the URL and the start method that works, instead of waiting forever."""
+    from torch.utils.data import DataLoader
+
+    from annbatch.errors import ForkedRemoteReadError
+
+    path, values = uploaded["collection sparse lz4"]
+    url = f"s3://{BUCKET}/{path}"
+    collection = DatasetCollection(url, storage_options=_options(s3), mode="r")
+    loader = Loader(chunk_size=16, preload_nchunks=4, batch_size=32, shuffle=True, to=None)
+    loader.use_collection(collection)
+    _check_epoch(loader, values)  # this process reads the bucket: obstore's runtime runs here
+    began = time.monotonic()
+    with pytest.raises(ForkedRemoteReadError) as info:
+        for _ in DataLoader(
+            loader, batch_size=None, num_workers=2, multiprocessing_context="fork", timeout=25
+        ):
+            pass
+    assert time.monotonic() - began < 10
+    message = str(info.value)
+    assert url in message
+    assert 'multiprocessing_context="spawn"' in message
+    assert SECRET not in message
+    # This process still reads, and spawned workers read every row once.
+    _check_epoch(loader, values)
+
+
+def test_a_read_waiting_past_the_timeout_names_the_url(s3, uploaded, monkeypatch):
+    """Every wait for object storage is bounded by ANNBATCH_REMOTE_TIMEOUT: a server that
+    accepts connections and never answers raises StoreTimeoutError naming the URL."""
+    from annbatch.errors import InvalidArgumentError, StoreTimeoutError
+
+    path, _ = uploaded["collection dense none"]
+    proxy = Proxy(s3.port)
+    try:
+        options = {"client_options": {"timeout": "20s"}, "retry_config": {"max_retries": 0}}
+        groups = _groups(s3, path, endpoint=proxy.url, **options)
+        adatas = [load_x_and_obs(g) for g in groups]  # metadata and obs: before the stall
+        for bad in ("0", "-1", "soon", "inf"):
+            monkeypatch.setenv("ANNBATCH_REMOTE_TIMEOUT", bad)
+            with pytest.raises(InvalidArgumentError, match="ANNBATCH_REMOTE_TIMEOUT must be"):
+                Loader(batch_size=10, chunk_size=10, preload_nchunks=1).add_anndatas(adatas)
+        monkeypatch.setenv("ANNBATCH_REMOTE_TIMEOUT", "1.5")
+        loader = Loader(chunk_size=16, preload_nchunks=4, batch_size=32, to=None)
+        loader.add_anndatas(adatas)
+        proxy.network.stall = True
+        began = time.monotonic()
+        with pytest.raises(StoreTimeoutError) as info:
+            next(iter(loader))
+        assert 1.4 < time.monotonic() - began < 10
+        assert f"s3://{BUCKET}/{path}/dataset_00000" in str(info.value)
+        assert "ANNBATCH_REMOTE_TIMEOUT" in str(info.value)
+        assert isinstance(info.value, TimeoutError)
+    finally:
+        proxy.network.stall = False
+        proxy.close()

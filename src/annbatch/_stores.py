@@ -28,6 +28,36 @@ def is_url(path: object) -> bool:
     return isinstance(path, str) and "://" in path and not path.startswith("file://")
 
 
+def object_url(store: object, path: str = "") -> str:
+    """The URL of ``path`` in an obstore ``store``, for messages: ``s3://bucket/prefix/path``,
+    ``gs://...``, ``az://container/...``, an HTTP store's URL, ``file:///...``. Built from the
+    bucket, container and prefix only: never from credentials or other configuration."""
+    name = type(store).__name__
+    config = getattr(store, "config", None) or {}
+    prefix = str(getattr(store, "prefix", None) or "")
+    if name == "HTTPStore":
+        base = str(getattr(store, "url", "http://?"))
+    elif name == "LocalStore":
+        base = "file://" + (prefix if prefix.startswith("/") else "/" + prefix)
+    elif name == "MemoryStore":
+        base = "memory://"
+    else:
+        scheme, where = {
+            "S3Store": ("s3", "bucket"),
+            "GCSStore": ("gs", "bucket"),
+            "AzureStore": ("az", "container_name"),
+        }.get(name, ("", ""))
+        if not scheme or where not in config:
+            return f"{name} store, at {path.strip('/') or '/'}"
+        base = f"{scheme}://{config[where]}"
+        if prefix:
+            base += "/" + prefix.strip("/")
+    path = path.strip("/")
+    if not path:
+        return base
+    return (base if base.endswith("://") else base.rstrip("/") + "/") + path
+
+
 def object_store(url: str, storage_options: dict[str, Any] | None = None) -> Any:
     """An obstore store rooted at ``url`` (bucket and prefix); ``storage_options`` are
     obstore's (``client_options`` and ``retry_config`` included)."""
@@ -36,12 +66,16 @@ def object_store(url: str, storage_options: dict[str, Any] | None = None) -> Any
     except ImportError as e:
         msg = "reading object storage needs obstore: pip install 'annbatch[remote]'"
         raise ImportError(msg) from e
+    from annbatch._core.fork_guard import note_remote_use
+
     try:
-        return from_url(url, **(storage_options or {}))
+        store = from_url(url, **(storage_options or {}))
     except Exception as e:
         # obstore names the unknown option or the bad URL; the values are not repeated.
         msg = f"cannot open {url} with the given storage_options ({type(e).__name__}: {_first_line(e)})"
         raise InvalidArgumentError(msg) from None
+    note_remote_use()  # zarr reads through it next: obstore's runtime starts in this process
+    return store
 
 
 def zarr_object_store(

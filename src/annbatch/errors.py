@@ -15,8 +15,10 @@ fits it, so callers can catch either::
     ├── LoaderBusyError           (RuntimeError)  changing a Loader while it is being iterated
     ├── CollectionAlreadyUsedError (RuntimeError) a second use_collection on one Loader
     ├── StoreReadError            (OSError)       reading stored rows failed (names store, array, rows)
-    │   └── CorruptChunkError     (OSError)       on-disk bytes that do not decode, or the wrong size
-    │       └── ChecksumMismatchError (OSError)   a chunk whose bytes do not match their checksum
+    │   ├── CorruptChunkError     (OSError)       on-disk bytes that do not decode, or the wrong size
+    │   │   └── ChecksumMismatchError (OSError)   a chunk whose bytes do not match their checksum
+    │   ├── StoreTimeoutError     (TimeoutError)  object storage that did not answer in time (names the URL)
+    │   └── ForkedRemoteReadError (OSError)       object storage read in a fork-started process (use spawn)
     ├── CorruptDataError          (ValueError)    stored structure that contradicts itself (CSR indptr,
     │                                             column indices out of range, array metadata)
     ├── InputFileError            (OSError)       a collection input that is missing or unreadable
@@ -88,6 +90,18 @@ class CorruptChunkError(StoreReadError):
 
 class ChecksumMismatchError(CorruptChunkError):
     """A chunk's bytes do not match the CRC32C checksum stored with them."""
+
+
+class StoreTimeoutError(StoreReadError, TimeoutError):
+    """Object storage did not answer a read within ``ANNBATCH_REMOTE_TIMEOUT`` seconds; the
+    message names the URL and the chunk."""
+
+
+class ForkedRemoteReadError(StoreReadError):
+    """Object storage was to be read in a process forked after its parent read object storage
+    (a DataLoader worker started with "fork", torch's default on Linux). obstore's runtime does
+    not survive ``fork()``: the read would wait forever. Start the workers with "spawn" or
+    "forkserver" (``DataLoader(..., multiprocessing_context="spawn")``)."""
 
 
 class CorruptDataError(AnnbatchError, ValueError):

@@ -19,6 +19,13 @@ fetch loop (an asyncio event loop in a background thread), in task order:
 4. the task, run on a read thread, waits for its own bytes only, then checks them (size,
    CRC32C) and decodes them exactly as local ones, while later tasks' bytes arrive.
 
+Every wait for bytes is bounded: past :data:`TIMEOUT_VARIABLE` seconds (default
+:data:`DEFAULT_TIMEOUT_S`) it cancels its requests and raises
+:class:`~annbatch.errors.StoreTimeoutError` naming the URL. In a process forked after its
+parent used object storage, where obstore cannot work, a read raises
+:class:`~annbatch.errors.ForkedRemoteReadError` before any request
+(:mod:`annbatch._core.fork_guard`).
+
 A window's fetched bytes wait in memory until their task decodes them (then they are freed):
 at most the window's encoded size, and little when decoding keeps up with the link. A window
 abandoned or failed cancels the requests of its tasks (the reader tells them; a task dropped
@@ -28,6 +35,7 @@ unrun does too).
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
 import weakref
@@ -39,7 +47,14 @@ import obstore
 from obstore.exceptions import NotFoundError
 
 from annbatch._core.direct import DirectArray, _copy_pieces, _Task
-from annbatch.errors import CorruptChunkError, InvalidArgumentError
+from annbatch._core.fork_guard import (
+    SPAWN_HINT,
+    check_not_forked,
+    forked_after_import,
+    note_remote_use,
+)
+from annbatch._stores import object_url
+from annbatch.errors import CorruptChunkError, InvalidArgumentError, StoreTimeoutError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
@@ -75,15 +90,79 @@ def in_flight_setting() -> int:
     return value
 
 
+TIMEOUT_VARIABLE = "ANNBATCH_REMOTE_TIMEOUT"
+"""The environment variable that sets how long a read waits for object storage, in seconds."""
+DEFAULT_TIMEOUT_S = 300.0
+"""Seconds a read waits for its bytes before :class:`~annbatch.errors.StoreTimeoutError`:
+longer than obstore's own retries of a stalled request take by default (30 s per attempt,
+at most 3 minutes of retries), so that this bound only ends waits nothing else would end."""
+
+
+def timeout_setting() -> float:
+    """Seconds a read waits for its bytes: :data:`TIMEOUT_VARIABLE` if set, else the default."""
+    raw = os.environ.get(TIMEOUT_VARIABLE)
+    if raw is None or not raw.strip():
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 86400:  # nan and inf fail too
+        msg = f"{TIMEOUT_VARIABLE} must be a number of seconds above 0 and at most 86400 (how long a read waits for object storage), got {raw!r}"
+        raise InvalidArgumentError(msg)
+    return value
+
+
 class RemoteArray(DirectArray):
     """Row ranges of a zarr array in object storage (see the module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.in_flight = in_flight_setting()
+        self.timeout = timeout_setting()
+        note_remote_use()  # zarr read this array's metadata through obstore here
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers, DDP ranks
-        return super().__getstate__() | {"in_flight": self.in_flight}
+        return super().__getstate__() | {"in_flight": self.in_flight, "timeout": self.timeout}
+
+    def url(self) -> str:
+        """The array's URL (bucket, prefix and key; never credentials), as named in errors."""
+        return object_url(self._layout.store, self._layout.root)
+
+    def _start(self, coroutine: Coroutine[Any, Any, Any]) -> Future[Any]:
+        """Start ``coroutine`` on this process's fetch loop; in a process forked after its
+        parent used object storage, raise ForkedRemoteReadError instead (it would hang)."""
+        try:
+            check_not_forked(self.url)
+        except BaseException:
+            coroutine.close()
+            raise
+        return _submit(coroutine)
+
+    def _wait(self, future: Future[Any], what: Callable[[], str]) -> Any:
+        """``future``'s result, waited for at most :attr:`timeout` seconds; past that, its
+        requests are cancelled and StoreTimeoutError names the URL and ``what()`` was read."""
+        try:
+            return future.result(self.timeout)
+        except TimeoutError:
+            if future.done():  # the read itself raised TimeoutError: not our bound
+                raise
+            future.cancel()
+            hint = f"; {SPAWN_HINT}" if forked_after_import() else ""
+            msg = f"{self.url()} did not answer within {self.timeout:g} s ({TIMEOUT_VARIABLE}) while reading {what()}: the server or the network stalled{hint}"
+            raise StoreTimeoutError(msg) from None
+
+    def _call(self, coroutine: Coroutine[Any, Any, Any], what: Callable[[], str]) -> Any:
+        """Run ``coroutine`` on the fetch loop and wait for its result (from any other thread)."""
+        if _CURRENT and threading.current_thread() is _CURRENT[0].thread:
+            coroutine.close()
+            msg = "annbatch bug: a blocking read on the fetch loop's own thread would never finish"
+            raise RuntimeError(msg)
+        return self._wait(self._start(coroutine), what)
+
+    def _first_chunk(self, pieces: tuple[np.ndarray, ...], start: int) -> Callable[[], str]:
+        first = int(pieces[0][start])
+        return lambda: f"{self.chunk_name(first)} and the chunks after it"
 
     def tasks(
         self,
@@ -100,7 +179,9 @@ class RemoteArray(DirectArray):
         if not planned:
             return []
         return [
-            _Prefetched(task, _submit(self._fetch(task.out, task.pieces, task.start, task.stop)))
+            _Prefetched(
+                task, self._start(self._fetch(task.out, task.pieces, task.start, task.stop))
+            )
             for task in planned
         ]
 
@@ -146,12 +227,14 @@ class RemoteArray(DirectArray):
         self._keep_index(shard, path, found)
 
     def _read_index(self, path: str, nbytes: int) -> tuple[bytes, int] | None:
-        return _call(_get_index(self._layout.store, path, nbytes, at_end=self._layout.index_at_end))
+        get = _get_index(self._layout.store, path, nbytes, at_end=self._layout.index_at_end)
+        return self._call(get, lambda: f"the shard index of {path}")
 
     def _run_unchecked(
         self, out: np.ndarray, pieces: tuple[np.ndarray, ...], start: int, stop: int
     ) -> None:
-        requests, uses, fetched = _call(self._fetch(out, pieces, start, stop)).pop()
+        fetch = self._fetch(out, pieces, start, stop)
+        requests, uses, fetched = self._call(fetch, self._first_chunk(pieces, start)).pop()
         self._consume(out, pieces, start, stop, requests, uses, fetched)
 
     def _plan(
@@ -268,7 +351,8 @@ class _Prefetched:
         task = self.task
         array: RemoteArray = task.array  # type: ignore[assignment]
         with array._read_errors(task.pieces, task.start):
-            requests, uses, fetched = self.future.result().pop()  # freed once decoded
+            what = array._first_chunk(task.pieces, task.start)
+            requests, uses, fetched = array._wait(self.future, what).pop()  # freed once decoded
             array._consume(task.out, task.pieces, task.start, task.stop, requests, uses, fetched)
         task.check_filled()
 
@@ -304,20 +388,12 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 def _submit(coroutine: Coroutine[Any, Any, Any]) -> Future[Any]:
     """Start ``coroutine`` on this process's fetch loop."""
+    note_remote_use()
     with _LOCK:
         if not _CURRENT or _CURRENT[0].pid != os.getpid():
             _CURRENT[:] = [_FetchLoop()]
         loop = _CURRENT[0].loop
     return asyncio.run_coroutine_threadsafe(coroutine, loop)
-
-
-def _call(coroutine: Coroutine[Any, Any, Any]) -> Any:
-    """Run ``coroutine`` on the fetch loop and wait for its result (from any other thread)."""
-    if _CURRENT and threading.current_thread() is _CURRENT[0].thread:
-        coroutine.close()
-        msg = "annbatch bug: a blocking read on the fetch loop's own thread would never finish"
-        raise RuntimeError(msg)
-    return _submit(coroutine).result()
 
 
 def _gate(limit: int, kind: str = "data") -> asyncio.Semaphore:
