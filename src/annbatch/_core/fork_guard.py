@@ -40,12 +40,12 @@ def note_remote_use() -> None:
 
 def forked_after_remote_use() -> bool:
     """Whether this process was forked from one that had used object storage."""
-    return _USED_BY is not None and _USED_BY != os.getpid()
+    return _USED_BY is not None and os.getpid() != _USED_BY
 
 
 def forked_after_import() -> bool:
     """Whether this process was forked from one that had imported annbatch."""
-    return _IMPORTED_BY != os.getpid()
+    return os.getpid() != _IMPORTED_BY
 
 
 def check_not_forked(url: Callable[[], str]) -> None:
