@@ -101,8 +101,9 @@ def fetch(package: Package) -> Path:
             _unavailable(f"could not download {package.requirement}: {e}")
         saved = Path(tmp) / package.filename
         if done.returncode != 0 or not saved.is_file():
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            _unavailable(f"could not download {package.requirement}: {' / '.join(tail)}")
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            errors = [line for line in lines if line.startswith("ERROR")] or lines[-2:]
+            _unavailable(f"could not download {package.requirement}: {' / '.join(errors)}")
         got = _sha256(saved)
         if got != package.sha256:
             pytest.fail(f"{package.filename} has SHA-256 {got}; pinned {package.sha256}")
