@@ -152,4 +152,3 @@ def real_file(which: tuple[Package, str]) -> Path:
             if not unpacked.exists():
                 raise
     return unpacked
-

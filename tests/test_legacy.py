@@ -99,13 +99,17 @@ def _build(path: Path, out: Path, *, h5ad: bool, **kwargs: Any) -> DatasetCollec
 def test_scanpy_pbmc68k_reduced_builds_loads_and_verifies(tmp_path, capsys, h5ad):
     path = real.real_file(real.PBMC68K)
     with h5py.File(path) as f:  # really the pre-0.7 encodings this test is about
-        assert f["obs"].dtype.names and f["obsm"].dtype.names and f["varm"].dtype.names
-        assert "louvain_categories" in f["uns"] and "h5sparse_format" in f["raw.X"].attrs
+        assert f["obs"].dtype.names
+        assert f["obsm"].dtype.names
+        assert f["varm"].dtype.names
+        assert "louvain_categories" in f["uns"]
+        assert "h5sparse_format" in f["raw.X"].attrs
     expected = _read(path)
     assert expected.shape == (700, 765)
     assert verify(path) == []  # the input itself scrubs clean
     collection = _build(path, tmp_path / "out", h5ad=h5ad)
-    assert collection.n_obs == 700 and len(collection) == 3
+    assert collection.n_obs == 700
+    assert len(collection) == 3
     assert list(collection.var_names) == list(expected.var_names)
     assert collection.obs()["louvain"].cat.categories.tolist() == [str(k) for k in range(11)]
     _check_collection(collection, expected, ["X_pca", "X_umap"])
@@ -178,7 +182,8 @@ def test_compound_obsm_and_h5sparse_layers_are_carried(tmp_path, capsys):
     np.testing.assert_array_equal(expected.obsm["X_pca"], obsm["X_pca"])  # anndata agrees
     collection = _build(path, tmp_path / "out", h5ad=False)
     group = next(iter(collection))
-    assert sorted(group["obsm"]) == ["X_pca", "X_umap"] and list(group["layers"]) == ["counts"]
+    assert sorted(group["obsm"]) == ["X_pca", "X_umap"]
+    assert list(group["layers"]) == ["counts"]
     _check_collection(collection, expected, ["X_pca", "X_umap"])
     frames = [load_x_and_obs(g).obs for g in collection]
     values, got = _stream([_open(g, "layers/counts") for g in collection], frames)

@@ -100,7 +100,7 @@ def elements(group: zarr.Group | h5py.Group, key: str) -> dict[str, Any]:
     """The entries of the mapping ``group[key]`` (``"obsm"``, ``"varm"``, ``"layers"``), on
     disk, by name: a compound array's fields as :class:`RecordField`, sparse groups opened (see
     :func:`open_element`), arrays and other groups (data frames) as they are."""
-    elem = group.get(key)
+    elem: Any = group.get(key)
     if elem is None:
         return {}
     if is_records(elem):
@@ -115,8 +115,9 @@ class RecordField:
     ``(b - a, *field_shape)``. h5py reads only this field's bytes; zarr reads the records."""
 
     def __init__(self, records: h5py.Dataset | zarr.Array, name: str) -> None:
-        field_dtype = records.dtype.fields[name][0]
-        self.records = records
+        fields: Any = records.dtype.fields
+        field_dtype: np.dtype = fields[name][0]
+        self.records: Any = records
         self.name = name
         self.dtype: np.dtype = field_dtype.base
         self.shape: tuple[int, ...] = (int(records.shape[0]), *field_dtype.shape)
