@@ -12,6 +12,9 @@ Layout mimics scanpy's bundled ``datasets/10x_pbmc68k_reduced.h5ad``:
 * ``/X`` is either a plain 2-D dense dataset, or a group with attributes
   ``h5sparse_format`` ("csr"/"csc") and ``h5sparse_shape`` holding
   ``data``/``indices``/``indptr`` datasets (old h5sparse convention).
+* ``/obsm`` (optional) is one compound dataset, a field per entry (of shape
+  ``(n_columns,)`` per row); ``/layers`` (optional) a group of dense datasets or h5sparse
+  groups.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ def write_legacy_h5ad(
     var_names: Sequence[str],
     *,
     var: pd.DataFrame | None = None,
+    obsm: dict[str, np.ndarray] | None = None,
+    layers: dict[str, np.ndarray | sparse.csr_matrix] | None = None,
 ) -> None:
     """Write ``X``/``obs``/``var_names`` in the pre-0.7 anndata h5ad layout.
 
@@ -104,21 +109,37 @@ def write_legacy_h5ad(
         raise ValueError(msg)
 
     with h5py.File(path, "w") as f:
-        if sparse.issparse(X):
-            fmt = X.format
-            if fmt not in {"csr", "csc"}:
-                X = X.tocsr()
-                fmt = "csr"
-            g = f.create_group("X")
-            g.attrs["h5sparse_format"] = fmt
-            g.attrs["h5sparse_shape"] = np.array(X.shape)
-            g.create_dataset("data", data=X.data)
-            g.create_dataset("indices", data=X.indices)
-            g.create_dataset("indptr", data=X.indptr)
-        else:
-            f.create_dataset("X", data=np.asarray(X))
+        _write_matrix(f, "X", X)
+        if obsm:
+            rec = np.empty(n_obs, dtype=[(k, v.dtype, v.shape[1:]) for k, v in obsm.items()])
+            for k, v in obsm.items():
+                rec[k] = v
+            f.create_dataset("obsm", data=rec)
+        if layers:
+            group = f.create_group("layers")
+            for k, v in layers.items():
+                _write_matrix(group, k, v)
         f.create_dataset("obs", data=obs_rec)
         f.create_dataset("var", data=var_rec)
         uns = f.create_group("uns")
         for k, v in {**obs_cats, **var_cats}.items():
             uns.create_dataset(k, data=v)
+
+
+def _write_matrix(
+    parent: h5py.Group, key: str, X: np.ndarray | sparse.csr_matrix | sparse.csc_matrix
+) -> None:
+    """A dense dataset, or a sparse matrix as an h5sparse group."""
+    if sparse.issparse(X):
+        fmt = X.format
+        if fmt not in {"csr", "csc"}:
+            X = X.tocsr()
+            fmt = "csr"
+        g = parent.create_group(key)
+        g.attrs["h5sparse_format"] = fmt
+        g.attrs["h5sparse_shape"] = np.array(X.shape)
+        g.create_dataset("data", data=X.data)
+        g.create_dataset("indices", data=X.indices)
+        g.create_dataset("indptr", data=X.indptr)
+    else:
+        parent.create_dataset(key, data=np.asarray(X))

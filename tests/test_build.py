@@ -362,15 +362,7 @@ def test_legacy_anndata_files(tmp_path, sparse):
     assert str(obs["count"].dtype) == "Int64"  # missing from the second input
 
 
-def test_scanpy_bundled_file(tmp_path):
-    datasets = pytest.importorskip("scanpy.datasets")
-    path = Path(datasets.__file__).parent / "10x_pbmc68k_reduced.h5ad"
-    with h5py.File(path) as f:
-        adata = load_x_and_obs(f)
-        assert adata.shape == (700, 765)
-        assert "louvain" in adata.obs
-    collection = DatasetCollection(tmp_path / "out.zarr").add_adatas([str(path)], progress=False)
-    assert collection.n_obs == 700
+# scanpy's bundled files, and anndata 0.7's: tests/test_legacy.py (never skipped in CI).
 
 
 # ------------------------------------------------------------------------------ CLI manners

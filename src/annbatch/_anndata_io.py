@@ -12,6 +12,7 @@ import pandas as pd
 import zarr
 
 from annbatch._core.failures import store_errors
+from annbatch._legacy import is_records, open_element, read_frame
 from annbatch._stores import is_url, open_zarr
 from annbatch.errors import (
     CorruptDataError,
@@ -27,36 +28,13 @@ DTYPE_ATTR = "annbatch-dtype"
 (datetimes, which anndata cannot write, as ISO 8601 strings); the value is the type to restore."""
 
 
-def is_legacy(group: zarr.Group | h5py.Group) -> bool:
-    """Whether a store's obs predates anndata's element encodings (a compound dataset, as in
-    files written by anndata < 0.7, e.g. scanpy's bundled datasets)."""
-    obs = group["obs"]
-    return not (
-        isinstance(obs, zarr.Group | h5py.Group) and obs.attrs.get("encoding-type") == "dataframe"
-    )
-
-
-def read_legacy(group: zarr.Group | h5py.Group) -> AnnData:
-    """The store as anndata itself reads it (X backed for h5ad); close ``.file`` when done."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # anndata's OldFormatWarning and friends
-        if isinstance(group, h5py.Group):
-            return anndata.read_h5ad(group.file.filename, backed="r")
-        return anndata.read_zarr(group.store)
-
-
 def read_obs(group: zarr.Group | h5py.Group, columns: list[str] | None = None) -> pd.DataFrame:
     """A store's obs (only ``columns``, if given), in any encoding anndata reads, with the
     types annbatch collections stored differently restored."""
-    if is_legacy(group):
-        adata = read_legacy(group)
-        try:
-            obs = adata.obs
-        finally:
-            if adata.isbacked:
-                adata.file.close()
-        return obs if columns is None else _select(obs, columns, group)
     elem: Any = group["obs"]
+    if is_records(elem):  # anndata < 0.7's encoding: see annbatch._legacy
+        obs = read_frame(group, "obs")
+        return obs if columns is None else _select(obs, columns, group)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if columns is not None and elem.attrs.get("encoding-version") == "0.2.0":
@@ -112,7 +90,7 @@ def load_x_and_obs(
     datasets' var are equal; pass your own ``load_adata`` to ``use_collection`` to get it.
 
     Stores in older encodings (files written by anndata < 0.7, such as scanpy's bundled
-    datasets) are read through anndata's own readers.
+    datasets) are read too, element by element (see :mod:`annbatch._legacy`).
 
     Parameters
     ----------
@@ -149,9 +127,7 @@ def load_x_and_obs(
         raise UnsupportedDatasetError(msg)
     where = group.file.filename if isinstance(group, h5py.Group) else str(group.store_path)
     with store_errors(lambda: f"reading X and obs of the AnnData store {where}"):
-        x = group["X"]
-        if isinstance(x, zarr.Group | h5py.Group):
-            x = anndata.io.sparse_dataset(x)
+        x = open_element(group["X"])
         obs = read_obs(group)
     if len(obs) != x.shape[0]:
         msg = f"the AnnData store {where} has {x.shape[0]} rows in X but {len(obs)} in obs; the store is damaged"

@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
-from annbatch._anndata_io import is_legacy, read_legacy
+from annbatch import _legacy
 from annbatch._narrow import widened
 from annbatch.collection._obs import FrameColumns, GroupColumns, ObsColumns
 from annbatch.errors import (
@@ -143,37 +143,20 @@ def open_input(
 
 
 def _from_group(group: Any, name: str, handle: Any) -> Input:
-    legacy_var: pd.DataFrame | None = None  # var of an old encoding, read whole by anndata
+    whole_var: pd.DataFrame | None = None  # var of an older encoding, read whole
     try:
         if "obs" not in group or "var" not in group:
             msg = f"input {name} holds no AnnData (it needs obs and var)"
             raise InputFileError(msg)
-        if is_legacy(group):  # an encoding older than anndata 0.7: anndata reads it
-            adata = read_legacy(group)
-            try:
-                obs: ObsColumns = FrameColumns(adata.obs)
-                var_names = pd.Index(adata.var_names)
-                legacy_var = adata.var.copy()
-            finally:
-                if adata.isbacked:
-                    adata.file.close()
-        elif group["obs"].attrs.get("encoding-version") != "0.2.0":
-            # anndata 0.7's dataframes (categories kept apart): read whole, by anndata
-            obs = FrameColumns(_read_elem(group["obs"]))
-            var_names = pd.Index(_read_elem(group["var"]).index)
-        else:
-            obs = GroupColumns(group["obs"])
+        if group["obs"].attrs.get("encoding-version") == "0.2.0":
+            obs: ObsColumns = GroupColumns(group["obs"])
             var_names = GroupColumns(group["var"]).index()
+        else:  # older encodings (anndata < 0.8), read whole: see annbatch._legacy
+            obs = FrameColumns(_legacy.read_frame(group, "obs"))
+            whole_var = _legacy.read_frame(group, "var")
+            var_names = pd.Index(whole_var.index)
         elements = _elements(group, name)
-        x_elem = group.get("X")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # anndata's notes on old encodings
-            x = (
-                ad.io.sparse_dataset(x_elem)
-                if isinstance(x_elem, h5py.Group | zarr.Group)
-                else x_elem
-            )
-        x, sparse = _x_of(x, name)
+        x, sparse = _x_of(_legacy.open_element(group.get("X")), name)
         if x is not None:  # X of a packed collection: read back in the type it had
             x = _widened_on_disk(x, f"{name}: X")
     except Exception:
@@ -182,7 +165,7 @@ def _from_group(group: Any, name: str, handle: Any) -> Input:
         raise
 
     def read_var() -> pd.DataFrame:
-        return legacy_var if legacy_var is not None else _read_elem(group["var"])
+        return whole_var if whole_var is not None else _read_elem(group["var"])
 
     dtype = None if x is None else np.dtype(x.dtype)
     return Input(name, x, obs, var_names, dtype, sparse, handle, read_var, elements)
@@ -200,19 +183,13 @@ def _elements(adata: Any, name: str) -> dict[str, Any]:
     for key in ELEMENT_GROUPS:
         if isinstance(adata, ad.AnnData):
             mapping = dict(getattr(adata, key).items())
-        else:
-            group = adata.get(key)
-            names = [] if group is None else list(group.keys())
-            mapping = {k: group[k] for k in names}
+        else:  # on disk, in any encoding (sparse groups opened): see annbatch._legacy
+            mapping = _legacy.elements(adata, key)
         for elem_name, elem in mapping.items():
             path = f"{key}/{elem_name}"
-            if isinstance(elem, h5py.Group | zarr.Group):
-                if elem.attrs.get("encoding-type") != "csr_matrix":
-                    skipped.append(path)
-                    continue
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    elem = ad.io.sparse_dataset(elem)
+            if isinstance(elem, h5py.Group | zarr.Group):  # data frames and the like
+                skipped.append(path)
+                continue
             elem = _widened_on_disk(elem, f"{name}: {path}")
             if isinstance(elem, pd.DataFrame) or not hasattr(elem, "shape"):
                 skipped.append(path)
