@@ -878,21 +878,21 @@ class DatasetCollection:
         sources += [(inp.name, inp.obs) for inp in inputs]
         schema = build_schema(sources, skip=SOURCE_COLUMN)
         columns = [f"{c}: {t.describe()}" for c, t in schema.types.items()]
-        first = state["build"]["first"] if resuming else len(done)  # type: ignore[index]
-        distributed = resuming and state["build"].get("distributed", False)  # type: ignore[index]
-        contents: list[str] | None = None  # of the rows in the buckets, once distributed
-        if distributed:
-            contents = self._check_distributed(state["build"], prints)  # type: ignore[index]
-            if contents is None:  # an input changed: its buckets are stale, distribute again
-                distributed = False
-                done = done[:first]
-        if distributed and state["build"].get("obs_columns", columns) != columns:  # type: ignore[index]
+        if resuming and state["build"].get("obs_columns", columns) != columns:  # type: ignore[index]
             # The buckets hold obs columns by position: other columns cannot resume them.
             msg = (
                 f"an interrupted build with other obs columns is in {self._where}; run it again "
                 "with the same inputs and load_adata to resume, or delete the folder"
             )
             raise CollectionPathError(msg)
+        first = state["build"]["first"] if resuming else len(done)  # type: ignore[index]
+        distributed = resuming and state["build"].get("distributed", False)  # type: ignore[index]
+        contents: list[str] | None = None  # of the rows in the buckets, once distributed
+        if distributed:  # the buckets hold rows read before: from the inputs as they are now?
+            contents = self._check_distributed(state["build"], prints)  # type: ignore[index]
+            if contents is None:  # an input changed: its buckets are stale, distribute again
+                distributed = False
+                done = done[:first]
         plan = plan_build(
             inputs,
             len(var_names),
