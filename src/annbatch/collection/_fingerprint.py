@@ -71,7 +71,7 @@ def quick_fingerprint(inp: Input) -> str:
 
 def _bytes(array: np.ndarray) -> memoryview:
     """An array's raw bytes, without a copy where it is contiguous already."""
-    return memoryview(np.ascontiguousarray(array)).cast("B")
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
 
 
 class _ArrayDigest:
