@@ -174,8 +174,9 @@ class ContentDigest:
         self._index: bytes | None = None
         self._columns: dict[str, bytes] = {}
         self.arrays = [X] if inp.has_x else []
-        """The row-indexed arrays to feed: ``"X"`` (when the input has X), then ``elements``."""
-        self.arrays += list(elements)
+        """The row-indexed arrays to feed: ``"X"`` (when the input has X), then ``elements``
+        (sorted: the digest does not depend on the order they are given in)."""
+        self.arrays += sorted(elements)
         self._digests = {path: _ArrayDigest() for path in self.arrays}
 
     @property
