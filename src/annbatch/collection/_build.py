@@ -10,7 +10,8 @@ Two passes, each within the memory budget:
    are put in a random order, and it is written as one sharded zarr dataset with its obs.
 
 So every input is read once, sequentially, and no more than one block, one obs column or one
-dataset is in memory at a time.
+dataset is in memory at a time. Pass 1 also hashes what it reads: each input's content
+fingerprint (:mod:`annbatch.collection._fingerprint`) costs no read of its own.
 
 Every write step (a bucket append, a dataset, a scratch deletion; the caller's manifest writes)
 is preceded by :func:`checkpoint`, where the crash-safety tests kill the build. The order of the
@@ -30,6 +31,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from annbatch._args import parse_size
+from annbatch.collection._fingerprint import ContentDigest, X
 from annbatch.collection._inputs import SOURCE_COLUMN, align_rows, column_map
 from annbatch.collection._layout import write_dataset
 from annbatch.collection._obs import (
@@ -292,40 +294,54 @@ def distribute(
     scratch: Path,
     progress: Callable[[int], None],
     elements: Sequence[ElementSpec] = (),
-) -> None:
+) -> list[str]:
     """Pass 1: read every input once (obs a column at a time, X and the carried elements in
-    blocks) and append each row to its dataset's bucket."""
+    blocks) and append each row to its dataset's bucket. Returns each input's content
+    fingerprint (see :mod:`annbatch.collection._fingerprint`), hashed from what was read."""
     buckets = [
         _Bucket(scratch / f"{k:06d}", sparse=_x_kind(inputs[0]), elements=elements)
         for k in range(plan.n_datasets)
     ]
+    fingerprints = []
     first_row = 0
     for i, inp in enumerate(inputs):
+        digest = ContentDigest(inp, [spec.path for spec in elements])
         owner = assignment[first_row : first_row + inp.n_obs]
         groups = _scatter(owner)
         checkpoint(f"distribute obs of input {i}")
         index = encode_strings(inp.obs.index())
+        digest.index(index)
         _distribute_column(buckets, owner, groups, "index", index, strings=True)
         for j, (column, t) in enumerate(schema.types.items()):
-            parts = (
-                encode(inp.obs.column(column), t)
-                if column in inp.obs.columns
-                else encode_missing(t, inp.n_obs)
-            )
+            if column in inp.obs.columns:
+                values = inp.obs.column(column)
+                digest.column(column, values)
+                parts = encode(values, t)
+            else:
+                parts = encode_missing(t, inp.n_obs)
             _distribute_column(buckets, owner, groups, j, parts, strings=t.kind == "string")
         mapping = column_map(inp, var_names)
         for lo in range(0, inp.n_obs, plan.rows_per_block):
             hi = min(inp.n_obs, lo + plan.rows_per_block)
             checkpoint(f"distribute rows {lo}:{hi} of input {i}")
-            rows = align_rows(inp.x[lo:hi], mapping, len(var_names)) if inp.has_x else None
+            rows = None
+            if inp.has_x:
+                read = inp.x[lo:hi]
+                digest.rows(X, read)
+                rows = align_rows(read, mapping, len(var_names))
             ids = np.arange(first_row + lo, first_row + hi, dtype=np.int64)
-            extra = [_element_rows(inp, spec, lo, hi, mapping, len(var_names)) for spec in elements]
+            extra = [
+                _element_rows(inp, spec, lo, hi, mapping, len(var_names), digest)
+                for spec in elements
+            ]
             for part in _scatter(owner[lo:hi]):
                 buckets[int(owner[lo + part[0]])].append(
                     None if rows is None else rows[part], ids[part], [e[part] for e in extra]
                 )
             progress(hi - lo)
+        fingerprints.append(digest.hexdigest())
         first_row += inp.n_obs
+    return fingerprints
 
 
 def _x_kind(inp: Input) -> bool | None:
@@ -334,10 +350,18 @@ def _x_kind(inp: Input) -> bool | None:
 
 
 def _element_rows(
-    inp: Input, spec: ElementSpec, lo: int, hi: int, mapping: np.ndarray | None, n_var: int
+    inp: Input,
+    spec: ElementSpec,
+    lo: int,
+    hi: int,
+    mapping: np.ndarray | None,
+    n_var: int,
+    digest: ContentDigest,
 ) -> Any:
-    """Rows ``lo:hi`` of one carried element (a layer aligned to the collection's genes)."""
+    """Rows ``lo:hi`` of one carried element (a layer aligned to the collection's genes),
+    fed to the input's ``digest`` as read."""
     rows = inp.elements[spec.path][lo:hi]
+    digest.rows(spec.path, rows)
     rows = sp.csr_matrix(rows) if spec.sparse else np.asarray(rows)
     return align_rows(rows, mapping, n_var) if spec.is_layer else rows
 

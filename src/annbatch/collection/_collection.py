@@ -30,11 +30,11 @@ from annbatch.collection._build import (
     progress_bar,
     write_datasets,
 )
+from annbatch.collection._fingerprint import Fingerprints, recorded, recorded_build
 from annbatch.collection._inputs import (
     SOURCE_COLUMN,
     ElementSpec,
     element_specs,
-    fingerprint,
     open_inputs,
     union_var_names,
 )
@@ -547,8 +547,10 @@ class DatasetCollection:
             whose add_adatas built or extended it, as in the reference library). Checked before anything is written: X's
             dtype and kind (dense or sparse), obs column types and genes must fit.
         force
-            Add inputs whose data the collection already holds (same shape, obs and gene
-            names, and values), or that ``inputs`` names twice; refused otherwise.
+            Add inputs whose data the collection already holds (the same content: every
+            value of X, the carried layers and obsm, obs and var), or that ``inputs`` names
+            twice; refused otherwise. Telling whether an input is the same reads it whole
+            (only when its shape, names and first and last rows match a held input's).
 
         Returns
         -------
@@ -617,7 +619,6 @@ class DatasetCollection:
         opened = open_inputs(items, load_adata)
         try:
             _check_groupby(opened, group_columns)
-            prints = [fingerprint(inp) for inp in opened]
             options: dict[str, Any] = {
                 "var_names": None if genes is None else list(genes),
                 "dataset_size": dataset_size,
@@ -644,6 +645,11 @@ class DatasetCollection:
             options.update({k: v for k, v in extra.items() if v != defaults[k]})
             self._layout = layout
             complete = state is not None and state["state"] == "complete"
+            specs = [] if complete else element_specs(opened)
+            # The layers and obsm a content fingerprint covers: those the collection (or the
+            # build in progress) carries, else those this build will carry.
+            carried = [s.path for s in specs] if state is None else list(state.get("elements", {}))
+            prints = Fingerprints(opened, carried, budget)
             if complete:
                 if not force and _built_by(state, prints, options, self._where):  # type: ignore[arg-type]
                     self._added = True
@@ -651,9 +657,9 @@ class DatasetCollection:
                 if not append:
                     _refuse_without_append(state, prints, self._where)  # type: ignore[arg-type]
             if not force:
-                _refuse_repeats(opened, prints, state if complete else None)
-            specs = element_specs(opened)
+                _refuse_repeats(prints, state if complete else None)
             if complete:
+                specs = element_specs(opened)
                 _check_append(opened, state, self._where, self._root())  # type: ignore[arg-type]
                 specs = _elements_for_append(specs, state, self._where)  # type: ignore[arg-type]
             self._elements = specs
@@ -709,11 +715,13 @@ class DatasetCollection:
             call["load_adata"],
         )
         try:
-            prints = [fingerprint(inp) for inp in opened]
+            budget = parse_bytes(call["memory_budget"])
+            prints = Fingerprints(opened, list(state.get("elements", {})), budget)
+            built = any(_same_build(b, prints) for b in state.get("builds", []))
         finally:
             for inp in opened:
                 inp.close()
-        if any(b.get("fingerprints") == prints for b in state.get("builds", [])):
+        if built:
             warnings.warn(
                 f"{self._where} is finished and already holds these inputs; nothing was written",
                 UserWarning,
@@ -785,10 +793,28 @@ class DatasetCollection:
         checkpoint(f"manifest: {step}")
         root.attrs[ATTR] = record
 
+    def _check_distributed(self, build: dict[str, Any], prints: Fingerprints) -> list[str] | None:
+        """The content fingerprints of an interrupted build's buckets, if its inputs still hold
+        that data (each is read whole to tell; nothing is written); None, with a warning, if
+        any changed since (or the build did not record what it read)."""
+        _, held = recorded_build(build)
+        now = prints.contents()
+        changed = [inp.name for inp, a, b in zip(prints.inputs, now, held, strict=True) if a != b]
+        if not changed:
+            return now
+        warnings.warn(
+            f"{', '.join(changed[:5])} {'holds' if len(changed) == 1 else 'hold'} other data than "
+            f"the interrupted build of {self._where} read (or it did not record what it read): "
+            "the build reads its inputs again",
+            UserWarning,
+            stacklevel=5,
+        )
+        return None
+
     def _build(
         self,
         inputs: list[Input],
-        prints: list[str],
+        prints: Fingerprints,
         state: dict[str, Any] | None,
         options: dict[str, Any],
         rng: np.random.Generator | int | None,
@@ -803,7 +829,7 @@ class DatasetCollection:
             build = state["build"]  # type: ignore[index]
             elements = {e.path: e.describe() for e in self._elements}
             if (
-                build.get("fingerprints") != prints
+                recorded_build(build)[0] != prints.quick
                 or not _same_options(build, options)
                 or state.get("elements", {}) != elements  # type: ignore[union-attr]
             ):
@@ -860,6 +886,13 @@ class DatasetCollection:
             )
             raise CollectionPathError(msg)
         first = state["build"]["first"] if resuming else len(done)  # type: ignore[index]
+        distributed = resuming and state["build"].get("distributed", False)  # type: ignore[index]
+        contents: list[str] | None = None  # of the rows in the buckets, once distributed
+        if distributed:  # the buckets hold rows read before: from the inputs as they are now?
+            contents = self._check_distributed(state["build"], prints)  # type: ignore[index]
+            if contents is None:  # an input changed: its buckets are stale, distribute again
+                distributed = False
+                done = done[:first]
         plan = plan_build(
             inputs,
             len(var_names),
@@ -869,7 +902,6 @@ class DatasetCollection:
             self._elements,
         )
         dataset_names = [f"dataset_{first + k:06d}" for k in range(plan.n_datasets)]
-        distributed = resuming and state["build"].get("distributed", False)  # type: ignore[index]
         # The collection's state, rewritten to the root's attributes at every step of the build.
         record: dict[str, Any] = {
             "version": FORMAT_VERSION,
@@ -885,7 +917,8 @@ class DatasetCollection:
                 "option_keys": list(options),
                 "obs_columns": columns,
                 "inputs": names,
-                "fingerprints": prints,
+                "quick_fingerprints": prints.quick,
+                "fingerprints": contents,
                 "seed": seed,
                 "first": first,
                 "distributed": distributed,
@@ -950,9 +983,11 @@ class DatasetCollection:
                 checkpoint("delete scratch")
                 shutil.rmtree(scratch)
             with progress_bar(plan.n_obs, "distributing rows", show=progress) as bar:
-                distribute(
+                contents = distribute(
                     inputs, var_names, schema, plan, assignment, scratch, bar.update, self._elements
                 )
+            # The content fingerprints of the rows now in the buckets: what the collection holds.
+            record["build"]["fingerprints"] = contents
             record["build"]["distributed"] = True
             self._save(root, record, "distributed")
         del assignment
@@ -988,40 +1023,71 @@ class DatasetCollection:
         if scratch.exists():
             checkpoint("delete scratch")
             shutil.rmtree(scratch)
-        added = zip(names, build["fingerprints"], strict=True)
+        quick, contents = build["quick_fingerprints"], build["fingerprints"]
+        added = zip(names, quick, contents, strict=True)
         options = {k: build[k] for k in build.get("option_keys", _BASE_OPTIONS)}
         complete = {k: v for k, v in record.items() if k != "build"}
         complete.update(
             state="complete",
-            inputs=record["inputs"] + [{"name": n, "fingerprint": f} for n, f in added],
-            builds=[*record["builds"], {**options, "fingerprints": build["fingerprints"]}],
+            inputs=record["inputs"]
+            + [{"name": n, "fingerprint": c, "quick": q} for n, q, c in added],
+            builds=[
+                *record["builds"],
+                {**options, "fingerprints": contents, "quick_fingerprints": quick},
+            ],
         )
         self._save(root, complete, "complete")
 
 
-def _refuse_repeats(
-    inputs: Sequence[Input], prints: Sequence[str], state: dict[str, Any] | None
-) -> None:
-    """Raise if one input's data is given twice, or is in the finished collection ``state``."""
-    seen: dict[str, str] = {}
-    for inp, digest in zip(inputs, prints, strict=True):
-        if digest in seen:
-            msg = f"{inp.name} holds the same data as {seen[digest]}; pass each input once (or force=True to add it twice)"
+def _refuse_repeats(prints: Fingerprints, state: dict[str, Any] | None) -> None:
+    """Raise if one input's data is given twice, or is in the finished collection ``state``
+    (an input is read for this only when its quick fingerprint matches another's)."""
+    inputs = prints.inputs
+    earlier: dict[str, list[int]] = {}  # inputs before, by quick fingerprint
+    for i, quick in enumerate(prints.quick):
+        twin = next((j for j in earlier.get(quick, []) if prints.same_pair(i, j)), None)
+        if twin is not None:
+            msg = f"{inputs[i].name} holds the same data as {inputs[twin].name}; pass each input once (or force=True to add it twice)"
             raise DuplicateInputError(msg)
-        seen[digest] = inp.name
-    held = {} if state is None else {e["fingerprint"]: e["name"] for e in state.get("inputs", [])}
-    repeats = [(inp.name, held[d]) for inp, d in zip(inputs, prints, strict=True) if d in held]
+        earlier.setdefault(quick, []).append(i)
+    held = _held(state)
+    repeats = []
+    for i, inp in enumerate(inputs):
+        matches = held.get(prints.quick[i], [])
+        old = next((name for c, name in matches if prints.same(i, prints.quick[i], c)), None)
+        if old is not None:
+            repeats.append((inp.name, old))
     if repeats:
         listed = "; ".join(f"{new} (added as {old})" for new, old in repeats[:5])
         msg = f"the collection already holds the data of {len(repeats)} of these inputs: {listed}; nothing was written. Leave them out, or pass force=True to add them again"
         raise DuplicateInputError(msg)
 
 
-def _built_by(state: dict[str, Any], prints: list[str], options: dict[str, Any], path: str) -> bool:
+def _held(state: dict[str, Any] | None) -> dict[str, list[tuple[str | None, str]]]:
+    """The inputs a collection holds: (content fingerprint, name) by quick fingerprint."""
+    entries = [] if state is None else state.get("inputs", [])
+    held: dict[str, list[tuple[str | None, str]]] = {}
+    for (quick, content), entry in zip(recorded(entries), entries, strict=True):
+        held.setdefault(quick, []).append((content, entry["name"]))
+    return held
+
+
+def _same_build(build: dict[str, Any], prints: Fingerprints) -> bool:
+    """Whether the recorded ``build`` was of these inputs' data (quick fingerprints first;
+    the inputs are read only if all of those match)."""
+    quick, contents = recorded_build(build)
+    if quick != prints.quick:
+        return False
+    return all(prints.same(i, q, c) for i, (q, c) in enumerate(zip(quick, contents, strict=True)))
+
+
+def _built_by(
+    state: dict[str, Any], prints: Fingerprints, options: dict[str, Any], path: str
+) -> bool:
     """Whether a build (or append) of these inputs with these options made the finished
     collection ``state``; says so with a warning (nothing is to be done)."""
     for build in state.get("builds", []):
-        if build["fingerprints"] == prints and _same_options(build, options):
+        if _same_options(build, options) and _same_build(build, prints):
             warnings.warn(
                 f"{path} is finished and already holds these inputs, added with these options; "
                 "nothing was written",
@@ -1032,18 +1098,34 @@ def _built_by(state: dict[str, Any], prints: list[str], options: dict[str, Any],
     return False
 
 
-def _refuse_without_append(state: dict[str, Any], prints: list[str], path: str) -> None:
+def _refuse_without_append(state: dict[str, Any], prints: Fingerprints, path: str) -> None:
     """Adding rows to a finished collection takes ``append=True``."""
-    held = {entry["fingerprint"] for entry in state.get("inputs", [])}
-    if all(d in held for d in prints):
+    held = _held(state)
+
+    def holds(i: int) -> bool:
+        quick = prints.quick[i]
+        return any(prints.same(i, quick, c) for c, _ in held.get(quick, []))
+
+    if all(holds(i) for i in range(len(prints))):
         msg = (
             f"{path} already holds these inputs, added by other calls or with other options; "
             "nothing was written. To lay them out otherwise, build a new collection at another path"
         )
     else:
+        changed = [
+            inp.name
+            for i, inp in enumerate(prints.inputs)
+            if prints.quick[i] in held and not holds(i)
+        ]
+        note = (
+            f" ({', '.join(changed[:5])} {'has' if len(changed) == 1 else 'have'} the names and "
+            "shape of an input the collection holds, but other values)"
+            if changed
+            else ""
+        )
         msg = (
             f"{path} is a finished collection ({sum(d['n_obs'] for d in state['datasets']):,} "
-            "rows) built from other inputs; nothing was written. Pass append=True (annbatch "
+            f"rows) built from other inputs{note}; nothing was written. Pass append=True (annbatch "
             "build --append) to add these inputs to it, or build into another path"
         )
     raise CollectionCompleteError(msg)

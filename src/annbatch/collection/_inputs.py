@@ -7,7 +7,6 @@ naming the input.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -354,36 +353,6 @@ def element_specs(inputs: Sequence[Input]) -> list[ElementSpec]:
         msg = "the inputs have no X and share no layer or obsm array: the collection would hold nothing to stream"
         raise IncompatibleDatasetsError(msg)
     return specs
-
-
-def fingerprint(inp: Input) -> str:
-    """A digest of what an input holds: shape, dtype, obs and gene names, and its first and
-    last rows' values. Two inputs with the same digest are taken to be the same data."""
-    digest = hashlib.sha256()
-    n_obs, n_var = inp.n_obs, len(inp.var_names)
-    dtype = "-" if inp.dtype is None else inp.dtype.str
-    digest.update(f"{n_obs} {n_var} {dtype} {inp.sparse}".encode())
-    for names in (inp.obs.index(), inp.var_names.astype(str)):
-        digest.update("\n".join(names).encode())
-        digest.update(b"\0")
-    # Values: X's first and last rows; without X, those of its first element.
-    values = inp.x if inp.has_x else inp.elements[min(inp.elements)]
-    if not inp.has_x:
-        digest.update(min(inp.elements).encode())
-    k = min(n_obs, 16)
-    for rows in (values[:k], values[n_obs - k :]):
-        if sp.issparse(rows):
-            rows = sp.csr_matrix(rows)
-            arrays = [
-                (rows.indptr - rows.indptr[0]).astype(np.int64),
-                rows.indices.astype(np.int64),
-                rows.data,
-            ]
-        else:
-            arrays = [np.asarray(rows)]
-        for array in arrays:
-            digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
 
 
 def union_var_names(inputs: Sequence[Input]) -> pd.Index:
