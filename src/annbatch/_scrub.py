@@ -23,7 +23,8 @@ import h5py
 import numpy as np
 import zarr
 
-from annbatch._core.direct import direct_array, read_whole
+from annbatch._core.direct import COMPLETE_ATTR, direct_array, read_whole
+from annbatch._core.frames import missing_chunks
 from annbatch._core.validate import check_indices, check_indptr
 from annbatch._stores import is_url, open_zarr
 from annbatch.errors import AnnbatchError, InvalidArgumentError, StoreReadError
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 _BLOCK_BYTES = 64 * 2**20  # rows read at once from an array that is not chunked
+_MISSING = (
+    "missing, but the array records that every chunk was written; the store is incomplete "
+    "(an interrupted copy or upload?) or damaged"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +125,25 @@ def _scrub_zarr_array(array: zarr.Array, where: str) -> Iterator[Problem]:
                     seen.add(str(e))
                     yield Problem(where, direct.chunk_name(c), str(e))
         return
+    lost: set[str] = set()
+    if array.attrs.get(COMPLETE_ATTR) is True:  # a chunk zarr would read as the fill value
+        try:
+            missing = missing_chunks(array)
+        except Exception as e:
+            missing = []
+            yield Problem(where, "-", f"cannot list its chunks: {type(e).__name__}: {e}")
+        for name in missing:
+            lost.add(name.split(" ", 1)[1])
+            yield Problem(where, name, _MISSING)
     counts = [-(-int(s) // int(c)) for s, c in zip(array.shape, array.chunks, strict=True)]
     for coords in np.ndindex(*counts):  # a 0-d array has one chunk, ()
         region = tuple(
             slice(i * int(c), (i + 1) * int(c)) for i, c in zip(coords, array.chunks, strict=True)
         )
-        yield from _attempt(partial(array.__getitem__, region), where, _chunk_key(array, coords))
+        key = _chunk_key(array, coords)
+        if array.shards is None and key in lost:
+            continue  # (zarr would read it as the fill value)
+        yield from _attempt(partial(array.__getitem__, region), where, key)
 
 
 def _chunk_key(array: zarr.Array, coords: tuple[int, ...]) -> str:

@@ -15,8 +15,9 @@ fits it, so callers can catch either::
     ├── LoaderBusyError           (RuntimeError)  changing a Loader while it is being iterated
     ├── CollectionAlreadyUsedError (RuntimeError) a second use_collection on one Loader
     ├── StoreReadError            (OSError)       reading stored rows failed (names store, array, rows)
-    │   └── CorruptChunkError     (OSError)       on-disk bytes that do not decode, or the wrong size
-    │       └── ChecksumMismatchError (OSError)   a chunk whose bytes do not match their checksum
+    │   ├── CorruptChunkError     (OSError)       on-disk bytes that do not decode, or the wrong size
+    │   │   └── ChecksumMismatchError (OSError)   a chunk whose bytes do not match their checksum
+    │   └── MissingDataError      (FileNotFoundError)  a dataset a collection's manifest names is gone
     ├── CorruptDataError          (ValueError)    stored structure that contradicts itself (CSR indptr,
     │                                             column indices out of range, array metadata)
     ├── InputFileError            (OSError)       a collection input that is missing or unreadable
@@ -88,6 +89,11 @@ class CorruptChunkError(StoreReadError):
 
 class ChecksumMismatchError(CorruptChunkError):
     """A chunk's bytes do not match the CRC32C checksum stored with them."""
+
+
+class MissingDataError(StoreReadError, FileNotFoundError):
+    """A dataset that a collection's manifest names is not in its folder or bucket (deleted,
+    or lost in a copy or an upload)."""
 
 
 class CorruptDataError(AnnbatchError, ValueError):
