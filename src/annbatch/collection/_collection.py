@@ -412,7 +412,14 @@ class DatasetCollection:
         lost = missing_datasets(self, names)
         if lost:
             raise MissingDataError(missing_message(self, lost))
-        return [h5py.File(self._path / name, "r") for name in names]
+        files = []
+        for name in names:
+            try:
+                files.append(h5py.File(self._path / name, "r"))
+            except OSError as e:
+                msg = f"the dataset {name} of the collection {self._where} is not readable as an HDF5 file ({e}); the collection is damaged"
+                raise StoreReadError(msg) from e
+        return files
 
     def __len__(self) -> int:
         return len(self.dataset_names)

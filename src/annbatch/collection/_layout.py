@@ -90,12 +90,8 @@ def compressors(compression: Compression) -> list[Any]:
     return [Crc32cCodec()]
 
 
-OBS_CODECS = {
-    "compressors": [ZstdCodec(level=3), Crc32cCodec()],
-    "config": {"write_empty_chunks": True},
-}
-"""Codecs of obs' and var's arrays: read once, when a dataset is opened; small is what counts.
-Every chunk is written (one of all fill values too), so that a missing one is damage."""
+OBS_CODECS = {"compressors": [ZstdCodec(level=3), Crc32cCodec()]}
+"""Codecs of obs' and var's arrays: read once, when a dataset is opened; small is what counts."""
 
 
 @dataclass(frozen=True)
@@ -211,7 +207,14 @@ def write_dataset(
     called between the elements (see :func:`annbatch.collection._build.checkpoint`).
     """
     obs, restore = prepare_for_write(obs)
-    with warnings.catch_warnings(), ad.settings.override(allow_write_nullable_strings=True):
+    # Every chunk is written, one of only fill values too, so that a missing one is damage.
+    # zarr's default, not the arrays' own config: anndata writes through the array reopened
+    # from its metadata, which does not keep the config it was created with.
+    with (
+        zarr.config.set({"array.write_empty_chunks": True}),
+        warnings.catch_warnings(),
+        ad.settings.override(allow_write_nullable_strings=True),
+    ):
         warnings.simplefilter("ignore")  # anndata's notes about zarr v3 and string arrays
         if x is not None:  # None: an AnnData without X (its rows are in layers / obsm)
             _write_values(group, "X", x, compression, layout)
