@@ -39,9 +39,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 
-def read_frame(
-    elem: Any, frame: zarr.Group | h5py.Group, kind: Literal["obs", "var"]
-) -> Any:
+def read_frame(elem: Any, frame: zarr.Group | h5py.Group, kind: Literal["obs", "var"]) -> Any:
     """anndata's ``read_elem`` of ``elem`` (the dataframe ``frame`` itself, or one of its
     columns or its index), every array read with the checks above.
 
@@ -56,7 +54,7 @@ def read_frame(
     """
     from anndata.experimental import read_dispatched
 
-    def read(func: Callable[[Any], Any], _name: str, node: Any, *, iospec: Any) -> Any:  # noqa: ARG001
+    def read(func: Callable[[Any], Any], _name: str, node: Any, *, iospec: Any) -> Any:
         if isinstance(node, zarr.Array):
             return read_checked(node, func, lambda: describe_column(node, frame, kind))
         if isinstance(node, h5py.Dataset):
@@ -69,9 +67,7 @@ def read_frame(
         return read_dispatched(elem, read)
 
 
-def read_checked(
-    array: zarr.Array, read: Callable[[Any], Any], what: Callable[[], str]
-) -> Any:
+def read_checked(array: zarr.Array, read: Callable[[Any], Any], what: Callable[[], str]) -> Any:
     """All of ``array`` (``read``: anndata's reader of it, for arrays the chunk reader cannot
     read); ``what`` names it in errors."""
     with _named(what):
@@ -148,7 +144,8 @@ def _named(what: Callable[[], str]) -> Iterator[None]:
     except MemoryError:
         raise
     except AnnbatchError as e:
-        raise type(e)(f"{what()}: {e}") from e
+        msg = f"{what()}: {e}"
+        raise type(e)(msg) from e
     except OSError as e:  # h5py raises OSError both for I/O and for chunks that do not decode
         msg = f"{what()}: reading failed: {type(e).__name__}: {e}"
         raise StoreReadError(msg) from e

@@ -49,9 +49,7 @@ def manifest_problems(collection: DatasetCollection) -> list[Problem]:
     problems = []
     if state["state"] != "complete":
         problems.append(
-            Problem(
-                "/", "-", "the build did not finish: run the same build again to resume it"
-            )
+            Problem("/", "-", "the build did not finish: run the same build again to resume it")
         )
         if collection.is_collection_h5ad:  # its datasets are still in the scratch collection
             return problems
@@ -75,9 +73,7 @@ def manifest_problems(collection: DatasetCollection) -> list[Problem]:
 
 
 @contextlib.contextmanager
-def _opened(
-    collection: DatasetCollection, name: str, problems: list[Problem]
-) -> Iterator[Any]:
+def _opened(collection: DatasetCollection, name: str, problems: list[Problem]) -> Iterator[Any]:
     """The dataset ``name`` opened read-only, or None (a problem added) if it cannot be."""
     where = f"/{name}"
     gone = Problem(
@@ -140,9 +136,7 @@ def _dataset_problems(
         names = [index, *frame.attrs.get("column-order", [])]
         absent = [str(n) for n in names if n is None or n not in frame]
         if absent:
-            problems.append(
-                Problem(f"{where}/{key}", "-", f"its columns {absent} are missing")
-            )
+            problems.append(Problem(f"{where}/{key}", "-", f"its columns {absent} are missing"))
         if index is not None and index in frame:
             want = n_obs if key == "obs" else expected["n_var"]
             check(f"{key}/{index}", _rows(frame[index]), want, "rows")
