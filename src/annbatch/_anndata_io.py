@@ -12,7 +12,9 @@ import pandas as pd
 import zarr
 
 from annbatch._core.failures import store_errors
-from annbatch._legacy import is_records, open_element, read_frame
+from annbatch._core.frames import read_frame
+from annbatch._legacy import is_records, open_element
+from annbatch._legacy import read_frame as read_legacy_frame
 from annbatch._stores import is_url, open_zarr
 from annbatch.errors import (
     CorruptDataError,
@@ -33,24 +35,24 @@ def read_obs(group: zarr.Group | h5py.Group, columns: list[str] | None = None) -
     types annbatch collections stored differently restored."""
     elem: Any = group["obs"]
     if is_records(elem):  # anndata < 0.7's encoding: see annbatch._legacy
-        obs = read_frame(group, "obs")
+        obs = read_legacy_frame(group, "obs")
         return obs if columns is None else _select(obs, columns, group)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if columns is not None and elem.attrs.get("encoding-version") == "0.2.0":
-            # Read only what is asked: the index and the named columns.
-            missing = [c for c in columns if c not in elem.attrs.get("column-order", [])]
-            if missing:
-                msg = f"obs of {group} has no column {missing}"
-                raise InvalidArgumentError(msg)
-            index_key = elem.attrs["_index"]
-            index = pd.Index(anndata.io.read_elem(elem[index_key]))
-            index.name = None if index_key == "_index" else index_key
-            obs = pd.DataFrame({c: anndata.io.read_elem(elem[c]) for c in columns}, index=index)
-        else:
-            obs = anndata.io.read_elem(elem)
-            if columns is not None:
-                obs = _select(obs, columns, group)
+    # Every array through the checks of annbatch._core.frames: a lost or damaged chunk of a
+    # column is an error naming it, never the fill value.
+    if columns is not None and elem.attrs.get("encoding-version") == "0.2.0":
+        # Read only what is asked: the index and the named columns.
+        missing = [c for c in columns if c not in elem.attrs.get("column-order", [])]
+        if missing:
+            msg = f"obs of {group} has no column {missing}"
+            raise InvalidArgumentError(msg)
+        index_key = elem.attrs["_index"]
+        index = pd.Index(read_frame(elem[index_key], elem, "obs"))
+        index.name = None if index_key == "_index" else index_key
+        obs = pd.DataFrame({c: read_frame(elem[c], elem, "obs") for c in columns}, index=index)
+    else:
+        obs = read_frame(elem, elem, "obs")
+        if columns is not None:
+            obs = _select(obs, columns, group)
     return restore_types(obs, elem)
 
 

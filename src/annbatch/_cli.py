@@ -193,11 +193,13 @@ def _run(args: argparse.Namespace) -> int:
     except (AnnbatchError, OSError) as e:
         print(f"annbatch {args.command}: error: {e}", file=sys.stderr)
         return 1
+    kind = " (h5ad files)" if info.get("format") == "h5ad" else ""
     print(
-        f"{info['path']}: {info['n_datasets']} datasets, {info['n_obs']:,} rows x {info['n_var']:,} genes, {_human(info['bytes'])} on disk"
+        f"{info['path']}{kind}: {info['n_datasets']} datasets, {info['n_obs']:,} rows x {info['n_var']:,} genes, {_human(info['bytes'])} on disk"
     )
+    width = max([16, *(len(d["name"]) for d in info["datasets"])])
     print(
-        f"{'dataset':<16} {'rows':>12} {'dtype':>8} {'stored as':>24} {'X':>11} {'codec':>12} "
+        f"{'dataset':<{width}} {'rows':>12} {'dtype':>8} {'stored as':>24} {'X':>11} {'codec':>12} "
         f"{'chunks':>10} {'shards':>10} {'size':>10} {'B/nnz':>6}"
     )
     for d in info["datasets"]:
@@ -206,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
         # bytes per stored nonzero of the whole dataset (obs and var included): what a row costs
         per_nnz = f"{d['bytes'] / d['nnz']:.2f}" if d.get("nnz") else "-"
         print(
-            f"{d['name']:<16} {d['n_obs']:>12,} {d['dtype'] or '-':>8} {d.get('stored', '-'):>24} "
+            f"{d['name']:<{width}} {d['n_obs']:>12,} {d['dtype'] or '-':>8} {d.get('stored', '-'):>24} "
             f"{d['encoding']:>11} {d['codec']:>12} {chunks:>10} {shards:>10} "
             f"{_human(d['bytes']):>10} {per_nnz:>6}"
         )

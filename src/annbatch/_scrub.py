@@ -1,12 +1,16 @@
 """Scrub a store: read every chunk of every array, check it, and name every bad one.
 
 ``annbatch verify STORE`` and :func:`annbatch.verify` run this over a zarr store (an AnnData
-store or a whole collection) or an h5ad file. Each chunk is read on its own, so one bad chunk
-is reported and the scrub goes on:
+store or a whole collection), an h5ad file, or a collection of h5ad files. A collection's
+manifest is checked first: every dataset it names must be there, with the rows, genes and
+elements it records (:mod:`annbatch.collection._check`). Each chunk is read on its own, so one
+bad chunk is reported and the scrub goes on:
 
 - zarr arrays that annbatch's chunk reader understands are read with it, with every check it
   makes (shard index entries inside their file, CRC32C of shard indexes and of every chunk that
   carries one, the decoded size); other zarr arrays are read through zarr-python chunk by chunk;
+  a chunk missing from an array that records every chunk as written (every array of a
+  collection: X, layers, obsm, obs and var) is reported, not read as the fill value;
 - HDF5 datasets are read chunk by chunk (or in blocks, when not chunked) through h5py;
 - CSR matrices in anndata's encoding get the Loader's structural checks: ``indptr`` (length,
   starts at 0, never decreases, ends at the stored entries) and every column index in range.
@@ -23,7 +27,8 @@ import h5py
 import numpy as np
 import zarr
 
-from annbatch._core.direct import direct_array, read_whole
+from annbatch._core.direct import COMPLETE_ATTR, direct_array, read_whole
+from annbatch._core.frames import missing_chunks
 from annbatch._core.validate import check_indices, check_indptr
 from annbatch._stores import is_url, open_zarr
 from annbatch.errors import AnnbatchError, InvalidArgumentError, StoreReadError
@@ -32,6 +37,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 _BLOCK_BYTES = 64 * 2**20  # rows read at once from an array that is not chunked
+_MISSING = (
+    "missing, but the array records that every chunk was written; the store is incomplete "
+    "(an interrupted copy or upload?) or damaged"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +74,12 @@ def verify(path: str | os.PathLike[str]) -> list[Problem]:
             remote = open_zarr(path)
         except StoreReadError as e:
             return [Problem("/", "-", str(e))]
-        return list(_scrub_zarr(remote))
+        return _manifest(path, remote) + list(_scrub_zarr(remote))
     if not os.path.exists(path):
         msg = f"{path} does not exist"
         raise InvalidArgumentError(msg)
+    if _is_h5ad_collection(path):
+        return _verify_h5ad_collection(path)
     if os.path.isfile(path):
         try:
             f = h5py.File(path, "r")
@@ -80,7 +91,62 @@ def verify(path: str | os.PathLike[str]) -> list[Problem]:
         root = zarr.open_group(path, mode="r")
     except Exception as e:
         return [Problem("/", "-", f"not readable as a zarr group: {type(e).__name__}: {e}")]
-    return list(_scrub_zarr(root))
+    return _manifest(path, root) + list(_scrub_zarr(root))
+
+
+def _manifest(path: str, root: zarr.Group) -> list[Problem]:
+    """What an annbatch collection's manifest names and its store lacks (nothing for other
+    stores)."""
+    from annbatch.collection import DatasetCollection
+    from annbatch.collection._check import manifest_problems
+    from annbatch.collection._collection import ATTR
+
+    if ATTR not in root.attrs:
+        return []
+    try:
+        return manifest_problems(DatasetCollection(path, mode="r"))
+    except AnnbatchError as e:
+        return [Problem("/", "-", str(e))]
+
+
+def _is_h5ad_collection(path: str) -> bool:
+    """Whether ``path`` is a folder of h5ad datasets (an annbatch h5ad collection, or
+    ``.h5ad`` files in a folder that is not a zarr group)."""
+    from annbatch.collection._h5ad import MANIFEST, SCRATCH
+
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "zarr.json")):
+        return False
+    names = os.listdir(path)
+    return MANIFEST in names or SCRATCH in names or any(n.endswith(".h5ad") for n in names)
+
+
+def _verify_h5ad_collection(path: str) -> list[Problem]:
+    """An h5ad collection: its manifest against its files, then every dataset of every file
+    (checksums where the files carry them, CSR structure)."""
+    from annbatch.collection import DatasetCollection
+    from annbatch.collection._check import manifest_problems
+
+    try:
+        collection = DatasetCollection(path, mode="r", is_collection_h5ad=True)
+        problems = manifest_problems(collection)
+        state = collection._state()
+    except (AnnbatchError, OSError, ValueError) as e:
+        return [Problem("/", "-", f"not readable as an h5ad collection: {e}")]
+    if state is None or state["state"] != "complete":
+        return problems
+    unreadable = {p.array for p in problems if p.chunk == "-"}
+    for entry in state["datasets"]:
+        name = entry["name"]
+        file = os.path.join(path, name)
+        if f"/{name}" in unreadable or not os.path.isfile(file):
+            continue
+        try:
+            f = h5py.File(file, "r")
+        except OSError:
+            continue  # reported by manifest_problems
+        with f:
+            problems += _scrub_h5(f, f"/{name}")
+    return problems
 
 
 def _scrub_zarr(group: zarr.Group, prefix: str = "") -> Iterator[Problem]:
@@ -120,12 +186,25 @@ def _scrub_zarr_array(array: zarr.Array, where: str) -> Iterator[Problem]:
                     seen.add(str(e))
                     yield Problem(where, direct.chunk_name(c), str(e))
         return
+    lost: set[str] = set()
+    if array.attrs.get(COMPLETE_ATTR) is True:  # a chunk zarr would read as the fill value
+        try:
+            missing = missing_chunks(array)
+        except Exception as e:
+            missing = []
+            yield Problem(where, "-", f"cannot list its chunks: {type(e).__name__}: {e}")
+        for name in missing:
+            lost.add(name.split(" ", 1)[1])
+            yield Problem(where, name, _MISSING)
     counts = [-(-int(s) // int(c)) for s, c in zip(array.shape, array.chunks, strict=True)]
     for coords in np.ndindex(*counts):  # a 0-d array has one chunk, ()
         region = tuple(
             slice(i * int(c), (i + 1) * int(c)) for i, c in zip(coords, array.chunks, strict=True)
         )
-        yield from _attempt(partial(array.__getitem__, region), where, _chunk_key(array, coords))
+        key = _chunk_key(array, coords)
+        if array.shards is None and key in lost:
+            continue  # (zarr would read it as the fill value)
+        yield from _attempt(partial(array.__getitem__, region), where, key)
 
 
 def _chunk_key(array: zarr.Array, coords: tuple[int, ...]) -> str:

@@ -18,7 +18,8 @@ fits it, so callers can catch either::
     │   ├── CorruptChunkError     (OSError)       on-disk bytes that do not decode, or the wrong size
     │   │   └── ChecksumMismatchError (OSError)   a chunk whose bytes do not match their checksum
     │   ├── StoreTimeoutError     (TimeoutError)  object storage that did not answer in time (names the URL)
-    │   └── ForkedRemoteReadError (OSError)       object storage read in a fork-started process (use spawn)
+    │   ├── ForkedRemoteReadError (OSError)       object storage read in a fork-started process (use spawn)
+    │   └── MissingDataError      (FileNotFoundError)  a dataset a collection's manifest names is gone
     ├── CorruptDataError          (ValueError)    stored structure that contradicts itself (CSR indptr,
     │                                             column indices out of range, array metadata)
     ├── InputFileError            (OSError)       a collection input that is missing or unreadable
@@ -102,6 +103,11 @@ class ForkedRemoteReadError(StoreReadError):
     (a DataLoader worker started with "fork", torch's default on Linux). obstore's runtime does
     not survive ``fork()``: the read would wait forever. Start the workers with "spawn" or
     "forkserver" (``DataLoader(..., multiprocessing_context="spawn")``)."""
+
+
+class MissingDataError(StoreReadError, FileNotFoundError):
+    """A dataset that a collection's manifest names is not in its folder or bucket (deleted,
+    or lost in a copy or an upload)."""
 
 
 class CorruptDataError(AnnbatchError, ValueError):

@@ -18,6 +18,7 @@ import pandas as pd
 import zarr
 
 from annbatch._args import parse_int, parse_size
+from annbatch._core.frames import read_frame
 from annbatch._stores import is_url, zarr_object_store
 from annbatch.collection import _h5ad as h5ad
 from annbatch.collection._build import (
@@ -31,6 +32,7 @@ from annbatch.collection._build import (
     write_datasets,
 )
 from annbatch.collection._fingerprint import Fingerprints, recorded, recorded_build
+from annbatch.collection._check import manifest_problems, missing_datasets, missing_message
 from annbatch.collection._inputs import (
     SOURCE_COLUMN,
     ElementSpec,
@@ -60,11 +62,13 @@ from annbatch.errors import (
     ArgumentTypeError,
     CollectionCompleteError,
     CollectionPathError,
+    CorruptDataError,
     DuplicateInputError,
     FeatureNotAvailableError,
     IncompatibleDatasetsError,
     IncompleteCollectionError,
     InvalidArgumentError,
+    MissingDataError,
     StoreReadError,
 )
 
@@ -387,8 +391,12 @@ class DatasetCollection:
         if self._h5ad:
             msg = f"{self._where} is a collection of h5ad files, not of zarr groups; use open_datasets()"
             raise InvalidArgumentError(msg)
+        names = self.dataset_names
+        lost = missing_datasets(self, names)
+        if lost:
+            raise MissingDataError(missing_message(self, lost))
         root = self._root("r")
-        return [root[name] for name in self.dataset_names]  # type: ignore[misc]
+        return [root[name] for name in names]  # type: ignore[misc]
 
     def __iter__(self) -> Iterator[zarr.Group]:
         """Each dataset's group (an AnnData zarr store), in order; a ``ValueError`` for h5ad
@@ -400,7 +408,18 @@ class DatasetCollection:
         collections (they close when no longer referenced)."""
         if not self._h5ad:
             return self.datasets
-        return [h5py.File(self._path / name, "r") for name in self.dataset_names]
+        names = self.dataset_names
+        lost = missing_datasets(self, names)
+        if lost:
+            raise MissingDataError(missing_message(self, lost))
+        files = []
+        for name in names:
+            try:
+                files.append(h5py.File(self._path / name, "r"))
+            except OSError as e:
+                msg = f"the dataset {name} of the collection {self._where} is not readable as an HDF5 file ({e}); the collection is damaged"
+                raise StoreReadError(msg) from e
+        return files
 
     def __len__(self) -> int:
         return len(self.dataset_names)
@@ -416,14 +435,32 @@ class DatasetCollection:
         return pd.Index(self._complete_state()["var_names"])
 
     def info(self) -> dict[str, Any]:
-        """Datasets, rows, genes, dtype, codec and bytes on disk (what ``annbatch info`` prints)."""
+        """Datasets, rows, genes, dtype, codec and bytes on disk (what ``annbatch info`` prints).
+
+        A dataset that the manifest names and the store lacks raises
+        :class:`~annbatch.errors.MissingDataError`; one whose rows, genes or elements differ
+        from the manifest's record raises :class:`~annbatch.errors.CorruptDataError` (neither
+        reads any chunk: ``annbatch verify`` does).
+        """
         state = self._complete_state()
+        names = [d["name"] for d in state["datasets"]]
+        lost = missing_datasets(self, names)
+        if lost:
+            raise MissingDataError(missing_message(self, lost))
+        problems = manifest_problems(self)
+        if problems:
+            listed = "; ".join(map(str, problems[:5]))
+            more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+            msg = (
+                f"the collection {self._where} is damaged: {listed}{more}. "
+                f"`annbatch verify {self._where}` lists every problem"
+            )
+            raise CorruptDataError(msg)
         datasets = []
-        if self._h5ad:
-            datasets = [
-                {**d, "encoding": "h5ad", "bytes": (self._path / d["name"]).stat().st_size}
-                for d in state["datasets"]
-            ]
+        for name in names if self._h5ad else []:
+            with h5py.File(self._path / name, "r") as f:
+                entry = {"name": name, **h5ad.describe(f)}
+            datasets.append({**entry, "bytes": (self._path / name).stat().st_size})
         for group in [] if self._h5ad else self.datasets:
             entry = {"name": group.basename, **describe_x(group)}
             entry["bytes"] = (
@@ -434,6 +471,7 @@ class DatasetCollection:
             datasets.append(entry)
         return {
             "path": self._where,
+            "format": "h5ad" if self._h5ad else "zarr",
             "n_datasets": len(datasets),
             "n_obs": sum(d["n_obs"] for d in datasets),
             "n_var": len(state["var_names"]),
@@ -868,7 +906,8 @@ class DatasetCollection:
             with self._finished_datasets([d["name"] for d in done[:prior_first]]) as groups:
                 prior = dataset_types(groups)
                 if prior_first:  # an append keeps the collection's var columns
-                    first_var = read_elem_quiet(groups[0]["var"])
+                    var_group = groups[0]["var"]
+                    first_var = read_frame(var_group, var_group, "var")
                     self._var = first_var if len(first_var.columns) else None
         if self._var is None and options.get("merge") is not None and not prior:
             self._var = merged_var(inputs, var_names, options["merge"])

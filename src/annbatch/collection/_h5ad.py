@@ -75,6 +75,36 @@ def read_state(
     return {"state": "complete", "datasets": datasets, "var_names": var_names, "format": "h5ad"}
 
 
+def describe(f: h5py.File) -> dict[str, Any]:
+    """Rows, columns, dtype, stored entries (CSR), codec and chunking of an h5ad dataset's X,
+    as :func:`annbatch.collection._layout.describe_x` gives them for a zarr dataset."""
+    if "X" not in f:
+        obs, var = f["obs"], f["var"]
+        return {
+            "n_obs": int(obs[obs.attrs.get("_index", "_index")].shape[0]),
+            "n_var": int(var[var.attrs.get("_index", "_index")].shape[0]),
+            "dtype": None, "stored": "-", "nnz": None, "encoding": "none", "chunks": (),
+            "shards": None, "codec": "-", "checksum": False,
+        }  # fmt: skip
+    x = f["X"]
+    csr = isinstance(x, h5py.Group)
+    values = x["data"] if csr else x
+    shape = tuple(int(n) for n in (x.attrs["shape"] if csr else x.shape))
+    stored = str(values.dtype) + (f" + {x['indices'].dtype} indices" if csr else "")
+    return {
+        "n_obs": shape[0],
+        "n_var": shape[1] if len(shape) > 1 else 1,
+        "dtype": str(values.dtype),
+        "stored": stored,
+        "nnz": int(values.shape[0]) if csr else None,
+        "encoding": str(x.attrs.get("encoding-type", "array")),
+        "chunks": tuple(values.chunks or ()),
+        "shards": None,
+        "codec": values.compression or "none",
+        "checksum": bool(values.fletcher32),
+    }
+
+
 def _widen(adata: ad.AnnData, group: Any) -> None:
     """X, layers and obsm of a dataset read from a packed zarr collection, in the types the
     inputs had (see :mod:`annbatch._narrow`)."""

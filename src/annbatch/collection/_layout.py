@@ -11,6 +11,9 @@ store several times larger than a compressed one.
 Every array of a collection (X's, and obs' and var's columns) carries a CRC32C checksum per
 chunk (zarr v3's ``crc32c`` codec, last in the chain): the Loader verifies it whenever it reads
 a chunk whole, zarr-python whenever it reads one, and ``annbatch verify`` scrubs them all.
+Every chunk of every array is written (one of all fill values too) and each array records so
+(:data:`annbatch._core.direct.COMPLETE_ATTR`): a chunk missing later is damage, never zeros
+or another row's label (obs and var are read through :mod:`annbatch._core.frames`).
 """
 
 from __future__ import annotations
@@ -204,7 +207,14 @@ def write_dataset(
     called between the elements (see :func:`annbatch.collection._build.checkpoint`).
     """
     obs, restore = prepare_for_write(obs)
-    with warnings.catch_warnings(), ad.settings.override(allow_write_nullable_strings=True):
+    # Every chunk is written, one of only fill values too, so that a missing one is damage.
+    # zarr's default, not the arrays' own config: anndata writes through the array reopened
+    # from its metadata, which does not keep the config it was created with.
+    with (
+        zarr.config.set({"array.write_empty_chunks": True}),
+        warnings.catch_warnings(),
+        ad.settings.override(allow_write_nullable_strings=True),
+    ):
         warnings.simplefilter("ignore")  # anndata's notes about zarr v3 and string arrays
         if x is not None:  # None: an AnnData without X (its rows are in layers / obsm)
             _write_values(group, "X", x, compression, layout)
@@ -230,6 +240,8 @@ def write_dataset(
             obs_group[column].attrs[DTYPE_ATTR] = dtype
         var = pd.DataFrame(index=var_names) if var is None else var
         ad.io.write_elem(group, "var", var, dataset_kwargs=OBS_CODECS)
+    for key in ("obs", "var"):  # every chunk was written: a missing one is damage (as for X)
+        _mark_complete(group[key])  # type: ignore[arg-type]
     group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
 
 
@@ -267,6 +279,14 @@ def _write_values(
     # Every chunk was written (write_empty_chunks): the reader treats a missing one as damage.
     for array in [element] if isinstance(element, zarr.Array) else element.array_values():
         array.attrs[COMPLETE_ATTR] = True
+
+
+def _mark_complete(group: zarr.Group) -> None:
+    """Record on every array under ``group`` that all its chunks were written."""
+    for _, array in group.arrays():
+        array.attrs[COMPLETE_ATTR] = True
+    for _, member in group.groups():
+        _mark_complete(member)
 
 
 def describe_x(group: zarr.Group) -> dict[str, Any]:
