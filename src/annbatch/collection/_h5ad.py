@@ -14,6 +14,7 @@ new manifest replaces the old one, readers see the collection as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,10 +28,11 @@ import zarr
 from annbatch._anndata_io import read_obs
 from annbatch._narrow import widen
 from annbatch.collection._build import checkpoint
+from annbatch.collection._disk import naming
 from annbatch.errors import CollectionPathError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
 MANIFEST = "annbatch-collection.json"
@@ -87,6 +89,18 @@ def _widen(adata: ad.AnnData, group: Any) -> None:
                 mapping[name] = widen(mapping[name], group[key][name])
 
 
+@contextlib.contextmanager
+def _whole_or_none(tmp: Path, target: Path) -> Iterator[None]:
+    """Writing ``tmp`` to rename it to ``target``: on failure the partial file is deleted (it
+    may hold the space a full disk lacks), and a full disk names ``target``."""
+    try:
+        with naming(target):
+            yield
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def convert(folder: Path, scratch: Any, compressor: str | None) -> None:
     """Rewrite every dataset of the finished zarr collection ``scratch`` that is not an h5ad
     file in ``folder`` yet as one, then write the manifest and remove the scratch collection."""
@@ -103,10 +117,14 @@ def convert(folder: Path, scratch: Any, compressor: str | None) -> None:
             adata.obs = read_obs(group)  # with the types annbatch stores differently restored
             _widen(adata, group)  # h5ad files hold the values in the type the inputs had
             tmp = target.with_suffix(".h5ad.tmp")
-            with warnings.catch_warnings(), ad.settings.override(allow_write_nullable_strings=True):
-                warnings.simplefilter("ignore")
-                adata.write_h5ad(tmp, compression=compressor)
-            os.replace(tmp, target)
+            with _whole_or_none(tmp, target):
+                with (
+                    warnings.catch_warnings(),
+                    ad.settings.override(allow_write_nullable_strings=True),
+                ):
+                    warnings.simplefilter("ignore")
+                    adata.write_h5ad(tmp, compression=compressor)
+                os.replace(tmp, target)
         datasets.append({"name": target.name, "n_obs": entry["n_obs"]})
     manifest = {
         **{k: v for k, v in state.items() if k != "datasets"},
@@ -116,7 +134,8 @@ def convert(folder: Path, scratch: Any, compressor: str | None) -> None:
     }
     checkpoint("manifest: h5ad")
     tmp = folder / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, folder / MANIFEST)
+    with _whole_or_none(tmp, folder / MANIFEST):
+        tmp.write_text(json.dumps(manifest))
+        os.replace(tmp, folder / MANIFEST)
     checkpoint("delete the h5ad build's scratch")
     shutil.rmtree(folder / SCRATCH)
