@@ -15,6 +15,7 @@ new manifest replaces the old one, readers see the collection as it was.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -89,6 +90,24 @@ def _widen(adata: ad.AnnData, group: Any) -> None:
                 mapping[name] = widen(mapping[name], group[key][name])
 
 
+def _h5ad_image(adata: ad.AnnData, compressor: str | None) -> io.BytesIO:
+    """``adata`` as an h5ad file in memory (what ``write_h5ad`` writes to disk).
+
+    The file is written out by Python, not by HDF5: HDF5 that meets a full disk cannot close
+    the file, and a later h5py call of the process may crash (seen: a segfault closing
+    another file)."""
+    image = io.BytesIO()
+    with (
+        warnings.catch_warnings(),
+        ad.settings.override(allow_write_nullable_strings=True),
+    ):
+        warnings.simplefilter("ignore")
+        adata.strings_to_categoricals()  # as write_h5ad does
+        with h5py.File(image, "w") as f:
+            ad.io.write_elem(f, "/", adata, dataset_kwargs={"compression": compressor})
+    return image
+
+
 @contextlib.contextmanager
 def _whole_or_none(tmp: Path, target: Path) -> Iterator[None]:
     """Writing ``tmp`` to rename it to ``target``: on failure the partial file is deleted (it
@@ -113,18 +132,17 @@ def convert(folder: Path, scratch: Any, compressor: str | None) -> None:
         if not target.exists():  # (after an append, the datasets before it are h5ad files)
             checkpoint(f"convert {name} to h5ad")
             group: Any = root[name]
-            adata = ad.io.read_elem(group)  # one dataset in memory: bounded by dataset_size
+            adata = ad.io.read_elem(group)  # one dataset in memory (and its h5ad image, below)
             adata.obs = read_obs(group)  # with the types annbatch stores differently restored
             _widen(adata, group)  # h5ad files hold the values in the type the inputs had
+            image = _h5ad_image(adata, compressor)
+            del adata
             tmp = target.with_suffix(".h5ad.tmp")
             with _whole_or_none(tmp, target):
-                with (
-                    warnings.catch_warnings(),
-                    ad.settings.override(allow_write_nullable_strings=True),
-                ):
-                    warnings.simplefilter("ignore")
-                    adata.write_h5ad(tmp, compression=compressor)
+                with open(tmp, "wb") as f:
+                    f.write(image.getbuffer())
                 os.replace(tmp, target)
+            del image
         datasets.append({"name": target.name, "n_obs": entry["n_obs"]})
     manifest = {
         **{k: v for k, v in state.items() if k != "datasets"},
