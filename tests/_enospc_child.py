@@ -112,9 +112,11 @@ def check_error(error: BaseException, out: Path) -> None:
     assert str(out) in text, text
     assert "\n" not in text, text
     assert isinstance(error, AnnbatchError), type(error)
-    assert isinstance(error, OSError) and error.errno == errno.ENOSPC, repr(error)
+    assert isinstance(error, OSError), type(error)
+    assert error.errno == errno.ENOSPC, repr(error)
     cause = error.__cause__
-    assert cause is not None and "no space left on device" in str(cause).lower(), repr(cause)
+    assert cause is not None, "the operating system's error is not chained"
+    assert "no space left on device" in str(cause).lower(), repr(cause)
 
 
 def full_from(k: int, fill: Callable[[], None] | None = None) -> Callable[[str], None]:
@@ -159,7 +161,8 @@ def _filler(disk: Path, slack: int) -> tuple[Callable[[], None], Callable[[], No
                     f.write(block)
                     f.flush()
             except OSError as e:
-                assert e.errno == errno.ENOSPC, e
+                if e.errno != errno.ENOSPC:
+                    raise
                 f.truncate(max(0, f.tell() - slack))
 
     def free() -> None:

@@ -55,7 +55,7 @@ def test_enospc_at_every_write_step_of_an_append_leaves_the_collection_as_it_was
     for n, (k, step) in enumerate(writes):
         out = tmp_path / f"full_{k}"
         shutil.copytree(base, out)
-        with pytest.raises(OSError) as caught:
+        with pytest.raises(OSError, match="disk full") as caught:
             run(out, inputs[2:], kind, full_from(k))
         check_error(caught.value, out)
         assert files(out) == before, f"ENOSPC from {step!r} on"
@@ -73,7 +73,7 @@ def test_enospc_at_every_write_step_of_a_first_build_then_resumes(tmp_path, inpu
     assert len(writes) >= 8
     for k, step in writes:
         out = tmp_path / f"full_{k}"
-        with pytest.raises(OSError) as caught:
+        with pytest.raises(OSError, match="disk full") as caught:
             run(out, inputs[:2], kind, full_from(k))
         check_error(caught.value, out)
         if out.exists() and any(out.iterdir()):

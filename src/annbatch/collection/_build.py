@@ -218,7 +218,7 @@ class _Bucket:
         with naming(self.folder / name):
             self.folder.mkdir(parents=True, exist_ok=True)
             with open(self.folder / name, "ab") as f:
-                f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+                f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
 
     def _append_rows(self, prefix: str, rows: Any, *, sparse: bool) -> None:
         if sparse:
@@ -423,7 +423,15 @@ def write_datasets(
             if name in root:
                 del root[name]  # a dataset left half-written by an interrupted build
             write_dataset(
-                root.create_group(name), x, obs, var_names, compression, checkpoint, layout, extra, var
+                root.create_group(name),
+                x,
+                obs,
+                var_names,
+                compression,
+                checkpoint,
+                layout,
+                extra,
+                var,
             )
         on_written(name, int(ids.size))
         checkpoint(f"delete bucket {k}")

@@ -1077,7 +1077,9 @@ def after_full_disk(where: str, *, append: bool) -> str:
     """What became of the collection ``where`` when a build or append found the disk full."""
     if append:
         return f"the append was undone and {where} is as it was before it; free space and run the append again"
-    return f"the build of {where} stopped there; free space and run the same call again to resume it"
+    return (
+        f"the build of {where} stopped there; free space and run the same call again to resume it"
+    )
 
 
 def _clear_scratch(scratch: Path) -> None:

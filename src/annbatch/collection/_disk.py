@@ -79,9 +79,7 @@ def naming(path: str | os.PathLike[str]) -> Iterator[None]:
         raise _error(str(path), cause) from cause
 
 
-def with_consequence(
-    error: BaseException, where: str, consequence: str
-) -> DiskFullError | None:
+def with_consequence(error: BaseException, where: str, consequence: str) -> DiskFullError | None:
     """``error`` as the one-line ``DiskFullError`` a build raises (the path written, or else
     the collection ``where``, then ``consequence``), with the operating system's error as its
     cause; None if ``error`` is not a full disk."""
