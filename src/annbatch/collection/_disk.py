@@ -43,7 +43,8 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield current
-        current = current.__cause__ or current.__context__
+        suppressed = current.__suppress_context__  # raise ... from None
+        current = current.__cause__ or (None if suppressed else current.__context__)
 
 
 def full_disk_cause(error: BaseException) -> BaseException | None:
