@@ -87,7 +87,8 @@ SCRATCH = "_annbatch_build"
 """Folder inside the collection for the buckets of a build in progress."""
 BEFORE_APPEND = "manifest-before-append.json"
 """In the scratch folder while an append runs: the root's metadata as it was before the
-append (a hard link), which a failed append renames back."""
+append (a hard link: zarr >= 3.1.3 replaces the file at every write, so the link keeps the old
+bytes), which a failed append renames back."""
 FORMAT_VERSION = 1
 DEFAULT_DATASET_SIZE = 1_048_576
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
