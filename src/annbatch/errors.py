@@ -23,6 +23,7 @@ fits it, so callers can catch either::
     ├── CorruptDataError          (ValueError)    stored structure that contradicts itself (CSR indptr,
     │                                             column indices out of range, array metadata)
     ├── InputFileError            (OSError)       a collection input that is missing or unreadable
+    ├── DiskFullError             (OSError)       a build or append that ran out of space (names the path)
     ├── CollectionPathError       (FileExistsError)  a collection path that holds something else
     ├── IncompleteCollectionError (RuntimeError)  a collection whose build did not finish
     ├── CollectionCompleteError   (RuntimeError)  new inputs for a finished collection without append=True
@@ -118,6 +119,19 @@ class CorruptDataError(AnnbatchError, ValueError):
 
 class InputFileError(AnnbatchError, OSError):
     """An input of a collection build is missing, unreadable, or holds no AnnData."""
+
+
+class DiskFullError(AnnbatchError, OSError):
+    """A write of a collection build or append found no space left (ENOSPC, or a disk quota).
+
+    The message is one line: the path that could not be written, "disk full", and what became
+    of the collection (an append is undone; a first build resumes when run again). ``errno`` is
+    ``ENOSPC`` (or ``EDQUOT``), as for the operating system's error, which is chained as
+    ``__cause__``.
+    """
+
+    path: str = ""
+    """The file or folder that could not be written."""
 
 
 class CollectionPathError(AnnbatchError, FileExistsError):

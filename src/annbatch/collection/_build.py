@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +32,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from annbatch._args import parse_size
+from annbatch.collection._disk import naming
 from annbatch.collection._fingerprint import ContentDigest, X
 from annbatch.collection._inputs import SOURCE_COLUMN, align_rows, column_map
 from annbatch.collection._layout import write_dataset
@@ -46,7 +48,6 @@ from annbatch.collection._obs import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from pathlib import Path
 
     import zarr
 
@@ -214,9 +215,12 @@ class _Bucket:
         self.elements = list(elements)
 
     def _append(self, name: str, array: np.ndarray) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / name, "ab") as f:
-            np.ascontiguousarray(array).tofile(f)
+        # Python's write, not numpy's tofile: on a full disk it raises ENOSPC (tofile says
+        # only "N requested and M written").
+        with naming(self.folder / name):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(self.folder / name, "ab") as f:
+                f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
 
     def _append_rows(self, prefix: str, rows: Any, *, sparse: bool) -> None:
         if sparse:
@@ -438,15 +442,32 @@ def write_datasets(
         obs = obs.iloc[positions]
         loaded = bucket.load_elements(ids.size, len(var_names))
         extra = {path: rows[positions] for path, rows in loaded.items()}
-        checkpoint(f"write dataset {name}")
-        if name in root:
-            del root[name]  # a dataset left half-written by an interrupted build
-        write_dataset(
-            root.create_group(name), x, obs, var_names, compression, checkpoint, layout, extra, var
-        )
+        with naming(_member_path(root, name)):
+            checkpoint(f"write dataset {name}")
+            if name in root:
+                del root[name]  # a dataset left half-written by an interrupted build
+            write_dataset(
+                root.create_group(name),
+                x,
+                obs,
+                var_names,
+                compression,
+                checkpoint,
+                layout,
+                extra,
+                var,
+            )
         on_written(name, int(ids.size))
         checkpoint(f"delete bucket {k}")
         shutil.rmtree(bucket.folder)
+
+
+def _member_path(root: zarr.Group, name: str) -> str:
+    """Where the member ``name`` of ``root`` is stored: a folder, or (object storage) a key."""
+    base = getattr(root.store, "root", None)  # a LocalStore's folder
+    if base is None:
+        return f"{root.store}/{root.path}/{name}".replace("//", "/")
+    return str(Path(base) / root.path / name)
 
 
 def progress_bar(total: int, desc: str, *, show: bool, initial: int = 0) -> tqdm:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -31,8 +32,9 @@ from annbatch.collection._build import (
     progress_bar,
     write_datasets,
 )
-from annbatch.collection._fingerprint import Fingerprints, recorded, recorded_build
 from annbatch.collection._check import manifest_problems, missing_datasets, missing_message
+from annbatch.collection._disk import full_disk_cause, naming, with_consequence
+from annbatch.collection._fingerprint import Fingerprints, recorded, recorded_build
 from annbatch.collection._inputs import (
     SOURCE_COLUMN,
     ElementSpec,
@@ -87,6 +89,10 @@ ATTR = "annbatch-collection"
 """Root attribute holding the collection's state."""
 SCRATCH = "_annbatch_build"
 """Folder inside the collection for the buckets of a build in progress."""
+BEFORE_APPEND = "manifest-before-append.json"
+"""In the scratch folder while an append runs: the root's metadata as it was before the
+append (a hard link: zarr >= 3.1.3 replaces the file at every write, so the link keeps the old
+bytes), which a failed append renames back."""
 FORMAT_VERSION = 1
 DEFAULT_DATASET_SIZE = 1_048_576
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
@@ -723,27 +729,54 @@ class DatasetCollection:
                 shutil.rmtree(scratch_path)
             if not (append or self._added or pending):
                 return self._h5ad_repeat(call, state)
-            if not pending:
-                self._begin_h5ad_append(state)
-        else:
-            self._path.mkdir(parents=True, exist_ok=True)
-        scratch = DatasetCollection(scratch_path)
         try:
+            if not appending:
+                with naming(self._path):
+                    self._path.mkdir(parents=True, exist_ok=True)
+            elif not pending:
+                self._begin_h5ad_append(state)  # type: ignore[arg-type]
+            scratch = DatasetCollection(scratch_path)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 scratch.add_adatas(**call, append=appending)
-        except Exception:
-            if appending and not self._pending_h5ad_append(state):  # type: ignore[arg-type]
-                shutil.rmtree(scratch_path, ignore_errors=True)  # a refused append: nothing began
-            raise
-        for w in caught:  # said of the collection, not of its scratch folder
-            if (pending or not appending) and "nothing was written" in str(w.message):
-                continue  # built already, interrupted while converting: the conversion resumes
-            text = str(w.message).replace(str(scratch_path), str(self._path))
-            warnings.warn(text, w.category, stacklevel=3)
-        h5ad.convert(self._path, scratch, compressor)
+            for w in caught:  # said of the collection, not of its scratch folder
+                if (pending or not appending) and "nothing was written" in str(w.message):
+                    continue  # built already, interrupted while converting: the conversion resumes
+                text = str(w.message).replace(str(scratch_path), str(self._path))
+                warnings.warn(text, w.category, stacklevel=3)
+            h5ad.convert(self._path, scratch, compressor)
+        except Exception as e:
+            full = with_consequence(e, self._where, after_full_disk(self._where, append=appending))
+            # A refused append (nothing began) or one that found the disk full is undone; one
+            # that failed otherwise after its scratch build finished resumes when run again.
+            if appending and (full is not None or not self._pending_h5ad_append(state)):  # type: ignore[arg-type]
+                self._undo_h5ad_append(state)  # type: ignore[arg-type]
+            if full is None:
+                raise
+            raise full from full.__cause__
         self._added = True
         return self
+
+    def _undo_h5ad_append(self, state: dict[str, Any]) -> None:
+        """Put the h5ad collection ``state`` back as it was, unless the append's manifest
+        replaced its own already: delete the files the append converted, then its scratch
+        collection (its manifest first: a half-deleted scratch is not an append to resume)."""
+        if h5ad.read_state(self._path, lambda p: None) != state:
+            return  # the append finished
+        scratch = self._path / h5ad.SCRATCH
+        try:
+            held = DatasetCollection(scratch)._state() or {}
+        except CollectionPathError:
+            held = {}
+        kept = {d["name"] for d in state["datasets"]}
+        for entry in held.get("datasets", []):
+            target = self._path / f"{entry['name']}.h5ad"
+            if target.name not in kept:
+                target.unlink(missing_ok=True)
+                target.with_suffix(".h5ad.tmp").unlink(missing_ok=True)
+        (self._path / f"{h5ad.MANIFEST}.tmp").unlink(missing_ok=True)
+        (scratch / "zarr.json").unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
     def _h5ad_repeat(self, call: dict[str, Any], state: dict[str, Any]) -> Self:
         """A call on a finished h5ad collection without append: the call that built it writes
@@ -803,9 +836,10 @@ class DatasetCollection:
             {**d, "name": d["name"].removesuffix(".h5ad")} for d in state["datasets"]
         ]
         checkpoint("begin h5ad append")
-        zarr.create_group(
-            self._path / h5ad.SCRATCH, zarr_format=3, attributes={ATTR: base}, overwrite=True
-        )
+        with naming(self._path / h5ad.SCRATCH):
+            zarr.create_group(
+                self._path / h5ad.SCRATCH, zarr_format=3, attributes={ATTR: base}, overwrite=True
+            )
 
     @contextlib.contextmanager
     def _finished_datasets(self, names: Sequence[str]) -> Iterator[list[Any]]:
@@ -826,10 +860,35 @@ class DatasetCollection:
             for f in files:
                 f.close()
 
-    def _save(self, root: zarr.Group, record: dict[str, Any], step: str) -> None:
-        """Write the collection's state (one atomic write of the root's metadata)."""
+    def _save(
+        self, root: zarr.Group, record: dict[str, Any], step: str, *, keep_previous: bool = False
+    ) -> None:
+        """Write the collection's state (one atomic write of the root's metadata); with
+        ``keep_previous``, keep the state it replaces for a rollback (:meth:`_keep_manifest`)."""
         checkpoint(f"manifest: {step}")
-        root.attrs[ATTR] = record
+        if keep_previous:
+            self._keep_manifest()
+        with naming(self._path / "zarr.json" if self._store is None else self._where):
+            root.attrs[ATTR] = record
+
+    def _keep_manifest(self) -> None:
+        """Keep the root's metadata as it is (the finished collection's manifest) in the scratch
+        folder, as a hard link (no space needed; a copy where the file system has none), for
+        :meth:`_roll_back` to rename back. Object storage: nothing (its rollback rewrites)."""
+        if self._store is not None:
+            return
+        kept, current = self._scratch_folder / BEFORE_APPEND, self._path / "zarr.json"
+        with naming(kept):
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.unlink(missing_ok=True)
+            try:
+                os.link(current, kept)
+            except OSError as e:
+                if full_disk_cause(e) is not None:
+                    raise
+                partial = kept.with_suffix(".partial")  # whole under its name, or not there
+                shutil.copyfile(current, partial)
+                os.replace(partial, kept)
 
     def _check_distributed(self, build: dict[str, Any], prints: Fingerprints) -> list[str] | None:
         """The content fingerprints of an interrupted build's buckets, if its inputs still hold
@@ -964,33 +1023,48 @@ class DatasetCollection:
                 "dataset_names": dataset_names,
             },
         }
-        if state is None:
-            checkpoint("manifest: begin")
-            # overwrite: the path holds nothing, or an empty group (see _state)
-            root = zarr.create_group(
-                self._store if self._store is not None else self._path,
-                path=self._store_path or None,
-                zarr_format=3,
-                attributes={ATTR: record},
-                overwrite=True,
-            )
-        else:
-            root = self._root("r+")
-            if not resuming:
-                self._save(root, record, "begin append")
+        root = None if state is None else self._root("r+")
         try:
+            if root is None:
+                checkpoint("manifest: begin")
+                with naming(self._where):
+                    # overwrite: the path holds nothing, or an empty group (see _state)
+                    root = zarr.create_group(
+                        self._store if self._store is not None else self._path,
+                        path=self._store_path or None,
+                        zarr_format=3,
+                        attributes={ATTR: record},
+                        overwrite=True,
+                    )
+            elif not resuming:
+                self._save(root, record, "begin append", keep_previous=True)
             self._write(root, record, inputs, names, var_names, schema, plan, progress=progress)
-        except Exception:
-            if first > 0:  # a failed append: the collection goes back to what it was
+        except Exception as e:
+            if first > 0 and root is not None:  # a failed append: the collection as it was
                 self._roll_back(root, record, first)
-            raise
+            full = with_consequence(e, self._where, after_full_disk(self._where, append=first > 0))
+            if full is None:
+                raise
+            raise full from full.__cause__
 
     def _roll_back(self, root: zarr.Group, record: dict[str, Any], first: int) -> None:
-        """Undo a failed append: the manifest as before it, then its datasets and scratch."""
-        restored = {k: v for k, v in record.items() if k != "build"}
-        restored["state"] = "complete"
-        restored["datasets"] = record["datasets"][:first]
-        root.attrs[ATTR] = restored
+        """Undo a failed append. The manifest goes back first, so that the collection reads as
+        it was at every moment: the one kept when the append began is renamed back (a rename
+        takes no space: this works on a full disk), or, in object storage (or for an append
+        begun by an older annbatch), rewritten. Then the append's datasets and scratch go."""
+        current = self._state()
+        if current is not None and current["state"] == "complete":
+            if len(current["datasets"]) > first:
+                return  # the append had finished: nothing to undo
+        else:
+            restored = {k: v for k, v in record.items() if k != "build"}
+            restored["state"] = "complete"
+            restored["datasets"] = record["datasets"][:first]
+            kept = self._scratch_folder / BEFORE_APPEND
+            if self._store is None and _kept_datasets(kept) == restored["datasets"]:
+                os.replace(kept, self._path / "zarr.json")
+            else:
+                root.attrs[ATTR] = restored
         for name in record["build"]["dataset_names"]:
             if name in root:
                 del root[name]
@@ -1020,7 +1094,7 @@ class DatasetCollection:
         if not distributed:
             if scratch.exists():
                 checkpoint("delete scratch")
-                shutil.rmtree(scratch)
+                _clear_scratch(scratch)
             with progress_bar(plan.n_obs, "distributing rows", show=progress) as bar:
                 contents = distribute(
                     inputs, var_names, schema, plan, assignment, scratch, bar.update, self._elements
@@ -1061,7 +1135,7 @@ class DatasetCollection:
             )
         if scratch.exists():
             checkpoint("delete scratch")
-            shutil.rmtree(scratch)
+            _clear_scratch(scratch)
         quick, contents = build["quick_fingerprints"], build["fingerprints"]
         added = zip(names, quick, contents, strict=True)
         options = {k: build[k] for k in build.get("option_keys", _BASE_OPTIONS)}
@@ -1076,6 +1150,38 @@ class DatasetCollection:
             ],
         )
         self._save(root, complete, "complete")
+        shutil.rmtree(scratch, ignore_errors=True)  # the manifest kept for a rollback
+
+
+def after_full_disk(where: str, *, append: bool) -> str:
+    """What became of the collection ``where`` when a build or append found the disk full."""
+    if append:
+        return f"the append was undone and {where} is as it was before it; free space and run the append again"
+    return (
+        f"the build of {where} stopped there; free space and run the same call again to resume it"
+    )
+
+
+def _clear_scratch(scratch: Path) -> None:
+    """Delete a build's buckets; the manifest kept for an append's rollback stays."""
+    for entry in scratch.iterdir():
+        if entry.name == BEFORE_APPEND:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    if not any(scratch.iterdir()):
+        scratch.rmdir()
+
+
+def _kept_datasets(kept: Path) -> list[dict[str, Any]] | None:
+    """The datasets of the manifest kept for a rollback (None if there is none to read)."""
+    try:
+        state = json.loads(kept.read_text())["attributes"][ATTR]
+        return list(state["datasets"]) if state["state"] == "complete" else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _refuse_repeats(prints: Fingerprints, state: dict[str, Any] | None) -> None:

@@ -14,6 +14,8 @@ new manifest replaces the old one, readers see the collection as it was.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -27,10 +29,11 @@ import zarr
 from annbatch._anndata_io import read_obs
 from annbatch._narrow import widen
 from annbatch.collection._build import checkpoint
+from annbatch.collection._disk import naming
 from annbatch.errors import CollectionPathError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
 MANIFEST = "annbatch-collection.json"
@@ -117,6 +120,36 @@ def _widen(adata: ad.AnnData, group: Any) -> None:
                 mapping[name] = widen(mapping[name], group[key][name])
 
 
+def _h5ad_image(adata: ad.AnnData, compressor: str | None) -> io.BytesIO:
+    """``adata`` as an h5ad file in memory (what ``write_h5ad`` writes to disk).
+
+    The file is written out by Python, not by HDF5: HDF5 that meets a full disk cannot close
+    the file, and a later h5py call of the process may crash (seen: a segfault closing
+    another file)."""
+    image = io.BytesIO()
+    with (
+        warnings.catch_warnings(),
+        ad.settings.override(allow_write_nullable_strings=True),
+    ):
+        warnings.simplefilter("ignore")
+        adata.strings_to_categoricals()  # as write_h5ad does
+        with h5py.File(image, "w") as f:
+            ad.io.write_elem(f, "/", adata, dataset_kwargs={"compression": compressor})
+    return image
+
+
+@contextlib.contextmanager
+def _whole_or_none(tmp: Path, target: Path) -> Iterator[None]:
+    """Writing ``tmp`` to rename it to ``target``: on failure the partial file is deleted (it
+    may hold the space a full disk lacks), and a full disk names ``target``."""
+    try:
+        with naming(target):
+            yield
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def convert(folder: Path, scratch: Any, compressor: str | None) -> None:
     """Rewrite every dataset of the finished zarr collection ``scratch`` that is not an h5ad
     file in ``folder`` yet as one, then write the manifest and remove the scratch collection."""
@@ -129,14 +162,17 @@ def convert(folder: Path, scratch: Any, compressor: str | None) -> None:
         if not target.exists():  # (after an append, the datasets before it are h5ad files)
             checkpoint(f"convert {name} to h5ad")
             group: Any = root[name]
-            adata = ad.io.read_elem(group)  # one dataset in memory: bounded by dataset_size
+            adata = ad.io.read_elem(group)  # one dataset in memory (and its h5ad image, below)
             adata.obs = read_obs(group)  # with the types annbatch stores differently restored
             _widen(adata, group)  # h5ad files hold the values in the type the inputs had
+            image = _h5ad_image(adata, compressor)
+            del adata
             tmp = target.with_suffix(".h5ad.tmp")
-            with warnings.catch_warnings(), ad.settings.override(allow_write_nullable_strings=True):
-                warnings.simplefilter("ignore")
-                adata.write_h5ad(tmp, compression=compressor)
-            os.replace(tmp, target)
+            with _whole_or_none(tmp, target):
+                with open(tmp, "wb") as f:
+                    f.write(image.getbuffer())
+                os.replace(tmp, target)
+            del image
         datasets.append({"name": target.name, "n_obs": entry["n_obs"]})
     manifest = {
         **{k: v for k, v in state.items() if k != "datasets"},
@@ -146,7 +182,8 @@ def convert(folder: Path, scratch: Any, compressor: str | None) -> None:
     }
     checkpoint("manifest: h5ad")
     tmp = folder / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, folder / MANIFEST)
+    with _whole_or_none(tmp, folder / MANIFEST):
+        tmp.write_text(json.dumps(manifest))
+        os.replace(tmp, folder / MANIFEST)
     checkpoint("delete the h5ad build's scratch")
     shutil.rmtree(folder / SCRATCH)
