@@ -11,8 +11,10 @@ training step, or dropping the iterator) stops the producer and joins its thread
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -30,6 +32,23 @@ class _Failed:
 
 
 _DONE = object()
+
+_EXIT_JOIN_S = 10.0  # how long the exit hook waits for each producer to finish its item
+
+_live: weakref.WeakSet[Prefetcher[object]] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Stop every producer still running when the interpreter exits, and join its thread.
+
+    A consumer that breaks out of an epoch without closing its iterator (a DataLoader worker
+    told to shut down, a script that ends mid-epoch) leaves the producer running. Its thread is
+    a daemon: if it were still inside a compiled decoder when finalization kills daemon threads,
+    the process could abort. atexit runs before that, so the producers end on their own.
+    """
+    for prefetcher in list(_live):
+        prefetcher.close(timeout=_EXIT_JOIN_S)
 
 
 class Prefetcher(Generic[T]):
@@ -67,6 +86,7 @@ class Prefetcher(Generic[T]):
             target=self._produce, args=(source,), name=name, daemon=True
         )
         self._thread.start()
+        _live.add(self)
 
     def _produce(self, source: Iterator[T]) -> None:
         try:
@@ -109,11 +129,12 @@ class Prefetcher(Generic[T]):
             raise item.error
         raise AssertionError  # pragma: no cover
 
-    def close(self) -> None:
-        """Stop the producer, wait for its thread to end, and drop what it read ahead."""
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the producer, wait for its thread to end (at most ``timeout`` seconds, if
+        given), and drop what it read ahead."""
         self._stop.set()
         if self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(timeout)
         while True:
             try:
                 self._queue.get_nowait()
