@@ -16,7 +16,7 @@ import queue
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -35,7 +35,7 @@ _DONE = object()
 
 _EXIT_JOIN_S = 10.0  # how long the exit hook waits for each producer to finish its item
 
-_live: weakref.WeakSet[Prefetcher[object]] = weakref.WeakSet()
+_live: weakref.WeakSet[Prefetcher[Any]] = weakref.WeakSet()
 
 
 @atexit.register
