@@ -991,6 +991,9 @@ class DatasetCollection:
             if contents is None:  # an input changed: its buckets are stale, distribute again
                 distributed = False
                 done = done[:first]
+        # Saved before any bucket is rewritten: a kill during the new distribution must not
+        # leave a manifest that still calls the half-rewritten buckets distributed.
+        redistribute = resuming and not distributed and state["build"].get("distributed", False)  # type: ignore[index]
         plan = plan_build(
             inputs,
             len(var_names),
@@ -1038,10 +1041,16 @@ class DatasetCollection:
                     )
             elif not resuming:
                 self._save(root, record, "begin append", keep_previous=True)
+            elif redistribute:
+                self._save(root, record, "redistribute")
             self._write(root, record, inputs, names, var_names, schema, plan, progress=progress)
         except Exception as e:
             if first > 0 and root is not None:  # a failed append: the collection as it was
-                self._roll_back(root, record, first)
+                try:
+                    self._roll_back(root, record, first)
+                except Exception as undo:  # the first error stays the one raised
+                    e.add_note(f"undoing the append of {self._where} failed too: {undo!r}")
+                    raise e from e.__cause__
             full = with_consequence(e, self._where, after_full_disk(self._where, append=first > 0))
             if full is None:
                 raise
