@@ -149,7 +149,11 @@ def _named(what: Callable[[], str]) -> Iterator[None]:
     except OSError as e:  # h5py raises OSError both for I/O and for chunks that do not decode
         msg = f"{what()}: reading failed: {type(e).__name__}: {e}"
         raise StoreReadError(msg) from e
+    except NotImplementedError:
+        raise  # an encoding anndata cannot read: not damage
     except Exception as e:
+        if type(e).__name__ == "IORegistryError":  # anndata: an unknown or newer encoding
+            raise
         # zarr-python's crc32c codec raises ValueError; others whatever their codec raises
         kind = ChecksumMismatchError if "checksum" in str(e).lower() else CorruptChunkError
         msg = f"{what()}: a chunk does not decode ({type(e).__name__}: {e}); the store is damaged"
