@@ -35,12 +35,11 @@ unrun does too).
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import threading
 import weakref
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import obstore
@@ -60,6 +59,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
     from concurrent.futures import Future
 
+T = TypeVar("T")
+
 DEFAULT_IN_FLIGHT = 32
 """Data requests in flight at once in each process, every array together (shard indexes have
 a gate of their own); measured against 8 and 128 in ``benchmarks/RESULTS.md``."""
@@ -77,15 +78,33 @@ workers and DDP ranks with the environment)."""
 
 def in_flight_setting() -> int:
     """Requests in flight per process: :data:`IN_FLIGHT_VARIABLE` if set, else the default."""
-    raw = os.environ.get(IN_FLIGHT_VARIABLE)
+    return _setting(
+        IN_FLIGHT_VARIABLE,
+        DEFAULT_IN_FLIGHT,
+        int,
+        lambda value: 1 <= value <= 1024,
+        "an integer from 1 to 1024 (requests in flight per process)",
+    )
+
+
+def _setting(
+    variable: str,
+    default: T,
+    parse: Callable[[str], T],
+    valid: Callable[[T], bool],
+    expected: str,
+) -> T:
+    """The value of the environment variable ``variable`` (``default`` if unset or blank);
+    one that ``parse`` refuses or ``valid`` rejects is an error saying it must be ``expected``."""
+    raw = os.environ.get(variable)
     if raw is None or not raw.strip():
-        return DEFAULT_IN_FLIGHT
+        return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        value = 0
-    if not 1 <= value <= 1024:
-        msg = f"{IN_FLIGHT_VARIABLE} must be an integer from 1 to 1024 (requests in flight per process), got {raw!r}"
+        value = None
+    if value is None or not valid(value):
+        msg = f"{variable} must be {expected}, got {raw!r}"
         raise InvalidArgumentError(msg)
     return value
 
@@ -100,17 +119,13 @@ at most 3 minutes of retries), so that this bound only ends waits nothing else w
 
 def timeout_setting() -> float:
     """Seconds a read waits for its bytes: :data:`TIMEOUT_VARIABLE` if set, else the default."""
-    raw = os.environ.get(TIMEOUT_VARIABLE)
-    if raw is None or not raw.strip():
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= 86400:  # nan and inf fail too
-        msg = f"{TIMEOUT_VARIABLE} must be a number of seconds above 0 and at most 86400 (how long a read waits for object storage), got {raw!r}"
-        raise InvalidArgumentError(msg)
-    return value
+    return _setting(
+        TIMEOUT_VARIABLE,
+        DEFAULT_TIMEOUT_S,
+        float,
+        lambda value: 0 < value <= 86400,  # nan and inf fail too
+        "a number of seconds above 0 and at most 86400 (how long a read waits for object storage)",
+    )
 
 
 class RemoteArray(DirectArray):
