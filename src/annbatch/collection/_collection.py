@@ -1439,13 +1439,6 @@ def _check_groupby(inputs: Sequence[Input], columns: list[str]) -> None:
                 raise InvalidArgumentError(msg)
 
 
-def read_elem_quiet(elem: Any) -> Any:
-    """anndata's ``read_elem``, without its notes on encodings."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ad.io.read_elem(elem)
-
-
 def merged_var(inputs: Sequence[Input], var_names: pd.Index, merge: str) -> pd.DataFrame:
     """The inputs' var columns combined by anndata's ``merge`` strategy, on ``var_names``
     (genes an input lacks count as missing there, as in an outer join)."""
