@@ -22,7 +22,7 @@ from annbatch._core.epoch import Epoch, read_threads
 from annbatch._core.reader import common_dtype
 from annbatch._core.resume import Progress, ResumePoint, same_state
 from annbatch._core.sources import as_row_source
-from annbatch._core.workers import current_shard
+from annbatch._core.workers import current_shard, join_queue_feeders_at_exit
 from annbatch.abc import Sampler
 from annbatch.errors import (
     CollectionAlreadyUsedError,
@@ -594,6 +594,7 @@ class Loader(_IterableBase):
         skip = self._progress.begin(start, sampler._epoch_of)
         shard = current_shard()
         if shard.seed is not None:
+            join_queue_feeders_at_exit()  # an epoch ended early must not abort the worker
             # DataLoader workers: one order for all workers of the epoch, a new one each epoch.
             sampler.reseed(shard.seed)
             if skip and not same_state(sampler.state_dict(), start):

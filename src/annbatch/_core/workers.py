@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import math
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,6 +44,40 @@ def current_shard() -> WorkerShard:
         return WorkerShard(id=0, count=1, seed=None)
     # DataLoader gives worker i the seed base_seed + i, base_seed drawn anew each epoch.
     return WorkerShard(id=info.id, count=info.num_workers, seed=int(info.seed - info.id))
+
+
+_FEEDER_JOIN_S = 2.0
+"""How long, in all, a worker's exit waits for the threads that send its batches."""
+
+_feeders_joined_at_exit = False
+
+
+def join_queue_feeders_at_exit() -> None:
+    """In a DataLoader worker, make the process's exit wait for its queue feeder threads.
+
+    A worker hands batches to the main process through a ``multiprocessing`` queue whose
+    feeder thread pickles them; torch's pickling moves each tensor into shared memory in C++,
+    with the GIL released. When the main process ends an epoch early (``break``, ``del`` of
+    the iterator), the worker exits without joining that thread. If interpreter finalization
+    then finds it in torch's C++ code, CPython ends the thread with ``pthread_exit``, whose
+    unwinding cannot pass torch's frames: the worker aborts ("terminate called without an
+    active exception"; torch reports "DataLoader worker ... is killed by signal: Aborted").
+    atexit handlers run before finalization, so joining the feeders there (for at most
+    :data:`_FEEDER_JOIN_S` seconds; torch waits 5 s for a worker before terminating it)
+    lets the last batch finish. Registered once per process; safe to call repeatedly.
+    """
+    global _feeders_joined_at_exit
+    if not _feeders_joined_at_exit:
+        _feeders_joined_at_exit = True
+        atexit.register(_join_queue_feeders, _FEEDER_JOIN_S)
+
+
+def _join_queue_feeders(timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        # multiprocessing.queues.Queue names its feeder thread so.
+        if thread.name == "QueueFeederThread" and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def delivered_per_worker(totals: list[int], delivered: int) -> tuple[list[int], int]:
