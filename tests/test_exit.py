@@ -88,7 +88,7 @@ def test_workers_stopped_mid_epoch_do_not_abort(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(_WORKER_CHILD)
     done = subprocess.run(
-        [sys.executable, str(script), "8"], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), "6"], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
     assert "DONE" in done.stdout

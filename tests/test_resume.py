@@ -58,16 +58,29 @@ def _rows(batches) -> np.ndarray:
     return np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)  # a finished epoch
 
 
+_UNINTERRUPTED: dict[tuple, list[np.ndarray]] = {}
+
+
+def _uninterrupted(stores, workers, persistent, start):
+    """The epochs of an uninterrupted run (the same for every stop point: computed once per
+    stores, worker count, persistence and start method)."""
+    key = (tuple(s.path or id(s) for s in stores), workers, persistent, start)
+    if key not in _UNINTERRUPTED:
+        reference = _loader(stores, 1)
+        batches = _batches(reference, workers, persistent=persistent, start=start)
+        expected = []
+        for epoch in range(EPOCHS):
+            reference.set_epoch(epoch)
+            expected.append(_rows(batches))
+        _UNINTERRUPTED[key] = expected
+    return _UNINTERRUPTED[key]
+
+
 def _run(stores, workers, persistent, stop_epoch, stop_after, start="forkserver"):
     """Epochs of an uninterrupted run, and those of a run interrupted after ``stop_after``
     batches of epoch ``stop_epoch`` and resumed by a new Loader (another seed: the state
     decides)."""
-    reference = _loader(stores, 1)
-    batches = _batches(reference, workers, persistent=persistent, start=start)
-    expected = []
-    for epoch in range(EPOCHS):
-        reference.set_epoch(epoch)
-        expected.append(_rows(batches))
+    expected = _uninterrupted(stores, workers, persistent, start)
 
     first = _loader(stores, 1)
     batches = _batches(first, workers, persistent=persistent, start=start)
