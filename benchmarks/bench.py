@@ -233,7 +233,7 @@ def decoded_fraction(path: Path, chunk: int, preload: int) -> float:
     decoded = 0
     for request in sampler.sample(n_obs):
         touched: set[int] = set()
-        for c in request.chunks:
+        for c in request["requests"]:
             if sparse:
                 lo, hi = int(indptr[c.start]), int(indptr[c.stop])
                 if hi > lo:

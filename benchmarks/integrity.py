@@ -88,7 +88,7 @@ def window_check_cost(path: Path) -> None:
             for i, request in enumerate(sampler.sample(source.shape[0])):
                 if i == 3:
                     break
-                plan = plan_reads(request.chunks, offsets, [None])
+                plan = plan_reads(request["requests"], offsets, [None])
                 t0 = time.perf_counter()
                 (block,) = read_plan(plan, [source], executor, threads)
                 reads.append(time.perf_counter() - t0)  # includes one check of the indices

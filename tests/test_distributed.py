@@ -23,8 +23,8 @@ def _epoch_rows(sampler: ChunkSampler, n_obs: int) -> list[np.ndarray]:
     """The rows of each batch, in yield order."""
     out = []
     for request in sampler.sample(n_obs):
-        rows = np.concatenate([np.arange(c.start, c.stop) for c in request.chunks])
-        out.extend(rows[s] for s in request.splits)
+        rows = np.concatenate([np.arange(c.start, c.stop) for c in request["requests"]])
+        out.extend(rows[s] for s in request["splits"])
     return out
 
 
@@ -139,7 +139,7 @@ def test_mask_yields_exactly_the_masked_rows(mask, chunk_size, shuffle, random_o
     rows = [r for b in _epoch_rows(sampler, mask.size) for r in b.tolist()]
     assert sorted(rows) == np.flatnonzero(mask).tolist()
     for request in sampler.sample(mask.size):
-        for c in request.chunks:  # no chunk crosses a gap of the mask
+        for c in request["requests"]:  # no chunk crosses a gap of the mask
             assert mask[c.start : c.stop].all()
 
 
@@ -156,11 +156,11 @@ def test_random_offsets_move_chunk_boundaries_between_epochs():
     )
     starts = []
     for _ in range(6):
-        starts.append({c.start % 10 for r in sampler.sample(500) for c in r.chunks if c.start})
+        starts.append({c.start % 10 for r in sampler.sample(500) for c in r["requests"] if c.start})
     offsets = {min(s) for s in starts if s}
     assert len(offsets) > 1  # boundaries moved
     plain = ChunkSampler(10, 4, 10, shuffle=True, rng=np.random.default_rng(3))
-    assert {c.start % 10 for r in plain.sample(500) for c in r.chunks} == {0}
+    assert {c.start % 10 for r in plain.sample(500) for c in r["requests"]} == {0}
 
 
 # ---------------------------------------------------------------------------------- resume
@@ -349,7 +349,7 @@ def test_resume_under_dataloader_workers(pool, stop_after):
 
 
 def test_a_sampler_without_state_cannot_be_resumed(pool):
-    from annbatch.abc import LoadRequest, Sampler
+    from annbatch.abc import Sampler
 
     class Plain(Sampler):
         batch_size = 4
@@ -359,7 +359,7 @@ def test_a_sampler_without_state_cannot_be_resumed(pool):
             return -(-n_obs // 4)
 
         def _sample(self, n_obs):
-            yield LoadRequest(chunks=[slice(0, n_obs)])
+            yield {"requests": [slice(0, n_obs)]}
 
     loader = Loader(batch_sampler=Plain(), to=None).add_anndata(
         pool.get("memory", "dense", 9).adata()

@@ -30,14 +30,9 @@ def _batches(sampler: Sampler, n_obs: int) -> list[np.ndarray]:
     """The global rows of every batch of one epoch, in yield order."""
     out = []
     for request in sampler.sample(n_obs):
-        rows = np.concatenate([np.arange(c.start, c.stop) for c in request.chunks])
-        splits = request.splits
-        if splits is None:
-            splits = [
-                np.arange(i, min(i + sampler.batch_size, rows.size))
-                for i in range(0, rows.size, sampler.batch_size)
-            ]
-        out.extend(rows[s] for s in splits)
+        assert type(request) is dict  # a plain dict (types.LoadRequest), splits filled in
+        rows = np.concatenate([np.arange(c.start, c.stop) for c in request["requests"]])
+        out.extend(rows[s] for s in request["splits"])
     return out
 
 
@@ -113,7 +108,7 @@ def test_random_with_replacement_draws_num_samples(n_obs, chunk, num, seed):
     assert got.max() < n_obs
     # Whole chunks are read: every range lies within one chunk of the grid.
     for request in sampler.sample(n_obs):
-        assert all(c.start // chunk == (c.stop - 1) // chunk for c in request.chunks)
+        assert all(c.start // chunk == (c.stop - 1) // chunk for c in request["requests"])
 
 
 def test_random_num_samples_without_replacement():

@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 from annbatch import ChunkSampler, Loader
-from annbatch.abc import LoadRequest, Sampler
+from annbatch.abc import Sampler
 from annbatch.errors import InvalidArgumentError
+
+with pytest.warns(DeprecationWarning, match="annbatch.abc.LoadRequest is deprecated"):
+    # The old object form of a load request: still accepted from _sample (tested below).
+    from annbatch.abc import LoadRequest
 
 from conftest import check_epoch
 
@@ -17,8 +21,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 
-def _rows(request: LoadRequest) -> np.ndarray:
-    return np.concatenate([np.arange(c.start, c.stop) for c in request.chunks])
+def _rows(request: dict) -> np.ndarray:
+    return np.concatenate([np.arange(c.start, c.stop) for c in request["requests"]])
 
 
 @pytest.mark.parametrize("n_obs", [0, 1, 99, 100, 101, 1000])
@@ -29,8 +33,10 @@ def test_chunk_sampler_covers_rows(n_obs, shuffle, drop_last):
         10, 3, 6, shuffle=shuffle, drop_last=drop_last, rng=np.random.default_rng(0)
     )
     requests = list(sampler.sample(n_obs))
-    yielded = np.concatenate([_rows(r)[s] for r in requests for s in r.splits]) if requests else []
-    n_batches = sum(len(r.splits) for r in requests)
+    yielded = (
+        np.concatenate([_rows(r)[s] for r in requests for s in r["splits"]]) if requests else []
+    )
+    n_batches = sum(len(r["splits"]) for r in requests)
     assert n_batches == sampler.n_batches(n_obs)
     if drop_last:
         assert len(yielded) == n_obs // 6 * 6
@@ -38,9 +44,9 @@ def test_chunk_sampler_covers_rows(n_obs, shuffle, drop_last):
         assert sorted(yielded) == list(range(n_obs))
     assert len(set(yielded)) == len(yielded)
     for r in requests:
-        assert len(r.chunks) <= 4
-        assert all(c.stop - c.start <= 10 for c in r.chunks)
-        assert all(len(s) == 6 for s in r.splits[:-1])
+        assert len(r["requests"]) <= 4
+        assert all(c.stop - c.start <= 10 for c in r["requests"])
+        assert all(len(s) == 6 for s in r["splits"][:-1])
     if not shuffle:
         np.testing.assert_array_equal(yielded, np.arange(len(yielded)))
 
@@ -51,9 +57,9 @@ def test_windows_hold_whole_batches(shuffle):
     # chunk at a window's edge continues in the next window.
     sampler = ChunkSampler(10, 2, 6, shuffle=shuffle, rng=np.random.default_rng(0))
     requests = list(sampler.sample(95))
-    assert [r.n_rows for r in requests] == [18] * 5 + [5]
-    assert all(len(s) == 6 for r in requests[:-1] for s in r.splits)
-    pieces = sorted((c.start, c.stop) for r in requests for c in r.chunks)
+    assert [len(_rows(r)) for r in requests] == [18] * 5 + [5]
+    assert all(len(s) == 6 for r in requests[:-1] for s in r["splits"])
+    pieces = sorted((c.start, c.stop) for r in requests for c in r["requests"])
     # Each chunk of 10 rows is read once, in at most two contiguous pieces.
     assert sum(stop - start for start, stop in pieces) == 95
     for chunk_start in range(0, 95, 10):
@@ -64,16 +70,16 @@ def test_windows_hold_whole_batches(shuffle):
 def test_chunk_sampler_shuffles_chunks_and_rows():
     sampler = ChunkSampler(10, 4, 40, shuffle=True, rng=np.random.default_rng(0))
     request = next(iter(sampler.sample(1000)))
-    starts = [c.start for c in request.chunks]
+    starts = [c.start for c in request["requests"]]
     assert starts != sorted(starts) or starts[0] != 0
-    assert not np.array_equal(request.splits[0], np.arange(40))
+    assert not np.array_equal(request["splits"][0], np.arange(40))
 
 
 def test_reseed_changes_order_deterministically():
     def first_chunks(seed):
         s = ChunkSampler(1, 8, 8, shuffle=True, rng=np.random.default_rng(0))
         s.reseed(seed)
-        return [c.start for c in next(iter(s.sample(1000))).chunks]
+        return [c.start for c in next(iter(s.sample(1000)))["requests"]]
 
     assert first_chunks(1) == first_chunks(1)
     assert first_chunks(1) != first_chunks(2)
@@ -155,7 +161,7 @@ class BadSampler(Sampler):
             LoadRequest(chunks=[slice(0, 4)], splits=[np.array([0.5])]),
             "expected a 1-D integer array",
         ),
-        ([slice(0, 4)], "expected annbatch.abc.LoadRequest"),
+        ([slice(0, 4)], "expected a dict with 'requests'"),
     ],
 )
 def test_faulty_sampler_is_caught_before_reading(pool, request_, match):

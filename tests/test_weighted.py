@@ -18,10 +18,10 @@ from conftest import check_epoch
 def _draws(sampler: WeightedSampler, n_obs: int) -> list[np.ndarray]:
     out = []
     for request in sampler.sample(n_obs):
-        rows = np.concatenate([np.arange(c.start, c.stop) for c in request.chunks])
+        rows = np.concatenate([np.arange(c.start, c.stop) for c in request["requests"]])
         assert len(np.unique(rows)) == rows.size  # each row read once per window
         assert np.all(np.diff(rows) > 0)  # in disk order
-        out.extend(rows[s] for s in request.splits)
+        out.extend(rows[s] for s in request["splits"])
     return out
 
 

@@ -13,6 +13,7 @@ fits it, so callers can catch either::
     ├── UnsupportedDatasetError   (TypeError)     an array type or sparse format we cannot read
     ├── ClosedDatasetError        (ValueError)    an HDF5 dataset whose file was closed
     ├── LoaderBusyError           (RuntimeError)  changing a Loader while it is being iterated
+    ├── SamplerBusyError          (RuntimeError)  setting a sampler's mask while a pass over it runs
     ├── CollectionAlreadyUsedError (RuntimeError) a second use_collection on one Loader
     ├── StoreReadError            (OSError)       reading stored rows failed (names store, array, rows)
     │   ├── CorruptChunkError     (OSError)       on-disk bytes that do not decode, or the wrong size
@@ -75,6 +76,11 @@ class ClosedDatasetError(AnnbatchError, ValueError):
 
 class LoaderBusyError(AnnbatchError, RuntimeError):
     """A Loader was changed while an iteration over it was running."""
+
+
+class SamplerBusyError(AnnbatchError, RuntimeError):
+    """Setting a sampler's mask while a pass over it (a ``sample()`` iterator, an epoch of a
+    Loader) is running."""
 
 
 class StoreReadError(AnnbatchError, OSError):

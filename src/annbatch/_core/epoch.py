@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from annbatch._core.sources import RowSource
     from annbatch._core.window import Pending, Window
     from annbatch._core.workers import WorkerShard
-    from annbatch.abc import LoadRequest, Sampler
+    from annbatch.abc import Sampler
+    from annbatch.abc._sampler import ChunkRequest
 
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
 
@@ -145,15 +146,15 @@ class Epoch:
             # the last window's batches may still be being cut: let them finish.
             executor.shutdown(wait=True, cancel_futures=stop.is_set())
 
-    def _requests(self, n_obs: int, shard: WorkerShard) -> Iterable[LoadRequest]:
+    def _requests(self, n_obs: int, shard: WorkerShard) -> Iterable[ChunkRequest]:
         """This process's (``shard``'s) load requests of the epoch, without the :attr:`skip`
         batches."""
         sampler = self.sampler
         if not self.skip:
-            return (r for i, r in enumerate(sampler.sample(n_obs)) if shard.owns(i))
+            return (r for i, r in enumerate(sampler._chunk_requests(n_obs)) if shard.owns(i))
         # Resuming: count the epoch's batches first, then draw it again.
         state = sampler.state_dict()
-        counts = [batches_of(r, sampler.batch_size) for r in sampler.sample(n_obs)]
+        counts = [batches_of(r, sampler.batch_size) for r in sampler._chunk_requests(n_obs)]
         sampler.load_state_dict(state)
-        requests = sampler.sample(n_obs)
+        requests = sampler._chunk_requests(n_obs)
         return remaining_requests(requests, counts, self.skip, shard, sampler.batch_size)

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from annbatch._core.assembler import ConcatStrategy
     from annbatch._core.sources import RowSource
-    from annbatch.abc import LoadRequest
+    from annbatch.abc._sampler import ChunkRequest
 
 
 class Pending(Protocol):
@@ -51,7 +51,7 @@ class Window:
 
 
 def load_window(
-    request: LoadRequest,
+    request: ChunkRequest,
     sources: Sequence[RowSource],
     offsets: np.ndarray,
     *,

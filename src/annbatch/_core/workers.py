@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from annbatch.abc import LoadRequest
+from annbatch.abc._sampler import ChunkRequest
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -112,7 +112,7 @@ def delivered_per_worker(totals: list[int], delivered: int) -> tuple[list[int], 
     return taken, (last + 1) % len(totals)
 
 
-def batches_of(request: LoadRequest, batch_size: int) -> int:
+def batches_of(request: ChunkRequest, batch_size: int) -> int:
     """Number of batches a load request yields."""
     if request.splits is not None:
         return len(request.splits)
@@ -120,12 +120,12 @@ def batches_of(request: LoadRequest, batch_size: int) -> int:
 
 
 def remaining_requests(
-    requests: Iterable[LoadRequest],
+    requests: Iterable[ChunkRequest],
     counts: list[int],
     delivered: int,
     shard: WorkerShard,
     batch_size: int,
-) -> Iterator[LoadRequest]:
+) -> Iterator[ChunkRequest]:
     """This worker's load requests of an epoch of which ``delivered`` batches (all workers
     together) were consumed, without those batches.
 
@@ -154,6 +154,6 @@ def remaining_requests(
             if splits is None:
                 rows = np.arange(request.n_rows)
                 splits = [rows[i : i + batch_size] for i in range(0, request.n_rows, batch_size)]
-            request = LoadRequest(chunks=request.chunks, splits=splits[skip:])
+            request = ChunkRequest(chunks=request.chunks, splits=splits[skip:])
             skip = 0
         yield request

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -12,18 +11,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from annbatch._args import parse_mask, parse_rng
-from annbatch.errors import InvalidArgumentError
+from annbatch.errors import InvalidArgumentError, SamplerBusyError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
+    from annbatch.types import LoadRequest as PublicLoadRequest
+
 
 @dataclass(frozen=True, slots=True)
-class LoadRequest:
-    """One window of rows that the Loader reads into memory together.
+class ChunkRequest:
+    """One window of rows that the Loader reads into memory together: annbatch's internal
+    form of a load request.
 
     The rows of ``chunks`` are read in the order given and laid out one after the other in
-    memory; ``splits`` then index into that layout.
+    memory; ``splits`` then index into that layout. The public form is the plain dict
+    :class:`annbatch.types.LoadRequest`; :meth:`Sampler.sample` yields that, and the Loader
+    turns it into this. A sampler's ``_sample`` may yield either (``annbatch.abc.LoadRequest``
+    is the deprecated name of this class).
     """
 
     chunks: list[slice]
@@ -43,11 +48,12 @@ class Sampler(ABC):
 
     Subclasses implement :meth:`_sample`, :attr:`batch_size` and :attr:`shuffle`; they may
     override :meth:`n_batches` (the default draws an epoch on a copy to count its batches) and
-    :meth:`validate`. ``_sample`` yields :class:`LoadRequest` objects or plain dicts
+    :meth:`validate`. ``_sample`` yields load requests as plain dicts
     (:class:`annbatch.types.LoadRequest`: ``"requests"`` as slices or an integer array of
-    rows, optional ``"splits"``). The public :meth:`sample` validates and normalises what
-    ``_sample`` yields, so that a faulty sampler fails with a clear message rather than
-    yielding wrong rows.
+    rows, optional ``"splits"``) or as annbatch's internal :class:`ChunkRequest` objects. The
+    public :meth:`sample` validates what ``_sample`` yields, so that a faulty sampler fails
+    with a clear message rather than yielding wrong rows, and yields plain dicts with
+    ``"requests"`` and ``"splits"`` always present.
     """
 
     @property
@@ -61,7 +67,7 @@ class Sampler(ABC):
         """Whether the sampler draws a random order (used where a request has no splits)."""
 
     @abstractmethod
-    def _sample(self, n_obs: int) -> Iterator[LoadRequest | Mapping[str, Any]]:
+    def _sample(self, n_obs: int) -> Iterator[ChunkRequest | Mapping[str, Any]]:
         """Yield the load requests of one epoch over rows ``0..n_obs-1``."""
 
     def n_batches(self, n_obs: int) -> int:
@@ -78,14 +84,7 @@ class Sampler(ABC):
                 f"an epoch drawn from a copy failed ({e}); implement n_batches(n_obs)"
             )
             raise InvalidArgumentError(msg) from e
-        n = 0
-        for request in twin.sample(n_obs):
-            n += (
-                len(request.splits)
-                if request.splits is not None
-                else math.ceil(request.n_rows / self.batch_size)
-            )
-        return n
+        return sum(len(request.splits or ()) for request in twin._chunk_requests(n_obs))
 
     def n_iters(self, n_obs: int) -> int:
         """Deprecated name of :meth:`n_batches`."""
@@ -102,7 +101,21 @@ class Sampler(ABC):
 
     @mask.setter
     def mask(self, value: slice | np.ndarray | None) -> None:
+        self._refuse_while_sampling("mask")
         self._mask = parse_mask(value)
+
+    def _refuse_while_sampling(self, name: str) -> None:
+        """Raise :class:`~annbatch.errors.SamplerBusyError` if a pass over this sampler (a
+        :meth:`sample` iterator, or a Loader's epoch) is running: changing ``name`` then would
+        change the rows of the pass half-way."""
+        running = getattr(self, "_passes_running", 0)
+        if running:
+            msg = (
+                f"cannot set {type(self).__name__}.{name} while a pass over the sampler is "
+                f"running ({running} unfinished sample() iterator(s) or Loader epoch(s)); "
+                "finish the pass (or close its iterator) first"
+            )
+            raise SamplerBusyError(msg)
 
     @property
     def rng(self) -> np.random.Generator:
@@ -157,38 +170,77 @@ class Sampler(ABC):
         whole state."""
         return state
 
-    def sample(self, n_obs: int) -> Iterator[LoadRequest]:
-        """Yield the load requests of one epoch, checked and as :class:`LoadRequest` objects.
+    def sample(self, n_obs: int) -> Iterator[PublicLoadRequest]:
+        """Yield the load requests of one epoch, checked, as plain dicts.
+
+        Each is a :class:`annbatch.types.LoadRequest` with ``"requests"`` (a list of slices
+        over the global row space, or an integer array of rows, as ``_sample`` gave them) and
+        ``"splits"`` (one integer array per batch, positions into the rows in request order;
+        filled in where ``_sample`` left it out: ``batch_size`` rows at a time, shuffled first
+        if :attr:`shuffle`). While the iterator runs, :attr:`mask` cannot be set.
 
         Parameters
         ----------
         n_obs
             Number of rows in the global row space.
         """
-        if n_obs < 0:
-            msg = f"n_obs must be >= 0, got {n_obs}"
-            raise InvalidArgumentError(msg)
-        self.validate(n_obs)
-        if self._trusted:
-            yield from self._sample(n_obs)  # type: ignore[misc]
+        for request, given in self._pass(n_obs):
+            yield given if given is not None else as_dict(request)
+
+    def _chunk_requests(self, n_obs: int) -> Iterator[ChunkRequest]:
+        """The load requests of one epoch in annbatch's internal form, splits always set:
+        what the Loader reads (its boundary with the sampler).
+
+        A subclass that replaced :meth:`sample` itself is read through it (its dicts are
+        converted here); every other sampler skips the round trip through dicts.
+        """
+        if type(self).sample is not Sampler.sample:
+            for i, item in enumerate(self.sample(n_obs)):
+                yield self._convert(item, n_obs, position=i)[0]
             return
-        for i, item in enumerate(self._sample(n_obs)):
-            from_dict = not isinstance(item, LoadRequest)
-            request = (
-                item if isinstance(item, LoadRequest) else self._from_dict(item, n_obs, position=i)
-            )
-            _check_request(request, n_obs, position=i)
-            if from_dict and request.splits is None:  # batch_size cuts, shuffled if shuffle
-                request = LoadRequest(request.chunks, self._default_splits(request.n_rows))
+        for request, _ in self._pass(n_obs):
             yield request
 
-    def _from_dict(self, request: object, n_obs: int, *, position: int) -> LoadRequest:
-        """A :class:`LoadRequest` from the dict form (:class:`annbatch.types.LoadRequest`);
-        slices without splits keep ``splits=None`` (filled in by :meth:`sample`, once the
-        slices are checked)."""
+    def _pass(self, n_obs: int) -> Iterator[tuple[ChunkRequest, PublicLoadRequest | None]]:
+        """One checked epoch: each request in the internal form, and in the dict form where
+        ``_sample`` gave a dict (None otherwise). Counts as a running pass while iterated."""
+        if isinstance(n_obs, bool) or not isinstance(n_obs, int | np.integer) or n_obs < 0:
+            msg = f"n_obs must be an integer >= 0, got {n_obs!r}"
+            raise InvalidArgumentError(msg)
+        n_obs = int(n_obs)
+        self.validate(n_obs)
+        self._passes_running = getattr(self, "_passes_running", 0) + 1
+        try:
+            if self._trusted:
+                for request in self._sample(n_obs):  # ours: ChunkRequests with splits set
+                    yield request, None  # type: ignore[misc]
+                return
+            for i, item in enumerate(self._sample(n_obs)):
+                yield self._convert(item, n_obs, position=i)
+        finally:
+            self._passes_running -= 1
+
+    def _convert(
+        self, item: object, n_obs: int, *, position: int
+    ) -> tuple[ChunkRequest, PublicLoadRequest | None]:
+        """``item`` (a :class:`ChunkRequest` or a dict) checked, in the internal form with its
+        splits filled in, and (for a dict) in the normalised dict form."""
+        if isinstance(item, ChunkRequest):
+            _check_request(item, n_obs, position=position)
+            if item.splits is None:  # documented: consecutive batches, not shuffled
+                item = ChunkRequest(item.chunks, _consecutive(item.n_rows, self.batch_size))
+            return item, None
+        return self._from_dict(item, n_obs, position=position)
+
+    def _from_dict(
+        self, request: object, n_obs: int, *, position: int
+    ) -> tuple[ChunkRequest, PublicLoadRequest]:
+        """A dict load request (:class:`annbatch.types.LoadRequest`) checked: in the internal
+        form, and as a plain dict with ``"requests"`` and ``"splits"`` (filled in by
+        :meth:`_default_splits` where missing)."""
         where = f"load request {position} of the sampler"
         if not isinstance(request, dict):
-            msg = f"{where} is a {type(request).__name__}; expected annbatch.abc.LoadRequest or a dict with 'requests'"
+            msg = f"{where} is a {type(request).__name__}; expected a dict with 'requests' (annbatch.types.LoadRequest)"
             raise InvalidArgumentError(msg)
         unknown = set(request) - {"requests", "chunks", "splits"}
         if unknown:
@@ -203,7 +255,7 @@ class Sampler(ABC):
             warnings.warn(
                 "the 'chunks' key of a load request is deprecated; name it 'requests'",
                 DeprecationWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             rows = request["chunks"]
         elif "requests" in request:
@@ -218,7 +270,8 @@ class Sampler(ABC):
                 raise InvalidArgumentError(msg)
             splits = [np.asarray(s) for s in splits]
         if isinstance(rows, np.ndarray):
-            return _positions_request(rows, splits, n_obs, where, self._default_splits)
+            internal, splits = _positions_request(rows, splits, n_obs, where, self._default_splits)
+            return internal, {"requests": rows, "splits": splits}
         if not isinstance(rows, list | tuple):
             msg = f"{where} has 'requests' of type {type(rows).__name__}; expected a list of slices or a numpy integer array"
             raise InvalidArgumentError(msg)
@@ -232,7 +285,10 @@ class Sampler(ABC):
             ):
                 msg = f"{where} has an empty request {chunk!r}; every slice must hold rows"
                 raise InvalidArgumentError(msg)
-        return LoadRequest(chunks=chunks, splits=splits)
+        _check_request(ChunkRequest(chunks, splits), n_obs, position=position)
+        if splits is None:  # batch_size cuts, shuffled if shuffle
+            splits = self._default_splits(sum(c.stop - c.start for c in chunks))
+        return ChunkRequest(chunks, splits), {"requests": chunks, "splits": splits}
 
     def _default_splits(self, n_rows: int) -> list[np.ndarray]:
         """Batches of a request without splits: ``batch_size`` rows at a time, in a random
@@ -244,6 +300,16 @@ class Sampler(ABC):
     _trusted = False
     """annbatch's own samplers (their requests are property-tested) skip the per-request
     checks, which cost a Python step per chunk; every other sampler is checked."""
+
+
+def as_dict(request: ChunkRequest) -> PublicLoadRequest:
+    """The public (plain dict) form of an internal request whose splits are set."""
+    return {"requests": list(request.chunks), "splits": list(request.splits or [])}
+
+
+def _consecutive(n_rows: int, batch_size: int) -> list[np.ndarray]:
+    """Batches of ``batch_size`` consecutive positions, the last one smaller."""
+    return [np.arange(i, min(i + batch_size, n_rows)) for i in range(0, n_rows, batch_size)]
 
 
 def check_mask(mask: slice | np.ndarray | None, n_obs: int) -> None:
@@ -265,9 +331,10 @@ def _positions_request(
     n_obs: int,
     where: str,
     default_splits: Any,
-) -> LoadRequest:
+) -> tuple[ChunkRequest, list[np.ndarray]]:
     """A request of row positions (any order, repeats allowed) as runs of rows read in disk
-    order, with its splits mapped from request order to that layout."""
+    order, with its splits mapped from request order to that layout; and the splits in
+    request order (``default_splits`` where none were given)."""
     if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
         msg = f"{where} has 'requests' of dtype {rows.dtype} and shape {rows.shape}; expected a 1-D integer array of rows"
         raise InvalidArgumentError(msg)
@@ -286,13 +353,13 @@ def _positions_request(
     if splits is None:
         splits = default_splits(rows.size)
     _check_splits(splits, rows.size, where, "requests")
-    return LoadRequest(chunks=chunks, splits=[layout[s] for s in splits])
+    return ChunkRequest(chunks=chunks, splits=[layout[s] for s in splits]), splits
 
 
-def _check_request(request: LoadRequest, n_obs: int, *, position: int) -> None:
+def _check_request(request: ChunkRequest, n_obs: int, *, position: int) -> None:
     where = f"load request {position} of the sampler"
-    if not isinstance(request, LoadRequest):
-        msg = f"{where} is a {type(request).__name__}; expected annbatch.abc.LoadRequest"
+    if not isinstance(request, ChunkRequest):
+        msg = f"{where} is a {type(request).__name__}; expected a dict with 'requests' (annbatch.types.LoadRequest)"
         raise InvalidArgumentError(msg)
     if not isinstance(request.chunks, list | tuple):
         msg = (

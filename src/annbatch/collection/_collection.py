@@ -34,6 +34,7 @@ from annbatch.collection._build import (
 )
 from annbatch.collection._check import manifest_problems, missing_datasets, missing_message
 from annbatch.collection._disk import full_disk_cause, naming, with_consequence
+from annbatch.collection._encoding import FOREIGN, foreign_state, has_encoding, with_encoding
 from annbatch.collection._fingerprint import Fingerprints, recorded, recorded_build
 from annbatch.collection._inputs import (
     SOURCE_COLUMN,
@@ -318,6 +319,8 @@ class DatasetCollection:
                 msg = f"{self._where} exists and is not a collection; choose another path or delete it"
                 raise CollectionPathError(msg) from e
         state = root.attrs.get(ATTR)
+        if state is None and has_encoding(root.attrs):
+            return foreign_state(root, FORMAT_VERSION)  # built by the reference library
         if state is None and not dict(root.attrs) and next(iter(root.keys()), None) is None:
             return None  # an empty group (made with zarr.open_group(path, mode="w"))
         if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
@@ -392,8 +395,9 @@ class DatasetCollection:
 
     @property
     def datasets(self) -> list[zarr.Group]:
-        """The datasets, each an AnnData zarr group opened read-only (a ``ValueError`` for
-        h5ad collections: see :meth:`open_datasets`)."""
+        """The datasets, each an AnnData zarr group opened in the collection's :attr:`mode`
+        (read-only for ``"r"``, writable otherwise); a ``ValueError`` for h5ad collections
+        (see :meth:`open_datasets`)."""
         if self._h5ad:
             msg = f"{self._where} is a collection of h5ad files, not of zarr groups; use open_datasets()"
             raise InvalidArgumentError(msg)
@@ -401,17 +405,17 @@ class DatasetCollection:
         lost = missing_datasets(self, names)
         if lost:
             raise MissingDataError(missing_message(self, lost))
-        root = self._root("r")
+        root = self._root("r" if self._mode == "r" else "r+")
         return [root[name] for name in names]  # type: ignore[misc]
 
     def __iter__(self) -> Iterator[zarr.Group]:
-        """Each dataset's group (an AnnData zarr store), in order; a ``ValueError`` for h5ad
-        collections."""
+        """Each dataset's group (an AnnData zarr store), in order, opened in the collection's
+        :attr:`mode`; a ``ValueError`` for h5ad collections."""
         return iter(self.datasets)
 
     def open_datasets(self) -> list[zarr.Group | h5py.File]:
-        """Each dataset opened read-only: zarr groups, or ``h5py.File`` objects for h5ad
-        collections (they close when no longer referenced)."""
+        """Each dataset: zarr groups (as :attr:`datasets`), or ``h5py.File`` objects opened
+        read-only for h5ad collections (they close when no longer referenced)."""
         if not self._h5ad:
             return self.datasets
         names = self.dataset_names
@@ -650,6 +654,14 @@ class DatasetCollection:
             msg = "var_subset (var_names) must be a non-empty list of unique gene names"
             raise InvalidArgumentError(msg)
         state = self._state()  # raises if the path holds something else
+        if state is not None and FOREIGN in state:
+            msg = (
+                f"the collection {self._where} was built by the reference annbatch library "
+                "(it carries only the annbatch-preshuffled encoding, not annbatch's manifest): "
+                "annbatch reads it, but cannot append to it; build a new collection from all "
+                "the inputs instead"
+            )
+            raise CollectionPathError(msg)
         if not compression_given and state is not None:
             # Without compression=, a collection keeps the layout it was built with (the
             # default has changed over releases): repeats match, appends stay alike.
@@ -869,7 +881,7 @@ class DatasetCollection:
         if keep_previous:
             self._keep_manifest()
         with naming(self._path / "zarr.json" if self._store is None else self._where):
-            root.attrs[ATTR] = record
+            _put_state(root, record)
 
     def _keep_manifest(self) -> None:
         """Keep the root's metadata as it is (the finished collection's manifest) in the scratch
@@ -1073,7 +1085,7 @@ class DatasetCollection:
             if self._store is None and _kept_datasets(kept) == restored["datasets"]:
                 os.replace(kept, self._path / "zarr.json")
             else:
-                root.attrs[ATTR] = restored
+                _put_state(root, restored)
         for name in record["build"]["dataset_names"]:
             if name in root:
                 del root[name]
@@ -1283,6 +1295,14 @@ def _refuse_without_append(state: dict[str, Any], prints: Fingerprints, path: st
             "build --append) to add these inputs to it, or build into another path"
         )
     raise CollectionCompleteError(msg)
+
+
+def _put_state(root: zarr.Group, record: dict[str, Any]) -> None:
+    """Write the collection's state to the root's attributes (one write), with the reference's
+    encoding (:data:`~annbatch.collection._encoding.V1_ENCODING`) exactly when the state is
+    complete."""
+    attributes = {**root.attrs.asdict(), ATTR: record}
+    root.attrs.put(with_encoding(attributes, complete=record["state"] == "complete"))
 
 
 def _check_append(

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from annbatch._args import parse_bool, parse_mask, parse_positive_int
-from annbatch.abc import LoadRequest
-from annbatch.abc._sampler import check_mask
+from annbatch.abc._sampler import ChunkRequest, check_mask
 from annbatch.errors import InvalidArgumentError
 from annbatch.samplers._epochs import EpochSampler
 
@@ -180,7 +179,7 @@ class ChunkSampler(EpochSampler):
             chunks = chunks[rng.permutation(len(chunks))]
         return chunks
 
-    def _sample(self, n_obs: int) -> Iterator[LoadRequest]:
+    def _sample(self, n_obs: int) -> Iterator[ChunkRequest]:
         # Shared by all ranks: chunk order and offset. Per rank: row order within windows.
         shared, own = self._next_epoch()
         rank = self.ranks()[0]
@@ -201,7 +200,7 @@ class ChunkSampler(EpochSampler):
             order = order[:n_use]
             splits = [order[i : i + self._batch_size] for i in range(0, n_use, self._batch_size)]
             emitted += n_use
-            yield LoadRequest(chunks=window, splits=splits)
+            yield ChunkRequest(chunks=window, splits=splits)
 
     def _windows(self, ranges: np.ndarray) -> Iterator[list[slice]]:
         """Cut the ranges into windows of ``self._window_rows`` rows (the last shorter)."""

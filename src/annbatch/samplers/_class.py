@@ -10,8 +10,7 @@ import numpy as np
 import pandas as pd
 
 from annbatch._args import parse_bool, parse_mask, parse_positive_int
-from annbatch.abc import LoadRequest
-from annbatch.abc._sampler import check_mask
+from annbatch.abc._sampler import ChunkRequest, check_mask
 from annbatch.errors import ArgumentTypeError, InvalidArgumentError
 from annbatch.samplers._chunk import parse_window
 from annbatch.samplers._epochs import EpochSampler
@@ -152,6 +151,7 @@ class ClassSampler(EpochSampler):
 
     @mask.setter
     def mask(self, value: slice | np.ndarray | None) -> None:
+        self._refuse_while_sampling("mask")
         self._mask = parse_mask(value)
         self._table = None
 
@@ -212,7 +212,7 @@ class ClassSampler(EpochSampler):
         self._table = (chunks, first, count, weights / weights.sum())
         return self._table
 
-    def _sample(self, n_obs: int) -> Iterator[LoadRequest]:
+    def _sample(self, n_obs: int) -> Iterator[ChunkRequest]:
         _, own = self._next_epoch()  # draws with replacement: each rank draws its own
         chunks, first, count, p = self._chunk_table()
         lengths = chunks[:, 1] - chunks[:, 0]
@@ -229,7 +229,7 @@ class ClassSampler(EpochSampler):
             order = own.permutation(n_window)
             splits = [order[i : i + self._batch_size] for i in range(0, n_window, self._batch_size)]
             emitted += n_window
-            yield LoadRequest(
+            yield ChunkRequest(
                 chunks=list(map(slice, window[:, 0].tolist(), window[:, 1].tolist())), splits=splits
             )
 

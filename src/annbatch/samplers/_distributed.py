@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from annbatch.samplers._epochs import EpochSampler
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from annbatch.abc import LoadRequest
+    from annbatch.abc._sampler import ChunkRequest
 
 
 class DistributedSampler(Sampler):
@@ -23,9 +24,13 @@ class DistributedSampler(Sampler):
     wrapped sampler draw from that share.
 
     The rows the wrapped sampler may use (its :attr:`~annbatch.abc.Sampler.mask`, all rows by
-    default) are cut into ``world_size`` consecutive shares; rank ``r`` takes share ``r`` by
-    setting the wrapped sampler's mask to it. Shares never overlap, so no row is read by two
-    ranks in one epoch; rows do not move between ranks from one epoch to the next.
+    default) are cut into ``world_size`` consecutive shares; rank ``r`` takes share ``r``.
+    Shares never overlap, so no row is read by two ranks in one epoch; rows do not move
+    between ranks from one epoch to the next.
+
+    The sampler given is left as it was (its mask, its generator and its state): the rank
+    draws from a copy of it (:attr:`sampler`) whose mask is the rank's share, and whose
+    generator is a copy of the given one in the same state.
 
     Parameters
     ----------
@@ -64,10 +69,8 @@ class DistributedSampler(Sampler):
             raise ArgumentTypeError(msg)
         self._rank, self._world_size = _dist_info(dist_info)
         self._equal = parse_bool(enforce_equal_batches, "enforce_equal_batches")
-        self._sampler = sampler
         self._mask = sampler.mask  # the rows to share out
-        if isinstance(sampler, EpochSampler):
-            sampler._single_rank()  # this wrapper splits the rows, not the sampler itself
+        self._sampler = _rank_view(sampler)
 
     def __repr__(self) -> str:
         return (
@@ -77,7 +80,8 @@ class DistributedSampler(Sampler):
 
     @property
     def sampler(self) -> Sampler:
-        """The wrapped sampler."""
+        """The rank's view of the wrapped sampler: a copy of the sampler given, drawing from
+        this rank's share (the sampler given is not changed)."""
         return self._sampler
 
     @property
@@ -107,11 +111,12 @@ class DistributedSampler(Sampler):
 
     @mask.setter
     def mask(self, value: slice | np.ndarray | None) -> None:
+        self._refuse_while_sampling("mask")
         self._mask = parse_mask(value)
 
     @property
     def rng(self) -> np.random.Generator:
-        """The wrapped sampler's generator."""
+        """The generator of the rank's view (a copy of the wrapped sampler's). Settable."""
         return self._sampler.rng
 
     @rng.setter
@@ -148,16 +153,28 @@ class DistributedSampler(Sampler):
         return mine
 
     def validate(self, n_obs: int) -> None:
-        """Give the wrapped sampler this rank's share; it checks the rest when it samples."""
-        self._sampler.mask = self.share(n_obs)
+        """Give the rank's view this rank's share; it checks the rest when it samples."""
+        self._use_share(n_obs)
 
     def n_batches(self, n_obs: int) -> int:
         """Batches per epoch of this rank."""
-        self._sampler.mask = self.share(n_obs)
+        self._use_share(n_obs)
         return self._sampler.n_batches(n_obs)
 
-    def _sample(self, n_obs: int) -> Iterator[LoadRequest]:
-        yield from self._sampler.sample(n_obs)
+    def _use_share(self, n_obs: int) -> None:
+        """Set the view's mask to this rank's share of ``n_obs`` rows, unless it is that
+        already (as during an epoch, when the Loader asks for its length)."""
+        share, current = self.share(n_obs), self._sampler.mask
+        same = (
+            np.array_equal(share, current)
+            if isinstance(share, np.ndarray) and isinstance(current, np.ndarray)
+            else isinstance(share, slice) and share == current
+        )
+        if not same:
+            self._sampler.mask = share
+
+    def _sample(self, n_obs: int) -> Iterator[ChunkRequest]:
+        yield from self._sampler._chunk_requests(n_obs)
 
     def set_epoch(self, epoch: int) -> None:
         """Forwarded to the wrapped sampler."""
@@ -177,6 +194,24 @@ class DistributedSampler(Sampler):
 
     def _epoch_of(self, state: dict[str, Any]) -> object:
         return self._sampler._epoch_of(state)
+
+
+def _rank_view(sampler: Sampler) -> Sampler:
+    """A copy of ``sampler`` for one rank (its generator copied in the same state), with no
+    pass running; annbatch's samplers are told not to split rows among ranks themselves."""
+    try:
+        view = copy.deepcopy(sampler)
+    except Exception as e:
+        msg = (
+            f"DistributedSampler draws from a copy of the sampler it wraps (so that the "
+            f"sampler given is left as it was), and copy.deepcopy of the "
+            f"{type(sampler).__name__} failed: {e}"
+        )
+        raise ArgumentTypeError(msg) from e
+    view._passes_running = 0
+    if isinstance(view, EpochSampler):
+        view._single_rank()  # this wrapper splits the rows, not the sampler itself
+    return view
 
 
 def _dist_info(dist_info: object) -> tuple[int, int]:

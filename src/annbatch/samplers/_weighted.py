@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from annbatch._args import parse_bool, parse_mask, parse_positive_int
-from annbatch.abc import LoadRequest
+from annbatch.abc._sampler import ChunkRequest
 from annbatch.errors import InvalidArgumentError
 from annbatch.samplers._epochs import EpochSampler
 
@@ -128,6 +128,7 @@ class WeightedSampler(EpochSampler):
 
     @mask.setter
     def mask(self, value: slice | np.ndarray | None) -> None:
+        self._refuse_while_sampling("mask")
         mask = parse_mask(value)
         p, positive = self._probabilities(mask)
         if not self._replacement and self._num_samples > positive:
@@ -209,7 +210,7 @@ class WeightedSampler(EpochSampler):
         self._check_ranks_seeded(needed=True)
 
     # ----------------------------------------------------------------------------- drawing
-    def _sample(self, n_obs: int) -> Iterator[LoadRequest]:
+    def _sample(self, n_obs: int) -> Iterator[ChunkRequest]:
         rng, _ = self._next_epoch()  # the draw is shared by all ranks; each takes its part
         rank = self.ranks()[0]
         drawn = rng.choice(n_obs, size=self._num_samples, replace=self._replacement, p=self._p)
@@ -230,4 +231,4 @@ class WeightedSampler(EpochSampler):
             splits = [
                 positions[i : i + self._batch_size] for i in range(0, rows.size, self._batch_size)
             ]
-            yield LoadRequest(chunks=chunks, splits=splits)
+            yield ChunkRequest(chunks=chunks, splits=splits)
