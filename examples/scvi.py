@@ -124,6 +124,9 @@ def train_annbatch(paths: list[str], out: Path, epochs: int) -> dict[str, Any]:
         chunk_size=CHUNK_SIZE,
         preload_nchunks=PRELOAD_NCHUNKS,
         preload_to_gpu=False,
+        # Rows mixed across the files: scvi-tools validates on the collection's first rows,
+        # which without it would be the first file's (one batch, never trained on).
+        shuffle=True,
         **SETUP,
     )
     model = scvi.model.SCVI(registry=dm.registry)
