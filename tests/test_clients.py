@@ -10,6 +10,7 @@ and it installs ``annbatch[zarrs]>=0.2``.
 from __future__ import annotations
 
 import copy
+import threading
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,21 @@ def test_copies_keep_their_own_resume_state_and_datasets(tmp_path):
     other.add_anndata(store)
     assert (loader.n_obs, other.n_obs) == (120, 240)
     assert (len(loader._obs), len(other._obs)) == (1, 2)
+
+
+class _LockedSampler(SequentialSampler):
+    """A sampler that cannot be deep-copied (it holds a lock)."""
+
+    def __init__(self) -> None:
+        super().__init__(5, 4, 10)
+        self.lock = threading.Lock()
+
+
+def test_copy_shares_a_sampler_that_cannot_be_copied(tmp_path):
+    loader = Loader(batch_sampler=_LockedSampler(), to=None).add_anndata(_store(tmp_path))
+    other = copy.copy(loader)
+    assert other._batch_sampler is loader._batch_sampler
+    assert np.array_equal(np.concatenate(_rows(other)), np.arange(120))
 
 
 def test_setting_the_sampler_is_checked(tmp_path):

@@ -661,10 +661,14 @@ class Loader(_IterableBase):
         """A Loader over the same datasets (shared, not reread) with state of its own: its
         sampler (a deep copy), its epoch and resume progress, and its lists of datasets, so
         that iterating, resuming, adding data or setting :attr:`_batch_sampler` on one copy
-        leaves the other as it was."""
+        leaves the other as it was. A custom sampler that cannot be deep-copied (it holds a
+        lock or an open file, say) is shared by both."""
         new = type(self).__new__(type(self))
         new.__dict__.update(self.__dict__)
-        new._sampler = copy.deepcopy(self._sampler)
+        try:
+            new._sampler = copy.deepcopy(self._sampler)
+        except (TypeError, copy.Error):
+            new._sampler = self._sampler
         new._progress = copy.copy(self._progress)
         new._sources = list(self._sources)
         new._obs = list(self._obs)
