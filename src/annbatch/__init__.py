@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from annbatch.collection import DatasetCollection
     from annbatch.io import write_sharded
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.4.0.dev0"
 
 __all__ = [
     "ChunkSampler",

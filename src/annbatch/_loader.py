@@ -7,6 +7,7 @@ RowSource` each, with their obs) and the resume state, and hands each epoch to
 
 from __future__ import annotations
 
+import copy
 import enum
 import warnings
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -245,6 +246,25 @@ class Loader(_IterableBase):
     def batch_sampler(self) -> Sampler:
         """The sampler that decides which rows are read together and how they are batched."""
         return self._sampler
+
+    @property
+    def _batch_sampler(self) -> Sampler:
+        """The sampler, under the reference library's private name, which clients read and set
+        (scvi-tools gives a ``copy.copy`` of the Loader a new sampler with a ``mask`` for its
+        training and validation rows). Setting it changes the sampler this Loader iterates
+        with, and forgets a resume point loaded for the previous one."""
+        return self._sampler
+
+    @_batch_sampler.setter
+    def _batch_sampler(self, sampler: Sampler) -> None:
+        if self._active_iterations:
+            msg = "cannot change the sampler while the Loader is being iterated"
+            raise LoaderBusyError(msg)
+        if not isinstance(sampler, Sampler):
+            msg = f"the sampler must be an annbatch.abc.Sampler, got {type(sampler).__name__}"
+            raise InvalidArgumentError(msg)
+        self._sampler = sampler
+        self._progress = Progress()
 
     @property
     def dataset_type(self) -> type | None:
@@ -636,6 +656,24 @@ class Loader(_IterableBase):
             frames = [o for o in self._obs if o is not None and len(o)] or [self._obs[0]]
             self._obs_all = pd.concat(frames, axis=0) if len(frames) > 1 else frames[0]
         return self._obs_all
+
+    def __copy__(self) -> Self:
+        """A Loader over the same datasets (shared, not reread) with state of its own: its
+        sampler (a deep copy), its epoch and resume progress, and its lists of datasets, so
+        that iterating, resuming, adding data or setting :attr:`_batch_sampler` on one copy
+        leaves the other as it was. A custom sampler that cannot be deep-copied (it holds a
+        lock or an open file, say) is shared by both."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        try:
+            new._sampler = copy.deepcopy(self._sampler)
+        except (TypeError, copy.Error):
+            new._sampler = self._sampler
+        new._progress = copy.copy(self._progress)
+        new._sources = list(self._sources)
+        new._obs = list(self._obs)
+        new._active_iterations = 0
+        return new
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent to DataLoader workers: a worker starts with no iteration running.

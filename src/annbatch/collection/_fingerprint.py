@@ -245,8 +245,11 @@ def read_content(inp: Input, elements: Sequence[str], memory_budget: int) -> str
 def _row_bytes(array: Any, n_obs: int) -> float:
     """About how many bytes a row of ``array`` takes in memory once read."""
     itemsize = np.dtype(array.dtype).itemsize
-    if sp.issparse(array) or hasattr(array, "group"):  # scipy, or anndata's CSR dataset
-        nnz = array.nnz if sp.issparse(array) else int(array.group["indptr"][-1])
+    if hasattr(array, "group"):  # anndata's CSR dataset (or one read widened)
+        nnz = int(array.group["indptr"][-1])
+        return nnz / max(1, n_obs) * (itemsize + 8) + 8
+    if sp.issparse(array) or getattr(array, "is_sparse", False):  # scipy, or a lazy CSR array
+        nnz = int(array.nnz)
         return nnz / max(1, n_obs) * (itemsize + 8) + 8
     return float(np.prod(array.shape[1:], dtype=np.int64) * itemsize)
 

@@ -23,6 +23,7 @@ import zarr
 
 from annbatch import _legacy
 from annbatch._narrow import widened
+from annbatch.collection._lazy import LazyRows, is_lazy
 from annbatch.collection._obs import FrameColumns, GroupColumns, ObsColumns
 from annbatch.errors import (
     IncompatibleDatasetsError,
@@ -79,6 +80,12 @@ def _x_of(x: Any, name: str) -> tuple[Any, bool]:
     """(row-sliceable X, is sparse) or a clear error; (None, False) without X."""
     if x is None:
         return None, False
+    if is_lazy(x):  # a dask array (anndata.experimental.read_elem_lazy): read block by block
+        if x.ndim != 2:
+            msg = f"{name}: X is a lazily loaded array of {x.ndim} dimensions; expected 2"
+            raise UnsupportedDatasetError(msg)
+        lazy = LazyRows(x, f"{name}: X")
+        return lazy, lazy.is_sparse
     if isinstance(x, anndata.abc.CSCDataset) or (
         isinstance(x, sp.spmatrix | sp.sparray) and x.format != "csr"
     ):
@@ -189,6 +196,11 @@ def _elements(adata: Any, name: str) -> dict[str, Any]:
             if isinstance(elem, h5py.Group | zarr.Group):  # data frames and the like
                 skipped.append(path)
                 continue
+            if is_lazy(elem):  # a dask array: read block by block (CSC is not carried)
+                if getattr(getattr(elem, "_meta", None), "format", "csr") != "csr":
+                    skipped.append(path)
+                    continue
+                elem = LazyRows(elem, f"{name}: {path}")
             elem = _widened_on_disk(elem, f"{name}: {path}")
             if isinstance(elem, pd.DataFrame) or not hasattr(elem, "shape"):
                 skipped.append(path)

@@ -209,9 +209,13 @@ def write_dataset(
     obs, restore = prepare_for_write(obs)
     # Every chunk is written, one of only fill values too, so that a missing one is damage.
     # zarr's default, not the arrays' own config: anndata writes through the array reopened
-    # from its metadata, which does not keep the config it was created with.
+    # from its metadata, which does not keep the config it was created with. zarr-python's
+    # own codec pipeline: others set process-wide (zarrs, which scvi-tools sets) skip chunks
+    # of only fill values whatever the config says.
     with (
-        zarr.config.set({"array.write_empty_chunks": True}),
+        zarr.config.set(
+            {"array.write_empty_chunks": True, "codec_pipeline.path": WRITING_PIPELINE}
+        ),
         warnings.catch_warnings(),
         ad.settings.override(allow_write_nullable_strings=True),
     ):
@@ -243,6 +247,11 @@ def write_dataset(
     for key in ("obs", "var"):  # every chunk was written: a missing one is damage (as for X)
         _mark_complete(group[key])  # type: ignore[arg-type]
     group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+
+
+WRITING_PIPELINE = "zarr.core.codec_pipeline.BatchedCodecPipeline"
+"""zarr-python's default codec pipeline, with which collections are written (see
+:func:`write_dataset`)."""
 
 
 def _write_values(
