@@ -107,7 +107,7 @@ def test_the_unset_default_survives_copies_and_pickles():
     import copy
     import pickle
 
-    from annbatch._loader import _UNSET
+    from annbatch._loader_args import UNSET as _UNSET
 
     assert copy.deepcopy(_UNSET) is _UNSET
     assert pickle.loads(pickle.dumps(_UNSET)) is _UNSET

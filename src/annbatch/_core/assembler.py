@@ -39,11 +39,6 @@ def parse_concat_strategy(value: object) -> ConcatStrategy | None:
     raise InvalidArgumentError(msg)
 
 
-def default_splits(n_rows: int, batch_size: int) -> list[np.ndarray]:
-    """Consecutive batches of ``batch_size`` rows, the last one possibly smaller."""
-    return [np.arange(i, min(i + batch_size, n_rows)) for i in range(0, n_rows, batch_size)]
-
-
 def as_slice(positions: np.ndarray) -> slice | None:
     """The equivalent slice if ``positions`` is a run of consecutive integers, else None."""
     n = positions.size

@@ -8,6 +8,8 @@ the point's. That rule holds wherever the epoch runs. The Loader in the main pro
 ``DataLoader`` with workers never iterates, so its pending point travels to every epoch's
 workers; those of later epochs (after ``set_epoch``) start from another sampler state and
 leave it alone, and ``set_epoch`` drops a point that no longer belongs to the next epoch.
+:func:`start_epoch` begins an epoch (in DataLoader workers, with the seed they share), and
+:class:`Resumable` is the Loader's public side of all this (``state_dict`` and the rest).
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from annbatch._args import parse_int
-from annbatch.errors import InvalidArgumentError
+from annbatch._core.workers import current_shard, join_queue_feeders_at_exit
+from annbatch.errors import InvalidArgumentError, LoaderBusyError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from annbatch.abc import Sampler
 
     EpochOf = Callable[[dict[str, Any]], object]
 
@@ -137,3 +142,79 @@ class Progress:
         copy = Progress()
         copy._pending = self._pending
         return copy
+
+
+class Resumable:
+    """The resume protocol of the Loader (as torchdata's stateful iterators have it):
+    :meth:`set_epoch`, :meth:`state_dict` and :meth:`load_state_dict`, over its sampler and
+    its :class:`Progress`."""
+
+    _sampler: Sampler
+    _progress: Progress
+    _active_iterations: int
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw epoch ``epoch`` next; forwarded to the sampler (see
+        :meth:`annbatch.ChunkSampler.set_epoch`). Call it before every epoch when ranks or
+        DataLoader workers read, as with ``torch.utils.data.DistributedSampler``."""
+        self._sampler.set_epoch(epoch)
+
+    def state_dict(self, batches_seen: int | None = None) -> dict[str, Any]:
+        """Where training stands: the sampler's state at the start of the current epoch and
+        the number of its batches already consumed.
+
+        :meth:`load_state_dict` on a Loader over the same data then yields exactly the rest
+        of that epoch (none of its rows twice), and later epochs as they would have been.
+        After :meth:`load_state_dict`, the loaded state is returned until the epoch it
+        belongs to begins, so a second interruption before the first batch loses nothing.
+
+        Parameters
+        ----------
+        batches_seen
+            Batches of the current epoch that training consumed, those consumed before a
+            resume included. Default: the number this Loader yielded, which is right when it
+            is iterated in this process. Under a ``DataLoader`` with workers, the Loader in
+            this process does not see the batches: pass the count taken from the DataLoader,
+            and call :meth:`set_epoch` before each epoch, so that the workers' order depends
+            on the epoch alone (resuming without it is an error in the workers).
+        """
+        if batches_seen is not None:
+            batches_seen = parse_int(batches_seen, "batches_seen", minimum=0, numpy=False)
+        now = self._sampler.state_dict()  # raises for samplers that cannot be resumed
+        return self._progress.current(now, batches_seen, self._sampler._epoch_of).as_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: the epoch it was taken in yields its remaining
+        batches only, wherever it runs (this process, DataLoader workers); later epochs are
+        whole."""
+        if self._active_iterations:
+            msg = "cannot load a state while the Loader is being iterated"
+            raise LoaderBusyError(msg)
+        point = ResumePoint.parse(state)
+        self._sampler.load_state_dict(point.sampler)
+        self._progress.load(point)
+
+
+def start_epoch(sampler: Sampler, progress: Progress) -> int:
+    """An epoch of ``sampler`` begins in this process: record it in ``progress`` and, inside a
+    DataLoader worker, re-seed the sampler with the seed all workers of the epoch share.
+    Returns the batches the epoch skips (those consumed before a resume)."""
+    try:
+        start: dict[str, Any] | None = sampler.state_dict()
+    except InvalidArgumentError:  # a sampler that cannot be resumed
+        start = None
+    skip = progress.begin(start, sampler._epoch_of)
+    shard = current_shard()
+    if shard.seed is not None:
+        join_queue_feeders_at_exit()  # an epoch ended early must not abort the worker
+        # DataLoader workers: one order for all workers of the epoch, a new one each epoch.
+        sampler.reseed(shard.seed)
+        if skip and not same_state(sampler.state_dict(), start):
+            msg = (
+                "cannot resume under DataLoader workers: the sampler's order depends on "
+                "the DataLoader's seed of this epoch, which the interrupted run had drawn "
+                "differently; call loader.set_epoch(epoch) before every epoch (in the run "
+                "that saves the state and in the one that resumes)"
+            )
+            raise InvalidArgumentError(msg)
+    return skip

@@ -16,18 +16,19 @@ import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+
 from annbatch._core import gpu
-from annbatch._core.assembler import assemble, default_splits, done, split_rows
+from annbatch._core.assembler import assemble, done, split_rows
 from annbatch._core.planner import plan_placement, plan_reads
 from annbatch._core.reader import TASKS_PER_THREAD, empty_window, read_placed, read_plan
 from annbatch._core.sources import DenseSource
+from annbatch.abc._sampler import split_batches
 
 if TYPE_CHECKING:
     import threading
     from collections.abc import Sequence
     from concurrent.futures import Executor
-
-    import numpy as np
 
     from annbatch._core.assembler import ConcatStrategy
     from annbatch._core.sources import RowSource
@@ -82,7 +83,7 @@ def load_window(
     splits = request.splits
     if splits is None:
         n_rows = sum(c.stop - c.start for c in request.chunks)
-        splits = default_splits(n_rows, batch_size)
+        splits = split_batches(np.arange(n_rows), batch_size)
     # On the GPU path, our chunk reader decodes straight into the pinned staging buffers.
     allocate = copier.allocate if copier is not None else empty_window
     # Dense rows from chunk-readable sources go straight into batch order. CSR rows are short

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from annbatch.abc._sampler import ChunkRequest
+from annbatch.abc._sampler import ChunkRequest, split_batches
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -152,8 +152,7 @@ def remaining_requests(
         if skip:
             splits = request.splits
             if splits is None:
-                rows = np.arange(request.n_rows)
-                splits = [rows[i : i + batch_size] for i in range(0, request.n_rows, batch_size)]
+                splits = split_batches(np.arange(request.n_rows), batch_size)
             request = ChunkRequest(chunks=request.chunks, splits=splits[skip:])
             skip = 0
         yield request

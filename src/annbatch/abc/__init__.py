@@ -7,24 +7,13 @@ name of annbatch's internal request objects (still accepted from ``_sample``).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
+from annbatch._reference import abc_attribute
 from annbatch.abc._sampler import Sampler
 
 __all__ = ["Sampler"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "LoadRequest":
-        warnings.warn(
-            "annbatch.abc.LoadRequest is deprecated: yield plain dicts "
-            "(annbatch.types.LoadRequest: {'requests': [...], 'splits': [...]}) from _sample",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        from annbatch.abc._sampler import ChunkRequest
-
-        return ChunkRequest
-    msg = f"module 'annbatch.abc' has no attribute {name!r}"
-    raise AttributeError(msg)
+    return abc_attribute(name)  # the deprecated LoadRequest

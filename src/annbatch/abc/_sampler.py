@@ -1,9 +1,15 @@
-"""The sampler contract: which rows are read together, and how they are cut into batches."""
+"""The sampler contract: which rows are read together, and how they are cut into batches.
+
+:class:`Sampler` is the base class; :class:`ChunkRequest` the internal form of a load request
+(the public one is the plain dict :class:`annbatch.types.LoadRequest`), with the checks that
+turn what a sampler yields into it, and the two helpers every sampler cuts requests with
+(:func:`as_runs`, :func:`split_batches`). The reference's spellings (``n_iters``, the
+``"chunks"`` key) come from :mod:`annbatch._reference`.
+"""
 
 from __future__ import annotations
 
 import copy
-import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -11,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from annbatch._args import parse_mask, parse_rng
+from annbatch._reference import SamplerAliases, rows_under_old_key
 from annbatch.errors import InvalidArgumentError, SamplerBusyError
 
 if TYPE_CHECKING:
@@ -43,7 +50,7 @@ class ChunkRequest:
         return sum(s.stop - s.start for s in self.chunks)
 
 
-class Sampler(ABC):
+class Sampler(SamplerAliases, ABC):
     """Turns a number of rows into a stream of load requests.
 
     Subclasses implement :meth:`_sample`, :attr:`batch_size` and :attr:`shuffle`; they may
@@ -85,13 +92,6 @@ class Sampler(ABC):
             )
             raise InvalidArgumentError(msg) from e
         return sum(len(request.splits or ()) for request in twin._chunk_requests(n_obs))
-
-    def n_iters(self, n_obs: int) -> int:
-        """Deprecated name of :meth:`n_batches`."""
-        warnings.warn(
-            "Sampler.n_iters is deprecated; use n_batches", DeprecationWarning, stacklevel=2
-        )
-        return self.n_batches(n_obs)
 
     @property
     def mask(self) -> slice | np.ndarray | None:
@@ -138,7 +138,7 @@ class Sampler(ABC):
         """
         check_mask(self.mask, n_obs)
 
-    def reseed(self, seed: int) -> None:  # noqa: B027 (an optional hook, not abstract)
+    def reseed(self, seed: int) -> None:
         """Re-seed the sampler's randomness from ``seed`` combined with its own state.
 
         The Loader calls this in every DataLoader worker with a seed that all workers of one
@@ -146,7 +146,7 @@ class Sampler(ABC):
         next epoch draws a new one. Samplers without randomness ignore it.
         """
 
-    def set_epoch(self, epoch: int) -> None:  # noqa: B027 (an optional hook, not abstract)
+    def set_epoch(self, epoch: int) -> None:
         """Draw epoch ``epoch`` next. Samplers without randomness ignore it."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -228,7 +228,9 @@ class Sampler(ABC):
         if isinstance(item, ChunkRequest):
             _check_request(item, n_obs, position=position)
             if item.splits is None:  # documented: consecutive batches, not shuffled
-                item = ChunkRequest(item.chunks, _consecutive(item.n_rows, self.batch_size))
+                item = ChunkRequest(
+                    item.chunks, split_batches(np.arange(item.n_rows), self.batch_size)
+                )
             return item, None
         return self._from_dict(item, n_obs, position=position)
 
@@ -247,17 +249,7 @@ class Sampler(ABC):
             msg = f"{where} has unknown keys {sorted(map(str, unknown))}; expected 'requests' and optionally 'splits'"
             raise InvalidArgumentError(msg)
         if "chunks" in request:
-            if "requests" in request:
-                msg = (
-                    f"{where} has both 'requests' and 'chunks' (its old name); give only 'requests'"
-                )
-                raise InvalidArgumentError(msg)
-            warnings.warn(
-                "the 'chunks' key of a load request is deprecated; name it 'requests'",
-                DeprecationWarning,
-                stacklevel=4,
-            )
-            rows = request["chunks"]
+            rows = rows_under_old_key(request, where)
         elif "requests" in request:
             rows = request["requests"]
         else:
@@ -294,8 +286,7 @@ class Sampler(ABC):
         """Batches of a request without splits: ``batch_size`` rows at a time, in a random
         order (:attr:`rng`) when :attr:`shuffle`."""
         order = self.rng.permutation(n_rows) if self.shuffle else np.arange(n_rows)
-        size = self.batch_size
-        return [order[i : i + size] for i in range(0, n_rows, size)]
+        return split_batches(order, self.batch_size)
 
     _trusted = False
     """annbatch's own samplers (their requests are property-tested) skip the per-request
@@ -307,9 +298,22 @@ def as_dict(request: ChunkRequest) -> PublicLoadRequest:
     return {"requests": list(request.chunks), "splits": list(request.splits or [])}
 
 
-def _consecutive(n_rows: int, batch_size: int) -> list[np.ndarray]:
-    """Batches of ``batch_size`` consecutive positions, the last one smaller."""
-    return [np.arange(i, min(i + batch_size, n_rows)) for i in range(0, n_rows, batch_size)]
+def split_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """``order`` (positions into a request's rows) cut into batches of ``batch_size``, the
+    last one smaller."""
+    return [order[i : i + batch_size] for i in range(0, order.size, batch_size)]
+
+
+def as_runs(rows: np.ndarray) -> tuple[list[slice], np.ndarray]:
+    """Row positions (any order, repeats allowed) as the runs of consecutive rows that hold
+    them, in disk order, each row once; and each position's place in the rows of those runs
+    laid out one after the other."""
+    unique = np.unique(rows)
+    breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [unique.size]])
+    runs = list(map(slice, unique[starts].tolist(), (unique[stops - 1] + 1).tolist()))
+    return runs, np.searchsorted(unique, rows)
 
 
 def check_mask(mask: slice | np.ndarray | None, n_obs: int) -> None:
@@ -344,12 +348,7 @@ def _positions_request(
     if rows.min() < 0 or rows.max() >= n_obs:
         msg = f"{where} has rows outside 0..{n_obs - 1} (n_obs = {n_obs})"
         raise InvalidArgumentError(msg)
-    unique = np.unique(rows)
-    breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [unique.size]])
-    chunks = list(map(slice, unique[starts].tolist(), (unique[stops - 1] + 1).tolist()))
-    layout = np.searchsorted(unique, rows)  # request position -> position in the chunks
+    chunks, layout = as_runs(rows)  # layout: request position -> position in the chunks
     if splits is None:
         splits = default_splits(rows.size)
     _check_splits(splits, rows.size, where, "requests")

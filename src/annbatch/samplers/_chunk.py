@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from annbatch._args import parse_bool, parse_mask, parse_positive_int
-from annbatch.abc._sampler import ChunkRequest, check_mask
+from annbatch.abc._sampler import ChunkRequest, check_mask, split_batches
 from annbatch.errors import InvalidArgumentError
 from annbatch.samplers._epochs import EpochSampler
 
@@ -187,7 +187,7 @@ class ChunkSampler(EpochSampler):
         lengths = chunks[:, 1] - chunks[:, 0]
         n_allowed = int(lengths.sum())
         n_rows = self._rank_rows(n_allowed)
-        ranges = _take_rows(chunks, lengths, rank * n_rows, n_rows) if n_allowed else chunks
+        ranges = take_rows(chunks, rank * n_rows, n_rows) if n_allowed else chunks
         n_keep = n_rows - n_rows % self._batch_size if self._drop_last else n_rows
         emitted = 0
         for window in self._windows(ranges):
@@ -198,7 +198,7 @@ class ChunkSampler(EpochSampler):
             order = own.permutation(n_window) if self._shuffle else np.arange(n_window)
             # Rows past n_use are read but not yielded: they form the dropped short batch.
             order = order[:n_use]
-            splits = [order[i : i + self._batch_size] for i in range(0, n_use, self._batch_size)]
+            splits = split_batches(order, self._batch_size)
             emitted += n_use
             yield ChunkRequest(chunks=window, splits=splits)
 
@@ -240,9 +240,12 @@ def parse_window(
     return chunk, preload, batch, window - window % batch
 
 
-def _take_rows(chunks: np.ndarray, lengths: np.ndarray, first: int, count: int) -> np.ndarray:
-    """Ranges holding rows ``first .. first + count`` of the chunk sequence, wrapping around
-    to its start when the sequence is shorter (the padding of the last ranks)."""
+def take_rows(chunks: np.ndarray, first: int, count: int) -> np.ndarray:
+    """Ranges (``(start, stop)`` pairs) holding rows ``first .. first + count`` of the chunk
+    sequence ``chunks``, wrapping around to its start when the sequence is shorter (the
+    padding of the last ranks). ``take_rows(chunks, 0, n)``: the chunks of its first ``n``
+    rows, the last one cut short."""
+    lengths = chunks[:, 1] - chunks[:, 0]
     total = int(lengths.sum())
     if first == 0 and count == total:
         return chunks

@@ -10,7 +10,7 @@ import numpy as np
 
 from annbatch._args import parse_bool, parse_positive_int
 from annbatch.errors import InvalidArgumentError
-from annbatch.samplers._chunk import ChunkSampler
+from annbatch.samplers._chunk import ChunkSampler, take_rows
 
 
 class SequentialSampler(ChunkSampler):
@@ -141,15 +141,4 @@ class RandomSampler(ChunkSampler):
                 picks.append(idx)
                 total += int(lengths[idx].sum())
             chunks = chunks[np.concatenate(picks)]
-        return _first_rows(chunks, target)
-
-
-def _first_rows(chunks: np.ndarray, n: int) -> np.ndarray:
-    """The chunks holding the first ``n`` rows of the sequence (the last one cut short)."""
-    ends = np.cumsum(chunks[:, 1] - chunks[:, 0])
-    if n >= ends[-1]:
-        return chunks
-    last = int(np.searchsorted(ends, n))  # first chunk whose end reaches n
-    out = chunks[: last + 1].copy()
-    out[-1, 1] -= int(ends[last]) - n
-    return out
+        return take_rows(chunks, 0, target)

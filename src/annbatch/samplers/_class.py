@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 
 from annbatch._args import parse_bool, parse_mask, parse_positive_int
-from annbatch.abc._sampler import ChunkRequest, check_mask
+from annbatch.abc._sampler import ChunkRequest, check_mask, split_batches
 from annbatch.errors import ArgumentTypeError, InvalidArgumentError
-from annbatch.samplers._chunk import parse_window
+from annbatch.samplers._chunk import parse_window, take_rows
 from annbatch.samplers._epochs import EpochSampler
 
 if TYPE_CHECKING:
@@ -222,12 +222,8 @@ class ClassSampler(EpochSampler):
         while emitted < n_keep:
             n_window = min(self._window_rows, n_keep - emitted)
             picked = self._pick(own, n_window, lengths, first, count, p)
-            ends = np.cumsum(lengths[picked])
-            last = int(np.searchsorted(ends, n_window))
-            window = chunks[picked[: last + 1]].copy()
-            window[-1, 1] -= int(ends[last]) - n_window
-            order = own.permutation(n_window)
-            splits = [order[i : i + self._batch_size] for i in range(0, n_window, self._batch_size)]
+            window = take_rows(chunks[picked], 0, n_window)
+            splits = split_batches(own.permutation(n_window), self._batch_size)
             emitted += n_window
             yield ChunkRequest(
                 chunks=list(map(slice, window[:, 0].tolist(), window[:, 1].tolist())), splits=splits

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from annbatch._args import parse_bool, parse_mask, parse_positive_int
-from annbatch.abc._sampler import ChunkRequest
+from annbatch.abc._sampler import ChunkRequest, as_runs, split_batches
 from annbatch.errors import InvalidArgumentError
 from annbatch.samplers._epochs import EpochSampler
 
@@ -222,13 +222,5 @@ class WeightedSampler(EpochSampler):
             mine = mine[: n_rows - n_rows % self._batch_size]
         for lo in range(0, mine.size, self._window):
             rows = mine[lo : lo + self._window]
-            unique = np.unique(rows)  # sorted: read in disk order, each row once
-            breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-            starts = np.concatenate([[0], breaks])
-            stops = np.concatenate([breaks, [unique.size]])
-            chunks = list(map(slice, unique[starts].tolist(), (unique[stops - 1] + 1).tolist()))
-            positions = np.searchsorted(unique, rows)
-            splits = [
-                positions[i : i + self._batch_size] for i in range(0, rows.size, self._batch_size)
-            ]
-            yield ChunkRequest(chunks=chunks, splits=splits)
+            chunks, positions = as_runs(rows)  # read in disk order, each row once
+            yield ChunkRequest(chunks=chunks, splits=split_batches(positions, self._batch_size))
