@@ -2,7 +2,8 @@
 
 :class:`Sampler` is the base class of every sampler. The one public load-request type is the
 plain dict :class:`annbatch.types.LoadRequest`; ``annbatch.abc.LoadRequest`` is the deprecated
-name of annbatch's internal request objects (still accepted from ``_sample``).
+name of annbatch's internal request objects (still accepted from ``_sample``), served by
+:func:`annbatch._reference.abc_attribute`.
 """
 
 from __future__ import annotations
