@@ -165,20 +165,20 @@ def test_bad_read_ahead(value):
 
 
 def test_stopping_early_abandons_the_window_being_read(tmp_path, monkeypatch):
-    import annbatch._core.direct as direct
+    import annbatch._core.chunks.local as local
 
     x = np.arange(4000 * 8, dtype=np.float32).reshape(4000, 8)
     array = zarr.create_array(tmp_path / "x.zarr", shape=x.shape, chunks=(10, 8), dtype=x.dtype)
     array[:] = x
     calls = {"n": 0}
-    original = direct._Task.__call__
+    original = local.ReadTask.__call__
 
     def slow_task(self):
         calls["n"] += 1
         time.sleep(0.05)  # a slow disk: reading a window takes a while
         original(self)
 
-    monkeypatch.setattr(direct._Task, "__call__", slow_task)
+    monkeypatch.setattr(local.ReadTask, "__call__", slow_task)
     loader = Loader(chunk_size=10, preload_nchunks=40, batch_size=100, shuffle=True, to=None)
     loader.add_dataset(zarr.open_array(tmp_path / "x.zarr", mode="r"))
     for batch in loader:

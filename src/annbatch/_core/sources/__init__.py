@@ -109,7 +109,7 @@ def as_row_source(
         How to name the dataset in errors, e.g. ``"dataset 2"``.
     verify_checksums
         Verify the checksum of every chunk read, also of chunks that are only partly wanted
-        (see :func:`annbatch._core.direct.direct_array`).
+        (see :func:`annbatch._core.chunks.direct_array`).
     stored_dtype
         Yield values in the dtype they are stored in, also where a packed collection layout
         stored them narrower than they were (:mod:`annbatch._narrow`).

@@ -13,7 +13,7 @@ import anndata.abc
 import numpy as np
 import scipy.sparse as sp
 
-from annbatch._core.direct import DirectArray, direct_array, read_whole
+from annbatch._core.chunks import ChunkReader, direct_array, read_whole
 from annbatch._core.failures import store_errors
 from annbatch._core.ranges import expand_ranges
 from annbatch._core.reader import empty_window
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 def _direct_pair(
     data: Any, indices: Any, *, verify_checksums: bool
-) -> tuple[DirectArray, DirectArray] | None:
+) -> tuple[ChunkReader, ChunkReader] | None:
     direct_data = direct_array(data, verify_checksums=verify_checksums)
     direct_indices = direct_array(indices, verify_checksums=verify_checksums)
     if direct_data is None or direct_indices is None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from annbatch._core.direct import direct_array
+from annbatch._core.chunks import direct_array
 from annbatch._core.failures import store_errors
 from annbatch._core.reader import empty_window
 from annbatch._core.sources._common import (
