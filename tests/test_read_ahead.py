@@ -18,6 +18,11 @@ from annbatch.errors import CorruptChunkError
 from conftest import check_epoch
 
 
+def _alive(prefetcher: Prefetcher) -> bool:
+    """Whether the prefetcher's producer thread is still running."""
+    return prefetcher._thread.is_alive()
+
+
 def _producer_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "annbatch-read-ahead"]
 
@@ -64,7 +69,7 @@ def test_producer_runs_ahead_while_consumer_holds_a_batch():
     time.sleep(0.2)
     assert produced == [0, 1, 2, 3]
     prefetcher.close()
-    assert not prefetcher.alive
+    assert not _alive(prefetcher)
 
 
 class Boom(RuntimeError):
@@ -85,7 +90,7 @@ def test_error_in_background_reaches_consumer_with_traceback():
         next(prefetcher)
     frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
     assert "raise_boom" in frames, frames
-    assert not prefetcher.alive
+    assert not _alive(prefetcher)
 
 
 def test_read_error_reaches_the_loop(tmp_path):

@@ -636,7 +636,8 @@ def test_an_abandoned_read_cancels_its_requests_at_once(s3, uploaded):
     the tasks are still referenced (a traceback can keep them alive)."""
     import threading
 
-    from annbatch._core.reader import ReadCancelled, _run
+    from annbatch._core.cancel import ReadCancelled
+    from annbatch._core.reader import _run
 
     path, _ = uploaded["collection dense none"]
     proxy = Proxy(s3.port)

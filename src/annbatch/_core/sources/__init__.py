@@ -25,8 +25,7 @@ from annbatch.errors import UnsupportedDatasetError
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from annbatch._core.reader import Allocate
-    from annbatch._core.types import Block, ReadJob
+    from annbatch._core.types import Allocate, Block, ReadJob
 
 __all__ = ["ACCEPTED", "CSRSource", "DenseSource", "RowSource", "as_row_source"]
 
