@@ -70,12 +70,6 @@ class ReadTask:
         work.check_filled()
 
 
-def _chunk_bounds(chunk: np.ndarray) -> tuple[list[int], list[int]]:
-    """First and one-past-last piece of each chunk (pieces of one chunk follow each other)."""
-    bounds = (np.flatnonzero(np.diff(chunk)) + 1).tolist()
-    return [0, *bounds], [*bounds, chunk.size]
-
-
 def _open(files: dict[str, int], path: str) -> int | None:
     """A read-only descriptor of ``path``, opened once per task; None: the file does not exist
     (a chunk never written)."""
@@ -93,7 +87,7 @@ def _chunks(
 ) -> Iterator[tuple[int, int, int, bytes | None]]:
     """Each chunk of ``work`` read whole, for the decode loop."""
     chunk = work.chunk
-    for i, j in zip(*_chunk_bounds(chunk), strict=True):
+    for i, j in zip(*work.chunk_bounds(), strict=True):
         c = int(chunk[i])
         where = reader.locate(c)
         fd = None if where is None else _open(files, where[0])
@@ -147,7 +141,7 @@ def _rows(
                 out[at : at + n] = rows
             run.clear()
 
-    firsts, lasts = _chunk_bounds(chunk)
+    firsts, lasts = work.chunk_bounds()
     # Which chunks are wanted whole (read whole, to verify their checksum): one vectorised
     # pass, not numpy calls per chunk (a window at chunk 32 touches about a thousand).
     read_whole = [reader.verify_checksums] * len(firsts)

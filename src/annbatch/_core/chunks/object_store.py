@@ -296,10 +296,9 @@ def _plan(
         and not reader.verify_checksums
     )
     stored_raw = rows * row_bytes + (4 if layout.checksum else 0)
-    bounds = np.flatnonzero(np.diff(chunk)) + 1
     requests: list[tuple[str, int, int]] = []
     uses: list[tuple[int, int, int]] = []
-    for i, j in zip([0, *bounds.tolist()], [*bounds.tolist(), chunk.size], strict=True):
+    for i, j in zip(*work.chunk_bounds(), strict=True):
         c = int(chunk[i])
         where = reader.locate(c)
         if where is None:  # never written

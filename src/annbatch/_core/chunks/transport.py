@@ -42,6 +42,11 @@ class Work:
     check: Callable[[np.ndarray], None] | None = None
     """Called on the parts of ``out`` the task filled (runs of consecutive rows)."""
 
+    def chunk_bounds(self) -> tuple[list[int], list[int]]:
+        """First and one-past-last piece of each chunk."""
+        bounds = (np.flatnonzero(np.diff(self.chunk)) + 1).tolist()
+        return [0, *bounds], [*bounds, self.chunk.size]
+
     def check_filled(self) -> None:
         """Run :attr:`check` on what the task filled."""
         if self.check is not None:
