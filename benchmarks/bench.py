@@ -181,7 +181,7 @@ for _ in range(2):
         a = g[name]
         if how == "direct":  # annbatch's own chunk reader, the whole array as one range
             from concurrent.futures import ThreadPoolExecutor
-            from annbatch._core.direct import direct_array
+            from annbatch._core.chunks import direct_array
             from annbatch._core.reader import TASKS_PER_THREAD
             from annbatch._loader import read_threads
             d = direct_array(a)

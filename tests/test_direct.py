@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zarr.codecs import BloscCodec, GzipCodec, TransposeCodec, ZstdCodec
 
-from annbatch._core.direct import direct_array
+from annbatch._core.chunks import direct_array
 from annbatch.errors import CorruptChunkError
 
 # (zarr_format, shards, compressor, trailing shape, chunk rows, chunk trailing, dtype)

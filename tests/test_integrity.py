@@ -17,10 +17,10 @@ import pytest
 import scipy.sparse as sp
 import zarr
 
-import annbatch._core.zarr_layout as zarr_layout
+import annbatch._core.chunks.layout as zarr_layout
 from annbatch import DatasetCollection, Loader, load_x_and_obs, verify
 from annbatch._cli import main as cli
-from annbatch._core.direct import COMPLETE_ATTR, direct_array
+from annbatch._core.chunks import COMPLETE_ATTR, direct_array
 from annbatch._core.sources import as_row_source
 from annbatch.errors import (
     AnnbatchError,

@@ -19,7 +19,7 @@ import zarr
 from _adata_files import write_adata
 from annbatch import DatasetCollection, Loader, verify
 from annbatch._cli import main as cli
-from annbatch._core.direct import COMPLETE_ATTR
+from annbatch._core.chunks import COMPLETE_ATTR
 from annbatch.errors import (
     AnnbatchError,
     ChecksumMismatchError,

@@ -8,7 +8,32 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from annbatch._core.planner import dataset_offsets, plan_placement, plan_reads, requested_rows
+from annbatch._core.planner import (
+    ReadPlan,
+    dataset_offsets,
+    plan_placement,
+    plan_reads,
+    requested_rows,
+)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One read of a plan."""
+
+    dataset: int
+    start: int
+    stop: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.stop - self.start
+
+
+def _segments(plan: ReadPlan) -> list[Segment]:
+    """The reads of ``plan``, one :class:`Segment` each."""
+    columns = (plan.datasets.tolist(), plan.starts.tolist(), plan.stops.tolist())
+    return [Segment(d, a, b) for d, a, b in zip(*columns, strict=True)]
 
 
 @dataclass
@@ -43,9 +68,9 @@ def test_plan_maps_every_requested_row(case):
     )
     # Each requested row, in request order, is found in memory where the plan says.
     np.testing.assert_array_equal(plan.index[plan.positions], requested)
-    assert plan.index.size == sum(s.n_rows for s in plan.segments)
+    assert plan.index.size == sum(s.n_rows for s in _segments(plan))
     # Reads are in disk order, never overlap, and no two reads of a dataset share a chunk.
-    for a, b in zip(plan.segments, plan.segments[1:], strict=False):
+    for a, b in zip(_segments(plan), _segments(plan)[1:], strict=False):
         assert (a.dataset, a.start) < (b.dataset, b.start)
         if a.dataset == b.dataset:
             assert a.stop < b.start, "touching or overlapping reads were not merged"
@@ -53,7 +78,7 @@ def test_plan_maps_every_requested_row(case):
             if grid is not None:
                 assert not grid.shares_chunk(a.stop - 1, b.start)
     # Reads stay inside their dataset.
-    for s in plan.segments:
+    for s in _segments(plan):
         assert 0 <= s.start < s.stop <= sizes[s.dataset]
 
 
@@ -61,13 +86,13 @@ def test_shuffled_chunks_in_one_on_disk_chunk_are_one_read():
     offsets = dataset_offsets([100])
     chunks = [slice(30, 32), slice(2, 4), slice(12, 14), slice(6, 8)]
     plan = plan_reads(chunks, offsets, [Grid(16)])
-    assert [(s.start, s.stop) for s in plan.segments] == [(2, 14), (30, 32)]
+    assert [(s.start, s.stop) for s in _segments(plan)] == [(2, 14), (30, 32)]
     np.testing.assert_array_equal(plan.index[plan.positions], [30, 31, 2, 3, 12, 13, 6, 7])
 
 
 def test_repeated_rows_are_read_once():
     plan = plan_reads([slice(5, 9), slice(7, 11)], dataset_offsets([20]))
-    assert [(s.start, s.stop) for s in plan.segments] == [(5, 11)]
+    assert [(s.start, s.stop) for s in _segments(plan)] == [(5, 11)]
     np.testing.assert_array_equal(plan.index[plan.positions], [5, 6, 7, 8, 7, 8, 9, 10])
 
 

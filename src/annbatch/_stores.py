@@ -28,6 +28,18 @@ def is_url(path: object) -> bool:
     return isinstance(path, str) and "://" in path and not path.startswith("file://")
 
 
+def is_object_store(store: object) -> bool:
+    """Whether ``store`` is zarr's ``ObjectStore`` over one of obstore's stores (S3, GCS,
+    Azure, HTTP, local, memory); a zarr without ``ObjectStore`` has none."""
+    cls = getattr(zarr.storage, "ObjectStore", None)
+    inner = getattr(store, "store", None)
+    return (
+        cls is not None
+        and isinstance(store, cls)
+        and type(inner).__module__.split(".")[0] == "obstore"
+    )
+
+
 def object_url(store: object, path: str = "") -> str:
     """The URL of ``path`` in an obstore ``store``, for messages: ``s3://bucket/prefix/path``,
     ``gs://...``, ``az://container/...``, an HTTP store's URL, ``file:///...``. Built from the

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from annbatch._core import gpu
+from annbatch._core.cancel import ReadCancelled
 from annbatch._core.convert import convert
 from annbatch._core.planner import dataset_offsets
 from annbatch._core.prefetch import Prefetcher
-from annbatch._core.reader import ReadCancelled
 from annbatch._core.window import load_window
 from annbatch._core.workers import batches_of, current_shard, remaining_requests
 

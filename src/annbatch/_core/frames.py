@@ -5,9 +5,9 @@ array's fill value: a lost chunk of a categorical's codes gives its rows the fir
 with no error. Here every zarr array of a frame is read through a path that checks it:
 
 - numeric arrays (category codes, numbers, masks) through annbatch's chunk reader
-  (:func:`annbatch._core.direct.read_whole`): the CRC32C of every chunk, the decoded sizes, and,
+  (:func:`annbatch._core.chunks.read_whole`): the CRC32C of every chunk, the decoded sizes, and,
   for an array that records that every chunk was written
-  (:data:`~annbatch._core.direct.COMPLETE_ATTR`, as every array of a collection does), no chunk
+  (:data:`~annbatch._core.chunks.COMPLETE_ATTR`, as every array of a collection does), no chunk
   missing;
 - other arrays (strings, or layouts the chunk reader does not read) through zarr-python, which
   verifies their CRC32C, after checking that every chunk of an array that records them all is
@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 import zarr
 
-from annbatch._core.direct import COMPLETE_ATTR, direct_array, read_whole
+from annbatch._core.chunks import COMPLETE_ATTR, direct_array, read_whole
 from annbatch.errors import (
     AnnbatchError,
     ChecksumMismatchError,

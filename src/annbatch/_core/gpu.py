@@ -46,8 +46,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from concurrent.futures import Executor
 
-    from annbatch._core.reader import Role
-    from annbatch._core.types import Block
+    from annbatch._core.types import Block, Role
 
 _SPARSE_DTYPES = frozenset(
     np.dtype(t) for t in ("bool", "float32", "float64", "complex64", "complex128")
@@ -125,7 +124,7 @@ class CopyStream:
         self._staging: list[np.ndarray] = []
 
     def allocate(self, role: Role, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """Where the reader puts a window (see :data:`annbatch._core.reader.Allocate`): the
+        """Where the reader puts a window (see :data:`annbatch._core.types.Allocate`): the
         pinned staging buffer that :meth:`upload` copies that part from, so that the window
         is decoded straight into pinned memory and never copied on the host.
 

@@ -29,23 +29,6 @@ class ChunkGrid(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Segment:
-    """A contiguous row range of one dataset."""
-
-    dataset: int
-    """Position of the dataset in the Loader."""
-    start: int
-    """First row, local to the dataset."""
-    stop: int
-    """One past the last row, local to the dataset."""
-
-    @property
-    def n_rows(self) -> int:
-        """Number of rows in the range."""
-        return self.stop - self.start
-
-
-@dataclass(frozen=True, slots=True)
 class ReadPlan:
     """The reads that fill one window, and where each requested row lands in memory."""
 
@@ -64,12 +47,6 @@ class ReadPlan:
     def n_rows(self) -> int:
         """Number of rows the request asked for."""
         return int(self.positions.size)
-
-    @property
-    def segments(self) -> list[Segment]:
-        """The reads, one :class:`Segment` each."""
-        columns = (self.datasets.tolist(), self.starts.tolist(), self.stops.tolist())
-        return [Segment(d, a, b) for d, a, b in zip(*columns, strict=True)]
 
 
 def dataset_offsets(n_rows: Sequence[int]) -> np.ndarray:

@@ -18,12 +18,12 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from annbatch._core.cancel import POLL_S
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
 T = TypeVar("T")
-
-_POLL_S = 0.05  # how often a blocked producer checks whether it was asked to stop
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +107,7 @@ class Prefetcher(Generic[T]):
     def _take_slot(self) -> bool:
         """Wait for a free slot; False once the consumer has asked the producer to stop."""
         while not self._stop.is_set():
-            if self._slots.acquire(timeout=_POLL_S):
+            if self._slots.acquire(timeout=POLL_S):
                 return not self._stop.is_set()
         return False
 
@@ -140,8 +140,3 @@ class Prefetcher(Generic[T]):
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-
-    @property
-    def alive(self) -> bool:
-        """Whether the producer thread is still running."""
-        return self._thread.is_alive()

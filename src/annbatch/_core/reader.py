@@ -2,34 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, wait
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from annbatch._core.cancel import POLL_S, ReadCancelled
+from annbatch._core.types import empty_window
+
 if TYPE_CHECKING:
     import threading
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from concurrent.futures import Executor
 
     from annbatch._core.planner import Placement, ReadPlan
     from annbatch._core.sources import DenseSource, RowSource
-    from annbatch._core.types import Block
+    from annbatch._core.types import Allocate, Block
 
 TASKS_PER_THREAD = 4
 """Tasks per read thread and dataset: enough to keep threads busy to the end of a window."""
-
-Role = Literal["dense", "data", "indices"]
-Allocate = Callable[[Role, tuple[int, ...], np.dtype], np.ndarray]
-"""Where a window is read into: ``allocate(role, shape, dtype)`` returns an uninitialised
-C-contiguous array for a dense window (``"dense"``) or a CSR window's values (``"data"``) or
-column indices (``"indices"``). The default is ``np.empty``; the GPU path passes pinned memory."""
-
-
-def empty_window(role: Role, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """The default :data:`Allocate`: new memory."""
-    return np.empty(shape, dtype=dtype)
 
 
 def read_plan(
@@ -99,13 +90,6 @@ def read_placed(
     return out
 
 
-class ReadCancelled(Exception):
-    """The read was abandoned because ``cancel`` was set (the consumer stopped iterating)."""
-
-
-_POLL_S = 0.05  # how often a waiting reader checks whether it was cancelled
-
-
 def _run(
     tasks: Sequence[Callable[[], None]],
     executor: Executor | None,
@@ -124,7 +108,7 @@ def _run(
             return
         pending = {executor.submit(task) for task in tasks}
         while pending:
-            done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_EXCEPTION)
+            done, pending = wait(pending, timeout=POLL_S, return_when=FIRST_EXCEPTION)
             failed = [f for f in done if f.exception() is not None]
             if failed or (cancel is not None and cancel.is_set()):
                 for future in pending:

@@ -1,9 +1,9 @@
-"""Type aliases shared by the pipeline stages."""
+"""Types shared by the pipeline stages: rows in memory, a read's work, where windows go."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import numpy as np
 import scipy.sparse as sp
@@ -13,6 +13,18 @@ if TYPE_CHECKING:
 
 Block: TypeAlias = np.ndarray | sp.csr_matrix
 """Rows held in memory: dense rows, or CSR rows."""
+
+Role: TypeAlias = Literal["dense", "data", "indices"]
+Allocate: TypeAlias = "Callable[[Role, tuple[int, ...], np.dtype], np.ndarray]"
+"""Where a window is read into: ``allocate(role, shape, dtype)`` returns an uninitialised
+C-contiguous array for a dense window (``"dense"``) or a CSR window's values (``"data"``) or
+column indices (``"indices"``). The default is :func:`empty_window`; the GPU path passes
+pinned memory."""
+
+
+def empty_window(role: Role, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The default :data:`Allocate`: new memory."""
+    return np.empty(shape, dtype=dtype)
 
 
 def csr_from_arrays(

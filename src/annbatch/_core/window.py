@@ -21,8 +21,9 @@ import numpy as np
 from annbatch._core import gpu
 from annbatch._core.assembler import assemble, done, split_rows
 from annbatch._core.planner import plan_placement, plan_reads
-from annbatch._core.reader import TASKS_PER_THREAD, empty_window, read_placed, read_plan
+from annbatch._core.reader import TASKS_PER_THREAD, read_placed, read_plan
 from annbatch._core.sources import DenseSource
+from annbatch._core.types import empty_window
 from annbatch.abc._sampler import split_batches
 
 if TYPE_CHECKING:

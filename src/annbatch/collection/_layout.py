@@ -12,7 +12,7 @@ Every array of a collection (X's, and obs' and var's columns) carries a CRC32C c
 chunk (zarr v3's ``crc32c`` codec, last in the chain): the Loader verifies it whenever it reads
 a chunk whole, zarr-python whenever it reads one, and ``annbatch verify`` scrubs them all.
 Every chunk of every array is written (one of all fill values too) and each array records so
-(:data:`annbatch._core.direct.COMPLETE_ATTR`): a chunk missing later is damage, never zeros
+(:data:`annbatch._core.chunks.COMPLETE_ATTR`): a chunk missing later is damage, never zeros
 or another row's label (obs and var are read through :mod:`annbatch._core.frames`).
 """
 
@@ -31,7 +31,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, Zstd
 
 from annbatch._anndata_io import DTYPE_ATTR
 from annbatch._args import parse_int
-from annbatch._core.direct import COMPLETE_ATTR
+from annbatch._core.chunks import COMPLETE_ATTR
 from annbatch._narrow import VALUES_DTYPE_ATTR, declared_dtype, narrow_values
 from annbatch.collection._obs import prepare_for_write
 from annbatch.errors import InvalidArgumentError

@@ -25,8 +25,7 @@ from annbatch.errors import UnsupportedDatasetError
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from annbatch._core.reader import Allocate
-    from annbatch._core.types import Block, ReadJob
+    from annbatch._core.types import Allocate, Block, ReadJob
 
 __all__ = ["ACCEPTED", "CSRSource", "DenseSource", "RowSource", "as_row_source"]
 
@@ -109,7 +108,7 @@ def as_row_source(
         How to name the dataset in errors, e.g. ``"dataset 2"``.
     verify_checksums
         Verify the checksum of every chunk read, also of chunks that are only partly wanted
-        (see :func:`annbatch._core.direct.direct_array`).
+        (see :func:`annbatch._core.chunks.direct_array`).
     stored_dtype
         Yield values in the dtype they are stored in, also where a packed collection layout
         stored them narrower than they were (:mod:`annbatch._narrow`).

@@ -13,10 +13,9 @@ import anndata.abc
 import numpy as np
 import scipy.sparse as sp
 
-from annbatch._core.direct import DirectArray, direct_array, read_whole
+from annbatch._core.chunks import ChunkReader, direct_array, read_whole
 from annbatch._core.failures import store_errors
 from annbatch._core.ranges import expand_ranges
-from annbatch._core.reader import empty_window
 from annbatch._core.sources._common import (
     block_per_part,
     check_h5_open,
@@ -28,7 +27,7 @@ from annbatch._core.sources._common import (
     per_range_job,
     read_errors,
 )
-from annbatch._core.types import ReadJob, csr_from_arrays
+from annbatch._core.types import ReadJob, csr_from_arrays, empty_window
 from annbatch._core.validate import check_indices, check_indptr
 from annbatch._narrow import declared_dtype
 from annbatch.errors import CorruptDataError
@@ -36,14 +35,13 @@ from annbatch.errors import CorruptDataError
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from annbatch._core.reader import Allocate
     from annbatch._core.sources import RowSource
-    from annbatch._core.types import Block
+    from annbatch._core.types import Allocate, Block
 
 
 def _direct_pair(
     data: Any, indices: Any, *, verify_checksums: bool
-) -> tuple[DirectArray, DirectArray] | None:
+) -> tuple[ChunkReader, ChunkReader] | None:
     direct_data = direct_array(data, verify_checksums=verify_checksums)
     direct_indices = direct_array(indices, verify_checksums=verify_checksums)
     if direct_data is None or direct_indices is None:

@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from annbatch._core.direct import direct_array
+from annbatch._core.chunks import direct_array
 from annbatch._core.failures import store_errors
-from annbatch._core.reader import empty_window
 from annbatch._core.sources._common import (
     block_per_part,
     check_h5_open,
@@ -21,7 +20,7 @@ from annbatch._core.sources._common import (
     per_range_job,
     read_errors,
 )
-from annbatch._core.types import ReadJob
+from annbatch._core.types import ReadJob, empty_window
 from annbatch._narrow import declared_dtype
 
 if TYPE_CHECKING:
@@ -30,8 +29,8 @@ if TYPE_CHECKING:
     import h5py
     import zarr
 
-    from annbatch._core.reader import Allocate
     from annbatch._core.sources import RowSource
+    from annbatch._core.types import Allocate
 
 
 class DenseSource:

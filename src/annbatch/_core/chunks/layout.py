@@ -2,8 +2,9 @@
 or None where the reader does not fully understand the array (the Loader then reads it through
 zarr-python).
 
-The reader (:mod:`annbatch._core.direct`) takes arrays in a local directory store, or in
-object storage through zarr's ``ObjectStore`` (obstore; :mod:`annbatch._core.remote`), whose
+The reader (:mod:`annbatch._core.chunks.reader`) takes arrays in a local directory store, or
+in object storage through zarr's ``ObjectStore`` (obstore;
+:mod:`annbatch._core.chunks.object_store`), whose
 chunks hold whole rows (every axis but the first spans the full extent), little-endian numeric data,
 and a codec chain of:
 
@@ -17,6 +18,12 @@ columns) gives None. So does any zarr-python whose internals this module does no
 it reads zarr's metadata classes, a store's root and the chunk key encoding, which are not
 zarr's public API. The zarr versions tested are those of CI (the floor in ``pyproject.toml``
 and the newest); a major version outside :data:`ZARR_MAJOR` is not read directly at all.
+
+Why not zarr's public API alone: ``zarr.Array`` exposes the inner chain's ``serializer`` and
+``compressors``, ``chunks`` and ``shards``, but not where a chunk's bytes are (the chunk key
+encoding, a local store's root, the shard index's codecs and location), which the reader needs
+to read bytes itself. Those come from the metadata classes, and any of them missing or moved
+makes the array read through zarr-python (tested), not fail.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 import numcodecs
 import numpy as np
 import zarr
+
+from annbatch._stores import is_object_store
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -96,9 +105,6 @@ def _internals() -> SimpleNamespace | None:
         from zarr.core.metadata import v2, v3
         from zarr.storage import LocalStore
 
-        # A zarr without obstore support reads local stores only.
-        object_store = getattr(zarr.storage, "ObjectStore", None)
-
         return SimpleNamespace(
             BloscCodec=codecs.BloscCodec,
             BytesCodec=codecs.BytesCodec,
@@ -109,7 +115,6 @@ def _internals() -> SimpleNamespace | None:
             ArrayV2Metadata=v2.ArrayV2Metadata,
             ArrayV3Metadata=v3.ArrayV3Metadata,
             LocalStore=LocalStore,
-            ObjectStore=object_store,
         )
     except (ImportError, AttributeError, ValueError):
         return None
@@ -133,10 +138,8 @@ def _layout_of(array: zarr.Array, z: SimpleNamespace) -> tuple[Layout, Any] | No
     remote = None
     if isinstance(store, z.LocalStore):
         root = os.path.join(str(store.root), array.store_path.path).rstrip(os.sep) or os.sep
-    elif (
-        z.ObjectStore is not None and isinstance(store, z.ObjectStore) and _is_obstore(store.store)
-    ):
-        remote, root = store.store, array.store_path.path.strip("/")
+    elif is_object_store(store):
+        remote, root = store.store, array.store_path.path.strip("/")  # type: ignore[attr-defined]
     else:
         return None
     dtype = np.dtype(array.dtype)
@@ -208,11 +211,6 @@ def _layout_of(array: zarr.Array, z: SimpleNamespace) -> tuple[Layout, Any] | No
     )
     fill = metadata.fill_value
     return layout, 0 if fill is None else fill
-
-
-def _is_obstore(store: object) -> bool:
-    """Whether ``store`` is one of obstore's stores (S3, GCS, Azure, HTTP, local, memory)."""
-    return type(store).__module__.split(".")[0] == "obstore"
 
 
 def _value(setting: object) -> object:
