@@ -13,14 +13,12 @@ import zarr
 from annbatch.collection import _h5ad as h5ad
 from annbatch.collection import _runner as runner
 from annbatch.collection._check import manifest_problems, missing_datasets, missing_message
-from annbatch.collection._layout import describe_x
 from annbatch.collection._policy import one_of, parse_request
 from annbatch.collection._store import ATTR, CollectionStore
 from annbatch.errors import (
     CorruptDataError,
     InvalidArgumentError,
     MissingDataError,
-    StoreReadError,
 )
 
 if TYPE_CHECKING:
@@ -189,12 +187,7 @@ class DatasetCollection:
         if self._store.h5ad:
             msg = f"{self._store.where} is a collection of h5ad files, not of zarr groups; use open_datasets()"
             raise InvalidArgumentError(msg)
-        names = self.dataset_names
-        lost = missing_datasets(self._store, names)
-        if lost:
-            raise MissingDataError(missing_message(self._store, lost))
-        root = self._store.root("r" if self._mode == "r" else "r+")
-        return [root[name] for name in names]  # type: ignore[misc]
+        return self.open_datasets()
 
     def __iter__(self) -> Iterator[zarr.Group]:
         """Each dataset's group (an AnnData zarr store), in order, opened in the collection's
@@ -204,20 +197,15 @@ class DatasetCollection:
     def open_datasets(self) -> list[zarr.Group | h5py.File]:
         """Each dataset: zarr groups (as :attr:`datasets`), or ``h5py.File`` objects opened
         read-only for h5ad collections (they close when no longer referenced)."""
-        if not self._store.h5ad:
-            return self.datasets
+        return self._store.open_datasets(self._present(), self._mode)
+
+    def _present(self) -> list[str]:
+        """The datasets' names; an error if the store lacks any of them."""
         names = self.dataset_names
         lost = missing_datasets(self._store, names)
         if lost:
             raise MissingDataError(missing_message(self._store, lost))
-        files = []
-        for name in names:
-            try:
-                files.append(h5py.File(self._store.path / name, "r"))
-            except OSError as e:
-                msg = f"the dataset {name} of the collection {self._store.where} is not readable as an HDF5 file ({e}); the collection is damaged"
-                raise StoreReadError(msg) from e
-        return files
+        return names
 
     def __len__(self) -> int:
         return len(self.dataset_names)
@@ -241,10 +229,7 @@ class DatasetCollection:
         reads any chunk: ``annbatch verify`` does).
         """
         state = self._store.complete_state()
-        names = [d["name"] for d in state["datasets"]]
-        lost = missing_datasets(self._store, names)
-        if lost:
-            raise MissingDataError(missing_message(self._store, lost))
+        names = self._present()
         problems = manifest_problems(self)
         if problems:
             listed = "; ".join(map(str, problems[:5]))
@@ -254,15 +239,7 @@ class DatasetCollection:
                 f"`annbatch verify {self._store.where}` lists every problem"
             )
             raise CorruptDataError(msg)
-        datasets = []
-        for name in names if self._store.h5ad else []:
-            with h5py.File(self._store.path / name, "r") as f:
-                entry = {"name": name, **h5ad.describe(f)}
-            datasets.append({**entry, "bytes": (self._store.path / name).stat().st_size})
-        for group in [] if self._store.h5ad else self.datasets:
-            entry = {"name": group.basename, **describe_x(group)}
-            entry["bytes"] = self._store.size(group)
-            datasets.append(entry)
+        datasets = self._store.describe(names, self._mode)
         return {
             "path": self._store.where,
             "format": "h5ad" if self._store.h5ad else "zarr",

@@ -33,10 +33,10 @@ from annbatch.collection import _runner as runner
 from annbatch.collection._build import checkpoint
 from annbatch.collection._disk import naming, with_consequence
 from annbatch.collection._store import ATTR, FORMAT_VERSION, CollectionStore
-from annbatch.errors import CollectionPathError
+from annbatch.errors import CollectionPathError, StoreReadError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
     from pathlib import Path
 
     import numpy as np
@@ -57,6 +57,27 @@ class H5adStore(CollectionStore):
     def state(self) -> dict[str, Any] | None:
         """The collection's state (see :func:`read_state`)."""
         return read_state(self.path, lambda p: CollectionStore(p).state())
+
+    def open_datasets(self, names: Sequence[str], mode: str) -> list[Any]:
+        """The h5ad files ``names``, opened read-only whatever ``mode`` (they close when no
+        longer referenced)."""
+        files = []
+        for name in names:
+            try:
+                files.append(h5py.File(self.path / name, "r"))
+            except OSError as e:
+                msg = f"the dataset {name} of the collection {self.where} is not readable as an HDF5 file ({e}); the collection is damaged"
+                raise StoreReadError(msg) from e
+        return files
+
+    def describe(self, names: Sequence[str], mode: str) -> list[dict[str, Any]]:
+        """Each dataset's X as :func:`describe` gives it, and its bytes."""
+        datasets = []
+        for name in names:
+            with h5py.File(self.path / name, "r") as f:
+                entry = {"name": name, **describe(f)}
+            datasets.append({**entry, "bytes": (self.path / name).stat().st_size})
+        return datasets
 
 
 def holds_h5ad(folder: Path) -> bool:

@@ -1,5 +1,6 @@
 """Where a collection lives and its manifest: the folder or object-storage prefix, the open
-modes, and the state recorded in the root group's attributes (read, written, kept for a rollback).
+modes, the state recorded in the root group's attributes (read, written, kept for a rollback),
+and the datasets found there.
 
 An h5ad collection keeps its manifest in a JSON file instead
 (:class:`annbatch.collection._h5ad.H5adStore`).
@@ -21,6 +22,7 @@ from annbatch._stores import is_url, zarr_object_store
 from annbatch.collection._build import checkpoint
 from annbatch.collection._disk import full_disk_cause, naming
 from annbatch.collection._encoding import foreign_state, has_encoding, with_encoding
+from annbatch.collection._layout import describe_x
 from annbatch.errors import (
     ArgumentTypeError,
     CollectionPathError,
@@ -31,6 +33,7 @@ from annbatch.errors import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import Self
 
 MODES = ("r", "r+", "a", "w", "w-")
@@ -207,7 +210,21 @@ class CollectionStore:
             msg = f"cannot open the collection at {self.url} ({type(e).__name__}: {e})"
             raise StoreReadError(msg) from None
 
-    def size(self, group: zarr.Group) -> int:
+    def open_datasets(self, names: Sequence[str], mode: str) -> list[Any]:
+        """The datasets ``names``, zarr groups opened read-only for ``mode="r"``, else
+        writable."""
+        root = self.root("r" if mode == "r" else "r+")
+        return [root[name] for name in names]
+
+    def describe(self, names: Sequence[str], mode: str) -> list[dict[str, Any]]:
+        """Each dataset's X as :func:`~annbatch.collection._layout.describe_x` gives it, and
+        its bytes."""
+        return [
+            {"name": group.basename, **describe_x(group), "bytes": self._size(group)}
+            for group in self.open_datasets(names, mode)
+        ]
+
+    def _size(self, group: zarr.Group) -> int:
         """Bytes of the dataset ``group`` on disk or in its object store."""
         if self.store is None:
             return sum(
