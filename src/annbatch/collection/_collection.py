@@ -13,7 +13,7 @@ import zarr
 from annbatch.collection import _h5ad as h5ad
 from annbatch.collection import _runner as runner
 from annbatch.collection._check import manifest_problems, missing_datasets, missing_message
-from annbatch.collection._policy import one_of, parse_request
+from annbatch.collection._policy import parse_request
 from annbatch.collection._store import ATTR, CollectionStore
 from annbatch.errors import (
     CorruptDataError,
@@ -419,8 +419,16 @@ def _reference_keywords(
     var_names: Sequence[str] | None,
 ) -> tuple[Sequence[Any], Sequence[str] | None]:
     """``inputs`` (also ``adata_paths``) and ``var_names`` (also ``var_subset``)."""
-    items = one_of(adata_paths, inputs, "adata_paths", "inputs")
+    items = _one_of(adata_paths, inputs, "adata_paths", "inputs")
     if items is None:
         msg = "add_adatas needs adata_paths: paths to AnnData stores, or AnnData objects"
         raise InvalidArgumentError(msg)
-    return items, one_of(var_subset, var_names, "var_subset", "var_names")
+    return items, _one_of(var_subset, var_names, "var_subset", "var_names")
+
+
+def _one_of(ours: Any, theirs: Any, name: str, other: str) -> Any:
+    """The argument given under one of two names that mean the same."""
+    if ours is not None and theirs is not None:
+        msg = f"{name} and {other} mean the same; give one"
+        raise InvalidArgumentError(msg)
+    return theirs if ours is None else ours

@@ -177,14 +177,6 @@ def parse_request(
     )
 
 
-def one_of(ours: Any, theirs: Any, name: str, other: str) -> Any:
-    """The argument given under one of two names that mean the same."""
-    if ours is not None and theirs is not None:
-        msg = f"{name} and {other} mean the same; give one"
-        raise InvalidArgumentError(msg)
-    return theirs if ours is None else ours
-
-
 def _parse_groupby(groupby: object) -> list[str]:
     if groupby is None:
         return []
