@@ -100,6 +100,23 @@ def test_the_same_call_on_a_finished_collection_writes_nothing(tmp_path):
     assert _tree_digest(out) == before
 
 
+@pytest.mark.parametrize("h5ad_collection", [False, True], ids=["zarr", "h5ad"])
+def test_a_rerun_with_other_options_is_refused_in_either_format(tmp_path, h5ad_collection):
+    """One comparison of options for both formats: a repeat of the call writes nothing, the
+    same inputs with other options are refused (an h5ad collection once ignored the options)."""
+    paths = [_write(_adata(i, 30), tmp_path / f"in{i}.h5ad") for i in range(2)]
+    out = tmp_path / ("out" if h5ad_collection else "out.zarr")
+    options = {"rng": 1, "dataset_size": 40, "progress": False}
+    DatasetCollection(out, is_collection_h5ad=h5ad_collection).add_adatas(paths, **options)
+    before = _tree_digest(out)
+    with pytest.warns(UserWarning, match="nothing was written"):
+        DatasetCollection(out).add_adatas(paths, **options)
+    for other in ({"dataset_size": 20}, {"compression": "zstd"}, {"shuffle": False}):
+        with pytest.raises(CollectionCompleteError, match="other calls or with other options"):
+            DatasetCollection(out).add_adatas(paths, **{**options, **other})
+    assert _tree_digest(out) == before
+
+
 def test_append_adds_new_inputs_once(tmp_path):
     adatas = [_adata(i, 25) for i in range(3)]
     paths = [_write(a, tmp_path / f"in{i}.h5ad") for i, a in enumerate(adatas)]

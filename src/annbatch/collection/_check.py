@@ -19,19 +19,20 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from annbatch.collection._collection import DatasetCollection
+    from annbatch.collection._store import CollectionStore
 
 
-def missing_datasets(collection: DatasetCollection, names: list[str]) -> list[str]:
+def missing_datasets(store: CollectionStore, names: list[str]) -> list[str]:
     """Those of ``names`` (datasets the manifest names) that are not in the collection."""
-    if collection.is_collection_h5ad:
-        return [name for name in names if not (collection.path / name).is_file()]
-    root = collection._root("r")
+    if store.h5ad:
+        return [name for name in names if not (store.path / name).is_file()]
+    root = store.root("r")
     return [name for name in names if name not in root]
 
 
-def missing_message(collection: DatasetCollection, lost: list[str]) -> str:
+def missing_message(store: CollectionStore, lost: list[str]) -> str:
     """What :class:`~annbatch.errors.MissingDataError` says of the datasets ``lost``."""
-    where = collection._where
+    where = store.where
     listed = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
     return (
         f"the collection {where} is damaged: its manifest names {len(lost)} dataset"
@@ -43,7 +44,8 @@ def missing_message(collection: DatasetCollection, lost: list[str]) -> str:
 
 def manifest_problems(collection: DatasetCollection) -> list[Problem]:
     """Everything the manifest names that is missing from the store or differs from it."""
-    state = collection._state()
+    store = collection._store
+    state = store.state()
     if state is None:
         return [Problem("/", "-", "holds no annbatch collection")]
     problems = []
@@ -51,7 +53,7 @@ def manifest_problems(collection: DatasetCollection) -> list[Problem]:
         problems.append(
             Problem("/", "-", "the build did not finish: run the same build again to resume it")
         )
-        if collection.is_collection_h5ad:  # its datasets are still in the scratch collection
+        if store.h5ad:  # its datasets are still in the scratch collection
             return problems
     x = state.get("x") or {"dtype": "recorded before the manifest described X"}
     expected = {
@@ -61,7 +63,7 @@ def manifest_problems(collection: DatasetCollection) -> list[Problem]:
     }
     for entry in state["datasets"]:
         where = f"/{entry['name']}"
-        with _opened(collection, entry["name"], problems) as group:
+        with _opened(store, entry["name"], problems) as group:
             if group is not None:
                 try:
                     problems += _dataset_problems(group, where, int(entry["n_obs"]), expected)
@@ -73,7 +75,7 @@ def manifest_problems(collection: DatasetCollection) -> list[Problem]:
 
 
 @contextlib.contextmanager
-def _opened(collection: DatasetCollection, name: str, problems: list[Problem]) -> Iterator[Any]:
+def _opened(store: CollectionStore, name: str, problems: list[Problem]) -> Iterator[Any]:
     """The dataset ``name`` opened read-only, or None (a problem added) if it cannot be."""
     where = f"/{name}"
     gone = Problem(
@@ -82,8 +84,8 @@ def _opened(collection: DatasetCollection, name: str, problems: list[Problem]) -
         "missing: the collection's manifest names this dataset, and it is not there "
         "(deleted, or lost in a copy or an upload?)",
     )
-    if collection.is_collection_h5ad:
-        path = collection.path / name
+    if store.h5ad:
+        path = store.path / name
         if not path.is_file():
             problems.append(gone)
             yield None
@@ -97,7 +99,7 @@ def _opened(collection: DatasetCollection, name: str, problems: list[Problem]) -
         with f:
             yield f
         return
-    root = collection._root("r")
+    root = store.root("r")
     if name not in root:
         problems.append(gone)
         yield None

@@ -1,4 +1,5 @@
-"""Collections of h5ad files: a folder of ``dataset_NNNNNN.h5ad`` and a JSON manifest.
+"""Collections of h5ad files: a folder of ``dataset_NNNNNN.h5ad`` and a JSON manifest, read,
+built, appended to and converted.
 
 They are built as a zarr collection in a scratch folder inside the collection (so a build is
 resumable and crash-safe exactly as a zarr build), then each dataset is rewritten as an h5ad
@@ -28,18 +29,176 @@ import zarr
 
 from annbatch._anndata_io import read_obs
 from annbatch._narrow import widen
+from annbatch.collection import _runner as runner
 from annbatch.collection._build import checkpoint
-from annbatch.collection._disk import naming
-from annbatch.errors import CollectionPathError
+from annbatch.collection._disk import naming, with_consequence
+from annbatch.collection._store import ATTR, FORMAT_VERSION, CollectionStore
+from annbatch.errors import CollectionPathError, StoreReadError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
     from pathlib import Path
+
+    import numpy as np
+
+    from annbatch.collection._policy import Request
 
 MANIFEST = "annbatch-collection.json"
 """The manifest of an h5ad collection, in its folder."""
 SCRATCH = "_annbatch_build.zarr"
 """The zarr collection an h5ad collection is built as, in its folder, until it is converted."""
+
+
+class H5adStore(CollectionStore):
+    """A collection of h5ad files: its folder and its JSON manifest (see the module)."""
+
+    h5ad = True
+
+    def state(self) -> dict[str, Any] | None:
+        """The collection's state (see :func:`read_state`)."""
+        return read_state(self.path, lambda p: CollectionStore(p).state())
+
+    def open_datasets(self, names: Sequence[str], mode: str) -> list[Any]:
+        """The h5ad files ``names``, opened read-only whatever ``mode`` (they close when no
+        longer referenced)."""
+        files = []
+        for name in names:
+            try:
+                files.append(h5py.File(self.path / name, "r"))
+            except OSError as e:
+                msg = f"the dataset {name} of the collection {self.where} is not readable as an HDF5 file ({e}); the collection is damaged"
+                raise StoreReadError(msg) from e
+        return files
+
+    def describe(self, names: Sequence[str], mode: str) -> list[dict[str, Any]]:
+        """Each dataset's X as :func:`describe` gives it, and its bytes."""
+        datasets = []
+        for name in names:
+            with h5py.File(self.path / name, "r") as f:
+                entry = {"name": name, **describe(f)}
+            datasets.append({**entry, "bytes": (self.path / name).stat().st_size})
+        return datasets
+
+
+def holds_h5ad(folder: Path) -> bool:
+    """Whether ``folder`` holds an annbatch h5ad collection, finished or being built."""
+    return any((folder / name).exists() for name in (MANIFEST, SCRATCH))
+
+
+def add(
+    store: H5adStore,
+    request: Request,
+    rng: np.random.Generator | int | None,
+    load_adata: Callable[[Any], ad.AnnData] | None,
+    *,
+    compressor: str | None,
+    append: bool,
+    force: bool,
+    progress: bool,
+) -> None:
+    """Build the h5ad collection at ``store``, resume its build, or append to it: a zarr build
+    of the scratch collection (:func:`annbatch.collection._runner.add`), then :func:`convert`.
+    A call without ``append`` on a finished collection is checked as a zarr collection's."""
+    folder = store.path
+    state = store.state()
+    scratch_path = folder / SCRATCH
+    appending = state is not None and state["state"] == "complete"
+    pending = False
+    if state is not None and appending:
+        pending = _pending_append(folder, state)
+        if scratch_path.exists() and not pending:  # killed after the manifest was written
+            checkpoint("delete the h5ad build's scratch")
+            shutil.rmtree(scratch_path)
+        if not (append or pending):
+            # Without append, a finished collection is never written to: the call that built
+            # it writes nothing, any other is refused (annbatch.collection._policy.is_repeat).
+            runner.add(store, request, rng, load_adata, append=False, force=force, progress=False)
+            return
+    try:
+        if not appending:
+            with naming(folder):
+                folder.mkdir(parents=True, exist_ok=True)
+        elif not pending:
+            _begin_append(store, state)  # type: ignore[arg-type]
+        scratch = CollectionStore(scratch_path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runner.add(
+                scratch, request, rng, load_adata, append=appending, force=force, progress=progress
+            )
+        for w in caught:  # said of the collection, not of its scratch folder
+            if (pending or not appending) and "nothing was written" in str(w.message):
+                continue  # built already, interrupted while converting: the conversion resumes
+            text = str(w.message).replace(str(scratch_path), str(folder))
+            warnings.warn(text, w.category, stacklevel=3)
+        convert(folder, scratch, compressor)
+    except Exception as e:
+        where = store.where
+        full = with_consequence(e, where, runner.after_full_disk(where, append=appending))
+        # A refused append (nothing began) or one that found the disk full is undone; one
+        # that failed otherwise after its scratch build finished resumes when run again.
+        if appending and (full is not None or not _pending_append(folder, state)):  # type: ignore[arg-type]
+            _undo_append(folder, state)  # type: ignore[arg-type]
+        if full is None:
+            raise
+        raise full from full.__cause__
+
+
+def _undo_append(folder: Path, state: dict[str, Any]) -> None:
+    """Put the h5ad collection ``state`` back as it was, unless the append's manifest
+    replaced its own already: delete the files the append converted, then its scratch
+    collection (its manifest first: a half-deleted scratch is not an append to resume)."""
+    if read_state(folder, lambda p: None) != state:
+        return  # the append finished
+    scratch = folder / SCRATCH
+    try:
+        held = CollectionStore(scratch).state() or {}
+    except CollectionPathError:
+        held = {}
+    kept = {d["name"] for d in state["datasets"]}
+    for entry in held.get("datasets", []):
+        target = folder / f"{entry['name']}.h5ad"
+        if target.name not in kept:
+            target.unlink(missing_ok=True)
+            target.with_suffix(".h5ad.tmp").unlink(missing_ok=True)
+    (folder / f"{MANIFEST}.tmp").unlink(missing_ok=True)
+    (scratch / "zarr.json").unlink(missing_ok=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _pending_append(folder: Path, state: dict[str, Any]) -> bool:
+    """Whether the scratch collection holds an interrupted append to the finished h5ad
+    collection ``state``: a build in progress, or datasets not converted yet."""
+    scratch = folder / SCRATCH
+    if not scratch.exists():
+        return False
+    try:
+        held = CollectionStore(scratch).state()
+    except CollectionPathError:
+        return False  # not even begun: left to be deleted
+    if held is None:
+        return False
+    return held["state"] != "complete" or len(held["datasets"]) > len(state["datasets"])
+
+
+def _begin_append(store: H5adStore, state: dict[str, Any]) -> None:
+    """Start an append to a finished h5ad collection: a scratch zarr collection whose
+    manifest is the h5ad collection's (its datasets are read from the h5ad files), which
+    the zarr build appends to as to any collection; the new datasets are converted after."""
+    if state.get("version") != FORMAT_VERSION or "x" not in state:
+        msg = (
+            f"{store.where} is a folder of h5ad files without annbatch's manifest; appending "
+            "needs a collection annbatch built. Build a new collection from these files instead"
+        )
+        raise CollectionPathError(msg)
+    base = {k: v for k, v in state.items() if k not in ("format", "h5ad_compressor")}
+    base["state"] = "complete"
+    base["datasets"] = [{**d, "name": d["name"].removesuffix(".h5ad")} for d in state["datasets"]]
+    checkpoint("begin h5ad append")
+    with naming(store.path / SCRATCH):
+        zarr.create_group(
+            store.path / SCRATCH, zarr_format=3, attributes={ATTR: base}, overwrite=True
+        )
 
 
 def read_state(
@@ -150,11 +309,11 @@ def _whole_or_none(tmp: Path, target: Path) -> Iterator[None]:
         raise
 
 
-def convert(folder: Path, scratch: Any, compressor: str | None) -> None:
+def convert(folder: Path, scratch: CollectionStore, compressor: str | None) -> None:
     """Rewrite every dataset of the finished zarr collection ``scratch`` that is not an h5ad
     file in ``folder`` yet as one, then write the manifest and remove the scratch collection."""
     datasets = []
-    state = scratch._complete_state()
+    state = scratch.complete_state()
     root = zarr.open_group(scratch.path, mode="r")
     for entry in state["datasets"]:
         name = entry["name"]

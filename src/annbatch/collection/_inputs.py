@@ -171,7 +171,7 @@ def _from_group(group: Any, name: str, handle: Any) -> Input:
         raise
 
     def read_var() -> pd.DataFrame:
-        return whole_var if whole_var is not None else _read_elem(group["var"])
+        return whole_var if whole_var is not None else _legacy.read_frame(group, "var")
 
     dtype = None if x is None else np.dtype(x.dtype)
     return Input(name, x, obs, var_names, dtype, sparse, handle, read_var, elements)
@@ -229,12 +229,6 @@ def _widened_on_disk(x: Any, where: str) -> Any:
     if isinstance(x, zarr.Array | h5py.Dataset):
         return widened(x, x, where)
     return x
-
-
-def _read_elem(elem: Any) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # anndata's notes on old encodings
-        return ad.io.read_elem(elem)
 
 
 def open_inputs(
