@@ -18,8 +18,6 @@ sys.path.insert(0, str(HERE / "_scripts"))
 _src = str(HERE.parent / "src")
 sys.path.insert(0, _src)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_src, os.environ.get("PYTHONPATH")]))
-# Plots are rendered to files by the kernels; no display is needed.
-os.environ.setdefault("MPLBACKEND", "Agg")
 
 import annbatch  # noqa: E402
 
