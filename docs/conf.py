@@ -23,7 +23,7 @@ import annbatch  # noqa: E402
 
 project = "annbatch"
 author = "the annbatch developers"
-copyright = "the annbatch developers"  # noqa: A001
+copyright = "the annbatch developers"
 version = release = annbatch.__version__
 
 extensions = [

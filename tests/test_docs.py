@@ -1,4 +1,9 @@
-"""The README's example and the demo run as written."""
+"""The README's example, the docs' code blocks and the demo run as written.
+
+The docs' tutorials (MyST notebooks: ``file_format: mystnb``) are executed by myst-nb on every
+``sphinx-build`` (``.ci/run``); the other pages' ``python`` blocks are run here. ``py`` blocks
+are shown only (they need object storage, several processes or scvi-tools), as in the README.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,48 @@ def test_readme_example_runs(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["x"].shape[1] == 2_000
     assert len(namespace["obs"]) == namespace["x"].shape[0]
+
+
+DOCS = ROOT / "docs"
+
+
+def _docs_pages() -> list[Path]:
+    return sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts)
+
+
+def _is_notebook(page: Path) -> bool:
+    return "file_format: mystnb" in page.read_text().split("\n---", 1)[0]
+
+
+def test_docs_pages_are_found():
+    pages = _docs_pages()
+    assert any(_is_notebook(p) for p in pages), "no executed tutorials under docs/"
+    for page in pages:
+        if not _is_notebook(page):
+            # a code cell on a page myst-nb does not execute would be shown, never run
+            assert "{code-cell}" not in page.read_text(), page
+
+
+@pytest.mark.parametrize(
+    "page",
+    [p for p in _docs_pages() if not _is_notebook(p)],
+    ids=lambda p: str(p.relative_to(DOCS)),
+)
+def test_docs_python_blocks_run(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S):
+        exec(compile(block, str(page), "exec"), {})
+
+
+def test_throughput_data_matches_results():
+    sys.path.insert(0, str(DOCS / "_scripts"))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(DOCS / "_scripts"))
+    assert throughput.read_csv() == throughput.extract(), (
+        "docs/_data/throughput.csv is stale: run python docs/_scripts/throughput.py"
+    )
 
 
 @pytest.mark.slow

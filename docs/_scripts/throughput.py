@@ -71,7 +71,11 @@ def extract() -> list[dict[str, str]]:
                 continue
             if sub is None:  # | chunk / preload | loader | rows/s (min-max) | ...
                 store, setting, name, numbers = "sparse", cells[0], cells[1], cells[2]
-                if "on its collection" in name and "(packed-lz4)" not in name and "reference" not in name:
+                if (
+                    "on its collection" in name
+                    and "(packed-lz4)" not in name
+                    and "reference" not in name
+                ):
                     continue  # our default layout only
             else:  # | store | chunk / preload | loader | rows/s (min-max) | ...
                 store, setting, name, numbers = cells[0], cells[1], cells[2], cells[3]
