@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import zarr
 
-from annbatch._stores import is_url, zarr_object_store
+from annbatch._stores import is_object_store, is_url, zarr_object_store
 from annbatch.collection._build import checkpoint
 from annbatch.collection._disk import full_disk_cause, naming
 from annbatch.collection._encoding import foreign_state, has_encoding, with_encoding
@@ -97,7 +97,7 @@ class CollectionStore:
     ) -> Self:
         """The place ``group`` names, its arguments checked (the mode is applied by
         :meth:`apply_mode`, once the caller knows whether it holds h5ad files)."""
-        remote_group = isinstance(group, zarr.Group) and _is_object_store(group.store)
+        remote_group = isinstance(group, zarr.Group) and is_object_store(group.store)
         if is_url(group) or remote_group:
             return cls._remote(
                 group,
@@ -349,12 +349,6 @@ def _kept_datasets(kept: Path) -> list[dict[str, Any]] | None:
         return list(state["datasets"]) if state["state"] == "complete" else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _is_object_store(store: object) -> bool:
-    """Whether ``store`` is zarr's ObjectStore (a zarr without it has none)."""
-    cls = getattr(zarr.storage, "ObjectStore", None)
-    return cls is not None and isinstance(store, cls)
 
 
 def _local_path(group: zarr.Group) -> Path:
