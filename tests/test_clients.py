@@ -335,7 +335,7 @@ def test_reads_and_builds_are_exact_under_the_zarrs_pipeline(tmp_path, sparse):
         )
         assert annbatch.verify(tmp_path / "out.zarr") == []
         loader = Loader(batch_size=50, chunk_size=16, preload_nchunks=4, to=None)
-        loader.use_collection(collection)
+        loader.use_collection(collection, obs_index=True)
         batches = list(loader)
     np.testing.assert_array_equal(_dense(_vstack(b["X"] for b in batches)), dense)
     got = pd.concat([b["obs"] for b in batches])

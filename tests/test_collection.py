@@ -200,7 +200,7 @@ def test_loader_reads_each_row_once_per_epoch(tmp_path, read_ahead, compression)
         to=None,
         read_ahead=read_ahead,
     )
-    loader.use_collection(collection)
+    loader.use_collection(collection, obs_index=True)
     assert loader.n_obs == 148
     expected = _expected_rows(adatas, collection.var_names)
     for _ in range(2):

@@ -26,7 +26,7 @@ from annbatch._loader_args import (
     parse_preload_to_gpu,
     parse_sampler,
 )
-from annbatch._loader_data import LoaderData, anndata_parts, collection_anndatas
+from annbatch._loader_data import LoaderData, collection_parts
 from annbatch._reference import LoaderAliases
 from annbatch.abc import Sampler
 from annbatch.errors import (
@@ -258,6 +258,7 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
         collection: DatasetCollection,
         *,
         load_adata: Callable[[zarr.Group], AnnData] | None = None,
+        obs_index: bool = False,
     ) -> Self:
         """Read every dataset of a :class:`~annbatch.DatasetCollection`.
 
@@ -269,17 +270,21 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
             A complete collection.
         load_adata
             Opens one dataset (a zarr group) as an AnnData whose X is on disk; whatever obs
-            it returns is yielded with the batches (its var is not: for a var in every batch,
-            pass the loaded AnnData objects to :meth:`add_adatas` instead). Default
-            :func:`annbatch.load_x_and_obs` (X and all of obs); pass your own to load only the
-            obs columns you need.
+            it returns is yielded with the batches, held in memory (its var is not: for a var
+            in every batch, pass the loaded AnnData objects to :meth:`add_adatas` instead).
+            Default: X on disk and every obs column read per window from disk, with X's
+            checks, so that memory for obs does not grow with the collection (see
+            :mod:`annbatch._core.obs`).
+        obs_index
+            With the default ``load_adata``: also read the obs index (cell names, held in
+            memory) and index each batch's obs by it. Without it, batches' obs are indexed by
+            their rows' global positions.
         """
         if self._used_collection:
             msg = "use_collection can be called once per Loader; add more data with add_anndatas"
             raise CollectionAlreadyUsedError(msg)
-        self.add_datasets(
-            *anndata_parts(collection_anndatas(collection, load_adata), with_var=False)
-        )
+        obs_index = parse_flag(obs_index, "obs_index")
+        self.add_datasets(*collection_parts(collection, load_adata, obs_index=obs_index))
         self._used_collection = True
         return self
 
@@ -305,7 +310,7 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
             sources=self._data.sources,
             sampler=self._sampler,
             strategy=self._concat_strategy or ("concat-shuffle" if sparse else "shuffle-concat"),
-            obs=self._data.all_obs(),
+            obs=self._data.obs_rows(),
             var=self._data.var,
             output=self._output,
             return_index=self._return_index,

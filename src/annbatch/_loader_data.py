@@ -7,7 +7,11 @@ from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import pandas as pd
+import zarr
 
+from annbatch._core.failures import store_errors
+from annbatch._core.obs import ObsRows, StoredObs
+from annbatch._core.planner import dataset_offsets
 from annbatch._core.sources import as_row_source
 from annbatch._warnings import warn
 from annbatch.errors import (
@@ -20,7 +24,6 @@ from annbatch.errors import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    import zarr
     from anndata import AnnData
 
     from annbatch._core.sources import RowSource
@@ -40,11 +43,12 @@ class LoaderData:
         self.verify_checksums = verify_checksums
         self.stored_dtype = stored_dtype
         self.sources: list[RowSource] = []
-        self.obs: list[pd.DataFrame | None] = []
-        """One obs per dataset, None where none was given (then none has one)."""
+        self.obs: list[pd.DataFrame | StoredObs | None] = []
+        """One obs per dataset (in memory, or read per window from a collection), None where
+        none was given (then none has one)."""
         self.var: pd.DataFrame | None = None
         """The var all datasets share, None if none was given."""
-        self._all_obs: pd.DataFrame | None = None  # concatenation of self.obs, built lazily
+        self._obs_rows: ObsRows | None = None  # all of self.obs as one row space, made lazily
 
     @property
     def n_obs(self) -> int:
@@ -67,13 +71,15 @@ class LoaderData:
     def add(
         self,
         datasets: Sequence[Any],
-        obs: Sequence[pd.DataFrame | None] | None,
+        obs: Sequence[pd.DataFrame | StoredObs | None] | None,
         var: pd.DataFrame | Sequence[pd.DataFrame | None] | None,
     ) -> None:
         """Append ``datasets`` with ``obs`` (one per dataset, or None) and ``var`` (one for
         all, or one per dataset, all equal), or raise and append nothing."""
         datasets = list(datasets)
-        obs_list: list[pd.DataFrame | None] = [None] * len(datasets) if obs is None else list(obs)
+        obs_list: list[pd.DataFrame | StoredObs | None] = (
+            [None] * len(datasets) if obs is None else list(obs)
+        )
         if len(obs_list) != len(datasets):
             msg = (
                 f"got {len(datasets)} datasets but {len(obs_list)} obs tables; pass one per dataset"
@@ -100,7 +106,7 @@ class LoaderData:
         var_frame = self._check_var(var, new, first)
         self.sources.extend(new)
         self.obs.extend(obs_list)
-        self._all_obs = None
+        self._obs_rows = None
         if var_frame is not None:
             self.var = var_frame
 
@@ -133,14 +139,16 @@ class LoaderData:
             found = frame
         return found
 
-    def all_obs(self) -> pd.DataFrame | None:
-        """Every dataset's obs, one after another (None: no obs)."""
-        if self._all_obs is None and self.obs and self.obs[0] is not None:
-            # Tables of empty datasets add no rows; leaving them out keeps pandas from
-            # changing column dtypes because of them.
-            frames = [o for o in self.obs if o is not None and len(o)] or [self.obs[0]]
-            self._all_obs = pd.concat(frames, axis=0) if len(frames) > 1 else frames[0]
-        return self._all_obs
+    def obs_rows(self) -> ObsRows | None:
+        """Every dataset's obs as one row space (None: no obs)."""
+        if self._obs_rows is None and self.obs and self.obs[0] is not None:
+            offsets = dataset_offsets([s.shape[0] for s in self.sources])
+            self._obs_rows = ObsRows([o for o in self.obs if o is not None], offsets)
+        return self._obs_rows
+
+    def obs_frames(self) -> list[pd.DataFrame | None]:
+        """One obs DataFrame per dataset; obs read per window is read whole, now."""
+        return [o.frame() if isinstance(o, StoredObs) else o for o in self.obs]
 
     def __copy__(self) -> Self:
         """The same datasets (shared, not reread) in lists of its own, so that adding to one
@@ -152,7 +160,7 @@ class LoaderData:
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent to DataLoader workers: the concatenated obs is rebuilt there when needed.
-        return {**self.__dict__, "_all_obs": None}
+        return {**self.__dict__, "_obs_rows": None}
 
 
 def anndata_parts(
@@ -176,12 +184,20 @@ def anndata_parts(
     return datasets, obs, [getattr(a, "var", None) for a in adatas] if with_var else None
 
 
-def collection_anndatas(
-    collection: DatasetCollection, load_adata: Callable[[zarr.Group], AnnData] | None
-) -> list[AnnData]:
-    """Every dataset of ``collection`` opened by ``load_adata`` (default
-    :func:`annbatch.load_x_and_obs`); an error for a collection without X read by default."""
+def collection_parts(
+    collection: DatasetCollection,
+    load_adata: Callable[[zarr.Group], AnnData] | None,
+    *,
+    obs_index: bool = False,
+) -> tuple[list[Any], list[pd.DataFrame | StoredObs | None]]:
+    """Every dataset of ``collection`` with its obs, as :meth:`LoaderData.add` takes them.
+
+    By default X is opened on disk and obs read per window (:class:`~annbatch._core.obs.
+    StoredObs`, the index only with ``obs_index``); with ``load_adata``, each dataset is the
+    AnnData it returns, whose obs stays in memory. An error for a collection without X read
+    by default."""
     from annbatch._anndata_io import load_x_and_obs
+    from annbatch._legacy import open_element
     from annbatch.collection import DatasetCollection
 
     if not isinstance(collection, DatasetCollection):
@@ -189,9 +205,8 @@ def collection_anndatas(
             f"use_collection expects an annbatch.DatasetCollection, got {type(collection).__name__}"
         )
         raise UnsupportedDatasetError(msg)
-    load = load_x_and_obs if load_adata is None else load_adata
-    if not callable(load):
-        msg = f"load_adata must be a callable taking a zarr.Group, got {load!r}"
+    if load_adata is not None and not callable(load_adata):
+        msg = f"load_adata must be a callable taking a zarr.Group, got {load_adata!r}"
         raise InvalidArgumentError(msg)
     groups = collection.open_datasets()
     if load_adata is None and groups and "X" not in groups[0]:
@@ -203,27 +218,42 @@ def collection_anndatas(
             f"loader.add_datasets([g[{paths[0]!r}] for g in collection])"
         )
         raise UnsupportedDatasetError(msg)
-    return [load(group) for group in groups]
+    if load_adata is not None or not all(isinstance(g, zarr.Group) for g in groups):
+        loaded, obs, _ = anndata_parts(
+            [(load_x_and_obs if load_adata is None else load_adata)(g) for g in groups],
+            with_var=False,
+        )
+        return loaded, list(obs)
+    datasets: list[Any] = []
+    tables: list[pd.DataFrame | StoredObs | None] = []
+    for group in groups:
+        where = str(group.store_path)
+        with store_errors(lambda where=where: f"opening the dataset {where}"):  # type: ignore[misc]
+            x = open_element(group["X"])
+            tables.append(StoredObs(group, int(x.shape[0]), index=obs_index))
+        datasets.append(x)
+    return datasets, tables
 
 
 def check_compatible(
     source: RowSource,
-    obs: pd.DataFrame | None,
+    obs: pd.DataFrame | StoredObs | None,
     *,
     position: int,
     earlier: Sequence[RowSource],
-    earlier_obs: Sequence[pd.DataFrame | None],
+    earlier_obs: Sequence[pd.DataFrame | StoredObs | None],
 ) -> None:
     """Raise if dataset ``position`` (``source`` with ``obs``) cannot join the ``earlier``
     ones: another type, other columns, a dtype with no common numeric type, obs that do not
     fit; warn if its dtype is promoted."""
     where = f"dataset {position} ({source.describe()})"
     if obs is not None:
-        if not isinstance(obs, pd.DataFrame):
+        if not isinstance(obs, pd.DataFrame | StoredObs):
             msg = f"obs of {where} is a {type(obs).__name__}; expected a pandas.DataFrame"
             raise ObsMismatchError(msg)
-        if len(obs) != source.shape[0]:
-            msg = f"obs of {where} has {len(obs)} rows; the dataset has {source.shape[0]}"
+        n = obs.n_obs if isinstance(obs, StoredObs) else len(obs)
+        if n != source.shape[0]:
+            msg = f"obs of {where} has {n} rows; the dataset has {source.shape[0]}"
             raise ObsMismatchError(msg)
     if not earlier:
         return

@@ -94,8 +94,9 @@ class LoaderAliases:
 
     @property
     def _obs(self) -> list[pd.DataFrame | None]:
-        """One obs per added dataset (None where none was given), as scvi-tools reads it."""
-        return self._data.obs
+        """One obs per added dataset (None where none was given), as scvi-tools reads it;
+        obs that the Loader reads per window from a collection is read whole on each access."""
+        return self._data.obs_frames()
 
     @_obs.setter
     def _obs(self, frames: list[pd.DataFrame | None]) -> None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from annbatch._core import gpu
 from annbatch._core.cancel import ReadCancelled
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
     from annbatch._core.assembler import ConcatStrategy
     from annbatch._core.convert import OutputKind
+    from annbatch._core.obs import ObsRows
     from annbatch._core.sources import RowSource
     from annbatch._core.window import Pending, Window
     from annbatch._core.workers import WorkerShard
@@ -55,8 +58,8 @@ class Epoch:
     sources: Sequence[RowSource]
     sampler: Sampler
     strategy: ConcatStrategy
-    obs: pd.DataFrame | None
-    """All datasets' obs, one after another (None: no obs)."""
+    obs: ObsRows | None
+    """All datasets' obs, one row space (None: no obs); each window reads its rows' obs."""
     var: pd.DataFrame | None
     """The datasets' var (one for all; None: none given), handed out with every batch."""
     output: OutputKind
@@ -84,11 +87,16 @@ class Epoch:
         try:
             for window in windows:
                 pending: Pending | None = None
+                first = 0  # the batch's first row in the window's obs
                 for index, pending in zip(window.indices, window.batches, strict=True):
+                    obs = None
+                    if window.obs is not None:
+                        obs = window.obs.iloc[first : first + len(index)]
+                        first += len(index)
                     # Cut on the read threads (raises what cutting raised), or on the GPU.
                     yield {
                         "X": to_output(pending.result(), self.output),
-                        "obs": None if self.obs is None else self.obs.iloc[index],
+                        "obs": obs,
                         "var": self.var,
                         "index": index if self.return_index else None,
                     }
@@ -126,7 +134,7 @@ class Epoch:
             executor = ThreadPoolExecutor(threads, thread_name_prefix="annbatch-read")
         try:
             for request in self._requests(int(offsets[-1]), shard):
-                yield load_window(
+                window = load_window(
                     request,
                     self.sources,
                     offsets,
@@ -137,6 +145,10 @@ class Epoch:
                     stop=stop,
                     copier=copier,
                 )
+                if self.obs is not None and window.indices:  # read here: ahead of the consumer
+                    rows = np.concatenate(window.indices)
+                    window = replace(window, obs=self.obs.take(rows))
+                yield window
         except ReadCancelled:
             return
         finally:

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from concurrent.futures import Executor
 
+    import pandas as pd
+
     from annbatch._core.assembler import ConcatStrategy
     from annbatch._core.sources import RowSource
     from annbatch.abc._sampler import ChunkRequest
@@ -50,6 +52,8 @@ class Window:
     """The batches: futures being cut on the read threads, or batches cut on the GPU."""
     indices: list[np.ndarray]
     """Global row positions of each batch's rows."""
+    obs: pd.DataFrame | None = None
+    """The obs of every batch's rows, one batch after another (None: no obs)."""
 
 
 def load_window(

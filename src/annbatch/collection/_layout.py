@@ -32,6 +32,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, Zstd
 from annbatch._anndata_io import DTYPE_ATTR
 from annbatch._args import parse_int
 from annbatch._core.chunks import COMPLETE_ATTR
+from annbatch._core.obs import WINDOW_CHUNK_ROWS
 from annbatch._narrow import VALUES_DTYPE_ATTR, declared_dtype, narrow_values
 from annbatch.collection._obs import prepare_for_write
 from annbatch.errors import InvalidArgumentError
@@ -91,7 +92,19 @@ def compressors(compression: Compression) -> list[Any]:
 
 
 OBS_CODECS = {"compressors": [ZstdCodec(level=3), Crc32cCodec()]}
-"""Codecs of obs' and var's arrays: read once, when a dataset is opened; small is what counts."""
+"""Codecs of var's arrays (and obs', with :func:`obs_kwargs`): small is what counts."""
+
+
+def obs_kwargs(n_obs: int) -> dict[str, Any]:
+    """zarr arguments of a dataset's obs arrays: the Loader reads each window's rows of them
+    (:mod:`annbatch._core.obs`), so they are chunked in :data:`WINDOW_CHUNK_ROWS` rows (a
+    window's range decodes little more than it wants), one shard per column."""
+    rows = WINDOW_CHUNK_ROWS
+    return {
+        "compressors": [Crc32cCodec()],
+        "chunks": (rows,),
+        "shards": (max(1, -(-n_obs // rows)) * rows,),
+    }
 
 
 @dataclass(frozen=True)
@@ -238,7 +251,7 @@ def write_dataset(
                 _write_values(sub, name, array, compression, layout)
         if checkpoint is not None:
             checkpoint(f"write obs and var of {group.basename}")
-        ad.io.write_elem(group, "obs", obs, dataset_kwargs=OBS_CODECS)
+        ad.io.write_elem(group, "obs", obs, dataset_kwargs=obs_kwargs(len(obs)))
         obs_group: Any = group["obs"]
         for column, dtype in restore.items():
             obs_group[column].attrs[DTYPE_ATTR] = dtype

@@ -1,7 +1,8 @@
 """CSR rows: matrices in anndata's on-disk CSR encoding (zarr or HDF5) and scipy CSR matrices.
 
-The structure is checked when a source is made (:mod:`annbatch._core.validate`): ``indptr``
-once, in full; column indices per window, while it is assembled.
+The structure is checked (:mod:`annbatch._core.validate`): ``indptr`` once, in full, when it
+is held in memory, or each window's pointers as they are read (:mod:`.indptr`); column indices
+per window, while it is assembled.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import scipy.sparse as sp
 
 from annbatch._core.chunks import ChunkReader, direct_array, read_whole
 from annbatch._core.failures import store_errors
-from annbatch._core.ranges import expand_ranges
 from annbatch._core.sources._common import (
     block_per_part,
     check_h5_open,
@@ -27,8 +27,9 @@ from annbatch._core.sources._common import (
     per_range_job,
     read_errors,
 )
+from annbatch._core.sources.indptr import HeldIndptr, StoredIndptr, piece_bounds, row_lengths
 from annbatch._core.types import ReadJob, csr_from_arrays, empty_window
-from annbatch._core.validate import check_indices, check_indptr
+from annbatch._core.validate import check_indices
 from annbatch._narrow import declared_dtype
 from annbatch.errors import CorruptDataError
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from annbatch._core.sources import RowSource
+    from annbatch._core.sources.indptr import Indptr
     from annbatch._core.types import Allocate, Block
 
 
@@ -52,8 +54,9 @@ def _direct_pair(
 class CSRSource:
     """CSR rows from anndata's on-disk CSR encoding (zarr or HDF5), or from a scipy CSR matrix.
 
-    ``indptr`` is held in memory (8 bytes per row) so that any row range maps to one
-    contiguous slice of ``data`` and ``indices`` without an extra read.
+    ``indptr`` is held in memory (8 bytes per row), or, where the chunk reader reads it in
+    part, read per window (:mod:`annbatch._core.sources.indptr`): either way each row range
+    maps to one contiguous slice of ``data`` and ``indices``.
     """
 
     is_sparse = True
@@ -62,7 +65,7 @@ class CSRSource:
         self,
         data: Any,
         indices: Any,
-        indptr: np.ndarray,
+        indptr: np.ndarray | Indptr,
         shape: tuple[int, int],
         dataset_type: type,
         container: Any = None,
@@ -79,9 +82,9 @@ class CSRSource:
         self._dtype = np.dtype(data.dtype) if values_dtype is None else np.dtype(values_dtype)
         self._direct = _direct_pair(data, indices, verify_checksums=verify_checksums)
 
-    def _checked_indptr(self, indptr: np.ndarray) -> np.ndarray:
-        """``indptr`` as int64, after checking the structure around it (see
-        :mod:`annbatch._core.validate`)."""
+    def _checked_indptr(self, indptr: np.ndarray | Indptr) -> Indptr:
+        """``indptr`` (held as int64, or read per window), after checking the structure
+        around it (see :mod:`annbatch._core.validate`)."""
         where = self.describe()
         for name, array in (("data", self._data), ("indices", self._indices)):
             if len(getattr(array, "shape", ())) != 1:
@@ -94,8 +97,10 @@ class CSRSource:
             msg = f"{where}: shape {self._shape} is not that of a matrix"
             raise CorruptDataError(msg)
         nnz = min(int(self._data.shape[0]), int(self._indices.shape[0]))
-        return check_indptr(
-            indptr,
+        if isinstance(indptr, StoredIndptr):
+            return indptr
+        return HeldIndptr(
+            np.asarray(indptr),
             n_obs=self._shape[0],
             nnz=nnz,
             exact=not isinstance(self._data, np.ndarray),
@@ -123,9 +128,18 @@ class CSRSource:
             raise CorruptDataError(msg)
         with store_errors(lambda: f"reading indptr of {where}"):
             data, indices = group["data"], group["indices"]
-            indptr = read_whole(group["indptr"])
             shape = tuple(int(n) for n in dataset.shape)
             declared = declared_dtype(group.attrs, np.dtype(data.dtype), where)
+            stored = direct_array(group["indptr"], verify_checksums=verify_checksums)
+            indptr: np.ndarray | Indptr
+            if StoredIndptr.usable(stored) and _direct_pair(
+                data, indices, verify_checksums=verify_checksums
+            ):
+                assert stored is not None
+                nnz = min(int(data.shape[0]), int(indices.shape[0]))
+                indptr = StoredIndptr(stored, n_obs=shape[0], nnz=nnz, where=where)
+            else:
+                indptr = read_whole(group["indptr"])
         return cls(
             data,
             indices,
@@ -164,9 +178,19 @@ class CSRSource:
     def reads_chunks_once(self) -> bool:
         return self._direct is not None
 
-    def nnz_of(self, starts: np.ndarray, stops: np.ndarray) -> int:
-        """Stored entries in rows ``starts[i]:stops[i]``, all ranges together."""
-        return int(np.sum(self._indptr[stops] - self._indptr[starts]))
+    def pointers(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        """The row pointers of rows ``starts[i]:stops[i]`` (see
+        :meth:`~annbatch._core.sources.indptr.Indptr.pieces`)."""
+        return self._indptr.pieces(starts, stops)
+
+    def nnz_of(
+        self, starts: np.ndarray, stops: np.ndarray, pieces: np.ndarray | None = None
+    ) -> int:
+        """Stored entries in rows ``starts[i]:stops[i]``, all ranges together (from their
+        :meth:`pointers`, read if not given)."""
+        pieces = self.pointers(starts, stops) if pieces is None else pieces
+        first, last = piece_bounds(starts, stops)
+        return int(np.sum(pieces[last] - pieces[first]))
 
     @property
     def index_dtype(self) -> np.dtype:
@@ -204,14 +228,21 @@ class CSRSource:
         ]
         if len(csr) != len(parts):
             return block_per_part(parts, n_tasks)
-        sizes = [s.nnz_of(starts, stops) for s, starts, stops in csr]
+        pointers = [s.pointers(starts, stops) for s, starts, stops in csr]
+        sizes = [
+            s.nnz_of(starts, stops, p) for (s, starts, stops), p in zip(csr, pointers, strict=True)
+        ]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         nnz = (int(offsets[-1]),)
         data = allocate("data", nnz, np.dtype(self.dtype))
         indices = allocate("indices", nnz, np.result_type(*(s.index_dtype for s, _, _ in csr)))
         jobs = [
-            source._direct_job(starts, stops, n_tasks, empty_window, out=(data[a:b], indices[a:b]))
-            for (source, starts, stops), a, b in zip(csr, offsets[:-1], offsets[1:], strict=True)
+            source._direct_job(
+                starts, stops, n_tasks, empty_window, out=(data[a:b], indices[a:b]), pieces=p
+            )
+            for (source, starts, stops), a, b, p in zip(
+                csr, offsets[:-1], offsets[1:], pointers, strict=True
+            )
         ]
 
         def result() -> list[Block]:
@@ -238,11 +269,15 @@ class CSRSource:
         n_tasks: int,
         allocate: Allocate,
         out: tuple[np.ndarray, np.ndarray] | None = None,
+        pieces: np.ndarray | None = None,
     ) -> ReadJob:
         """Rows read by the chunk reader into ``out`` (data, indices) of :meth:`nnz_of`
-        entries, or into arrays from ``allocate``."""
+        entries, or into arrays from ``allocate`` (``pieces``: the rows' :meth:`pointers`,
+        read if not given)."""
         assert self._direct is not None
-        lo, hi = self._indptr[starts], self._indptr[stops]
+        pieces = self.pointers(starts, stops) if pieces is None else pieces
+        first, last = piece_bounds(starts, stops)
+        lo, hi = pieces[first], pieces[last]
         nnz = int(np.sum(hi - lo))
         if out is None:
             data = allocate("data", (nnz,), self.dtype)
@@ -255,10 +290,10 @@ class CSRSource:
         check = partial(check_indices, n_var=self._shape[1], where=self._rows_read(starts, stops))
         tasks = direct_data.tasks(lo, hi, data, half)
         tasks += direct_indices.tasks(lo, hi, indices, half, check=check)
-        rows = expand_ranges(starts, stops)
-        indptr = np.zeros(rows.size + 1, dtype=np.int64)
-        np.cumsum(self._indptr[rows + 1] - self._indptr[rows], out=indptr[1:])
-        shape = (rows.size, self._shape[1])
+        lengths = row_lengths(pieces, starts, stops)
+        indptr = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        shape = (lengths.size, self._shape[1])
 
         def result() -> list[Block]:
             return [csr_from_arrays(data, indices, indptr, shape)]
@@ -271,7 +306,8 @@ class CSRSource:
         return f"{self.describe()}, {span}"
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
-        lo, hi = int(self._indptr[start]), int(self._indptr[stop])
+        pieces = self.pointers(np.array([start]), np.array([stop]))
+        lo, hi = int(pieces[0]), int(pieces[-1])
         in_memory = isinstance(self._data, np.ndarray)  # see DenseSource.read
         with read_errors(self, f"rows {start}:{stop} (entries {lo}:{hi})"):
             data = owned(self._data[lo:hi], in_memory=in_memory).astype(self.dtype, copy=False)
@@ -287,7 +323,7 @@ class CSRSource:
         check_indices(
             indices, n_var=self._shape[1], where=f"{self.describe()}, rows {start}:{stop}"
         )
-        indptr = self._indptr[start : stop + 1] - lo
+        indptr = pieces - lo
         return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self._shape[1]))
 
     def check_open(self) -> None:
@@ -295,7 +331,8 @@ class CSRSource:
         check_h5_open(self._data, self.describe())
 
     def shares_chunk(self, row_a: int, row_b: int) -> bool:
-        last_a, first_b = int(self._indptr[row_a + 1]) - 1, int(self._indptr[row_b])
+        ends = self.pointers(np.array([row_a + 1, row_b]), np.array([row_a + 1, row_b]))
+        last_a, first_b = int(ends[0]) - 1, int(ends[1])
         for array in (self._data, self._indices):
             elems = chunk_len(array)
             if elems is None or last_a // elems != first_b // elems:

@@ -1,0 +1,295 @@
+"""obs read per window: a collection's columns stay on disk and each window reads its rows.
+
+Held whole, obs grows with the atlas (its string index alone is ~2 GB at 20 million cells) and
+is pickled into every DataLoader worker. A column whose arrays the chunk reader reads in small
+pieces (annbatch collections write obs in chunks of :data:`WINDOW_CHUNK_ROWS` rows) is read per
+window instead, with X's machinery and checks: the chunks the window's rows touch, each decoded
+once, its CRC32C verified, a missing chunk an error. Categories (small) are held; a code outside
+them is an error naming the column, never another label. Columns the chunk reader cannot read
+that way (strings, columns of stores written by anndata or older collections with large
+compressed chunks) are read whole when the dataset is opened, as before. The index (cell names)
+is read only when asked for; otherwise batches' obs are indexed by global row position.
+
+:class:`StoredObs` is one dataset's obs; :class:`ObsRows` is every dataset's, as the epoch
+takes a window's rows from it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from annbatch._core.chunks import direct_array
+from annbatch._core.failures import store_errors
+from annbatch._core.frames import describe_column, read_frame
+from annbatch.errors import AnnbatchError, CorruptDataError, UnsupportedDatasetError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    import zarr
+
+    from annbatch._core.chunks import ChunkReader
+
+WINDOW_CHUNK_ROWS = 1024
+"""Rows per on-disk chunk of a collection's obs arrays: a window's row range decodes at most
+this many rows more than it wants (4 KB of int8 codes, 32 KB of int64)."""
+_MAX_WINDOWED_CHUNK_ROWS = 16_384
+"""Compressed obs arrays with larger chunks are read whole when opened: per window, decoding
+chunks of (say) a million rows for a range of 256 would cost more than holding them."""
+_NESTED = {
+    "categorical": ("codes", "categories"),
+    "nullable-integer": ("values", "mask"),
+    "nullable-boolean": ("values", "mask"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Windowed:
+    """A column read per window: its arrays' chunk readers, and what makes them a column."""
+
+    kind: str
+    """anndata's encoding type: ``array``, ``categorical``, ``nullable-integer`` /
+    ``-boolean``."""
+    parts: tuple[ChunkReader, ...]
+    """The arrays read per window: values; codes; values and mask."""
+    what: str
+    """The column and dataset, as named in errors."""
+    dtype: Any = None
+    """The categorical dtype (categories held in memory)."""
+
+    def read(self, starts: np.ndarray, stops: np.ndarray, n: int) -> Any:
+        """Rows ``starts[i]:stops[i]`` (sorted, disjoint; ``n`` in all) as a pandas-ready array."""
+        with _named(self.what):
+            parts = []
+            for reader in self.parts:
+                out = np.empty(n, dtype=reader.dtype)
+                for task in reader.tasks(starts, stops, out, 1):
+                    task()
+                parts.append(out)
+        if self.kind == "array":
+            return parts[0]
+        if self.kind == "categorical":
+            codes = parts[0]
+            n_categories = len(self.dtype.categories)
+            if codes.size and (int(codes.min()) < -1 or int(codes.max()) >= n_categories):
+                bad = codes[(codes < -1) | (codes >= n_categories)][0]
+                msg = (
+                    f"{self.what}: code {int(bad)} is outside its {n_categories} categories; "
+                    "the store is damaged"
+                )
+                raise CorruptDataError(msg)
+            return codes
+        values, mask = parts
+        if self.kind == "nullable-integer":
+            return pd.arrays.IntegerArray(values, mask.astype(bool, copy=False))
+        return pd.arrays.BooleanArray(
+            values.astype(bool, copy=False), mask.astype(bool, copy=False)
+        )
+
+    def column(self, values: Any) -> Any:
+        """``values`` (what :meth:`read` returned, possibly reordered) as the column's array."""
+        if self.kind == "categorical":
+            return pd.Categorical.from_codes(values, dtype=self.dtype, validate=False)
+        return values
+
+
+class StoredObs:
+    """One dataset's obs, in an AnnData zarr store, read per window (see module docstring).
+
+    Parameters
+    ----------
+    group
+        The dataset's root group (with ``obs``).
+    n_obs
+        Rows of the dataset (X's).
+    index
+        Read the index (cell names) too, whole, now.
+    """
+
+    def __init__(self, group: zarr.Group, n_obs: int, *, index: bool = False) -> None:
+        elem: Any = group["obs"]
+        attrs = dict(elem.attrs)
+        if attrs.get("encoding-type") != "dataframe":
+            msg = f"obs of {group.store_path} is not a dataframe in anndata's encoding"
+            raise UnsupportedDatasetError(msg)
+        self.n_obs = n_obs
+        self.columns: list[str] = [str(c) for c in attrs.get("column-order", [])]
+        self._windowed: dict[str, _Windowed] = {}
+        held: dict[str, Any] = {}
+        for name in self.columns:
+            node = elem[name]
+            windowed = _windowed(node, elem, n_obs)
+            if windowed is not None:
+                self._windowed[name] = windowed
+            else:
+                held[name] = _held(node, elem, n_obs)
+        self._held = held
+        self._index: pd.Index | None = None
+        if index:
+            key = attrs["_index"]
+            values = read_frame(elem[key], elem, "obs")
+            self._index = pd.Index(values, name=None if key == "_index" else key)
+            _check_rows(len(self._index), n_obs, describe_column(elem[key], elem, "obs"))
+
+    @property
+    def has_index(self) -> bool:
+        """Whether the cell names were read (``index=True``)."""
+        return self._index is not None
+
+    def take(self, rows: np.ndarray) -> pd.DataFrame:
+        """Rows ``rows`` (this dataset's positions, any order, repeats allowed), indexed by the
+        cell names if they were read, else by ``rows``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        data: dict[str, Any] = {}
+        read: dict[str, Any] = {}
+        inverse = rows
+        if self._windowed:
+            unique, inverse = np.unique(rows, return_inverse=True)
+            breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+            starts = unique[np.concatenate([[0], breaks])] if unique.size else unique
+            stops = (
+                unique[np.concatenate([breaks - 1, [unique.size - 1]])] + 1
+                if unique.size
+                else unique
+            )
+            read = {name: c.read(starts, stops, unique.size) for name, c in self._windowed.items()}
+        for name in self.columns:
+            if name in self._windowed:
+                column = self._windowed[name]
+                data[name] = column.column(read[name][inverse])
+            else:
+                data[name] = self._held[name].take(rows)
+        index = self._index[rows] if self._index is not None else pd.Index(rows)
+        return pd.DataFrame(data, index=index, columns=self.columns)
+
+    def frame(self) -> pd.DataFrame:
+        """All rows (read now, every call)."""
+        return self.take(np.arange(self.n_obs))
+
+
+def _check_rows(n: int, n_obs: int, what: str) -> None:
+    if n != n_obs:
+        msg = f"{what} has {n} rows; the dataset has {n_obs}"
+        raise CorruptDataError(msg)
+
+
+def _windowed(node: Any, frame: Any, n_obs: int) -> _Windowed | None:
+    """``node`` (an obs column) as a column read per window, or None if it is not one."""
+    import zarr
+
+    attrs = dict(node.attrs)
+    kind = attrs.get("encoding-type")
+    what = describe_column(node, frame, "obs")
+    if isinstance(node, zarr.Array):
+        if (
+            kind != "array"
+            or attrs.get("annbatch-dtype")
+            or np.dtype(node.dtype).kind not in "biuf"
+        ):
+            return None
+        names: tuple[str, ...] = ()
+        arrays = [node]
+    elif kind in _NESTED:
+        names = _NESTED[kind]
+        if any(not isinstance(node.get(n), zarr.Array) for n in names):
+            return None
+        arrays = [node[n] for n in names[:1]] if kind == "categorical" else [node[n] for n in names]
+    else:
+        return None
+    readers = []
+    for array in arrays:
+        reader = direct_array(array, verify_checksums=True)
+        if reader is None or len(reader.shape) != 1:
+            return None
+        layout = reader.layout
+        if layout.compressor is not None and layout.rows_per_chunk > _MAX_WINDOWED_CHUNK_ROWS:
+            return None
+        _check_rows(reader.shape[0], n_obs, what)
+        readers.append(reader)
+    dtype = None
+    if kind == "categorical":
+        if np.dtype(readers[0].dtype).kind not in "iu":
+            msg = f"{what}: categorical codes have dtype {readers[0].dtype}; expected integers"
+            raise CorruptDataError(msg)
+        categories = read_frame(node[names[1]], frame, "obs")
+        dtype = pd.CategoricalDtype(pd.Index(categories), ordered=bool(attrs.get("ordered", False)))
+    return _Windowed(kind=str(kind), parts=tuple(readers), what=what, dtype=dtype)
+
+
+def _held(node: Any, frame: Any, n_obs: int) -> Any:
+    """``node`` (an obs column) read whole, as a pandas array (types restored)."""
+    from annbatch._anndata_io import restore_types
+
+    name = node.basename if hasattr(node, "basename") else node.name.rsplit("/", 1)[-1]
+    column = pd.Series(read_frame(node, frame, "obs"))
+    column = restore_types(pd.DataFrame({name: column}), frame)[name]
+    _check_rows(len(column), n_obs, describe_column(node, frame, "obs"))
+    return column.array
+
+
+@contextmanager
+def _named(what: str) -> Iterator[None]:
+    """Failures reading a column start with its name and dataset."""
+    try:
+        with store_errors(lambda: f"reading {what}"):
+            yield
+    except AnnbatchError as e:
+        if str(e).startswith(what):
+            raise
+        msg = f"{what}: {e}"
+        raise type(e)(msg) from e
+
+
+class ObsRows:
+    """Every dataset's obs (one table each: a DataFrame in memory, or a :class:`StoredObs`), as
+    one row space: the epoch takes each window's rows from it.
+
+    Parameters
+    ----------
+    tables
+        One per dataset, in the order their rows are numbered.
+    offsets
+        The global row where each dataset begins, then the total.
+    """
+
+    def __init__(self, tables: Sequence[pd.DataFrame | StoredObs], offsets: np.ndarray) -> None:
+        self._tables = list(tables)
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._frame: pd.DataFrame | None = None
+        in_memory = [t for t in self._tables if isinstance(t, pd.DataFrame)]
+        if len(in_memory) == len(self._tables):
+            # Tables of empty datasets add no rows; leaving them out keeps pandas from
+            # changing column dtypes because of them.
+            frames = [t for t in in_memory if len(t)] or in_memory[:1]
+            self._frame = pd.concat(frames, axis=0) if len(frames) > 1 else frames[0]
+
+    def take(self, rows: np.ndarray) -> pd.DataFrame:
+        """The obs of global rows ``rows``, in that order."""
+        if self._frame is not None:
+            return self._frame.iloc[rows]
+        rows = np.asarray(rows, dtype=np.int64)
+        dataset = np.searchsorted(self._offsets, rows, side="right") - 1
+        present = np.unique(dataset)
+        if present.size == 1:
+            return self._take_one(int(present[0]), rows)
+        order = np.argsort(dataset, kind="stable")
+        parts = []
+        for d in present.tolist():
+            parts.append(self._take_one(d, rows[dataset == d]))
+        merged = pd.concat(parts, axis=0)
+        return merged.iloc[np.argsort(order, kind="stable")]
+
+    def _take_one(self, d: int, rows: np.ndarray) -> pd.DataFrame:
+        table = self._tables[d]
+        local = rows - self._offsets[d]
+        if isinstance(table, pd.DataFrame):
+            return table.iloc[local]
+        out = table.take(local)
+        if not table.has_index:
+            out.index = pd.Index(rows)
+        return out
