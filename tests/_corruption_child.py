@@ -368,7 +368,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
         stage = "add"
         _stage(stage)
         if family == "collection":
-            loader.use_collection(data)
+            loader.use_collection(data, obs_index=True)  # compared with the cell names
         else:
             loader.add_anndata(data)
         n_var = loader.n_var

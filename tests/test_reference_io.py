@@ -201,7 +201,7 @@ def test_collection_from_a_group_is_empty_obs_and_iteration(tmp_path, inputs):
         collection.obs(["nope"])
     # obs is in the Loader's row order.
     loader = Loader(batch_size=240, chunk_size=240, preload_nchunks=1, to=None).use_collection(
-        collection
+        collection, obs_index=True
     )
     pd.testing.assert_frame_equal(next(iter(loader))["obs"], obs)
 

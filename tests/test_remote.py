@@ -149,7 +149,7 @@ def test_urls_and_storage_options(s3, uploaded, monkeypatch):
     assert collection.n_obs == N_OBS
     assert len(collection.obs()) == N_OBS
     loader = Loader(batch_size=100, chunk_size=10, preload_nchunks=10, to=None)
-    _check_epoch(loader.use_collection(collection), values)
+    _check_epoch(loader.use_collection(collection, obs_index=True), values)
 
 
 def test_wrong_credentials_name_the_url_never_the_secret(s3, uploaded):
@@ -385,7 +385,7 @@ def test_build_into_object_storage_equals_a_local_build(s3, build_inputs, tmp_pa
         values.update(zip(adata.obs_names, _rows(adata.X), strict=True))
     again = DatasetCollection(url, storage_options=_options(s3), mode="r")
     loader = Loader(chunk_size=16, preload_nchunks=8, batch_size=64, shuffle=True, to=None)
-    _check_epoch(loader.use_collection(again), values)
+    _check_epoch(loader.use_collection(again, obs_index=True), values)
     # A repeat writes nothing; an append adds datasets; mode='w-' refuses it; 'w' is refused.
     with pytest.warns(UserWarning, match="nothing was written"):
         DatasetCollection(url, storage_options=_options(s3)).add_adatas(
@@ -508,7 +508,7 @@ def _rank_main(rank: int, port: int, endpoint: str, url: str, out: str) -> None:
             shuffle=True,
             to=None,
             rng=np.random.default_rng(7),
-        ).use_collection(collection)
+        ).use_collection(collection, obs_index=True)
         names = []
         for batch in DataLoader(
             loader, batch_size=None, num_workers=2, multiprocessing_context="spawn"
@@ -671,7 +671,7 @@ def test_fork_started_workers_fail_at_once_naming_spawn(s3, uploaded):
     url = f"s3://{BUCKET}/{path}"
     collection = DatasetCollection(url, storage_options=_options(s3), mode="r")
     loader = Loader(chunk_size=16, preload_nchunks=4, batch_size=32, shuffle=True, to=None)
-    loader.use_collection(collection)
+    loader.use_collection(collection, obs_index=True)
     _check_epoch(loader, values)  # this process reads the bucket: obstore's runtime runs here
     began = time.monotonic()
     with pytest.raises(ForkedRemoteReadError) as info:

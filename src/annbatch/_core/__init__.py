@@ -13,5 +13,6 @@ threads; zarr arrays it understands through ``chunks``, annbatch's own chunk rea
 Shared by the stages: ``types`` (blocks, read jobs, where windows go), ``cancel`` (abandoning
 a read), ``failures`` (library errors to annbatch's), ``validate`` (checks of stored
 structure), ``ranges`` (row ranges as index arrays), ``fork_guard`` (object storage in forked
-processes) and ``frames`` (obs and var read with the chunk reader's checks).
+processes), ``frames`` (obs and var read with the chunk reader's checks) and ``obs`` (a
+collection's obs read window by window, next to X).
 """

@@ -141,31 +141,64 @@ class StoredObs:
         """Whether the cell names were read (``index=True``)."""
         return self._index is not None
 
+    @property
+    def index_name(self) -> Any:
+        """The name of the index (None: anndata's default, or not read)."""
+        return None if self._index is None else self._index.name
+
+    @property
+    def schema(self) -> tuple[tuple[str, str, Any], ...]:
+        """Each column's name, how it is read and its dtype: tables with equal schemas are
+        joined column by column (:class:`ObsRows`)."""
+        return tuple(
+            (name, "windowed", (c.kind, c.dtype, c.parts[0].dtype))
+            if (c := self._windowed.get(name)) is not None
+            else (name, "held", self._held[name].dtype)
+            for name in self.columns
+        )
+
+    def read(self, rows: np.ndarray) -> dict[str, Any]:
+        """Rows ``rows`` (this dataset's positions, any order, repeats allowed) of every
+        column, in that order, as :meth:`build` takes them (categoricals as codes)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out: dict[str, Any] = {}
+        if self._windowed and rows.size:
+            unique, inverse = np.unique(rows, return_inverse=True)
+            breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+            starts = unique[np.concatenate([[0], breaks])]
+            stops = unique[np.concatenate([breaks - 1, [unique.size - 1]])] + 1
+            for name, c in self._windowed.items():
+                out[name] = c.read(starts, stops, unique.size)[inverse]
+        for name in self.columns:
+            if name not in out:
+                column = self._windowed.get(name)
+                out[name] = (
+                    self._held[name].take(rows)
+                    if column is None
+                    else column.read(rows[:0], rows[:0], 0)
+                )
+        return out
+
+    def names(self, rows: np.ndarray) -> np.ndarray | None:
+        """The cell names of ``rows`` (None: the index was not read)."""
+        return None if self._index is None else self._index.to_numpy()[rows]
+
+    def build(self, parts: dict[str, Any], index: pd.Index) -> pd.DataFrame:
+        """A DataFrame of what :meth:`read` returned (or several such joined column by
+        column), indexed by ``index``."""
+        data = {
+            name: c.column(parts[name]) if (c := self._windowed.get(name)) else parts[name]
+            for name in self.columns
+        }
+        return pd.DataFrame(data, index=index, columns=self.columns)
+
     def take(self, rows: np.ndarray) -> pd.DataFrame:
         """Rows ``rows`` (this dataset's positions, any order, repeats allowed), indexed by the
         cell names if they were read, else by ``rows``."""
         rows = np.asarray(rows, dtype=np.int64)
-        data: dict[str, Any] = {}
-        read: dict[str, Any] = {}
-        inverse = rows
-        if self._windowed:
-            unique, inverse = np.unique(rows, return_inverse=True)
-            breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-            starts = unique[np.concatenate([[0], breaks])] if unique.size else unique
-            stops = (
-                unique[np.concatenate([breaks - 1, [unique.size - 1]])] + 1
-                if unique.size
-                else unique
-            )
-            read = {name: c.read(starts, stops, unique.size) for name, c in self._windowed.items()}
-        for name in self.columns:
-            if name in self._windowed:
-                column = self._windowed[name]
-                data[name] = column.column(read[name][inverse])
-            else:
-                data[name] = self._held[name].take(rows)
-        index = self._index[rows] if self._index is not None else pd.Index(rows)
-        return pd.DataFrame(data, index=index, columns=self.columns)
+        names = self.names(rows)
+        index = pd.Index(rows) if names is None else pd.Index(names, name=self.index_name)
+        return self.build(self.read(rows), index)
 
     def frame(self) -> pd.DataFrame:
         """All rows (read now, every call)."""
@@ -249,6 +282,9 @@ class ObsRows:
     """Every dataset's obs (one table each: a DataFrame in memory, or a :class:`StoredObs`), as
     one row space: the epoch takes each window's rows from it.
 
+    Tables read per window with one schema (the datasets of one collection) are joined column
+    by column: one DataFrame per window, however many datasets its rows come from.
+
     Parameters
     ----------
     tables
@@ -267,6 +303,12 @@ class ObsRows:
             # changing column dtypes because of them.
             frames = [t for t in in_memory if len(t)] or in_memory[:1]
             self._frame = pd.concat(frames, axis=0) if len(frames) > 1 else frames[0]
+        stored = [t for t in self._tables if isinstance(t, StoredObs)]
+        self._columnar = (
+            len(stored) == len(self._tables)
+            and len({t.schema for t in stored}) == 1
+            and len({t.has_index for t in stored}) == 1
+        )
 
     def take(self, rows: np.ndarray) -> pd.DataFrame:
         """The obs of global rows ``rows``, in that order."""
@@ -277,12 +319,24 @@ class ObsRows:
         present = np.unique(dataset)
         if present.size == 1:
             return self._take_one(int(present[0]), rows)
-        order = np.argsort(dataset, kind="stable")
-        parts = []
-        for d in present.tolist():
-            parts.append(self._take_one(d, rows[dataset == d]))
-        merged = pd.concat(parts, axis=0)
-        return merged.iloc[np.argsort(order, kind="stable")]
+        order = np.argsort(dataset, kind="stable")  # rows grouped by dataset, in order
+        back = np.empty_like(order)
+        back[order] = np.arange(order.size)
+        sorted_ds = dataset[order]
+        cuts = np.flatnonzero(np.diff(sorted_ds)) + 1
+        groups = np.split(rows[order], cuts)
+        if not self._columnar:
+            parts = [self._take_one(int(d), g) for d, g in zip(present, groups, strict=True)]
+            return pd.concat(parts, axis=0).iloc[back]
+        tables = [t for d in present if isinstance(t := self._tables[int(d)], StoredObs)]
+        local = [g - self._offsets[int(d)] for d, g in zip(present, groups, strict=True)]
+        reads = [t.read(part) for t, part in zip(tables, local, strict=True)]
+        joined = {name: _join([r[name] for r in reads])[back] for name in reads[0]}
+        index = pd.Index(rows)
+        if tables[0].has_index:
+            names = [t.names(part) for t, part in zip(tables, local, strict=True)]
+            index = pd.Index(np.concatenate(names)[back], name=tables[0].index_name)  # type: ignore[arg-type]
+        return tables[0].build(joined, index)
 
     def _take_one(self, d: int, rows: np.ndarray) -> pd.DataFrame:
         table = self._tables[d]
@@ -293,3 +347,10 @@ class ObsRows:
         if not table.has_index:
             out.index = pd.Index(rows)
         return out
+
+
+def _join(parts: list[Any]) -> Any:
+    """Arrays of one column (numpy or pandas extension arrays of one dtype), one after another."""
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    return type(parts[0])._concat_same_type(parts)

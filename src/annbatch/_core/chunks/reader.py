@@ -87,10 +87,11 @@ class ChunkReader:
         self._fill = fill_value
         self._complete = complete
         self._indexes: dict[int, np.ndarray | None] = {}
+        self._paths: dict[int, str] = {}  # shard -> its file
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers, DDP ranks
-        state = {k: v for k, v in self.__dict__.items() if k != "_indexes"}
-        return state | {"_indexes": {}}  # shard indexes are re-read where they are needed
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_indexes", "_paths")}
+        return state | {"_indexes": {}, "_paths": {}}  # shard indexes are re-read where needed
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -183,9 +184,15 @@ class ChunkReader:
 
     # ------------------------------------------------------------------------ shard indexes
     def shard_path(self, shard: int) -> str:
-        """Where shard ``shard`` is (a file path, or an object's key)."""
-        layout = self.layout
-        return layout.path(layout.key((shard, *layout.trailing)))
+        """Where shard ``shard`` is (a file path, or an object's key); without shards, where
+        chunk ``shard`` is."""
+        path = self._paths.get(shard)
+        if path is None:
+            layout = self.layout
+            path = layout.path(layout.key((shard, *layout.trailing)))
+            if layout.index_entries:  # shards are few; unsharded chunks may be millions
+                self._paths[shard] = path
+        return path
 
     def has_index(self, shard: int) -> bool:
         """Whether the index of shard ``shard`` was read (or found missing) already."""
@@ -248,15 +255,15 @@ class ChunkReader:
         bytes; None: never written."""
         layout = self.layout
         if layout.index_entries == 0:
-            return (layout.path(layout.key((chunk, *layout.trailing))), 0, -1)
+            return (self.shard_path(chunk), 0, -1)
         shard, inner = divmod(chunk, layout.chunks_per_shard)
         index = self._shard_index(shard)
         if index is None:
             return None
-        offset, nbytes = index[inner * layout.index_stride]
+        offset, nbytes = index[inner * layout.index_stride].tolist()
         if offset == _MISSING:
             return None
-        return (layout.path(layout.key((shard, *layout.trailing))), int(offset), int(nbytes))
+        return (self.shard_path(shard), offset, nbytes)
 
     # ------------------------------------------------------------------------------ decoding
     def decode(self, work: Work, fetched: Fetched) -> None:

@@ -1,0 +1,241 @@
+"""A collection's obs read window by window (issue 27): values, types and alignment with X exact
+for any chunk / preload / batch / worker combination, damage caught, the index read only when
+asked for, and a Loader that pickles to a handle, not to the data."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from typing import TYPE_CHECKING
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _adata_files import write_adata
+from annbatch import DatasetCollection, Loader, load_x_and_obs
+from annbatch._core.obs import StoredObs
+from annbatch._core.sources.indptr import StoredIndptr
+from annbatch.collection._layout import OBS_CODECS
+from annbatch.errors import ChecksumMismatchError, CorruptDataError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+N_VAR = 4
+SIZES = (700, 450, 900)  # rows of the three inputs
+WINDOWED = ["cell_type", "donor", "uid", "score", "flag", "count"]
+
+
+def _input(i: int, n: int, first: int) -> ad.AnnData:
+    """Input ``i``: rows ``first .. first + n`` of the row space; X's first column is the
+    row's ``uid``, so that every batch can check obs against X."""
+    rng = np.random.default_rng(i)
+    uid = np.arange(first, first + n)
+    x = np.zeros((n, N_VAR), dtype=np.float32)
+    x[:, 0] = uid
+    x[:, 1:] = rng.integers(0, 3, (n, N_VAR - 1))
+    count = pd.array(rng.integers(0, 50, n), dtype="Int64")
+    count[rng.random(n) < 0.2] = pd.NA
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(rng.choice(["B", "T", "NK"], n)),
+            "donor": pd.Categorical([f"donor{i}"] * n),  # categories differ between inputs
+            "uid": uid,
+            "score": rng.random(n).astype(np.float32),
+            "flag": rng.random(n) < 0.5,
+            "count": count,
+            "note": [f"note {u}" for u in uid],  # strings: held, not windowed
+        },
+        index=[f"cell{u}" for u in uid],
+    )
+    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(N_VAR)]))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    """A sparse collection of three inputs in several datasets, and all its inputs' obs."""
+    folder = tmp_path_factory.mktemp("windowed")
+    paths, frames, first = [], [], 0
+    for i, n in enumerate(SIZES):
+        adata = _input(i, n, first)
+        adata.X = sp.csr_matrix(adata.X)
+        paths.append(write_adata(adata, folder / f"in{i}.h5ad"))
+        frames.append(adata.obs)
+        first += n
+    path = folder / "coll.zarr"
+    DatasetCollection(path).add_adatas(paths, dataset_size=600, progress=False)
+    expected = pd.concat(frames)
+    expected["donor"] = expected["donor"].astype(
+        pd.CategoricalDtype([f"donor{i}" for i in range(len(SIZES))])
+    )
+    return path, expected
+
+
+def _loader(path: Path, **kwargs) -> Loader:
+    index = kwargs.pop("obs_index", False)
+    loader = Loader(to=None, return_index=True, **kwargs)
+    return loader.use_collection(DatasetCollection(path, mode="r"), obs_index=index)
+
+
+def _check_batch(batch: dict, expected: pd.DataFrame, *, names: bool) -> np.ndarray:
+    """Check one batch's obs against X (aligned) and the inputs (exact); its uids."""
+    obs = batch["obs"]
+    uid = np.asarray(batch["X"][:, [0]].toarray()).ravel().astype(np.int64)
+    np.testing.assert_array_equal(obs["uid"].to_numpy(), uid)  # obs aligned with X
+    want = expected.iloc[uid]  # uid = position in the inputs' row space
+    for column in expected.columns:
+        got, exp = obs[column], want[column]
+        assert got.dtype == exp.dtype, column
+        np.testing.assert_array_equal(got.isna().to_numpy(), exp.isna().to_numpy())
+        np.testing.assert_array_equal(
+            got[~got.isna()].to_numpy(), exp[~exp.isna()].to_numpy(), err_msg=column
+        )
+    if names:
+        np.testing.assert_array_equal(obs.index.to_numpy(), want.index.to_numpy())
+    else:  # indexed by global position
+        np.testing.assert_array_equal(obs.index.to_numpy(), batch["index"])
+    return uid
+
+
+def test_collections_read_obs_per_window_and_indptr_in_part(built):
+    path, _ = built
+    loader = _loader(path, batch_size=10)
+    tables = loader._data.obs
+    assert len(tables) == 4  # 2,050 rows in datasets of 600
+    for table in tables:
+        assert isinstance(table, StoredObs)
+        assert sorted(table._windowed) == sorted([*WINDOWED, "src_path"])
+        assert list(table._held) == ["note"]
+        assert not table.has_index
+    assert all(isinstance(s._indptr, StoredIndptr) for s in loader._data.sources)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    chunk_size=st.integers(1, 300),
+    preload_nchunks=st.integers(1, 6),
+    batch_size=st.integers(1, 250),
+    shuffle=st.booleans(),
+    names=st.booleans(),
+)
+def test_obs_values_and_alignment_exact(
+    built, chunk_size, preload_nchunks, batch_size, shuffle, names
+):
+    path, expected = built
+    loader = _loader(
+        path,
+        chunk_size=chunk_size,
+        preload_nchunks=preload_nchunks,
+        batch_size=min(batch_size, chunk_size * preload_nchunks),
+        shuffle=shuffle,
+        obs_index=names,
+    )
+    seen = np.concatenate([_check_batch(b, expected, names=names) for b in loader])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(sum(SIZES)))  # each row once
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_workers", [2])
+def test_obs_exact_in_spawn_workers(built, num_workers):
+    from torch.utils.data import DataLoader
+
+    path, expected = built
+    loader = _loader(path, chunk_size=16, preload_nchunks=4, batch_size=32, shuffle=True)
+    data = DataLoader(
+        loader, batch_size=None, num_workers=num_workers, multiprocessing_context="spawn"
+    )
+    seen = np.concatenate([_check_batch(b, expected, names=False) for b in data])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(sum(SIZES)))
+
+
+def test_in_memory_obs_matches(built):
+    """``load_adata`` keeps obs in memory, as before: the same values and types; and
+    ``Loader._obs`` (read by scvi-tools) gives every dataset's obs whole."""
+    path, expected = built
+    windowed = _loader(path, batch_size=1000, obs_index=True)
+    held = Loader(batch_size=1000, to=None).use_collection(
+        DatasetCollection(path, mode="r"), load_adata=load_x_and_obs
+    )
+    whole = pd.concat(held._obs)
+    frames = windowed._obs
+    assert [len(f) for f in frames] == [len(f) for f in held._obs]
+    pd.testing.assert_frame_equal(pd.concat(frames), whole)
+    pd.testing.assert_frame_equal(
+        whole[expected.columns], expected.loc[whole.index], check_categorical=False
+    )
+
+
+def test_a_loader_pickles_to_a_handle(built, tmp_path):
+    """What workers and ranks receive does not grow with the rows: no obs, no indptr."""
+    path, _ = built
+    small = len(pickle.dumps(_loader(path, batch_size=10)))
+    rng = np.random.default_rng(0)
+    n = 40_000
+    big = ad.AnnData(
+        X=sp.random(n, N_VAR, density=0.5, format="csr", dtype=np.float32),
+        obs=pd.DataFrame(
+            {"cell_type": pd.Categorical(rng.choice(["B", "T"], n)), "n": np.arange(n)},
+            index=[f"c{i}" for i in range(n)],
+        ),
+    )
+    big_path = tmp_path / "big.zarr"
+    DatasetCollection(big_path).add_adatas(
+        [write_adata(big, tmp_path / "big.h5ad")], dataset_size=10_000, progress=False
+    )
+    large = len(pickle.dumps(_loader(big_path, batch_size=10)))
+    assert large < 100_000, large
+    assert small < 100_000, small
+
+
+def test_damaged_obs_chunk_is_caught_while_reading(built, tmp_path):
+    path, _ = built
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(path, copy)
+    shard = copy / "dataset_000001" / "obs" / "cell_type" / "codes" / "c" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0x5A  # inside the first chunk's bytes
+    shard.write_bytes(bytes(raw))
+    loader = _loader(copy, batch_size=50)  # opening reads no obs rows
+    with pytest.raises(ChecksumMismatchError, match="obs column 'cell_type'") as info:
+        list(loader)
+    assert "dataset_000001" in str(info.value)
+
+
+def test_a_code_outside_the_categories_is_an_error(built, tmp_path):
+    """A checksum-valid code that names no category (a bug in a writer) never becomes a
+    label: an error naming the column."""
+    path, _ = built
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(path, copy)
+    codes = zarr.open_array(copy / "dataset_000000" / "obs" / "cell_type" / "codes", mode="r+")
+    codes[7] = 100
+    with pytest.raises(CorruptDataError, match=r"cell_type.*code 100 is outside its 3 categories"):
+        list(_loader(copy, batch_size=50))
+
+
+def test_older_collections_hold_large_compressed_obs_columns(built, tmp_path):
+    """A collection written before obs was chunked for windows (one zstd chunk per column) is
+    read as before: its columns held whole, exact."""
+    path, expected = built
+    copy = tmp_path / "old.zarr"
+    shutil.copytree(path, copy)
+    for group_path in sorted(copy.glob("dataset_*")):
+        group = zarr.open_group(group_path, mode="r+")
+        frame = ad.io.read_elem(group["obs"])
+        del group["obs"]
+        # as before: one chunk per column (zarr's default for these sizes, made explicit)
+        ad.io.write_elem(group, "obs", frame, dataset_kwargs=OBS_CODECS | {"chunks": (10**5,)})
+    loader = _loader(copy, batch_size=32, chunk_size=8, preload_nchunks=4, shuffle=True)
+    table = loader._data.obs[0]
+    assert isinstance(table, StoredObs)
+    assert not table._windowed  # all held
+    seen = np.concatenate([_check_batch(b, expected, names=False) for b in loader])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(sum(SIZES)))
