@@ -12,10 +12,8 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from annbatch._core import gpu
 from annbatch._core.cancel import ReadCancelled
@@ -134,7 +132,7 @@ class Epoch:
             executor = ThreadPoolExecutor(threads, thread_name_prefix="annbatch-read")
         try:
             for request in self._requests(int(offsets[-1]), shard):
-                window = load_window(
+                yield load_window(
                     request,
                     self.sources,
                     offsets,
@@ -144,11 +142,8 @@ class Epoch:
                     threads=threads,
                     stop=stop,
                     copier=copier,
+                    obs=self.obs,
                 )
-                if self.obs is not None and window.indices:  # read here: ahead of the consumer
-                    rows = np.concatenate(window.indices)
-                    window = replace(window, obs=self.obs.take(rows))
-                yield window
         except ReadCancelled:
             return
         finally:

@@ -29,11 +29,12 @@ from annbatch.abc._sampler import split_batches
 if TYPE_CHECKING:
     import threading
     from collections.abc import Sequence
-    from concurrent.futures import Executor
+    from concurrent.futures import Executor, Future
 
     import pandas as pd
 
     from annbatch._core.assembler import ConcatStrategy
+    from annbatch._core.obs import ObsRows
     from annbatch._core.sources import RowSource
     from annbatch.abc._sampler import ChunkRequest
 
@@ -67,6 +68,7 @@ def load_window(
     threads: int,
     stop: threading.Event,
     copier: gpu.CopyStream | None = None,
+    obs: ObsRows | None = None,
 ) -> Window:
     """Read one load request and cut it into batches (on the GPU, given a ``copier``).
 
@@ -84,6 +86,9 @@ def load_window(
         The read threads, their number, and the event that abandons the read.
     copier
         The GPU path's stream and staging buffers; None on the CPU.
+    obs
+        Every dataset's obs: the window's rows of it are read on a read thread while X is
+        read (None: no obs).
     """
     splits = request.splits
     if splits is None:
@@ -98,25 +103,47 @@ def load_window(
     if len(dense) == len(sources) and all(s.dtype == sources[0].dtype for s in sources):
         placement = plan_placement(request.chunks, splits, offsets)
         if placement is not None:  # None: a row repeats within the window
+            edges = list(itertools.pairwise(placement.bounds.tolist()))
+            indices = [placement.rows[a:b] for a, b in edges]
+            window_obs = _read_obs(obs, indices, executor)
             out = read_placed(placement, dense, executor, threads, stop, allocate)
             if copier is not None:
                 out = gpu.to_device([out], copier)  # batches: views of the device window
-            edges = list(itertools.pairwise(placement.bounds.tolist()))
             return Window(
                 batches=[done(b) for b in split_rows(out, placement.bounds)],
-                indices=[placement.rows[a:b] for a, b in edges],
+                indices=indices,
+                obs=_result(window_obs),
             )
     # General path: read the window in disk order, then cut batches from it (on the read
     # threads: numpy and scipy release the GIL while they copy rows). Sources that decode each
     # chunk once by themselves need no merging across gaps.
     grids = [None if s.reads_chunks_once else s for s in sources]
     plan = plan_reads(request.chunks, offsets, grids)
-    blocks = read_plan(plan, sources, executor, threads, stop, allocate)
     splits = [plan.positions[s] for s in splits]  # request order -> memory order
     indices = [plan.index[s] for s in splits]
+    window_obs = _read_obs(obs, indices, executor)
+    blocks = read_plan(plan, sources, executor, threads, stop, allocate)
     if copier is not None:
         # One copy to the GPU concatenates the blocks; the consumer cuts each batch there.
         window = gpu.to_device(blocks, copier)
-        return Window(batches=[gpu.DeviceBatch(window, s) for s in splits], indices=indices)
+        return Window(
+            batches=[gpu.DeviceBatch(window, s) for s in splits],
+            indices=indices,
+            obs=_result(window_obs),
+        )
     batches = assemble(blocks, splits, strategy, executor, TASKS_PER_THREAD * threads)
-    return Window(batches=batches, indices=indices)
+    return Window(batches=batches, indices=indices, obs=_result(window_obs))
+
+
+def _read_obs(
+    obs: ObsRows | None, indices: Sequence[np.ndarray], executor: Executor
+) -> Future[pd.DataFrame] | None:
+    """Start reading the obs of every batch's rows, one batch after another, on a read
+    thread: submitted before X's tasks, it runs while they do."""
+    if obs is None or not indices:
+        return None
+    return executor.submit(obs.take, np.concatenate(indices))
+
+
+def _result(window_obs: Future[pd.DataFrame] | None) -> pd.DataFrame | None:
+    return None if window_obs is None else window_obs.result()

@@ -236,9 +236,17 @@ class CSRSource:
         nnz = (int(offsets[-1]),)
         data = allocate("data", nnz, np.dtype(self.dtype))
         indices = allocate("indices", nnz, np.result_type(*(s.index_dtype for s, _, _ in csr)))
+        # The window's tasks are shared among its datasets by their entries: a window spread
+        # over many datasets makes no more tasks (each a future and a Python call) than one.
+        total = max(1, int(offsets[-1]))
         jobs = [
             source._direct_job(
-                starts, stops, n_tasks, empty_window, out=(data[a:b], indices[a:b]), pieces=p
+                starts,
+                stops,
+                max(2, round(n_tasks * (b - a) / total)),
+                empty_window,
+                out=(data[a:b], indices[a:b]),
+                pieces=p,
             )
             for (source, starts, stops), a, b, p in zip(
                 csr, offsets[:-1], offsets[1:], pointers, strict=True
