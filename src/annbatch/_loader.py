@@ -284,7 +284,13 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
             msg = "use_collection can be called once per Loader; add more data with add_anndatas"
             raise CollectionAlreadyUsedError(msg)
         obs_index = parse_flag(obs_index, "obs_index")
-        self.add_datasets(*collection_parts(collection, load_adata, obs_index=obs_index))
+        if self._active_iterations:
+            msg = "cannot add data while the Loader is being iterated; finish the loop first"
+            raise LoaderBusyError(msg)
+        if load_adata is None:
+            self._data.add_collection(collection, obs_index=obs_index)
+        else:
+            self.add_datasets(*collection_parts(collection, load_adata, obs_index=obs_index))
         self._used_collection = True
         return self
 

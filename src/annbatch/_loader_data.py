@@ -3,6 +3,7 @@ new dataset checked against those added before (type, columns, dtype, obs, var).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
@@ -15,6 +16,7 @@ from annbatch._core.planner import dataset_offsets
 from annbatch._core.sources import as_row_source
 from annbatch._warnings import warn
 from annbatch.errors import (
+    CollectionChangedError,
     IncompatibleDatasetsError,
     InvalidArgumentError,
     ObsMismatchError,
@@ -49,6 +51,9 @@ class LoaderData:
         self.var: pd.DataFrame | None = None
         """The var all datasets share, None if none was given."""
         self._obs_rows: ObsRows | None = None  # all of self.obs as one row space, made lazily
+        self._collection: _CollectionHandle | None = None
+        """Set while every dataset is one collection's, read with the default ``load_adata``:
+        what a pickled Loader carries instead of the datasets (see :meth:`__getstate__`)."""
 
     @property
     def n_obs(self) -> int:
@@ -146,6 +151,15 @@ class LoaderData:
             self._obs_rows = ObsRows([o for o in self.obs if o is not None], offsets)
         return self._obs_rows
 
+    def add_collection(self, collection: DatasetCollection, *, obs_index: bool) -> None:
+        """Append every dataset of ``collection``, X on disk and obs read per window (see
+        :func:`collection_parts`)."""
+        first = len(self.sources)
+        self.add(*collection_parts(collection, None, obs_index=obs_index), None)
+        if first == 0:
+            rows = tuple(s.shape[0] for s in self.sources)
+            self._collection = _CollectionHandle(collection, obs_index, rows)
+
     def obs_frames(self) -> list[pd.DataFrame | None]:
         """One obs DataFrame per dataset; obs read per window is read whole, now."""
         return [o.frame() if isinstance(o, StoredObs) else o for o in self.obs]
@@ -159,8 +173,42 @@ class LoaderData:
         return new
 
     def __getstate__(self) -> dict[str, Any]:
-        # Sent to DataLoader workers: the concatenated obs is rebuilt there when needed.
-        return {**self.__dict__, "_obs_rows": None}
+        """What DataLoader workers and DDP ranks receive. A Loader over one collection (only)
+        sends the collection (its location) and reopens it there: a few hundred bytes
+        however many datasets, no per-dataset readers or categories; otherwise the datasets
+        themselves (in-memory obs with them). The joined obs is rebuilt where needed."""
+        state = {**self.__dict__, "_obs_rows": None}
+        handle = self._collection
+        if handle is not None and len(handle.rows) == len(self.sources):
+            state["sources"] = state["obs"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        handle = self._collection
+        if self.sources is None and handle is not None:
+            self.sources, self.obs = [], []
+            self._collection = None
+            self.add(*collection_parts(handle.collection, None, obs_index=handle.obs_index), None)
+            rows = tuple(s.shape[0] for s in self.sources)
+            if rows != handle.rows:
+                msg = (
+                    f"the collection {handle.collection.path} changed since the Loader was made "
+                    f"({len(handle.rows)} datasets of {sum(handle.rows):,} rows then, "
+                    f"{len(rows)} of {sum(rows):,} now); make the Loader again"
+                )
+                raise CollectionChangedError(msg)
+            self._collection = handle
+
+
+@dataclass(frozen=True)
+class _CollectionHandle:
+    """A collection a Loader reads whole, as a pickled Loader carries it."""
+
+    collection: DatasetCollection
+    obs_index: bool
+    rows: tuple[int, ...]
+    """Rows of each dataset when the Loader opened it (checked when it is opened again)."""
 
 
 def anndata_parts(

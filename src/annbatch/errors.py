@@ -28,6 +28,7 @@ fits it, so callers can catch either::
     ├── CollectionPathError       (FileExistsError)  a collection path that holds something else
     ├── IncompleteCollectionError (RuntimeError)  a collection whose build did not finish
     ├── CollectionCompleteError   (RuntimeError)  new inputs for a finished collection without append=True
+    ├── CollectionChangedError    (RuntimeError)  a collection changed under a Loader sent to a worker
     ├── DuplicateInputError       (ValueError)    an input that is already in the collection (or given twice)
     ├── GPUUnavailableError       (RuntimeError)  preload_to_gpu without CuPy or a CUDA device
     │   └── CuPyMissingError      (ImportError)   preload_to_gpu where CuPy is not installed
@@ -150,6 +151,11 @@ class IncompleteCollectionError(AnnbatchError, RuntimeError):
 
 class CollectionCompleteError(AnnbatchError, RuntimeError):
     """A finished collection was given inputs it does not hold, without ``append=True``."""
+
+
+class CollectionChangedError(AnnbatchError, RuntimeError):
+    """A collection that changed (an append) between making a Loader over it and reopening it
+    in a DataLoader worker or DDP rank the Loader was sent to."""
 
 
 class DuplicateInputError(AnnbatchError, ValueError):
