@@ -1,5 +1,6 @@
 """The Loader's arguments, checked: its sampler (given, or built from the sampler arguments),
-what it yields (``to``, ``preload_to_gpu``, checked again where an epoch begins) and its flags."""
+what it yields (``to``, ``dense``, ``preload_to_gpu``, checked again where an epoch begins)
+and its flags."""
 
 from __future__ import annotations
 
@@ -104,14 +105,23 @@ def parse_output(*, to_torch: bool | None, to: object) -> OutputKind:
     return kind
 
 
-def parse_preload_to_gpu(preload_to_gpu: object, output: OutputKind) -> bool:
-    """``preload_to_gpu`` checked against the output, and CuPy and a device looked for (before
-    any data is added or read)."""
+def parse_preload_to_gpu(preload_to_gpu: object, output: OutputKind, *, dense: bool) -> bool:
+    """``preload_to_gpu`` checked against the output (``to`` and ``dense``), and CuPy and a
+    device looked for (before any data is added or read)."""
     if not isinstance(preload_to_gpu, bool):
         msg = f"preload_to_gpu must be a bool, got {preload_to_gpu!r}"
         raise InvalidArgumentError(msg)
     if preload_to_gpu and output == "jax":
         msg = "to='jax' cannot be combined with preload_to_gpu; use to='torch' or to=None there"
+        raise InvalidArgumentError(msg)
+    if preload_to_gpu and dense:
+        # Densifying belongs to the CPU path's read threads; on the GPU path the consumer cuts
+        # each batch on the device, where densifying it is fast anyway.
+        msg = (
+            "dense=True cannot be combined with preload_to_gpu=True: batches are cut on the GPU "
+            "there; make them dense on the device instead (batch['X'].to_dense() for torch, "
+            ".toarray() for CuPy)"
+        )
         raise InvalidArgumentError(msg)
     if preload_to_gpu:
         gpu.check_available()

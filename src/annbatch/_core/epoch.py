@@ -68,6 +68,8 @@ class Epoch:
     """Batches of the epoch (all workers together) already consumed before a resume."""
     device: int | None = None
     """The consumer's CUDA device: the GPU path. None: the CPU path."""
+    dense: bool = False
+    """Sparse batches made dense on the read threads (CPU path only)."""
 
     def batches(self) -> Generator[dict[str, Any], None, None]:
         """Yield this process's batches: ``{"X": ..., "obs": ..., "var": ..., "index": ...}``.
@@ -143,6 +145,7 @@ class Epoch:
                     stop=stop,
                     copier=copier,
                     obs=self.obs,
+                    densify=self.dense,
                 )
         except ReadCancelled:
             return

@@ -69,6 +69,7 @@ def load_window(
     stop: threading.Event,
     copier: gpu.CopyStream | None = None,
     obs: ObsRows | None = None,
+    densify: bool = False,
 ) -> Window:
     """Read one load request and cut it into batches (on the GPU, given a ``copier``).
 
@@ -89,6 +90,8 @@ def load_window(
     obs
         Every dataset's obs: the window's rows of it are read on a read thread while X is
         read (None: no obs).
+    densify
+        Make sparse batches dense where they are cut (CPU path only; dense rows already are).
     """
     splits = request.splits
     if splits is None:
@@ -131,7 +134,9 @@ def load_window(
             indices=indices,
             obs=_result(window_obs),
         )
-    batches = assemble(blocks, splits, strategy, executor, TASKS_PER_THREAD * threads)
+    batches = assemble(
+        blocks, splits, strategy, executor, TASKS_PER_THREAD * threads, densify=densify
+    )
     return Window(batches=batches, indices=indices, obs=_result(window_obs))
 
 
