@@ -129,6 +129,7 @@ def main() -> None:
             shuffle=True,
             return_index=True,
             rng=np.random.default_rng(0),
+            dense=True,  # dense float32 tensors, made on the read threads
         ).use_collection(collection, load_adata=cell_types_only)
         model = torch.nn.Linear(loader.n_var, len(CELL_TYPES))
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -139,7 +140,7 @@ def main() -> None:
                 total=loader.n_obs, desc=f"epoch {epoch + 1}", unit=" cells", disable=args.quiet
             )
             for batch in loader:
-                x = torch.log1p(batch["X"].to_dense())
+                x = torch.log1p(batch["X"])
                 codes = batch["obs"]["cell_type"].cat.codes.to_numpy()
                 y = torch.from_numpy(codes.astype(np.int64))
                 test = held_out(torch.as_tensor(batch["index"]))

@@ -34,7 +34,7 @@ class LoaderOutput(TypedDict):
 
     X: Any
     """The rows: numpy / scipy CSR, torch, jax or CuPy, depending on ``to`` and
-    ``preload_to_gpu``."""
+    ``preload_to_gpu``; dense whatever the datasets store with ``dense=True``."""
     obs: pd.DataFrame | None
     """The rows' obs, row for row (None when the datasets have none)."""
     var: pd.DataFrame | None
