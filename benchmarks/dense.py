@@ -19,12 +19,14 @@ runs:
 Every run shuffles (chunk ``--chunk``, ``--preload`` chunks per window, a seed per run shared
 by the modes) and takes batches until ``--max-rows`` rows; rows/s is measured from the first
 batch to the last (steady state: the first window's read, the same for every mode, is left
-out). The table gives medians with min-max, and each mode's speed relative to ``sparse`` and
-to ``to_dense``. Subprocesses inherit the environment, PYTHONPATH included: run it with the
+out). The table gives medians with min-max, each mode's speed relative to ``sparse`` and to
+``to_dense``, and the CPU time (user + system, all threads of the process) per row: on a
+machine shared with other work rows/s depends on what else runs, CPU time per row much less.
+Subprocesses inherit the environment, PYTHONPATH included: run it with the
 annbatch to measure.
 
 Usage: python benchmarks/dense.py [--n-obs 200000] [--n-var 2000] [--nnz 1500] [--runs 3]
-       [--batch-sizes 256,4096] [--max-rows 65536] [--one-thread] [--dir data/bench]
+       [--batch-sizes 256,4096] [--max-rows 131072] [--one-thread] [--dir data/bench]
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from _umi import umi_counts
 from bench import run_child
 
 CHILD = r"""
-import json, sys, time, warnings
+import json, resource, sys, time, warnings
 warnings.simplefilter("ignore")
 import numpy as np, torch, zarr, anndata as ad
 args = json.loads(sys.argv[1])
@@ -60,11 +62,13 @@ for batch in loader:
     if to_dense:
         X = X.to_dense()
     if first is None:  # steady state from here on
-        first, t0 = X.shape[0], time.perf_counter()
+        first, t0, r0 = X.shape[0], time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     rows += X.shape[0]
     if rows >= args["max_rows"]:
         break
-print(json.dumps({"rows": rows - first, "seconds": time.perf_counter() - t0,
+seconds, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+print(json.dumps({"rows": rows - first, "seconds": seconds, "cpu_s": cpu,
                   "threads": torch.get_num_threads(), "layout": str(X.layout), "dtype": str(X.dtype)}))
 """
 
@@ -113,7 +117,7 @@ def main() -> None:
     p.add_argument("--preload", type=int, default=64)
     p.add_argument("--batch-sizes", default="256,4096")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--max-rows", type=int, default=65_536, help="rows per run")
+    p.add_argument("--max-rows", type=int, default=131_072, help="rows per run")
     p.add_argument("--one-thread", action="store_true", help="also to_dense with 1 torch thread")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
@@ -122,6 +126,7 @@ def main() -> None:
     modes = {k: v for k, v in MODES.items() if a.one_thread or k != "to_dense, 1 thread"}
     batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
     rates: dict[tuple[int, str], list[float]] = {}
+    cpu: dict[tuple[int, str], list[float]] = {}
     threads = None
     for batch in batch_sizes:
         for run in range(a.runs):  # alternate the modes within each run
@@ -145,13 +150,14 @@ def main() -> None:
                     msg = f"{name} yielded {out['layout']} {out['dtype']}; expected {want} float32"
                     raise RuntimeError(msg)
                 rates.setdefault((batch, name), []).append(out["rows"] / out["seconds"])
+                cpu.setdefault((batch, name), []).append(out["cpu_s"] / out["rows"] * 1e6)
     print(
         f"store: {a.n_obs:,} x {a.n_var:,} UMI-like float32 CSR (~{a.nnz:,} nonzeros per row); "
         f"chunk {a.chunk}, preload {a.preload}, shuffled; {a.max_rows:,} rows per run, "
         f"{a.runs} runs, fresh processes; torch's default threads here: {threads}\n"
     )
-    print("| batch | mode | rows/s median (min-max) | / sparse | / to_dense |")
-    print("|---|---|---|---|---|")
+    print("| batch | mode | rows/s median (min-max) | / sparse | / to_dense | CPU µs/row |")
+    print("|---|---|---|---|---|---|")
     for batch in batch_sizes:
         sparse = statistics.median(rates[batch, "sparse"])
         to_dense = statistics.median(rates[batch, "to_dense"])
@@ -160,7 +166,8 @@ def main() -> None:
             med = statistics.median(speeds)
             print(
                 f"| {batch} | {name} | {med:,.0f} ({speeds[0]:,.0f}-{speeds[-1]:,.0f}) "
-                f"| {med / sparse:.2f} | {med / to_dense:.1f} |",
+                f"| {med / sparse:.2f} | {med / to_dense:.1f} "
+                f"| {statistics.median(cpu[batch, name]):.1f} |",
                 flush=True,
             )
 

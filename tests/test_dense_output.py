@@ -96,8 +96,9 @@ def test_both_concat_strategies_give_the_same_dense_batches(pool, fmt, strategy)
 
 
 def test_every_batch_is_its_own_array(pool):
-    """A batch is the user's to keep: no two batches share memory, so keeping all of them
-    (as ``list`` does) leaves every one as it was yielded."""
+    """A batch is the user's to keep: no two batches overlap in memory (a group of them are
+    views of one new array, each its own rows), so keeping all of them (as ``list`` does)
+    leaves every one as it was yielded."""
     stores = pool.many("zarr", "sparse", [19, 8])
     batches = _epoch(stores, to=None, dense=True, batch_size=3, chunk_size=2, preload_nchunks=4)
     arrays = [b["X"] for b in batches]

@@ -121,18 +121,19 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
         one, with a warning, as for any datasets of different dtypes. torch implements few
         operations on unsigned types beyond uint8: cast first (``batch["X"].float()``).
     dense
-        Yield X dense whatever the datasets store: each sparse batch is made dense on the read
-        threads, right where it is cut from its window, into a new zeroed array: numpy, a
-        ``torch.Tensor`` sharing its memory with ``to="torch"``, a ``jax.Array`` with
-        ``to="jax"``. Its values are exactly the sparse batch's ``toarray()``, in the same
-        dtype: the datasets' (for a ``packed`` collection the inputs', float32 for counts as
-        usually written; with ``stored_dtype`` the stored type). Dense datasets are yielded as
-        without it. On a CPU this is much faster than densifying in the training loop
-        (torch's ``Tensor.to_dense()`` on a sparse CSR batch measured 10 to 100 times slower;
-        see the README), at a cost in memory: a window's batches are cut ahead of the
-        consumer, so each window in flight holds ``chunk_size * preload_nchunks * n_var``
-        values dense. Cannot be combined with ``preload_to_gpu`` (densify on the device
-        there).
+        Yield X dense whatever the datasets store: a numpy array, with ``to="torch"`` a
+        tensor sharing its memory, with ``to="jax"`` a ``jax.Array``. Sparse batches
+        are made dense on the read threads, where they are cut from their window, a group of
+        consecutive batches into one new zeroed array (each batch a view of it; holding a
+        batch keeps its group in memory; nothing is ever reused). The values are exactly the
+        sparse batch's ``toarray()``, in the same dtype: the datasets' (for a ``packed``
+        collection the inputs', float32 for counts as usually written; with
+        ``stored_dtype`` the stored type). Dense datasets are yielded as without it. On a CPU
+        this is much faster than densifying in the training loop (torch's
+        ``Tensor.to_dense()`` on sparse CSR tensors; see ``benchmarks/RESULTS.md``), at a cost
+        in memory: a window's batches are cut ahead of the consumer, so each window in
+        flight holds ``chunk_size * preload_nchunks * n_var`` values dense. Cannot be
+        combined with ``preload_to_gpu`` (densify on the device there).
 
     Examples
     --------
