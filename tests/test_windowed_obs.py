@@ -259,3 +259,24 @@ def test_older_collections_hold_large_compressed_obs_columns(built, tmp_path):
     assert not table._windowed  # all held
     seen = np.concatenate([_check_batch(b, expected, names=False) for b in loader])
     np.testing.assert_array_equal(np.sort(seen), np.arange(sum(SIZES)))
+
+
+def test_datasets_whose_categories_differ_in_order_keep_their_labels(tmp_path):
+    """Codes mean what their own dataset's categories say: two datasets with the same
+    categories in another order (pandas calls their dtypes equal) are not decoded with one
+    of them, whether a window's rows come from one dataset or both."""
+    from annbatch._core.obs import ObsRows
+    from annbatch.collection._layout import obs_kwargs
+
+    tables = []
+    for i, order in enumerate((["a", "b"], ["b", "a"])):
+        group = zarr.open_group(tmp_path / f"d{i}.zarr", mode="w", zarr_format=3)
+        frame = pd.DataFrame(
+            {"c": pd.Categorical(["a", "a", "b"], categories=order)}, index=["x", "y", "z"]
+        )
+        ad.io.write_elem(group, "obs", frame, dataset_kwargs=obs_kwargs(3))
+        tables.append(StoredObs(group, 3))
+    rows = ObsRows(tables, np.array([0, 3, 6]))
+    for take in (np.arange(6), np.array([5, 0, 3, 2])):
+        got = rows.take(take)["c"].astype(str).to_numpy()
+        np.testing.assert_array_equal(got, np.array(["a", "a", "b"] * 2)[take])

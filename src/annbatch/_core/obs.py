@@ -149,11 +149,13 @@ class StoredObs:
     @property
     def schema(self) -> tuple[tuple[str, str, Any], ...]:
         """Each column's name, how it is read and its dtype: tables with equal schemas are
-        joined column by column (:class:`ObsRows`)."""
+        joined column by column (:class:`ObsRows`), their codes decoded with the first
+        table's categories, so categories count in their order (pandas calls two unordered
+        categorical dtypes with the same categories in another order equal)."""
         return tuple(
-            (name, "windowed", (c.kind, c.dtype, c.parts[0].dtype))
+            (name, "windowed", (c.kind, _exact(c.dtype), tuple(p.dtype for p in c.parts)))
             if (c := self._windowed.get(name)) is not None
-            else (name, "held", self._held[name].dtype)
+            else (name, "held", _exact(self._held[name].dtype))
             for name in self.columns
         )
 
@@ -205,6 +207,13 @@ class StoredObs:
         return self.take(np.arange(self.n_obs))
 
 
+def _exact(dtype: Any) -> Any:
+    """``dtype``, with a categorical's categories in their order and its ``ordered`` flag."""
+    if isinstance(dtype, pd.CategoricalDtype):
+        return ("category", tuple(dtype.categories.tolist()), dtype.ordered)
+    return dtype
+
+
 def _check_rows(n: int, n_obs: int, what: str) -> None:
     if n != n_obs:
         msg = f"{what} has {n} rows; the dataset has {n_obs}"
@@ -245,6 +254,12 @@ def _windowed(node: Any, frame: Any, n_obs: int) -> _Windowed | None:
         _check_rows(reader.shape[0], n_obs, what)
         readers.append(reader)
     dtype = None
+    if kind.startswith("nullable-") and np.dtype(readers[1].dtype) != np.bool_:
+        msg = f"{what}: the mask has dtype {readers[1].dtype}; expected bool"
+        raise CorruptDataError(msg)
+    if kind == "nullable-integer" and np.dtype(readers[0].dtype).kind not in "iu":
+        msg = f"{what}: nullable integer values have dtype {readers[0].dtype}; expected integers"
+        raise CorruptDataError(msg)
     if kind == "categorical":
         if np.dtype(readers[0].dtype).kind not in "iu":
             msg = f"{what}: categorical codes have dtype {readers[0].dtype}; expected integers"
