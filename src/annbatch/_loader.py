@@ -260,14 +260,18 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
             One table for all datasets or one per dataset (all equal), one row per column;
             yielded with every batch (``batch["var"]``) and kept as :attr:`var`.
         """
+        self._refuse_while_iterating()
+        self._data.add(datasets, obs, var)
+        return self
+
+    def _refuse_while_iterating(self) -> None:
+        """Datasets cannot change under a running epoch."""
         if self._active_iterations:
             msg = (
                 "cannot add data while the Loader is being iterated; finish the loop (or close "
                 "its iterator) first"
             )
             raise LoaderBusyError(msg)
-        self._data.add(datasets, obs, var)
-        return self
 
     def use_collection(
         self,
@@ -300,9 +304,7 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
             msg = "use_collection can be called once per Loader; add more data with add_anndatas"
             raise CollectionAlreadyUsedError(msg)
         obs_index = parse_flag(obs_index, "obs_index")
-        if self._active_iterations:
-            msg = "cannot add data while the Loader is being iterated; finish the loop first"
-            raise LoaderBusyError(msg)
+        self._refuse_while_iterating()
         if load_adata is None:
             self._data.add_collection(collection, obs_index=obs_index)
         else:

@@ -188,8 +188,7 @@ class LoaderData:
         handle = self._collection
         if self.sources is None and handle is not None:
             self.sources, self.obs = [], []
-            self._collection = None
-            self.add(*collection_parts(handle.collection, None, obs_index=handle.obs_index), None)
+            self.add_collection(handle.collection, obs_index=handle.obs_index)
             rows = tuple(s.shape[0] for s in self.sources)
             if rows != handle.rows:
                 msg = (
@@ -198,7 +197,6 @@ class LoaderData:
                     f"{len(rows)} of {sum(rows):,} now); make the Loader again"
                 )
                 raise CollectionChangedError(msg)
-            self._collection = handle
 
 
 @dataclass(frozen=True)

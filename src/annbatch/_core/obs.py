@@ -26,6 +26,7 @@ import pandas as pd
 from annbatch._core.chunks import direct_array
 from annbatch._core.failures import store_errors
 from annbatch._core.frames import describe_column, read_frame
+from annbatch._core.ranges import runs_of
 from annbatch.errors import AnnbatchError, CorruptDataError, UnsupportedDatasetError
 
 if TYPE_CHECKING:
@@ -164,21 +165,14 @@ class StoredObs:
         column, in that order, as :meth:`build` takes them (categoricals as codes)."""
         rows = np.asarray(rows, dtype=np.int64)
         out: dict[str, Any] = {}
-        if self._windowed and rows.size:
-            unique, inverse = np.unique(rows, return_inverse=True)
-            breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-            starts = unique[np.concatenate([[0], breaks])]
-            stops = unique[np.concatenate([breaks - 1, [unique.size - 1]])] + 1
+        if self._windowed:
+            starts, stops, positions = runs_of(rows)
+            n = int(np.sum(stops - starts))
             for name, c in self._windowed.items():
-                out[name] = c.read(starts, stops, unique.size)[inverse]
+                out[name] = c.read(starts, stops, n)[positions]
         for name in self.columns:
             if name not in out:
-                column = self._windowed.get(name)
-                out[name] = (
-                    self._held[name].take(rows)
-                    if column is None
-                    else column.read(rows[:0], rows[:0], 0)
-                )
+                out[name] = self._held[name].take(rows)
         return out
 
     def names(self, rows: np.ndarray) -> np.ndarray | None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from annbatch._args import parse_mask, parse_rng
+from annbatch._core.ranges import runs_of
 from annbatch._reference import SamplerAliases, rows_under_old_key
 from annbatch.errors import InvalidArgumentError, SamplerBusyError
 
@@ -308,12 +309,8 @@ def as_runs(rows: np.ndarray) -> tuple[list[slice], np.ndarray]:
     """Row positions (any order, repeats allowed) as the runs of consecutive rows that hold
     them, in disk order, each row once; and each position's place in the rows of those runs
     laid out one after the other."""
-    unique = np.unique(rows)
-    breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [unique.size]])
-    runs = list(map(slice, unique[starts].tolist(), (unique[stops - 1] + 1).tolist()))
-    return runs, np.searchsorted(unique, rows)
+    starts, stops, positions = runs_of(rows)
+    return list(map(slice, starts.tolist(), stops.tolist())), positions
 
 
 def check_mask(mask: slice | np.ndarray | None, n_obs: int) -> None:

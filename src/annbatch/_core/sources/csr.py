@@ -183,12 +183,9 @@ class CSRSource:
         :meth:`~annbatch._core.sources.indptr.Indptr.pieces`)."""
         return self._indptr.pieces(starts, stops)
 
-    def nnz_of(
-        self, starts: np.ndarray, stops: np.ndarray, pieces: np.ndarray | None = None
-    ) -> int:
-        """Stored entries in rows ``starts[i]:stops[i]``, all ranges together (from their
-        :meth:`pointers`, read if not given)."""
-        pieces = self.pointers(starts, stops) if pieces is None else pieces
+    def nnz_of(self, starts: np.ndarray, stops: np.ndarray, pieces: np.ndarray) -> int:
+        """Stored entries in rows ``starts[i]:stops[i]``, all ranges together, from their
+        :meth:`pointers` ``pieces``."""
         first, last = piece_bounds(starts, stops)
         return int(np.sum(pieces[last] - pieces[first]))
 
