@@ -23,14 +23,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from annbatch._core.chunks import direct_array
+from annbatch._core.chunks import direct_array, read_rows
+from annbatch._core.chunks.small import read_stacked, stack_bases
 from annbatch._core.failures import store_errors
 from annbatch._core.frames import describe_column, read_frame
 from annbatch._core.ranges import runs_of
 from annbatch.errors import AnnbatchError, CorruptDataError, UnsupportedDatasetError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     import zarr
 
@@ -69,18 +70,24 @@ class _Windowed:
             parts = []
             for reader in self.parts:
                 out = np.empty(n, dtype=reader.dtype)
-                for task in reader.tasks(starts, stops, out, 1):
-                    task()
+                read_rows(reader, starts, stops, out)
                 parts.append(out)
+        return self.finish(parts)
+
+    def finish(self, parts: list[np.ndarray], what: Callable[[int], str] | None = None) -> Any:
+        """The arrays read (:attr:`parts`' rows) as a pandas-ready array, checked: a code
+        outside the categories is an error, naming the column by ``what`` (of the row's
+        position; default: :attr:`what`)."""
         if self.kind == "array":
             return parts[0]
         if self.kind == "categorical":
             codes = parts[0]
             n_categories = len(self.dtype.categories)
             if codes.size and (int(codes.min()) < -1 or int(codes.max()) >= n_categories):
-                bad = codes[(codes < -1) | (codes >= n_categories)][0]
+                at = int(np.flatnonzero((codes < -1) | (codes >= n_categories))[0])
+                name = self.what if what is None else what(at)
                 msg = (
-                    f"{self.what}: code {int(bad)} is outside its {n_categories} categories; "
+                    f"{name}: code {int(codes[at])} is outside its {n_categories} categories; "
                     "the store is damaged"
                 )
                 raise CorruptDataError(msg)
@@ -318,6 +325,7 @@ class ObsRows:
             and len({t.schema for t in stored}) == 1
             and len({t.has_index for t in stored}) == 1
         )
+        self._stack = _Stack.of(stored) if self._columnar and stored else None
 
     def take(self, rows: np.ndarray) -> pd.DataFrame:
         """The obs of global rows ``rows``, in that order."""
@@ -337,6 +345,8 @@ class ObsRows:
         if not self._columnar:
             parts = [self._take_one(int(d), g) for d, g in zip(present, groups, strict=True)]
             return pd.concat(parts, axis=0).iloc[back]
+        if self._stack is not None:
+            return self._stack.take(rows, dataset, self._offsets)
         tables = [t for d in present if isinstance(t := self._tables[int(d)], StoredObs)]
         local = [g - self._offsets[int(d)] for d, g in zip(present, groups, strict=True)]
         reads = [t.read(part) for t, part in zip(tables, local, strict=True)]
@@ -363,3 +373,87 @@ def _join(parts: list[Any]) -> Any:
     if isinstance(parts[0], np.ndarray):
         return np.concatenate(parts)
     return type(parts[0])._concat_same_type(parts)
+
+
+class _Stack:
+    """Every dataset's windowed columns read as one (:func:`~annbatch._core.chunks.small.read_stacked`):
+    each column's arrays of all datasets are one row space, so a window reads each column in
+    one pass, however many datasets its rows come from. Held columns and the index are taken
+    per dataset.
+
+    Parameters
+    ----------
+    tables
+        The datasets' obs, one schema (:attr:`StoredObs.schema`), in row order.
+    bases
+        Where each dataset's rows begin in the stacked row space.
+    """
+
+    def __init__(self, tables: Sequence[StoredObs], bases: np.ndarray) -> None:
+        self.tables = list(tables)
+        self.bases = bases
+        first = self.tables[0]
+        self.columns = {
+            name: [[t._windowed[name].parts[p] for t in self.tables] for p in range(len(c.parts))]
+            for name, c in first._windowed.items()
+        }
+        self.names = {name: [t._windowed[name].what for t in self.tables] for name in self.columns}
+
+    @classmethod
+    def of(cls, tables: Sequence[StoredObs]) -> _Stack | None:
+        """The stack of ``tables`` (one schema), or None when some column's arrays cannot be
+        read as one or do not share one row space (rows per chunk, lengths)."""
+        bases = None
+        for name in tables[0]._windowed:
+            for p in range(len(tables[0]._windowed[name].parts)):
+                found = stack_bases([t._windowed[name].parts[p] for t in tables])
+                if found is None or (bases is not None and not np.array_equal(found, bases)):
+                    return None
+                bases = found
+        return None if bases is None else cls(tables, bases)
+
+    def take(self, rows: np.ndarray, dataset: np.ndarray, offsets: np.ndarray) -> pd.DataFrame:
+        """The obs of global rows ``rows`` (of datasets ``dataset``; ``offsets``: where each
+        dataset begins), in that order."""
+        first = self.tables[0]
+        local = rows - offsets[dataset]
+        starts, stops, positions = runs_of(local + self.bases[dataset])
+        n = int(np.sum(stops - starts))
+        out: dict[str, Any] = {}
+        for name, parts in self.columns.items():
+            names = self.names[name]
+            read = []
+            for readers in parts:
+                values = np.empty(n, dtype=readers[0].dtype)
+                read_stacked(readers, self.bases, starts, stops, values, names=names)
+                read.append(values)
+
+            def what(at: int, names: list[str] = names) -> str:
+                lengths = stops - starts
+                run = int(np.searchsorted(np.cumsum(lengths), at, side="right"))
+                row = int(starts[run] + at - (np.cumsum(lengths)[run] - lengths[run]))
+                return names[int(np.searchsorted(self.bases, row, side="right")) - 1]
+
+            out[name] = first._windowed[name].finish(read, what)[positions]
+        present = np.unique(dataset)
+        held = [name for name in first.columns if name not in out]
+        index = pd.Index(rows)
+        names_of_rows = np.empty(rows.size, dtype=object) if first.has_index else None
+        if held or names_of_rows is not None:
+            parts_of: dict[str, list[Any]] = {name: [] for name in held}
+            where = []
+            for d in present.tolist():
+                mask = np.flatnonzero(dataset == d)
+                where.append(mask)
+                table = self.tables[d]
+                for name in held:
+                    parts_of[name].append(table._held[name].take(local[mask]))
+                if names_of_rows is not None:
+                    names_of_rows[mask] = table.names(local[mask])
+            back = np.empty(rows.size, dtype=np.int64)
+            back[np.concatenate(where)] = np.arange(rows.size)
+            for name in held:
+                out[name] = _join(parts_of[name])[back]
+            if names_of_rows is not None:
+                index = pd.Index(names_of_rows, name=first.index_name)
+        return first.build(out, index)

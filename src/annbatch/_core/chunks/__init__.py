@@ -2,7 +2,8 @@
 
 layout (metadata -> where chunks are, how encoded) -> reader (plan tasks, shard indexes, the
 decode loop) over a transport (``local``: ``os.pread``; ``object_store``: obstore on the
-``fetch_loop``) -> codec (checksums, decoded sizes, decoding) -> pieces (rows to their places).
+``fetch_loop``) -> codec (checksums, decoded sizes, decoding) -> pieces (rows to their places);
+``small``: the same reads of small 1-D arrays on the calling thread, without task objects.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import numpy as np
 from annbatch._core.chunks.layout import layout_of
 from annbatch._core.chunks.local import LocalTransport
 from annbatch._core.chunks.reader import ChunkReader
+from annbatch._core.chunks.small import read_rows
 
-__all__ = ["COMPLETE_ATTR", "ChunkReader", "direct_array", "read_whole"]
+__all__ = ["COMPLETE_ATTR", "ChunkReader", "direct_array", "read_rows", "read_whole"]
 
 COMPLETE_ATTR = "annbatch-every-chunk-written"
 """An array attribute (true) that annbatch collections write: every chunk of the array was

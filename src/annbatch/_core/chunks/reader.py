@@ -47,6 +47,31 @@ if TYPE_CHECKING:
 _MISSING = np.iinfo(np.uint64).max  # shard index entry of an inner chunk that was never written
 
 
+def chunk_pieces(
+    starts: np.ndarray, stops: np.ndarray, rows: int, dst: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``starts[i]:stops[i]`` (sorted, disjoint) as pieces of one chunk of ``rows`` rows
+    each, in chunk order: (chunk, first row in it, one past the last, row of the output where
+    the piece lands). Range ``i`` lands at ``dst[i]``; without ``dst``, the ranges land one
+    after another from row 0. Empty ranges make no piece."""
+    starts = np.asarray(starts, dtype=np.int64)
+    stops = np.asarray(stops, dtype=np.int64)
+    keep = stops > starts
+    if dst is None:
+        dst0 = np.concatenate([[0], np.cumsum(stops - starts)])[:-1][keep]
+    else:
+        dst0 = np.asarray(dst, dtype=np.int64)[keep]
+    starts, stops = starts[keep], stops[keep]
+    first = starts // rows
+    n = (stops - 1) // rows - first + 1
+    owner = np.repeat(np.arange(starts.size), n)
+    chunk = expand_ranges(first, first + n)
+    base = chunk * rows
+    lo = np.maximum(starts[owner], base)
+    hi = np.minimum(stops[owner], base + rows)
+    return chunk, lo - base, hi - base, dst0[owner] + lo - starts[owner]
+
+
 class ChunkReader:
     """Row ranges of a zarr array, read by decoding its chunks directly (see module docstring).
 
@@ -88,10 +113,12 @@ class ChunkReader:
         self._complete = complete
         self._indexes: dict[int, np.ndarray | None] = {}
         self._paths: dict[int, str] = {}  # shard -> its file
+        self._entries: dict[int, list[list[int]]] = {}  # shard -> its index, as lists
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers, DDP ranks
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_indexes", "_paths")}
-        return state | {"_indexes": {}, "_paths": {}}  # shard indexes are re-read where needed
+        dropped = ("_indexes", "_paths", "_entries")
+        state = {k: v for k, v in self.__dict__.items() if k not in dropped}
+        return state | {k: {} for k in dropped}  # shard indexes are re-read where needed
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -126,31 +153,14 @@ class ChunkReader:
         transport may start reading when the tasks are made (object storage does, in task
         order).
         """
-        starts = np.asarray(starts, dtype=np.int64)
-        stops = np.asarray(stops, dtype=np.int64)
-        keep = stops > starts
-        if dst is None:
-            dst0 = np.concatenate([[0], np.cumsum(stops - starts)])[:-1][keep]
-        else:
-            dst0 = np.asarray(dst, dtype=np.int64)[keep]
-        starts, stops = starts[keep], stops[keep]
-        if starts.size == 0:
+        chunk, src_lo, src_hi, dst = self.pieces(starts, stops, dst)
+        if chunk.size == 0:
             return []
-        rows = self.layout.rows_per_chunk
-        first = starts // rows
-        n = (stops - 1) // rows - first + 1
-        owner = np.repeat(np.arange(starts.size), n)
-        chunk = expand_ranges(first, first + n)
-        base = chunk * rows
-        lo = np.maximum(starts[owner], base)
-        hi = np.minimum(stops[owner], base + rows)
-        dst = dst0[owner] + lo - starts[owner]
         # Pieces are in chunk order (ranges are sorted and disjoint): group them by chunk.
         bounds = np.flatnonzero(np.diff(chunk)) + 1
         firsts = np.concatenate([[0], bounds])
         lasts = np.concatenate([bounds, [chunk.size]])
         groups = np.array_split(np.arange(firsts.size), min(n_tasks, firsts.size))
-        src_lo, src_hi = lo - base, hi - base
         transport = self.transport
         tasks = []
         for g in groups:
@@ -159,6 +169,12 @@ class ChunkReader:
                 work = Work(out, chunk[a:b], src_lo[a:b], src_hi[a:b], dst[a:b], check)
                 tasks.append(transport.task(self, work))
         return tasks
+
+    def pieces(
+        self, starts: np.ndarray, stops: np.ndarray, dst: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """See :func:`chunk_pieces` (with this array's rows per chunk)."""
+        return chunk_pieces(starts, stops, self.layout.rows_per_chunk, dst)
 
     # -------------------------------------------------------------------------------- names
     def where(self, chunk: int) -> str:
@@ -198,7 +214,17 @@ class ChunkReader:
         """Whether the index of shard ``shard`` was read (or found missing) already."""
         return shard in self._indexes
 
-    def _shard_index(self, shard: int) -> np.ndarray | None:
+    def shard_entries(self, shard: int) -> list[list[int]] | None:
+        """:meth:`shard_index` as a list of ``[offset, nbytes]`` (for loops in Python)."""
+        entries = self._entries.get(shard)
+        if entries is None:
+            index = self.shard_index(shard)
+            if index is None:
+                return None
+            entries = self._entries[shard] = index.tolist()
+        return entries
+
+    def shard_index(self, shard: int) -> np.ndarray | None:
         """The (offset, nbytes) pairs of one shard, or None if the shard was never written."""
         if shard in self._indexes:
             return self._indexes[shard]
@@ -257,7 +283,7 @@ class ChunkReader:
         if layout.index_entries == 0:
             return (self.shard_path(chunk), 0, -1)
         shard, inner = divmod(chunk, layout.chunks_per_shard)
-        index = self._shard_index(shard)
+        index = self.shard_index(shard)
         if index is None:
             return None
         offset, nbytes = index[inner * layout.index_stride].tolist()

@@ -27,7 +27,13 @@ from annbatch._core.sources._common import (
     per_range_job,
     read_errors,
 )
-from annbatch._core.sources.indptr import HeldIndptr, StoredIndptr, piece_bounds, row_lengths
+from annbatch._core.sources.indptr import (
+    HeldIndptr,
+    StoredIndptr,
+    piece_bounds,
+    row_lengths,
+    stacked_pieces,
+)
 from annbatch._core.types import ReadJob, csr_from_arrays, empty_window
 from annbatch._core.validate import check_indices
 from annbatch._narrow import declared_dtype
@@ -225,7 +231,11 @@ class CSRSource:
         ]
         if len(csr) != len(parts):
             return block_per_part(parts, n_tasks)
-        pointers = [s.pointers(starts, stops) for s, starts, stops in csr]
+        stored = [s._indptr for s, _, _ in csr]
+        if all(isinstance(p, StoredIndptr) for p in stored):  # one read for every dataset
+            pointers = stacked_pieces(stored, [(a, b) for _, a, b in csr])  # type: ignore[arg-type]
+        else:
+            pointers = [s.pointers(starts, stops) for s, starts, stops in csr]
         sizes = [
             s.nnz_of(starts, stops, p) for (s, starts, stops), p in zip(csr, pointers, strict=True)
         ]

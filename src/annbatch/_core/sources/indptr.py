@@ -16,12 +16,15 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from annbatch._core.chunks.small import read_stacked, stack_bases
 from annbatch._core.failures import store_errors
 from annbatch._core.ranges import expand_ranges
 from annbatch._core.validate import check_indptr
 from annbatch.errors import CorruptDataError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from annbatch._core.chunks import ChunkReader
 
 
@@ -88,7 +91,10 @@ class StoredIndptr:
         if shape[0] != n_obs + 1:
             msg = f"{where}: indptr has {shape[0]} entries; a CSR matrix of {n_obs} rows needs {n_obs + 1}"
             raise CorruptDataError(msg)
-        ends = self._read(np.array([0, n_obs]), np.array([1, n_obs + 1]))
+        (read,) = stacked_pieces(
+            [self], [(np.array([0, n_obs]), np.array([0, n_obs]))], check=False
+        )
+        ends = read[[0, -1]]
         if ends[0] != 0:
             msg = f"{where}: indptr starts at {int(ends[0])}, not 0; the store is damaged"
             raise CorruptDataError(msg)
@@ -111,41 +117,10 @@ class StoredIndptr:
             and reader.layout.rows_per_chunk > 1
         )
 
-    def _read(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-        """Entries ``starts[i]:stops[i]`` one after another (sorted, disjoint ranges)."""
-        out = np.empty(int(np.sum(stops - starts)), dtype=self._reader.dtype)
-        with store_errors(lambda: f"reading indptr of {self._where}"):
-            for task in self._reader.tasks(starts, stops, out, 1):
-                task()
-        if out.dtype.kind == "u" and out.size and int(out.max()) >= 2**63:
-            msg = f"{self._where}: indptr holds values beyond the int64 range; the store is damaged"
-            raise CorruptDataError(msg)
-        return out.astype(np.int64, copy=False)
-
     def pieces(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-        starts = np.asarray(starts, dtype=np.int64)
-        stops = np.asarray(stops, dtype=np.int64)
-        if starts.size == 0:
-            return np.empty(0, dtype=np.int64)
-        lo, hi = starts, stops + 1
-        # The union of the ranges, sorted and disjoint, is what the chunk reader reads.
-        order = np.argsort(lo, kind="stable")
-        s_lo, s_hi = lo[order], hi[order]
-        reach = np.maximum.accumulate(s_hi)
-        new = np.ones(s_lo.size, dtype=bool)
-        new[1:] = s_lo[1:] > reach[:-1]
-        heads = np.flatnonzero(new)
-        m_lo = s_lo[heads]
-        m_hi = reach[np.concatenate([heads[1:], [s_lo.size]]) - 1]
-        values = self._read(m_lo, m_hi)
-        base = np.concatenate([[0], np.cumsum(m_hi - m_lo)])[:-1]
-        wanted = expand_ranges(lo, hi)
-        run = np.searchsorted(m_lo, wanted, side="right") - 1
-        out = values[wanted - m_lo[run] + base[run]]
-        self._check(out, starts, stops)
-        return out
+        return stacked_pieces([self], [(starts, stops)])[0]
 
-    def _check(self, pieces: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> None:
+    def check(self, pieces: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> None:
         """Raise unless every piece is non-decreasing and inside ``[0, nnz]``: the row slices
         taken from it must stay inside data and indices."""
         if pieces.size and (int(pieces.min()) < 0 or int(pieces.max()) > self._nnz):
@@ -161,3 +136,56 @@ class StoredIndptr:
             row = int(rows[int(np.argmax(steps < 0))])
             msg = f"{self._where}: indptr decreases at row {row}; the store is damaged"
             raise CorruptDataError(msg)
+
+
+def stacked_pieces(
+    indptrs: Sequence[StoredIndptr],
+    ranges: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    check: bool = True,
+) -> list[np.ndarray]:
+    """:meth:`Indptr.pieces` of ``ranges[k]`` (``starts``, ``stops``) of each of ``indptrs``:
+    read in one pass where their arrays can be read as one
+    (:func:`~annbatch._core.chunks.small.read_stacked`: a window's pointers in every dataset
+    it touches), else one by one; checked (unless ``check`` is false)."""
+    ranges = [(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)) for a, b in ranges]
+    readers = [p._reader for p in indptrs]
+    bases = stack_bases(readers) if len(readers) > 1 else np.zeros(1, dtype=np.int64)
+    if bases is None:
+        return [
+            stacked_pieces([p], [r], check=check)[0] for p, r in zip(indptrs, ranges, strict=True)
+        ]
+    # The pointers of rows a..b-1 are entries a..b of indptr; in the stack, from bases[k].
+    at = bases.tolist()
+    lo = np.concatenate([a + base for (a, _), base in zip(ranges, at, strict=True)])
+    hi = np.concatenate([b + 1 + base for (_, b), base in zip(ranges, at, strict=True)])
+    if lo.size == 0:
+        return [np.empty(0, dtype=np.int64) for _ in indptrs]
+    # The union of the ranges, sorted and disjoint, is what is read.
+    order = np.argsort(lo, kind="stable")
+    s_lo, s_hi = lo[order], hi[order]
+    reach = np.maximum.accumulate(s_hi)
+    new = np.ones(s_lo.size, dtype=bool)
+    new[1:] = s_lo[1:] > reach[:-1]
+    heads = np.flatnonzero(new)
+    m_lo = s_lo[heads]
+    m_hi = reach[np.concatenate([heads[1:], [s_lo.size]]) - 1]
+    values = np.empty(int(np.sum(m_hi - m_lo)), dtype=readers[0].dtype)
+    names = [f"indptr of {p._where}" for p in indptrs]
+    with store_errors(lambda: f"reading {names[0]}"):
+        read_stacked(readers, bases, m_lo, m_hi, values, names=names)
+    if values.dtype.kind == "u" and values.size and int(values.max()) >= 2**63:
+        msg = (
+            f"{indptrs[0]._where}: indptr holds values beyond the int64 range; the store is damaged"
+        )
+        raise CorruptDataError(msg)
+    values = values.astype(np.int64, copy=False)
+    offset = np.concatenate([[0], np.cumsum(m_hi - m_lo)])[:-1]
+    wanted = expand_ranges(lo, hi)
+    run = np.searchsorted(m_lo, wanted, side="right") - 1
+    flat = values[wanted - m_lo[run] + offset[run]]
+    out = np.split(flat, np.cumsum([a.size + int(np.sum(b - a)) for a, b in ranges])[:-1])
+    if check:
+        for p, piece, (a, b) in zip(indptrs, out, ranges, strict=True):
+            p.check(piece, a, b)
+    return out

@@ -1,0 +1,155 @@
+"""Small 1-D arrays read as one stack (annbatch._core.chunks.small): obs columns and CSR row
+pointers of every dataset a window touches, in one pass. Real zarr arrays on disk; every read
+compared with the arrays' values; damage named by the array it is in."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from zarr.codecs import Crc32cCodec
+
+from annbatch._core.chunks import ChunkReader, direct_array
+from annbatch._core.chunks.small import read_small, read_stacked, reads_small, stack_bases
+from annbatch.errors import ChecksumMismatchError, CorruptChunkError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+LENGTHS = (1000, 2500, 17, 640)
+
+LAYOUTS = {
+    # as collections write obs: chunks with CRC32C, one shard per array
+    "sharded-crc": lambda n: {
+        "chunks": (64,),
+        "shards": (max(1, -(-n // 64)) * 64,),
+        "compressors": [Crc32cCodec()],
+    },
+    # several shards of several chunks, no checksums
+    "sharded": lambda n: {"chunks": (64,), "shards": (256,), "compressors": None},
+    # a file per chunk
+    "unsharded": lambda n: {"chunks": (64,), "compressors": None},
+}
+
+
+def _arrays(
+    root: Path, layout: str, dtype: str = "int64"
+) -> tuple[list[np.ndarray], list[zarr.Array]]:
+    rng = np.random.default_rng(0)
+    values, arrays = [], []
+    for k, n in enumerate(LENGTHS):
+        v = rng.integers(-(2**40), 2**40, n).astype(dtype)
+        a = zarr.create_array(root / f"a{k}", shape=(n,), dtype=dtype, **LAYOUTS[layout](n))
+        a[:] = v
+        values.append(v)
+        arrays.append(a)
+    return values, arrays
+
+
+def _readers(arrays: list[zarr.Array], *, verify: bool) -> list[ChunkReader]:
+    readers = [direct_array(a, verify_checksums=verify) for a in arrays]
+    assert all(r is not None and reads_small(r) for r in readers)
+    return readers  # type: ignore[return-value]
+
+
+@st.composite
+def _ranges(draw: st.DrawFn) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Sorted, disjoint (possibly empty) ranges of each array."""
+    out = []
+    for n in LENGTHS:
+        cuts = sorted(set(draw(st.lists(st.integers(0, n), max_size=12))))
+        pairs = list(zip(cuts[::2], cuts[1::2], strict=False))
+        out.append(
+            (
+                np.array([a for a, _ in pairs], dtype=np.int64),
+                np.array([b for _, b in pairs], dtype=np.int64),
+            )
+        )
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def stored(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp(request.param)
+    return request.param, *_arrays(root, request.param)
+
+
+@settings(max_examples=25, deadline=None)
+@given(ranges=_ranges(), verify=st.booleans())
+def test_stacked_reads_equal_the_arrays(stored, ranges, verify: bool) -> None:
+    _, values, arrays = stored
+    readers = _readers(arrays, verify=verify)
+    bases = stack_bases(readers)
+    assert bases is not None
+    starts = np.concatenate([a + b for (a, _), b in zip(ranges, bases.tolist(), strict=True)])
+    stops = np.concatenate([e + b for (_, e), b in zip(ranges, bases.tolist(), strict=True)])
+    out = np.full(int(np.sum(stops - starts)), -1, dtype=np.int64)
+    read_stacked(readers, bases, starts, stops, out)
+    expected = np.concatenate(
+        [
+            v[a:b]
+            for v, (s, e) in zip(values, ranges, strict=True)
+            for a, b in zip(s, e, strict=True)
+        ]
+        or [np.empty(0, dtype=np.int64)]
+    )
+    np.testing.assert_array_equal(out, expected)
+    # one array alone: the same path
+    s, e = ranges[1]
+    one = np.empty(int(np.sum(e - s)), dtype=np.int64)
+    read_small(readers[1], s, e, one)
+    np.testing.assert_array_equal(
+        one, np.concatenate([values[1][a:b] for a, b in zip(s, e, strict=True)] or [one])
+    )
+
+
+def test_arrays_of_other_layouts_are_not_stacked(tmp_path: Path) -> None:
+    _, a = _arrays(tmp_path / "a", "sharded")
+    _, b = _arrays(tmp_path / "b", "sharded", dtype="int32")
+    assert stack_bases(_readers(a[:1] + b[:1], verify=False)) is None  # dtypes differ
+    assert stack_bases(_readers(a, verify=False) + _readers(a, verify=True)) is None  # policy
+
+
+def _damage_chunk(array_dir: Path) -> None:
+    shard = sorted((array_dir / "c").iterdir())[0]
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0xFF  # a byte of the first chunk's values
+    shard.write_bytes(bytes(raw))
+
+
+def test_damage_is_named_by_its_array(tmp_path: Path) -> None:
+    values, arrays = _arrays(tmp_path, "sharded-crc")
+    _damage_chunk(tmp_path / "a2")
+    readers = _readers(arrays, verify=True)
+    bases = stack_bases(readers)
+    assert bases is not None
+    names = [f"column {k}" for k in range(len(readers))]
+    starts = bases + 0
+    stops = bases + np.array(LENGTHS)
+    out = np.empty(sum(LENGTHS), dtype=np.int64)
+    with pytest.raises(ChecksumMismatchError, match=r"^column 2: .*a2.*CRC32C"):
+        read_stacked(readers, bases, starts, stops, out, names=names)
+    # reads that do not touch the damaged chunk succeed
+    keep = [0, 1, 3]
+    read_stacked(
+        readers, bases, starts[keep], stops[keep], out[: sum(LENGTHS[k] for k in keep)], names=names
+    )
+    np.testing.assert_array_equal(
+        out[: sum(LENGTHS[k] for k in keep)], np.concatenate([values[k] for k in keep])
+    )
+
+
+def test_short_chunk_is_an_error(tmp_path: Path) -> None:
+    _, arrays = _arrays(tmp_path, "unsharded")
+    chunk = tmp_path / "a1" / "c" / "3"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    readers = _readers(arrays, verify=False)
+    bases = stack_bases(readers)
+    assert bases is not None
+    out = np.empty(10, dtype=np.int64)
+    with pytest.raises(CorruptChunkError, match="a1"):
+        read_stacked(readers, bases, bases[1:2] + 200, bases[1:2] + 210, out)
