@@ -146,9 +146,8 @@ def _rows(
     # pass, not numpy calls per chunk (a window at chunk 32 touches about a thousand).
     read_whole = [reader.verify_checksums] * len(firsts)
     if layout.checksum and not reader.verify_checksums:
-        rows = layout.rows_per_chunk
         wanted = np.add.reduceat(src_hi - src_lo, firsts)
-        read_whole = (wanted == np.minimum(rows, reader.shape[0] - chunk[firsts] * rows)).tolist()
+        read_whole = (wanted == reader.chunk_rows(chunk[firsts])).tolist()
     for k, (i, j) in enumerate(zip(firsts, lasts, strict=True)):
         c = int(chunk[i])
         where = reader.locate(c)

@@ -133,6 +133,11 @@ class ChunkReader:
         """Bytes of one row, as stored uncompressed."""
         return self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
 
+    def chunk_rows(self, chunks: np.ndarray) -> np.ndarray:
+        """Rows of the array in each of ``chunks`` (fewer in the last)."""
+        rows = self.layout.rows_per_chunk
+        return np.minimum(rows, self.shape[0] - np.asarray(chunks, dtype=np.int64) * rows)
+
     # ----------------------------------------------------------------------------- planning
     def tasks(
         self,

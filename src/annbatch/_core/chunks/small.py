@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import google_crc32c
 import numpy as np
 
+from annbatch._core.chunks import stacked
 from annbatch._core.chunks.local import LocalTransport
 from annbatch._core.chunks.reader import chunk_pieces
 from annbatch._core.failures import store_errors
@@ -49,22 +50,12 @@ def reads_small(reader: ChunkReader) -> bool:
 
 
 def stack_bases(readers: Sequence[ChunkReader]) -> np.ndarray | None:
-    """Where each of ``readers``' arrays begins when they are read as one (:func:`read_stacked`):
-    array ``k``'s entry ``i`` is entry ``bases[k] + i`` of the stack (each array starts at a
-    chunk of its own). None when they cannot be read so: each must be one :func:`reads_small`
-    reads, and all must share rows per chunk, dtype, checksum and checksum policy."""
+    """Where each of ``readers``' arrays begins when :func:`read_stacked` reads them as one
+    (:func:`annbatch._core.chunks.stacked.stack_bases`); None when it cannot: each must be an
+    array :func:`reads_small` reads, and all of one layout."""
     if not readers or not all(reads_small(r) for r in readers):
         return None
-    first = readers[0]
-    key = (first.layout.rows_per_chunk, first.dtype, first.layout.checksum, first.verify_checksums)
-    if any(
-        (r.layout.rows_per_chunk, r.dtype, r.layout.checksum, r.verify_checksums) != key
-        for r in readers
-    ):
-        return None
-    rows = first.layout.rows_per_chunk
-    chunks = [-(-int(r.shape[0]) // rows) for r in readers]
-    return np.concatenate([[0], np.cumsum(chunks)[:-1]]).astype(np.int64) * rows
+    return stacked.stack_bases(readers)
 
 
 def read_small(reader: ChunkReader, starts: np.ndarray, stops: np.ndarray, out: np.ndarray) -> None:
@@ -112,7 +103,7 @@ def read_stacked(
     elif checksum:  # a chunk wanted whole is read whole, to verify its checksum
         wanted = np.add.reduceat(src_hi - src_lo, firsts)
         lengths = np.array([r.shape[0] for r in readers], dtype=np.int64)[owner]
-        whole = (wanted == np.minimum(rows, lengths - local * rows)).tolist()
+        whole = (wanted == np.minimum(rows, lengths - local * rows)).tolist()  # edge chunks
     else:
         whole = [False] * chunks.size
     src_lo_l, src_hi_l, dst_l = src_lo.tolist(), src_hi.tolist(), dst.tolist()

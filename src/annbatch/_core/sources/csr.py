@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from annbatch._core.chunks import ChunkReader, direct_array, read_whole
+from annbatch._core.chunks.stacked import StackedReader
 from annbatch._core.failures import store_errors
 from annbatch._core.sources._common import (
     block_per_part,
@@ -236,6 +237,10 @@ class CSRSource:
             pointers = stacked_pieces(stored, [(a, b) for _, a, b in csr])  # type: ignore[arg-type]
         else:
             pointers = [s.pointers(starts, stops) for s, starts, stops in csr]
+        if len(csr) > 1:
+            stacked = self._stacked_job(csr, pointers, n_tasks, allocate)
+            if stacked is not None:
+                return stacked
         sizes = [
             s.nnz_of(starts, stops, p) for (s, starts, stops), p in zip(csr, pointers, strict=True)
         ]
@@ -276,6 +281,83 @@ class CSRSource:
             return [csr_from_arrays(data, indices, indptr, (n_rows, self._shape[1]))]
 
         return ReadJob([task for job in jobs for task in job.tasks], result)
+
+    def _stacked_job(
+        self,
+        csr: Sequence[tuple[CSRSource, np.ndarray, np.ndarray]],
+        pointers: Sequence[np.ndarray],
+        n_tasks: int,
+        allocate: Allocate,
+    ) -> ReadJob | None:
+        """The window's rows of every dataset, read as one (:mod:`annbatch._core.chunks.stacked`):
+        one plan and one set of tasks for the values and one for the column indices, however
+        many datasets the rows come from. None where the datasets' arrays cannot be stacked
+        (other layouts, object storage) or their parts are not in dataset order."""
+        sources = [s for s, _, _ in csr]
+        direct = [s._direct for s in sources]
+        if any(d is None for d in direct):
+            return None
+        data_stack = StackedReader.of([d[0] for d in direct if d is not None])
+        index_stack = StackedReader.of([d[1] for d in direct if d is not None])
+        if data_stack is None or index_stack is None:
+            return None
+        lo, hi, lengths = [], [], []
+        for (_, starts, stops), p in zip(csr, pointers, strict=True):
+            first, last = piece_bounds(starts, stops)
+            lo.append(p[first])
+            hi.append(p[last])
+            lengths.append(row_lengths(p, starts, stops))
+        sizes = np.array([int(np.sum(b - a)) for a, b in zip(lo, hi, strict=True)], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        nnz = int(offsets[-1])
+        data = allocate("data", (nnz,), np.dtype(self.dtype))
+        indices = allocate("indices", (nnz,), np.result_type(*(s.index_dtype for s in sources)))
+        starts_at = np.concatenate(
+            [a + b for a, b in zip(lo, data_stack.bases.tolist(), strict=True)]
+        )
+        # Ranges must be sorted in the stack: datasets in order, each one's ranges sorted.
+        if starts_at.size > 1 and bool(np.any(np.diff(starts_at) < 0)):
+            return None
+        data_lo = starts_at
+        data_hi = np.concatenate(
+            [b + o for b, o in zip(hi, data_stack.bases.tolist(), strict=True)]
+        )
+        index_lo = np.concatenate(
+            [a + o for a, o in zip(lo, index_stack.bases.tolist(), strict=True)]
+        )
+        index_hi = np.concatenate(
+            [b + o for b, o in zip(hi, index_stack.bases.tolist(), strict=True)]
+        )
+        n_var = self._shape[1]
+        base = indices.__array_interface__["data"][0]
+
+        def check(part: np.ndarray) -> None:
+            # Column indices are range-checked by the read threads, as each task decodes them;
+            # a failure names the dataset the entry belongs to.
+            try:
+                check_indices(part, n_var=n_var, where="")
+            except CorruptDataError:
+                at = (part.__array_interface__["data"][0] - base) // part.itemsize
+                k = int(np.searchsorted(offsets, at, side="right")) - 1
+                end = min(int(offsets[k + 1]) - at, part.size)
+                source, starts, stops = csr[k]
+                if end < part.size:
+                    check_indices(part[:end], n_var=n_var, where=source._rows_read(starts, stops))
+                    check(part[end:])
+                    return
+                check_indices(part, n_var=n_var, where=source._rows_read(starts, stops))
+
+        half = max(1, n_tasks // 2)
+        tasks = data_stack.tasks(data_lo, data_hi, data, half)
+        tasks += index_stack.tasks(index_lo, index_hi, indices, half, check=check)
+        indptr = np.zeros(sum(x.size for x in lengths) + 1, dtype=np.int64)
+        np.cumsum(np.concatenate(lengths), out=indptr[1:])
+        shape = (indptr.size - 1, self._shape[1])
+
+        def result() -> list[Block]:
+            return [csr_from_arrays(data, indices, indptr, shape)]
+
+        return ReadJob(tasks, result)
 
     def _direct_job(
         self,

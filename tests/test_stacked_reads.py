@@ -1,6 +1,7 @@
-"""Small 1-D arrays read as one stack (annbatch._core.chunks.small): obs columns and CSR row
-pointers of every dataset a window touches, in one pass. Real zarr arrays on disk; every read
-compared with the arrays' values; damage named by the array it is in."""
+"""Arrays of many datasets read as one stack (annbatch._core.chunks.stacked and .small): a
+window's obs columns, CSR row pointers, values and column indices of every dataset it touches,
+each in one plan. Real zarr arrays and collections on disk; every read compared with the
+stored values; damage named by the dataset it is in."""
 
 from __future__ import annotations
 
@@ -153,3 +154,85 @@ def test_short_chunk_is_an_error(tmp_path: Path) -> None:
     out = np.empty(10, dtype=np.int64)
     with pytest.raises(CorruptChunkError, match="a1"):
         read_stacked(readers, bases, bases[1:2] + 200, bases[1:2] + 210, out)
+
+
+# --------------------------------------------------------------------------------------------
+# A Loader over a collection: a window's rows of every dataset read as one plan.
+
+
+def _collection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str):
+    """A collection of 4 datasets whose X arrays have chunks of 64 entries (so a window's
+    ranges start and end inside chunks and datasets share one layout), and the input rows."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    import annbatch.collection._layout as layout
+    from annbatch import DatasetCollection
+
+    for name in ("SPARSE_CHUNK", "SPARSE_CHUNK_UNCOMPRESSED", "PACKED_LZ4_CHUNK"):
+        monkeypatch.setattr(layout, name, 64)
+    rng = np.random.default_rng(3)
+    n_obs, n_var = 400, 40
+    dense = (rng.random((n_obs, n_var)) < 0.2) * rng.integers(1, 200, (n_obs, n_var))
+    names = [f"cell{k}" for k in range(n_obs)]
+    adata = ad.AnnData(
+        X=sp.csr_matrix(dense.astype("float32")),
+        obs=pd.DataFrame({"k": np.arange(n_obs)}, index=names),
+        var=pd.DataFrame(index=[f"g{j}" for j in range(n_var)]),
+    )
+    path = tmp_path / "in.h5ad"
+    adata.write_h5ad(path)
+    collection = DatasetCollection(tmp_path / f"{compression}.zarr").add_adatas(
+        [str(path)], dataset_size=100, progress=False, rng=0, compression=compression
+    )
+    return collection, pd.DataFrame(dense.astype("float32"), index=names)
+
+
+@pytest.mark.parametrize("compression", ["packed-lz4", "packed", "none", "zstd"])
+def test_loader_reads_windows_of_many_datasets_as_one(tmp_path, monkeypatch, compression):
+    from annbatch import Loader
+    from annbatch._core.sources.csr import CSRSource
+
+    collection, expected = _collection(tmp_path, monkeypatch, compression)
+    assert len(collection) == 4
+    stacked = []
+    original = CSRSource._stacked_job
+
+    def spy(self, *args, **kwargs):
+        job = original(self, *args, **kwargs)
+        stacked.append(job is not None)
+        return job
+
+    monkeypatch.setattr(CSRSource, "_stacked_job", spy)
+    for chunk, preload in ((1, 40), (7, 9), (64, 4)):
+        loader = Loader(
+            chunk_size=chunk, preload_nchunks=preload, batch_size=16, shuffle=True, to=None
+        )
+        loader.use_collection(collection, obs_index=True)
+        seen = []
+        for batch in loader:
+            names = batch["obs"].index
+            np.testing.assert_array_equal(batch["X"].toarray(), expected.loc[names].to_numpy())
+            seen.extend(names)
+        assert sorted(seen) == sorted(expected.index)  # every row once
+    assert stacked
+    assert all(stacked)
+
+
+def test_damaged_column_index_names_its_dataset(tmp_path, monkeypatch):
+    from annbatch import Loader
+    from annbatch.errors import CorruptDataError
+
+    collection, _ = _collection(tmp_path, monkeypatch, "none")
+    group = list(collection)[2]
+    indices = group["X"]["indices"]
+    values = indices[:]
+    values[5] = 10_000  # a column index beyond the 40 genes
+    indices[:] = values
+    loader = Loader(chunk_size=50, preload_nchunks=8, batch_size=400, shuffle=False, to=None)
+    loader.use_collection(collection)
+    name = str(group.path if hasattr(group, "path") else group.name).strip("/").split("/")[-1]
+    with pytest.raises(CorruptDataError, match=rf"{name}.*column index 10000 is outside \[0, 40\)"):
+        for _ in loader:
+            pass
