@@ -301,33 +301,26 @@ class CSRSource:
         index_stack = StackedReader.of([d[1] for d in direct if d is not None])
         if data_stack is None or index_stack is None:
             return None
-        lo, hi, lengths = [], [], []
-        for (_, starts, stops), p in zip(csr, pointers, strict=True):
-            first, last = piece_bounds(starts, stops)
-            lo.append(p[first])
-            hi.append(p[last])
-            lengths.append(row_lengths(p, starts, stops))
-        sizes = np.array([int(np.sum(b - a)) for a, b in zip(lo, hi, strict=True)], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        # Every dataset's ranges at once: their pointers one after another.
+        flat = np.concatenate(pointers)
+        starts = np.concatenate([a for _, a, _ in csr])
+        stops = np.concatenate([b for _, _, b in csr])
+        first, last = piece_bounds(starts, stops)
+        lo, hi = flat[first], flat[last]
+        lengths = row_lengths(flat, starts, stops)
+        ranges = np.cumsum([0] + [a.size for _, a, _ in csr])  # each dataset's first range
+        offsets = np.concatenate([[0], np.cumsum(hi - lo)])[ranges]  # and its first entry
         nnz = int(offsets[-1])
         data = allocate("data", (nnz,), np.dtype(self.dtype))
         indices = allocate("indices", (nnz,), np.result_type(*(s.index_dtype for s in sources)))
-        starts_at = np.concatenate(
-            [a + b for a, b in zip(lo, data_stack.bases.tolist(), strict=True)]
-        )
+        owner = np.repeat(np.arange(len(csr)), np.diff(ranges))
+        data_lo = lo + data_stack.bases[owner]
         # Ranges must be sorted in the stack: datasets in order, each one's ranges sorted.
-        if starts_at.size > 1 and bool(np.any(np.diff(starts_at) < 0)):
+        if data_lo.size > 1 and bool(np.any(np.diff(data_lo) < 0)):
             return None
-        data_lo = starts_at
-        data_hi = np.concatenate(
-            [b + o for b, o in zip(hi, data_stack.bases.tolist(), strict=True)]
-        )
-        index_lo = np.concatenate(
-            [a + o for a, o in zip(lo, index_stack.bases.tolist(), strict=True)]
-        )
-        index_hi = np.concatenate(
-            [b + o for b, o in zip(hi, index_stack.bases.tolist(), strict=True)]
-        )
+        data_hi = hi + data_stack.bases[owner]
+        index_lo = lo + index_stack.bases[owner]
+        index_hi = hi + index_stack.bases[owner]
         n_var = self._shape[1]
         base = indices.__array_interface__["data"][0]
 
@@ -350,9 +343,9 @@ class CSRSource:
         half = max(1, n_tasks // 2)
         tasks = data_stack.tasks(data_lo, data_hi, data, half)
         tasks += index_stack.tasks(index_lo, index_hi, indices, half, check=check)
-        indptr = np.zeros(sum(x.size for x in lengths) + 1, dtype=np.int64)
-        np.cumsum(np.concatenate(lengths), out=indptr[1:])
-        shape = (indptr.size - 1, self._shape[1])
+        indptr = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        shape = (lengths.size, self._shape[1])
 
         def result() -> list[Block]:
             return [csr_from_arrays(data, indices, indptr, shape)]

@@ -184,8 +184,14 @@ def stacked_pieces(
     wanted = expand_ranges(lo, hi)
     run = np.searchsorted(m_lo, wanted, side="right") - 1
     flat = values[wanted - m_lo[run] + offset[run]]
-    out = np.split(flat, np.cumsum([a.size + int(np.sum(b - a)) for a, b in ranges])[:-1])
-    if check:
-        for p, piece, (a, b) in zip(indptrs, out, ranges, strict=True):
-            p.check(piece, a, b)
+    counts = [a.size + int(np.sum(b - a)) for a, b in ranges]  # entries of each dataset
+    out = np.split(flat, np.cumsum(counts)[:-1])
+    if check:  # every dataset at once; a failure is named by the dataset's own check
+        nnz = np.repeat(np.array([p._nnz for p in indptrs], dtype=np.int64), counts)
+        steps = row_lengths(
+            flat, np.concatenate([a for a, _ in ranges]), np.concatenate([b for _, b in ranges])
+        )
+        if bool(np.any((flat < 0) | (flat > nnz))) or (steps.size and int(steps.min()) < 0):
+            for p, piece, (a, b) in zip(indptrs, out, ranges, strict=True):
+                p.check(piece, a, b)
     return out
