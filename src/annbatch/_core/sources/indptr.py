@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from annbatch._core.chunks.small import read_stacked, stack_bases
+from annbatch._core.chunks.small import read_rows, read_stacked, stack_bases
 from annbatch._core.failures import store_errors
 from annbatch._core.ranges import expand_ranges
 from annbatch._core.validate import check_indptr
@@ -150,13 +150,13 @@ def stacked_pieces(
     it touches), else one by one; checked (unless ``check`` is false)."""
     ranges = [(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)) for a, b in ranges]
     readers = [p._reader for p in indptrs]
-    bases = stack_bases(readers) if len(readers) > 1 else np.zeros(1, dtype=np.int64)
-    if bases is None:
+    bases = stack_bases(readers)
+    if bases is None and len(readers) > 1:
         return [
             stacked_pieces([p], [r], check=check)[0] for p, r in zip(indptrs, ranges, strict=True)
         ]
     # The pointers of rows a..b-1 are entries a..b of indptr; in the stack, from bases[k].
-    at = bases.tolist()
+    at = [0] if bases is None else bases.tolist()
     lo = np.concatenate([a + base for (a, _), base in zip(ranges, at, strict=True)])
     hi = np.concatenate([b + 1 + base for (_, b), base in zip(ranges, at, strict=True)])
     if lo.size == 0:
@@ -173,7 +173,10 @@ def stacked_pieces(
     values = np.empty(int(np.sum(m_hi - m_lo)), dtype=readers[0].dtype)
     names = [f"indptr of {p._where}" for p in indptrs]
     with store_errors(lambda: f"reading {names[0]}"):
-        read_stacked(readers, bases, m_lo, m_hi, values, names=names)
+        if bases is None:  # one array the stacked read does not take (object storage)
+            read_rows(readers[0], m_lo, m_hi, values)
+        else:
+            read_stacked(readers, bases, m_lo, m_hi, values, names=names)
     if values.dtype.kind == "u" and values.size and int(values.max()) >= 2**63:
         msg = (
             f"{indptrs[0]._where}: indptr holds values beyond the int64 range; the store is damaged"
