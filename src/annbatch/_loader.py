@@ -111,7 +111,8 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
         Chunks that carry a CRC32C checksum (annbatch collections do) are verified whenever
         they are read whole, which is always the case for compressed chunks. Uncompressed
         chunks are read in part, only the wanted rows' bytes; ``True`` reads each of those
-        whole too, and verifies it (slower: see the README for the measured cost).
+        whole too, and verifies it (slower: the measured cost is in the documentation's
+        page on damaged data).
     stored_dtype
         Yield X's values in the dtype they are stored in. A collection in the ``packed``
         layout stores integer counts in the narrowest exact integer type (uint8, uint16...)

@@ -1,9 +1,9 @@
 """The reference library's spellings, as thin aliases over annbatch's own: the one place they live.
 
-Code written for the reference library (its 0.2.x line and release 0.3.1; see the README's
-section for users coming from it) runs unchanged on annbatch. The core classes expose one
-spelling per concept; every other spelling the reference's users write is here, a line or two
-each, deprecated where the reference deprecated it:
+Code written for the reference library (its 0.2.x line and release 0.3.1; see
+docs/tutorials/coming-from-reference.md) runs unchanged on annbatch. The core classes expose
+one spelling per concept; every other spelling the reference's users write is here, a line or
+two each, deprecated where the reference deprecated it:
 
 - :class:`LoaderAliases`, inherited by :class:`~annbatch.Loader`: ``add_dataset``,
   ``add_anndata(s)`` (X and obs) and ``add_adata(s)`` (X, obs and var) over its

@@ -32,7 +32,8 @@ fits it, so callers can catch either::
     ├── DuplicateInputError       (ValueError)    an input that is already in the collection (or given twice)
     ├── GPUUnavailableError       (RuntimeError)  preload_to_gpu without CuPy or a CUDA device
     │   └── CuPyMissingError      (ImportError)   preload_to_gpu where CuPy is not installed
-    └── FeatureNotAvailableError  (NotImplementedError)  documented, not built yet
+    └── FeatureNotAvailableError  (NotImplementedError)  a store collections cannot live on (a zarr
+                                                  group neither on the local disk nor object storage)
 """
 
 from __future__ import annotations
@@ -172,4 +173,6 @@ class CuPyMissingError(GPUUnavailableError, ImportError):
 
 
 class FeatureNotAvailableError(AnnbatchError, NotImplementedError):
-    """A documented option whose implementation has not landed yet."""
+    """A store that collections cannot live on: a :class:`~annbatch.DatasetCollection` given a
+    zarr group that is neither on the local file system nor on object storage (give a path, a
+    URL, or a group on zarr's ``LocalStore`` or ``ObjectStore``)."""
