@@ -39,7 +39,11 @@ def import_optional(name: str, *, purpose: str, extra: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        msg = f"{purpose} needs the optional dependency {name!r}; install it with `pip install 'annbatch[{extra}]'`."
+        msg = (
+            f"{purpose} needs the optional dependency {name!r}; install it, or this package "
+            f"with its {extra!r} extra from its checkout: `pip install -e '.[{extra}]'` (the "
+            "annbatch on the package index is another project)."
+        )
         raise ImportError(msg) from e
 
 

@@ -76,7 +76,10 @@ def object_store(url: str, storage_options: dict[str, Any] | None = None) -> Any
     try:
         from obstore.store import from_url
     except ImportError as e:
-        msg = "reading object storage needs obstore: pip install 'annbatch[remote]'"
+        msg = (
+            "reading object storage needs obstore: pip install obstore, or this package with "
+            "its 'remote' extra from its checkout: pip install -e '.[remote]'"
+        )
         raise ImportError(msg) from e
     from annbatch._core.fork_guard import note_remote_use
 
