@@ -118,7 +118,7 @@ def _check(expected, taken, got, stop_epoch):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 @settings(
-    max_examples=9, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     workers=st.integers(0, 3),

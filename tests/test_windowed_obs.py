@@ -117,7 +117,7 @@ def test_collections_read_obs_per_window_and_indptr_in_part(built):
 
 
 @settings(
-    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=7, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     chunk_size=st.sampled_from([2, 5, 16, 37, 128, 300]),
