@@ -236,3 +236,57 @@ def test_damaged_column_index_names_its_dataset(tmp_path, monkeypatch):
     with pytest.raises(CorruptDataError, match=rf"{name}.*column index 10000 is outside \[0, 40\)"):
         for _ in loader:
             pass
+
+
+def test_codecs_that_decode_by_their_settings_are_not_stacked(tmp_path: Path) -> None:
+    """zarr v2 compressors such as Shuffle decode by their settings: arrays that differ in them
+    are read one by one (stacked, the second decoded with the first's settings came back
+    scrambled, without an error)."""
+    import numcodecs
+
+    from annbatch._core.chunks.stacked import StackedReader
+
+    values = [np.arange(100, dtype="int64") * 1000 + 7, np.arange(100, dtype="int64") * 999 + 3]
+    readers = []
+    for k, size in enumerate((8, 4)):
+        a = zarr.create_array(
+            tmp_path / f"s{k}",
+            shape=(100,),
+            dtype="int64",
+            chunks=(32,),
+            zarr_format=2,
+            compressors=numcodecs.Shuffle(elementsize=size),
+            filters=None,
+        )
+        a[:] = values[k]
+        readers.append(direct_array(a))
+    assert all(r is not None for r in readers)
+    assert StackedReader.of(readers) is None
+    assert StackedReader.of([readers[0], readers[0]]) is not None  # same settings: stacked
+
+
+def test_indptr_beyond_int64_names_its_dataset(tmp_path: Path) -> None:
+    from annbatch._core.sources.indptr import StoredIndptr, stacked_pieces
+    from annbatch.errors import CorruptDataError
+
+    def stored(name: str, v: np.ndarray, where: str) -> StoredIndptr:
+        a = zarr.create_array(
+            tmp_path / name,
+            shape=v.shape,
+            dtype="uint64",
+            chunks=(64,),
+            shards=(256,),
+            compressors=[Crc32cCodec()],
+        )
+        a[:] = v
+        reader = direct_array(a)
+        assert reader is not None
+        return StoredIndptr(reader, n_obs=100, nnz=100, where=where)
+
+    good = np.arange(101, dtype=np.uint64)
+    bad = good.copy()
+    bad[50] = 2**63 + 5
+    indptrs = [stored("p0", good, "DS0"), stored("p1", bad, "DS1")]
+    ranges = [(np.array([0]), np.array([10])), (np.array([40]), np.array([60]))]
+    with pytest.raises(CorruptDataError, match=r"^DS1: indptr holds values beyond the int64"):
+        stacked_pieces(indptrs, ranges)

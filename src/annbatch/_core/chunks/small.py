@@ -81,6 +81,9 @@ def read_stacked(
     a chunk of the wrong size, a file shorter than its chunks, a missing chunk of an array that
     records every chunk as written; other failures become a ``StoreReadError`` naming the chunk.
     """
+    if not all(reads_small(r) for r in readers):  # local files only: see reads_small
+        msg = "read_stacked reads local, uncompressed 1-D arrays only"
+        raise ValueError(msg)
     first = readers[0]
     layout = first.layout
     rows = layout.rows_per_chunk
@@ -139,6 +142,11 @@ def read_stacked(
                         offset, nbytes = entries[inner * own.index_stride]
                         if offset != _MISSING:
                             where = (path, offset, nbytes)
+                if not own.index_entries and where is not None:
+                    # A file per chunk: keep one open at a time (a window may touch thousands).
+                    for other in [p for p in files if p != where[0]]:
+                        if (stale := files.pop(other)) is not None:
+                            os.close(stale)
                 fd = None if where is None else _open(files, where[0])
                 if where is None or fd is None:  # never written: the fill value (or an error)
                     reader.fill(out, src_lo[i:j], src_hi[i:j], dst[i:j], c)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import TYPE_CHECKING, Any
 
+import numcodecs
 import numpy as np
 
 from annbatch._core.chunks.local import LocalTransport
@@ -29,13 +30,24 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 
+def _codec(compressor: Any) -> Any:
+    """What decoding with ``compressor`` depends on: blosc, zstd and gzip frames describe
+    themselves (any settings decode them); other codecs (zarr v2 filters used as compressors,
+    e.g. ``Shuffle(elementsize=...)``) decode by their settings."""
+    if compressor is None or isinstance(
+        compressor, numcodecs.Blosc | numcodecs.Zstd | numcodecs.GZip
+    ):
+        return type(compressor)
+    return (type(compressor), repr(sorted(compressor.get_config().items())))
+
+
 def _key(reader: ChunkReader) -> tuple[Any, ...]:
     """What arrays read as one must share."""
     layout = reader.layout
     return (
         layout.rows_per_chunk,
         layout.chunk_shape,
-        type(layout.compressor),
+        _codec(layout.compressor),
         layout.checksum,
         reader.dtype,
         reader.shape[1:],

@@ -292,7 +292,7 @@ class CSRSource:
         """The window's rows of every dataset, read as one (:mod:`annbatch._core.chunks.stacked`):
         one plan and one set of tasks for the values and one for the column indices, however
         many datasets the rows come from. None where the datasets' arrays cannot be stacked
-        (other layouts, object storage) or their parts are not in dataset order."""
+        (other layouts, object storage) or a part's ranges are not sorted."""
         sources = [s for s, _, _ in csr]
         direct = [s._direct for s in sources]
         if any(d is None for d in direct):
@@ -311,14 +311,14 @@ class CSRSource:
         ranges = np.cumsum([0] + [a.size for _, a, _ in csr])  # each dataset's first range
         offsets = np.concatenate([[0], np.cumsum(hi - lo)])[ranges]  # and its first entry
         nnz = int(offsets[-1])
-        data = allocate("data", (nnz,), np.dtype(self.dtype))
-        indices = allocate("indices", (nnz,), np.result_type(*(s.index_dtype for s in sources)))
         owner = np.repeat(np.arange(len(csr)), np.diff(ranges))
         data_lo = lo + data_stack.bases[owner]
         # Ranges must be sorted in the stack: datasets in order, each one's ranges sorted.
         if data_lo.size > 1 and bool(np.any(np.diff(data_lo) < 0)):
             return None
         data_hi = hi + data_stack.bases[owner]
+        data = allocate("data", (nnz,), np.dtype(self.dtype))
+        indices = allocate("indices", (nnz,), np.result_type(*(s.index_dtype for s in sources)))
         index_lo = lo + index_stack.bases[owner]
         index_hi = hi + index_stack.bases[owner]
         n_var = self._shape[1]
@@ -331,14 +331,13 @@ class CSRSource:
                 check_indices(part, n_var=n_var, where="")
             except CorruptDataError:
                 at = (part.__array_interface__["data"][0] - base) // part.itemsize
-                k = int(np.searchsorted(offsets, at, side="right")) - 1
-                end = min(int(offsets[k + 1]) - at, part.size)
-                source, starts, stops = csr[k]
-                if end < part.size:
+                while part.size:  # the part's pieces of each dataset, in order
+                    k = int(np.searchsorted(offsets, at, side="right")) - 1
+                    end = min(int(offsets[k + 1]) - at, part.size)
+                    source, starts, stops = csr[k]
                     check_indices(part[:end], n_var=n_var, where=source._rows_read(starts, stops))
-                    check(part[end:])
-                    return
-                check_indices(part, n_var=n_var, where=source._rows_read(starts, stops))
+                    part, at = part[end:], at + end
+                raise
 
         half = max(1, n_tasks // 2)
         tasks = data_stack.tasks(data_lo, data_hi, data, half)

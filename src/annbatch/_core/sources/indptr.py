@@ -178,8 +178,12 @@ def stacked_pieces(
         else:
             read_stacked(readers, bases, m_lo, m_hi, values, names=names)
     if values.dtype.kind == "u" and values.size and int(values.max()) >= 2**63:
+        at = int(np.flatnonzero(values >= 2**63)[0])  # in the stack: its dataset
+        merged = int(np.searchsorted(np.cumsum(m_hi - m_lo), at, side="right"))
+        entry = int(m_lo[merged]) + at - int(np.sum((m_hi - m_lo)[:merged]))
+        k = 0 if bases is None else int(np.searchsorted(bases, entry, side="right")) - 1
         msg = (
-            f"{indptrs[0]._where}: indptr holds values beyond the int64 range; the store is damaged"
+            f"{indptrs[k]._where}: indptr holds values beyond the int64 range; the store is damaged"
         )
         raise CorruptDataError(msg)
     values = values.astype(np.int64, copy=False)
