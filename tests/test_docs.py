@@ -59,14 +59,20 @@ def test_docs_python_blocks_run(page, tmp_path, monkeypatch):
         exec(compile(block, str(page), "exec"), {})
 
 
-def test_throughput_data_matches_results():
+def test_plot_data_matches_results():
     sys.path.insert(0, str(DOCS / "_scripts"))
     try:
-        import throughput
+        import results_data
     finally:
         sys.path.remove(str(DOCS / "_scripts"))
-    assert throughput.read_csv() == throughput.extract(), (
-        "docs/_data/throughput.csv is stale: run python docs/_scripts/throughput.py"
+    assert sorted(p.stem for p in (DOCS / "_data").glob("*.csv")) == sorted(results_data.DATASETS)
+    stale = [
+        name
+        for name in results_data.DATASETS
+        if results_data.read_csv(name) != results_data.extract(name)
+    ]
+    assert not stale, (
+        f"stale in docs/_data: {', '.join(stale)}; run python docs/_scripts/results_data.py"
     )
 
 
