@@ -41,7 +41,7 @@ from annbatch._narrow import declared_dtype
 from annbatch.errors import CorruptDataError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from annbatch._core.sources import RowSource
     from annbatch._core.sources.indptr import Indptr
@@ -339,17 +339,13 @@ class CSRSource:
                     part, at = part[end:], at + end
                 raise
 
-        half = max(1, n_tasks // 2)
-        tasks = data_stack.tasks(data_lo, data_hi, data, half)
-        tasks += index_stack.tasks(index_lo, index_hi, indices, half, check=check)
-        indptr = np.zeros(lengths.size + 1, dtype=np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        shape = (lengths.size, self._shape[1])
-
-        def result() -> list[Block]:
-            return [csr_from_arrays(data, indices, indptr, shape)]
-
-        return ReadJob(tasks, result)
+        return self._job(
+            (data_stack, data_lo, data_hi, data),
+            (index_stack, index_lo, index_hi, indices),
+            lengths,
+            n_tasks,
+            check,
+        )
 
     def _direct_job(
         self,
@@ -374,12 +370,32 @@ class CSRSource:
         else:
             data, indices = out
         direct_data, direct_indices = self._direct
-        half = max(1, n_tasks // 2)
         # Column indices are range-checked by the read threads, as each task decodes them.
         check = partial(check_indices, n_var=self._shape[1], where=self._rows_read(starts, stops))
-        tasks = direct_data.tasks(lo, hi, data, half)
-        tasks += direct_indices.tasks(lo, hi, indices, half, check=check)
-        lengths = row_lengths(pieces, starts, stops)
+        return self._job(
+            (direct_data, lo, hi, data),
+            (direct_indices, lo, hi, indices),
+            row_lengths(pieces, starts, stops),
+            n_tasks,
+            check,
+        )
+
+    def _job(
+        self,
+        values: tuple[ChunkReader, np.ndarray, np.ndarray, np.ndarray],
+        columns: tuple[ChunkReader, np.ndarray, np.ndarray, np.ndarray],
+        lengths: np.ndarray,
+        n_tasks: int,
+        check: Callable[[np.ndarray], None],
+    ) -> ReadJob:
+        """The tasks that read entries ``lo:hi`` of the values and of the column indices
+        (each: reader, lo, hi, output; the column indices checked by ``check`` as they are
+        decoded), and the CSR block of rows of ``lengths`` entries they make."""
+        half = max(1, n_tasks // 2)
+        reader, lo, hi, data = values
+        tasks = reader.tasks(lo, hi, data, half)
+        reader, lo, hi, indices = columns
+        tasks += reader.tasks(lo, hi, indices, half, check=check)
         indptr = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=indptr[1:])
         shape = (lengths.size, self._shape[1])
