@@ -87,11 +87,13 @@ def load_x_and_obs(
 ) -> AnnData:
     """Open an AnnData store with ``X`` on disk and ``obs`` in memory.
 
-    var is not loaded: a Loader hands its var out with every batch, and checks that all its
-    datasets' var are equal; pass your own ``load_adata`` to ``use_collection`` to get it.
+    var is not loaded: a Loader given var hands it out with every batch, and checks that all
+    its datasets' var are equal. For var in the batches, set the returned AnnData's var and
+    pass it to :meth:`Loader.add_adata <annbatch.Loader.add_adata>`
+    (``use_collection`` yields no var, whatever its ``load_adata`` returns).
 
     Stores in older encodings (files written by anndata < 0.7, such as scanpy's bundled
-    datasets) are read too, element by element (see :mod:`annbatch._legacy`).
+    datasets) are read too, element by element.
 
     Parameters
     ----------

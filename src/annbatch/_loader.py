@@ -82,7 +82,8 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
         ``cupyx.scipy.sparse.csr_matrix``, or torch CUDA tensors with ``to="torch"``. Needs CuPy
         and a CUDA device, and cannot run inside DataLoader worker processes. CuPy's default
         memory pool is emptied after every window. Sparse integer values become floats on the
-        GPU (see :mod:`annbatch._core.gpu`).
+        GPU: float32 for integers of up to 16 bits, float64 for wider ones, so every value
+        stays exact (the documentation's Loader page, "GPU").
     drop_last
         Drop the epoch's last batch if it is short (default False). Sampler argument.
     to_torch
@@ -90,9 +91,11 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
         ``to_torch=False`` is ``to=None``. Used only when ``to`` is not given; giving both is
         an error.
     concat_strategy
-        ``"concat-shuffle"`` or ``"shuffle-concat"``, see :mod:`annbatch._core.assembler`;
-        both yield the same rows. Default: ``"concat-shuffle"`` for sparse data, otherwise
-        ``"shuffle-concat"``.
+        How a window's chunks are cut into batches; both yield the same rows in the same
+        order. ``"concat-shuffle"`` joins the chunks into one buffer and takes each batch's
+        rows from it (the window is held twice at its peak); ``"shuffle-concat"`` takes each
+        batch's rows from the chunks it touches. Default: ``"concat-shuffle"`` for sparse
+        data, otherwise ``"shuffle-concat"``.
     rng
         Generator for shuffling (default ``numpy.random.default_rng()``). Sampler argument.
     to
@@ -294,8 +297,8 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
             it returns is yielded with the batches, held in memory (its var is not: for a var
             in every batch, pass the loaded AnnData objects to :meth:`add_adatas` instead).
             Default: X on disk and every obs column read per window from disk, with X's
-            checks, so that memory for obs does not grow with the collection (see
-            :mod:`annbatch._core.obs`).
+            checks, so that memory for obs does not grow with the collection (the
+            documentation's page on collections, "obs").
         obs_index
             With the default ``load_adata``: also read the obs index (cell names, held in
             memory) and index each batch's obs by it. Without it, batches' obs are indexed by
