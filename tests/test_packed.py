@@ -286,3 +286,51 @@ def test_uint64_indices_are_read(tmp_path):
     batch = next(iter(loader.add_dataset(zarr.open_group(tmp_path / "s.zarr")["X"])))
     assert batch["X"].indices.dtype in (np.int32, np.int64)
     np.testing.assert_array_equal(batch["X"].toarray(), x.toarray())
+
+
+@pytest.mark.parametrize(
+    ("nnz_per_row", "n_obs", "expected_rows"),
+    [(1, 20_000, 16_384), (8, 8_000, 2_048), (200, 3_000, 1_310), (1_500, 400, 174)],
+)
+def test_packed_lz4_value_chunks_hold_about_a_fixed_number_of_rows(
+    tmp_path, nnz_per_row, n_obs, expected_rows
+):
+    """packed-lz4's values are chunked by rows: rows with few nonzeros get small chunks (a
+    chunk is decoded whole for any of its rows), rows of UMI-like counts the largest; every
+    row comes back exactly."""
+    from annbatch.collection._layout import (
+        PACKED_LZ4_CHUNK,
+        PACKED_LZ4_CHUNK_ROWS,
+        PACKED_LZ4_MIN_CHUNK,
+    )
+
+    n_var = max(2 * nnz_per_row, 10)
+    rng = np.random.default_rng(0)
+    cols = np.stack([rng.choice(n_var, nnz_per_row, replace=False) for _ in range(n_obs)])
+    cols.sort(axis=1)
+    x = sp.csr_matrix(
+        (
+            rng.integers(1, 50, n_obs * nnz_per_row).astype("float32"),
+            cols.ravel(),
+            np.arange(0, n_obs * nnz_per_row + 1, nnz_per_row),
+        ),
+        shape=(n_obs, n_var),
+    )
+    adata = ad.AnnData(X=x, obs=pd.DataFrame(index=[f"c{i}" for i in range(n_obs)]))
+    collection = DatasetCollection(tmp_path / "c.zarr").add_adatas(
+        [adata], dataset_size=n_obs, shuffle=False, progress=False
+    )
+    (group,) = list(collection)
+    chunk = group["X"]["data"].chunks[0]
+    want = min(PACKED_LZ4_CHUNK, max(PACKED_LZ4_MIN_CHUNK, nnz_per_row * PACKED_LZ4_CHUNK_ROWS))
+    assert chunk == min(want, x.nnz)
+    assert chunk // nnz_per_row == min(expected_rows, n_obs)
+    loader = Loader(
+        chunk_size=64, preload_nchunks=4, batch_size=100, shuffle=True, to=None, return_index=True
+    )
+    loader.use_collection(collection)
+    got = [(b["X"], b["index"]) for b in loader]
+    index = np.concatenate([i for _, i in got])
+    np.testing.assert_array_equal(np.sort(index), np.arange(n_obs))
+    values = sp.vstack([b for b, _ in got]).toarray()
+    np.testing.assert_array_equal(values, x.toarray()[index])

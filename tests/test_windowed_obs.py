@@ -280,3 +280,102 @@ def test_datasets_whose_categories_differ_in_order_keep_their_labels(tmp_path):
     for take in (np.arange(6), np.array([5, 0, 3, 2])):
         got = rows.take(take)["c"].astype(str).to_numpy()
         np.testing.assert_array_equal(got, np.array(["a", "a", "b"] * 2)[take])
+
+
+# Opening a local collection: metadata read in one pass per dataset (collection/_snapshot.py),
+# members built from it (_core/members.py), categories read once where datasets store them alike.
+
+
+def test_snapshot_holds_what_zarr_reads(built):
+    """A dataset opened from its metadata files has the same members, attributes and array
+    metadata as zarr-python opens, and reads the same values."""
+    from zarr.storage import LocalStore
+
+    from annbatch._core.members import get_member, member
+    from annbatch.collection._snapshot import open_snapshot
+
+    path, _ = built
+    for name in ("dataset_000000", "dataset_000001"):
+        snap = open_snapshot(LocalStore(path, read_only=True), path, name)
+        assert snap is not None
+        plain = zarr.open_group(path / name, mode="r")
+        assert dict(snap.attrs) == dict(plain.attrs)
+        want = dict(plain.members(max_depth=None))
+        got = dict(snap.members(max_depth=None))
+        assert sorted(got) == sorted(want)
+        for key, node in want.items():
+            parent = snap
+            for part in key.split("/"):
+                parent = member(parent, part)
+            assert type(parent) is type(node), key
+            assert parent.metadata.to_dict() == node.metadata.to_dict() | (
+                {"consolidated_metadata": parent.metadata.to_dict()["consolidated_metadata"]}
+                if isinstance(node, zarr.Group)
+                else {}
+            ), key
+            assert parent.store_path.path == f"{name}/{key}"
+            if isinstance(node, zarr.Array):
+                np.testing.assert_array_equal(parent[...], node[...])
+        assert get_member(snap, "no such member") is None
+        with pytest.raises(KeyError):
+            member(snap, "no such member")
+
+
+@pytest.mark.parametrize("damage", ["not json", "missing"])
+def test_damaged_metadata_is_reported_as_zarr_reports_it(built, tmp_path, damage):
+    """Metadata the snapshot cannot read sends the dataset to zarr-python, whose error the
+    Loader reports as before (naming the dataset), never a half-opened dataset."""
+    from annbatch.errors import AnnbatchError
+
+    path, _ = built
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(path, copy)
+    meta = copy / "dataset_000001" / "obs" / "cell_type" / "zarr.json"
+    if damage == "not json":
+        meta.write_text("{ not json")
+    else:
+        meta.unlink()
+    with pytest.raises(AnnbatchError) as info:
+        list(_loader(copy, batch_size=50))
+    assert "dataset_000001" in str(info.value) or "cell_type" in str(info.value)
+
+
+def test_categories_stored_alike_are_read_once(built, monkeypatch):
+    """Datasets whose categories arrays hold the same bytes share one read of them; datasets
+    whose categories differ (donor: one per input) each read their own; labels exact."""
+    import annbatch._core.obs as obs_module
+
+    path, expected = built
+    reads: list[str] = []
+    original = obs_module.read_frame
+
+    def counted(elem, frame, kind):
+        reads.append(elem.store_path.path)
+        return original(elem, frame, kind)
+
+    monkeypatch.setattr(obs_module, "read_frame", counted)
+    loader = _loader(path, batch_size=64, chunk_size=16, preload_nchunks=4, shuffle=True)
+    n_datasets = len(DatasetCollection(path, mode="r"))
+    cell_type = [r for r in reads if r.endswith("cell_type/categories")]
+    donor = [r for r in reads if r.endswith("donor/categories")]
+    assert len(cell_type) == 1 < n_datasets  # the same 3 categories everywhere
+    assert 1 <= len(donor) <= n_datasets
+    seen = np.concatenate([_check_batch(b, expected, names=False) for b in loader])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(sum(SIZES)))
+
+
+def test_damaged_categories_are_caught_whatever_another_dataset_holds(built, tmp_path):
+    """A dataset whose categories chunk is damaged differs in its bytes from the others', so
+    it is read (and checked) on its own: an error naming it, never another dataset's labels."""
+    from annbatch.errors import ChecksumMismatchError, CorruptChunkError
+
+    path, _ = built
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(path, copy)
+    shard = copy / "dataset_000002" / "obs" / "cell_type" / "categories" / "c" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x5A
+    shard.write_bytes(bytes(raw))
+    with pytest.raises((ChecksumMismatchError, CorruptChunkError, CorruptDataError)) as info:
+        _loader(copy, batch_size=50)
+    assert "dataset_000002" in str(info.value)

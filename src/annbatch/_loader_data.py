@@ -11,7 +11,8 @@ import pandas as pd
 import zarr
 
 from annbatch._core.failures import store_errors
-from annbatch._core.obs import ObsRows, StoredObs
+from annbatch._core.members import member
+from annbatch._core.obs import CategoriesCache, ObsRows, StoredObs
 from annbatch._core.planner import dataset_offsets
 from annbatch._core.sources import as_row_source
 from annbatch._warnings import warn
@@ -254,7 +255,7 @@ def collection_parts(
     if load_adata is not None and not callable(load_adata):
         msg = f"load_adata must be a callable taking a zarr.Group, got {load_adata!r}"
         raise InvalidArgumentError(msg)
-    groups = collection.open_datasets()
+    groups = collection.open_datasets() if load_adata is not None else collection._read_datasets()
     if load_adata is None and groups and "X" not in groups[0]:
         first: Any = groups[0]
         paths = [f"{key}/{name}" for key in ("layers", "obsm") for name in first.get(key, {})]
@@ -272,11 +273,12 @@ def collection_parts(
         return loaded, list(obs)
     datasets: list[Any] = []
     tables: list[pd.DataFrame | StoredObs | None] = []
+    categories = CategoriesCache()  # read once where datasets store the same ones
     for group in groups:
         where = str(group.store_path)
         with store_errors(lambda where=where: f"opening the dataset {where}"):  # type: ignore[misc]
-            x = open_element(group["X"])
-            tables.append(StoredObs(group, int(x.shape[0]), index=obs_index))
+            x = open_element(member(group, "X"))
+            tables.append(StoredObs(group, int(x.shape[0]), index=obs_index, categories=categories))
         datasets.append(x)
     return datasets, tables
 

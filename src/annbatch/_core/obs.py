@@ -27,6 +27,7 @@ from annbatch._core.chunks import direct_array, read_rows
 from annbatch._core.chunks.small import read_stacked, stack_bases
 from annbatch._core.failures import store_errors
 from annbatch._core.frames import describe_column, read_frame
+from annbatch._core.members import get_member, member
 from annbatch._core.ranges import runs_of
 from annbatch.errors import AnnbatchError, CorruptDataError, UnsupportedDatasetError
 
@@ -117,10 +118,20 @@ class StoredObs:
         Rows of the dataset (X's).
     index
         Read the index (cell names) too, whole, now.
+    categories
+        Categories already read, shared by the datasets of one collection (see
+        :class:`CategoriesCache`); None: read each dataset's.
     """
 
-    def __init__(self, group: zarr.Group, n_obs: int, *, index: bool = False) -> None:
-        elem: Any = group["obs"]
+    def __init__(
+        self,
+        group: zarr.Group,
+        n_obs: int,
+        *,
+        index: bool = False,
+        categories: CategoriesCache | None = None,
+    ) -> None:
+        elem: Any = member(group, "obs")
         attrs = dict(elem.attrs)
         if attrs.get("encoding-type") != "dataframe":
             msg = f"obs of {group.store_path} is not a dataframe in anndata's encoding"
@@ -130,8 +141,8 @@ class StoredObs:
         self._windowed: dict[str, _Windowed] = {}
         held: dict[str, Any] = {}
         for name in self.columns:
-            node = elem[name]
-            windowed = _windowed(node, elem, n_obs)
+            node = member(elem, name)
+            windowed = _windowed(node, elem, n_obs, categories)
             if windowed is not None:
                 self._windowed[name] = windowed
             else:
@@ -140,9 +151,10 @@ class StoredObs:
         self._index: pd.Index | None = None
         if index:
             key = attrs["_index"]
-            values = read_frame(elem[key], elem, "obs")
+            stored = member(elem, key)
+            values = read_frame(stored, elem, "obs")
             self._index = pd.Index(values, name=None if key == "_index" else key)
-            _check_rows(len(self._index), n_obs, describe_column(elem[key], elem, "obs"))
+            _check_rows(len(self._index), n_obs, describe_column(stored, elem, "obs"))
 
     @property
     def has_index(self) -> bool:
@@ -221,7 +233,9 @@ def _check_rows(n: int, n_obs: int, what: str) -> None:
         raise CorruptDataError(msg)
 
 
-def _windowed(node: Any, frame: Any, n_obs: int) -> _Windowed | None:
+def _windowed(
+    node: Any, frame: Any, n_obs: int, categories: CategoriesCache | None = None
+) -> _Windowed | None:
     """``node`` (an obs column) as a column read per window, or None if it is not one."""
     import zarr
 
@@ -239,9 +253,10 @@ def _windowed(node: Any, frame: Any, n_obs: int) -> _Windowed | None:
         arrays = [node]
     elif kind in _NESTED:
         names = _NESTED[kind]
-        if any(not isinstance(node.get(n), zarr.Array) for n in names):
+        found = [get_member(node, n) for n in names]
+        if any(not isinstance(a, zarr.Array) for a in found):
             return None
-        arrays = [node[n] for n in names[:1]] if kind == "categorical" else [node[n] for n in names]
+        arrays = found[:1] if kind == "categorical" else found
     else:
         return None
     readers = []
@@ -265,9 +280,67 @@ def _windowed(node: Any, frame: Any, n_obs: int) -> _Windowed | None:
         if np.dtype(readers[0].dtype).kind not in "iu":
             msg = f"{what}: categorical codes have dtype {readers[0].dtype}; expected integers"
             raise CorruptDataError(msg)
-        categories = read_frame(node[names[1]], frame, "obs")
-        dtype = pd.CategoricalDtype(pd.Index(categories), ordered=bool(attrs.get("ordered", False)))
+        values = (categories or CategoriesCache()).read(found[1], frame)
+        dtype = pd.CategoricalDtype(pd.Index(values), ordered=bool(attrs.get("ordered", False)))
     return _Windowed(kind=str(kind), parts=tuple(readers), what=what, dtype=dtype)
+
+
+class CategoriesCache:
+    """Categories of categorical obs columns, read once for all the datasets of a collection
+    that store them alike.
+
+    The datasets of a collection usually share each column's categories; reading them through
+    zarr costs a few round trips per dataset (about 1 s of a 100-dataset collection's opening).
+    An array of categories in a local store is known by its bytes: its ``zarr.json`` and every
+    file below it. Arrays with the same bytes decode to the same values, so those are read
+    (with every check of :func:`~annbatch._core.frames.read_frame`) for the first such array
+    only. Arrays elsewhere (object storage, h5py), or larger than :data:`LIMIT` bytes, are read
+    each time.
+    """
+
+    LIMIT = 1 << 20
+    """Bytes of an array of categories beyond which it is not remembered."""
+
+    def __init__(self) -> None:
+        self._read: dict[tuple[bytes, ...], Any] = {}
+
+    def read(self, array: Any, frame: Any) -> Any:
+        """The values of ``array`` (the categories of a column of the dataframe ``frame``)."""
+        key = _stored_bytes(array, self.LIMIT)
+        if key is None:
+            return read_frame(array, frame, "obs")
+        if key not in self._read:
+            self._read[key] = read_frame(array, frame, "obs")
+        return self._read[key]
+
+
+def _stored_bytes(array: Any, limit: int) -> tuple[bytes, ...] | None:
+    """Every file of the zarr ``array`` in a local store (its ``zarr.json`` and its chunks),
+    each after its path, in path order; None: not a local zarr array, or over ``limit``
+    bytes."""
+    import os
+
+    import zarr
+    from zarr.storage import LocalStore
+
+    if not isinstance(array, zarr.Array) or not isinstance(array.store_path.store, LocalStore):
+        return None
+    folder = os.path.join(array.store_path.store.root, array.store_path.path)
+    found: list[tuple[str, bytes]] = []
+    total = 0
+    try:
+        for at, _, files in os.walk(folder):
+            for name in files:
+                path = os.path.join(at, name)
+                total += os.path.getsize(path)
+                if total > limit:
+                    return None
+                with open(path, "rb") as f:
+                    found.append((os.path.relpath(path, folder), f.read()))
+    except OSError:
+        return None
+    found.sort()
+    return tuple(part for path, data in found for part in (path.encode(), data))
 
 
 def _held(node: Any, frame: Any, n_obs: int) -> Any:

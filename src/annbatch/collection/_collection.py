@@ -199,6 +199,11 @@ class DatasetCollection:
         read-only for h5ad collections (they close when no longer referenced)."""
         return self._store.open_datasets(self._present(), self._mode)
 
+    def _read_datasets(self) -> list[zarr.Group | h5py.File]:
+        """Each dataset opened read-only, whatever the collection's mode (for the Loader; a
+        local zarr collection's metadata is then read in one pass per dataset)."""
+        return self._store.open_datasets(self._present(), "r")
+
     def _present(self) -> list[str]:
         """The datasets' names; an error if the store lacks any of them."""
         names = self.dataset_names

@@ -65,9 +65,28 @@ DEFAULT_COMPRESSION: Compression = "packed-lz4"
 """On UMI-like counts: 2.5 bytes per nonzero (1.14x zstd's, 0.31x ``none``'s) at 0.9-1.04x the
 rows/s of ``none`` (benchmarks/RESULTS.md, "packed layouts")."""
 PACKED_LZ4_CHUNK = 262_144
-"""Values per on-disk chunk of ``packed-lz4``'s compressed CSR values (about 80 rows of UMI
+"""Most values per on-disk chunk of ``packed-lz4``'s compressed CSR values (about 80 rows of UMI
 counts). Measured on UMI-like counts: 262,144 read at 1.04x / 0.90x the rows/s of ``none`` at
 loader chunks 256 / 32, 65,536 at 0.80x / 0.84x, 32,768 lower still; the size is the same."""
+PACKED_LZ4_CHUNK_ROWS = 2_048
+"""Rows (on average) a chunk of ``packed-lz4``'s values holds at most: a chunk is decoded whole
+for any of its rows, so on data with few nonzeros per row (8 per cell: 262,144 values are 32,000
+rows) a loader chunk of 256 rows decoded 128 times what it kept. Measured on a 20-million-cell
+collection of 8 nonzeros per cell: 16,384 values read at 1.0-1.23x the rows/s of 262,144 and
+2.0 against 2.3-3.0 us of CPU per row (benchmarks/RESULTS.md, "atlas scale"). Rows of UMI
+counts (1,500+ nonzeros) fill :data:`PACKED_LZ4_CHUNK` long before."""
+PACKED_LZ4_MIN_CHUNK = 16_384
+"""Fewest values per chunk of ``packed-lz4``'s values (a smaller chunk costs more per value to
+locate, read and decode than it saves)."""
+
+
+def packed_lz4_chunk(nnz: int, n_obs: int) -> int:
+    """Values per chunk of ``packed-lz4``'s CSR values: about :data:`PACKED_LZ4_CHUNK_ROWS`
+    rows, within :data:`PACKED_LZ4_MIN_CHUNK` and :data:`PACKED_LZ4_CHUNK` (and never more
+    than ``nnz``)."""
+    rows = nnz * PACKED_LZ4_CHUNK_ROWS // max(1, n_obs)
+    chunk = min(PACKED_LZ4_CHUNK, max(PACKED_LZ4_MIN_CHUNK, rows))
+    return max(1, min(chunk, nnz))
 
 
 def parse_compression(value: object) -> Compression:
@@ -282,13 +301,13 @@ def _write_values(
         csr: Any = group[name]
         del csr["data"]
         n = int(x.nnz)
-        chunk = max(1, min(PACKED_LZ4_CHUNK, n))
+        chunk = packed_lz4_chunk(n, x.shape[0])
         values = csr.create_array(
             "data",
             shape=(n,),
             dtype=x.data.dtype,
             chunks=(chunk,),
-            shards=(chunk * min(SPARSE_SHARD // PACKED_LZ4_CHUNK, -(-max(1, n) // chunk)),),
+            shards=(chunk * max(1, min(SPARSE_SHARD // chunk, -(-max(1, n) // chunk))),),
             compressors=compressors("packed-lz4"),
             config={"write_empty_chunks": True},
         )

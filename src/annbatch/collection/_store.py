@@ -213,6 +213,17 @@ class CollectionStore:
     def open_datasets(self, names: Sequence[str], mode: str) -> list[Any]:
         """The datasets ``names``, zarr groups opened read-only for ``mode="r"``, else
         writable."""
+        if mode == "r" and self.store is None:  # metadata read directly (see _snapshot)
+            from zarr.storage import LocalStore
+
+            from annbatch.collection._snapshot import open_snapshot
+
+            local = LocalStore(self.path, read_only=True)
+            found = [open_snapshot(local, self.path, name) for name in names]
+            if all(g is not None for g in found):
+                return found
+            root = self.root("r")
+            return [g if g is not None else root[n] for g, n in zip(found, names, strict=True)]
         root = self.root("r" if mode == "r" else "r+")
         return [root[name] for name in names]
 

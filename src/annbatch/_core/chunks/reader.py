@@ -26,6 +26,7 @@ in part (only the wanted rows' bytes): their checksum is verified only with
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -131,7 +132,7 @@ class ChunkReader:
     @property
     def row_bytes(self) -> int:
         """Bytes of one row, as stored uncompressed."""
-        return self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        return self.dtype.itemsize * math.prod(self.shape[1:])
 
     def chunk_rows(self, chunks: np.ndarray) -> np.ndarray:
         """Rows of the array in each of ``chunks`` (fewer in the last)."""
@@ -346,7 +347,7 @@ class ChunkReader:
     def _raw_values(self, encoded: bytes | memoryview, chunk: int) -> np.ndarray:
         """An uncompressed chunk's values, viewing its bytes."""
         shape = self.layout.chunk_shape
-        nbytes = self.dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        nbytes = self.dtype.itemsize * math.prod(shape)
         try:
             check_raw_size(encoded, nbytes)
         except ValueError as e:

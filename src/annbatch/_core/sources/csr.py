@@ -17,6 +17,7 @@ import scipy.sparse as sp
 from annbatch._core.chunks import ChunkReader, direct_array, read_whole
 from annbatch._core.chunks.stacked import StackedReader
 from annbatch._core.failures import store_errors
+from annbatch._core.members import get_member
 from annbatch._core.sources._common import (
     block_per_part,
     check_h5_open,
@@ -127,17 +128,18 @@ class CSRSource:
         ``stored_dtype``."""
         group = dataset.group
         where = f"anndata.abc.CSRDataset ({describe_array(group)})"  # as describe() names it
-        missing = [k for k in ("data", "indices", "indptr") if k not in group]
+        found = {k: get_member(group, k) for k in ("data", "indices", "indptr")}
+        missing = [k for k, v in found.items() if v is None]
         if missing:
             msg = (
                 f"{where} has no {', '.join(missing)}; it is not a CSR matrix in anndata's encoding"
             )
             raise CorruptDataError(msg)
         with store_errors(lambda: f"reading indptr of {where}"):
-            data, indices = group["data"], group["indices"]
+            data, indices = found["data"], found["indices"]
             shape = tuple(int(n) for n in dataset.shape)
             declared = declared_dtype(group.attrs, np.dtype(data.dtype), where)
-            stored = direct_array(group["indptr"], verify_checksums=verify_checksums)
+            stored = direct_array(found["indptr"], verify_checksums=verify_checksums)
             indptr: np.ndarray | Indptr
             if StoredIndptr.usable(stored) and _direct_pair(
                 data, indices, verify_checksums=verify_checksums
@@ -146,7 +148,7 @@ class CSRSource:
                 nnz = min(int(data.shape[0]), int(indices.shape[0]))
                 indptr = StoredIndptr(stored, n_obs=shape[0], nnz=nnz, where=where)
             else:
-                indptr = read_whole(group["indptr"])
+                indptr = read_whole(found["indptr"])
         return cls(
             data,
             indices,
