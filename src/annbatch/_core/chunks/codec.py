@@ -14,6 +14,7 @@ from typing import Any
 
 import google_crc32c
 import numcodecs
+import numcodecs.blosc
 import numpy as np
 
 _SIZE_MODULUS: dict[type, int] = defaultdict(lambda: 2**64, {numcodecs.GZip: 2**32})
@@ -76,7 +77,12 @@ def decode_into(compressor: Any, encoded: bytes | memoryview, into: np.ndarray) 
         if stated != into.nbytes % _SIZE_MODULUS[type(compressor)]:
             msg = f"its header says it decodes to {stated} bytes"
             raise ValueError(msg)
-        compressor.decode(encoded, out=into)
+        if type(compressor) is numcodecs.Blosc:
+            # What Blosc.decode calls, without its argument checks (10-40% of a small chunk's
+            # decode): ``encoded`` is a bytes-like object and ``into`` a C-contiguous array.
+            numcodecs.blosc.decompress(encoded, into)
+        else:
+            compressor.decode(encoded, out=into)
         return
     # The header says nothing: decode, then compare the sizes.
     decoded = np.frombuffer(compressor.decode(encoded), dtype=np.uint8)

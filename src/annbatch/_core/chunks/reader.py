@@ -328,6 +328,10 @@ class ChunkReader:
                     scratch = np.empty(layout.chunk_shape, dtype=self.dtype)
                 self._decode(encoded, scratch, c)
                 values = scratch
+            if j == i + 1 and not tail:  # one piece of a 1-D chunk (CSR values, indices)
+                lo, hi, at = int(src_lo[i]), int(src_hi[i]), int(dst[i])
+                out[at : at + hi - lo] = values[lo:hi]
+                continue
             copy_pieces(values, out, src_lo[i:j], src_hi[i:j], dst[i:j], tail)
 
     def _verified(self, encoded: memoryview, chunk: int) -> memoryview:
