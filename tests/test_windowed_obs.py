@@ -414,3 +414,38 @@ def test_damaged_categories_are_caught_whatever_another_dataset_holds(built, tmp
         _loader(copy, batch_size=50)
     assert "dataset_000002" in str(info.value)
 
+
+def test_categories_in_a_linked_folder_are_read_per_dataset(built, tmp_path):
+    """Categories whose chunks lie in a linked folder (which a walk of the array's folder does
+    not enter) are not known by their bytes: two datasets whose categories have the same
+    zarr.json but other chunks each get their own labels. (Written without the record that
+    every chunk was written, as other writers do: annbatch then reads them through zarr.)"""
+    from annbatch._core.chunks import COMPLETE_ATTR
+
+    path, expected = built
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(path, copy)
+    # dataset_000001: the same categories in another order, its codes renumbered to match
+    column = zarr.open_group(copy / "dataset_000001" / "obs" / "cell_type", mode="r+")
+    order = np.array([2, 0, 1])
+    column["categories"][...] = column["categories"][...][order]
+    codes = column["codes"][...]
+    column["codes"][...] = np.argsort(order)[codes].astype(codes.dtype)
+    metadata = []
+    for name in ("dataset_000000", "dataset_000001"):
+        folder = copy / name / "obs" / "cell_type" / "categories"
+        del zarr.open_array(folder, mode="r+").attrs[COMPLETE_ATTR]
+        moved = tmp_path / f"{name}-categories-chunks"
+        shutil.move(folder / "c", moved)
+        (folder / "c").symlink_to(moved, target_is_directory=True)
+        metadata.append((folder / "zarr.json").read_bytes())
+    assert metadata[0] == metadata[1]
+    seen = []
+    for batch in _loader(copy, batch_size=100):
+        uid = np.asarray(batch["X"][:, [0]].toarray()).ravel().astype(np.int64)
+        np.testing.assert_array_equal(
+            batch["obs"]["cell_type"].astype(str).to_numpy(),
+            expected["cell_type"].iloc[uid].astype(str).to_numpy(),
+        )
+        seen.append(uid)
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(sum(SIZES)))
