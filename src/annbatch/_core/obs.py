@@ -325,11 +325,17 @@ def _stored_bytes(array: Any, limit: int) -> tuple[bytes, ...] | None:
 
     if not isinstance(array, zarr.Array) or not isinstance(array.store_path.store, LocalStore):
         return None
+
+    def fail(error: OSError) -> None:
+        raise error  # (os.walk skips a folder it cannot list: its files would not be in the key)
+
     folder = os.path.join(array.store_path.store.root, array.store_path.path)
     found: list[tuple[str, bytes]] = []
     total = 0
     try:
-        for at, _, files in os.walk(folder):
+        for at, folders, files in os.walk(folder, onerror=fail):
+            if any(os.path.islink(os.path.join(at, name)) for name in folders):
+                return None  # os.walk does not enter a linked folder: its files would be left out
             for name in files:
                 path = os.path.join(at, name)
                 total += os.path.getsize(path)

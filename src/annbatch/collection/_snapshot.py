@@ -38,7 +38,7 @@ def open_snapshot(store: LocalStore, root: Path, name: str) -> zarr.Group | None
     caller then opens it with ``zarr``)."""
     try:
         document = _read(os.path.join(root, name, METADATA))
-        if document is None or document.get("node_type") != "group":
+        if document is None or document["node_type"] != "group":
             return None
         members: dict[str, Any] = {}
         _collect(os.path.join(root, name), "", members)
@@ -70,7 +70,10 @@ def _collect(folder: str, prefix: str, members: dict[str, Any]) -> None:
 
 
 def _read(path: str) -> dict[str, Any] | None:
-    """The JSON document at ``path``; None if there is no such file."""
+    """The zarr v3 metadata document at ``path``; None if there is no such file. An error for
+    a document zarr-python would not open as a v3 node: zarr's consolidated metadata takes a
+    member's zarr v2 metadata (no ``node_type``) where zarr-python, reading that ``zarr.json``
+    itself, refuses it."""
     try:
         with open(path, "rb") as f:
             document = json.loads(f.read())
@@ -78,5 +81,8 @@ def _read(path: str) -> dict[str, Any] | None:
         return None
     if not isinstance(document, dict):
         msg = f"{path} is not a JSON object"
+        raise ValueError(msg)
+    if document.get("zarr_format") != 3 or document.get("node_type") not in ("array", "group"):
+        msg = f"{path} is not zarr v3 metadata of an array or a group"
         raise ValueError(msg)
     return document
