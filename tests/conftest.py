@@ -13,6 +13,12 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import zarr
+from hypothesis import settings
+
+# No deadline for hypothesis examples: under ``-n 2`` (and on a loaded machine) an example's
+# time says nothing about the code; speed is the benchmarks' business.
+settings.register_profile("annbatch", deadline=None)
+settings.load_profile("annbatch")
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
