@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from annbatch._args import parse_int
 from annbatch._compat import torch_available
 from annbatch._core.assembler import parse_concat_strategy
+from annbatch._core.buffers import BufferPool
 from annbatch._core.epoch import Epoch, read_threads
 from annbatch._core.resume import Progress, Resumable, start_epoch
 from annbatch._loader_args import (
@@ -186,6 +187,9 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
         self._concat_strategy = parse_concat_strategy(concat_strategy)
         hint = " (windows read in the background)"
         self._read_ahead = parse_int(read_ahead, "read_ahead", minimum=0, numpy=False, hint=hint)
+        # Sparse windows' memory, kept from window to window and epoch to epoch: two arrays
+        # for each window that can be alive at once (the consumed one, those read ahead).
+        self._buffers = BufferPool(capacity=2 * (self._read_ahead + 2))
         self._return_index = parse_flag(return_index, "return_index")
         self._data = LoaderData(
             verify_checksums=parse_flag(verify_checksums, "verify_checksums"),
@@ -346,6 +350,7 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
             skip=skip,
             device=device,
             dense=self._dense,
+            buffers=self._buffers,
         )
         batches = epoch.batches()
         self._active_iterations += 1
@@ -372,6 +377,7 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
             new._sampler = self._sampler
         new._progress = copy.copy(self._progress)
         new._data = copy.copy(self._data)
+        new._buffers = copy.copy(self._buffers)  # a pool of its own, empty
         new._active_iterations = 0
         return new
 

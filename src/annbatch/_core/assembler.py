@@ -16,6 +16,7 @@ on the same read thread (:func:`dense_group`): the consumer gets an array it can
 from __future__ import annotations
 
 import itertools
+import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -76,6 +77,7 @@ def assemble(
     n_tasks: int = 1,
     *,
     densify: bool = False,
+    on_done: Callable[[], None] | None = None,
 ) -> list[Future[Block]]:
     """One future per split, holding the rows at those positions of the concatenated blocks.
 
@@ -97,11 +99,17 @@ def assemble(
         Where to cut the batches, and into how many tasks to group the splits.
     densify
         Make sparse batches dense where they are cut, a group at a time (:func:`dense_group`).
+    on_done
+        Called once every batch has been cut (or failed), on the thread that cut the last
+        group: nothing reads ``blocks`` after that. Never called if a group is cancelled
+        before it runs.
     """
     if strategy == "concat-shuffle" and len(blocks) > 1:
         blocks = [concatenate(blocks)]
     futures: list[Future[Block]] = [Future() for _ in splits]
     if not blocks:
+        if on_done is not None:
+            on_done()
         return []
     starts = np.concatenate([[0], np.cumsum([b.shape[0] for b in blocks])])
 
@@ -125,11 +133,26 @@ def assemble(
                 futures[i].set_exception(e)
 
     groups = [g.tolist() for g in np.array_split(np.arange(len(splits)), max(1, n_tasks)) if g.size]
+    left = [len(groups)]
+    lock = threading.Lock()
+
+    def cut_and_count(numbers: list[int]) -> None:
+        try:
+            cut(numbers)
+        finally:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last and on_done is not None:
+                on_done()
+
+    if not groups and on_done is not None:
+        on_done()
     for group in groups:
         if executor is None:
-            cut(group)
+            cut_and_count(group)
         else:
-            executor.submit(cut, group)
+            executor.submit(cut_and_count, group)
     return futures
 
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from annbatch._core.assembler import ConcatStrategy
+    from annbatch._core.buffers import BufferPool
     from annbatch._core.convert import OutputKind
     from annbatch._core.obs import ObsRows
     from annbatch._core.sources import RowSource
@@ -70,6 +71,9 @@ class Epoch:
     """The consumer's CUDA device: the GPU path. None: the CPU path."""
     dense: bool = False
     """Sparse batches made dense on the read threads (CPU path only)."""
+    buffers: BufferPool | None = None
+    """Memory for sparse windows, reused from window to window and epoch to epoch (the
+    Loader's); None: new memory for each window."""
 
     def batches(self) -> Generator[dict[str, Any], None, None]:
         """Yield this process's batches: ``{"X": ..., "obs": ..., "var": ..., "index": ...}``.
@@ -146,6 +150,7 @@ class Epoch:
                     copier=copier,
                     obs=self.obs,
                     densify=self.dense,
+                    buffers=self.buffers,
                 )
         except ReadCancelled:
             return

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from annbatch._core.assembler import ConcatStrategy
+    from annbatch._core.buffers import BufferPool
     from annbatch._core.obs import ObsRows
     from annbatch._core.sources import RowSource
     from annbatch.abc._sampler import ChunkRequest
@@ -70,6 +71,7 @@ def load_window(
     copier: gpu.CopyStream | None = None,
     obs: ObsRows | None = None,
     densify: bool = False,
+    buffers: BufferPool | None = None,
 ) -> Window:
     """Read one load request and cut it into batches (on the GPU, given a ``copier``).
 
@@ -92,6 +94,9 @@ def load_window(
         read (None: no obs).
     densify
         Make sparse batches dense where they are cut (CPU path only; dense rows already are).
+    buffers
+        Where a sparse window's arrays come from on the CPU path, and go back to once its
+        batches are cut (None: new memory for every window).
     """
     splits = request.splits
     if splits is None:
@@ -125,6 +130,9 @@ def load_window(
     splits = [plan.positions[s] for s in splits]  # request order -> memory order
     indices = [plan.index[s] for s in splits]
     window_obs = _read_obs(obs, indices, executor)
+    lease = buffers.lease() if buffers is not None and copier is None else None
+    if lease is not None:
+        allocate = lease.allocate
     blocks = read_plan(plan, sources, executor, threads, stop, allocate)
     if copier is not None:
         # One copy to the GPU concatenates the blocks; the consumer cuts each batch there.
@@ -135,7 +143,13 @@ def load_window(
             obs=_result(window_obs),
         )
     batches = assemble(
-        blocks, splits, strategy, executor, TASKS_PER_THREAD * threads, densify=densify
+        blocks,
+        splits,
+        strategy,
+        executor,
+        TASKS_PER_THREAD * threads,
+        densify=densify,
+        on_done=None if lease is None else lease.release,
     )
     return Window(batches=batches, indices=indices, obs=_result(window_obs))
 

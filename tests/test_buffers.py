@@ -1,0 +1,184 @@
+"""Window buffers reused across windows and epochs: never aliased by a batch, every row exact."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from annbatch import DatasetCollection, Loader
+from annbatch._core.buffers import BufferPool
+
+from conftest import check_epoch, to_numpy
+
+
+def test_pool_gives_the_smallest_fitting_buffer_and_keeps_at_most_capacity():
+    pool = BufferPool(capacity=2)
+    small, large = pool.take(100), pool.take(10_000)
+    assert small.nbytes >= 100
+    assert large.nbytes >= 10_000
+    pool.give([large, small])
+    assert pool.take(50) is small  # the smallest that fits, not the first
+    assert pool.take(50).nbytes >= 50  # large was the only one left and fits
+    assert pool.nbytes == 0
+    pool.give([pool.take(1_000), pool.take(2_000), pool.take(3_000)])
+    assert len(pool._free) == 2
+    assert min(b.nbytes for b in pool._free) >= 2_000
+    pool.clear()
+    assert pool.nbytes == 0
+
+
+def test_lease_pools_only_roles_that_batches_cannot_alias_and_releases_once():
+    pool = BufferPool()
+    lease = pool.lease()
+    data = lease.allocate("data", (10,), np.dtype(np.float32))
+    indices = lease.allocate("indices", (10,), np.dtype(np.int64))
+    dense = lease.allocate("dense", (3, 4), np.dtype(np.float64))
+    assert data.shape == (10,)
+    assert data.dtype == np.float32
+    assert data.flags.c_contiguous
+    assert indices.dtype == np.int64
+    assert dense.shape == (3, 4)
+    lease.release()
+    lease.release()  # a second release gives nothing back twice
+    assert len(pool._free) == 2
+    assert not any(np.shares_memory(dense, b) for b in pool._free)
+
+
+def test_a_copied_or_pickled_pool_starts_empty():
+    pool = BufferPool(capacity=3)
+    pool.give([pool.take(1_000)])
+    for other in (copy.copy(pool), pickle.loads(pickle.dumps(pool))):
+        assert other.nbytes == 0
+        assert other._capacity == 3
+    assert pool.nbytes > 0
+
+
+def _uniform_store(tmp_path, n_obs=600, n_var=40, per_row=5, chunk=64):
+    """A zarr AnnData store whose rows all hold ``per_row`` values (every window of a size
+    holds the same number of entries)."""
+    rng = np.random.default_rng(1)
+    indices = np.sort(
+        np.stack([rng.choice(n_var, per_row, replace=False) for _ in range(n_obs)]), axis=1
+    ).ravel()
+    data = rng.integers(1, 100, size=n_obs * per_row).astype(np.float32)
+    x = sp.csr_matrix((data, indices, np.arange(n_obs + 1) * per_row), shape=(n_obs, n_var))
+    ad.settings.zarr_write_format = 3
+    group = zarr.open_group(tmp_path / "uniform.zarr", mode="w")
+    ad.io.write_elem(group, "X", x, dataset_kwargs={"chunks": (chunk,), "shards": (chunk * 4,)})
+    return x, ad.io.sparse_dataset(zarr.open_group(tmp_path / "uniform.zarr", mode="r")["X"])
+
+
+def test_later_windows_and_epochs_reuse_the_first_windows_memory(tmp_path, monkeypatch):
+    x, stored = _uniform_store(tmp_path)
+    new = []
+    take = BufferPool.take
+
+    def counting_take(self, nbytes):
+        free = {id(b) for b in self._free}
+        out = take(self, nbytes)
+        if id(out) not in free:
+            new.append(nbytes)
+        return out
+
+    monkeypatch.setattr(BufferPool, "take", counting_take)
+    loader = Loader(
+        chunk_size=10, preload_nchunks=6, batch_size=20, shuffle=True, return_index=True, to=None
+    ).add_dataset(stored)
+    held = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        held.append(batches)
+        if epoch == 0:
+            first = len(new)
+            assert 2 <= first <= 2 * (1 + 2)  # values and indices of the windows alive at once
+    assert len(new) == first, "a later epoch took new memory for a window of the same size"
+    assert loader._buffers.nbytes > 0
+    # Every batch of every epoch still holds its rows: none was a view of reused memory.
+    for batches in held:
+        for batch in batches:
+            np.testing.assert_array_equal(batch["X"].toarray(), x[batch["index"]].toarray())
+            for buffer in loader._buffers._free:
+                assert not np.shares_memory(batch["X"].data, buffer)
+                assert not np.shares_memory(batch["X"].indices, buffer)
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=25,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    chunk=st.integers(1, 12),
+    preload=st.integers(1, 8),
+    batch=st.integers(1, 96),
+    read_ahead=st.integers(0, 3),
+    shuffle=st.booleans(),
+    to=st.sampled_from([None, "torch"]),
+    dense=st.booleans(),
+    strategy=st.sampled_from([None, "concat-shuffle", "shuffle-concat"]),
+)
+def test_held_batches_of_several_epochs_equal_the_stored_rows(
+    pool, chunk, preload, batch, read_ahead, shuffle, to, dense, strategy
+):
+    """Batches kept across windows and epochs (a user's list, a replay buffer) hold the stored
+    rows and obs, whatever reused the windows' memory after them."""
+    stores = pool.many("zarr", "sparse", [37, 0, 52, 11])
+    batch = 1 + (batch - 1) % (chunk * preload)  # a window holds at least one batch
+    loader = Loader(
+        chunk_size=chunk,
+        preload_nchunks=preload,
+        batch_size=batch,
+        shuffle=shuffle,
+        read_ahead=read_ahead,
+        return_index=True,
+        to=to,
+        dense=dense,
+        concat_strategy=strategy,
+        rng=np.random.default_rng(0),
+    )
+    for store in stores:
+        loader.add_anndata(store.adata())
+    epochs = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        epochs.append(list(loader))
+    assert loader._buffers.nbytes > 0  # the windows' memory was pooled
+    for batches in epochs:
+        order = check_epoch(batches, stores)
+        assert np.array_equal(np.sort(order), np.arange(sum(s.n_obs for s in stores)))
+
+
+def test_collection_batches_held_across_epochs_are_exact(tmp_path, pool):
+    stores = pool.many("zarr", "sparse", [40, 33])
+    collection = DatasetCollection(tmp_path / "c.zarr", mode="w")
+    collection.add_adatas(
+        [ad.AnnData(X=s.matrix, obs=s.obs) for s in stores], dataset_size=30, progress=False
+    )
+    loader = Loader(
+        chunk_size=4, preload_nchunks=4, batch_size=8, shuffle=True, return_index=True, to=None
+    ).use_collection(DatasetCollection(tmp_path / "c.zarr", mode="r"))
+    held = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        held.append(list(loader))
+    assert loader._buffers.nbytes > 0
+    # The collection is shuffled on build: compare each epoch with one read without reuse.
+    fresh = Loader(chunk_size=73, preload_nchunks=1, batch_size=73, to=None, return_index=True)
+    fresh.use_collection(DatasetCollection(tmp_path / "c.zarr", mode="r"))
+    (whole,) = list(fresh)
+    want = to_numpy(whole["X"])[np.argsort(whole["index"])]
+    for batches in held:
+        seen = []
+        for b in batches:
+            np.testing.assert_array_equal(to_numpy(b["X"]), want[b["index"]])
+            seen.append(b["index"])
+        assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(73))
