@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from annbatch import DatasetCollection, Loader
-from annbatch._core.buffers import BufferPool
+from annbatch._core import buffers
+from annbatch._core.buffers import BufferPool, Lease
 
 from conftest import check_epoch, to_numpy
 
@@ -26,7 +27,7 @@ def test_pool_gives_the_smallest_fitting_buffer_and_keeps_at_most_capacity():
     assert large.nbytes >= 10_000
     pool.give([large, small])
     assert pool.take(50) is small  # the smallest that fits, not the first
-    assert pool.take(50).nbytes >= 50  # large was the only one left and fits
+    assert pool.take(50) is large  # the only one left, and it fits
     assert pool.nbytes == 0
     pool.give([pool.take(1_000), pool.take(2_000), pool.take(3_000)])
     assert len(pool._free) == 2
@@ -61,6 +62,20 @@ def test_a_copied_or_pickled_pool_starts_empty():
     assert pool.nbytes > 0
 
 
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Buffers given back to a pool are overwritten with a marker first: a batch that still
+    pointed into a window's memory would then hold the marker, whatever reused it later."""
+    release = Lease.release
+
+    def poisoning_release(self):
+        for buffer in self._taken:
+            buffer[:] = 0xA5
+        release(self)
+
+    monkeypatch.setattr(Lease, "release", poisoning_release)
+
+
 def _uniform_store(tmp_path, n_obs=600, n_var=40, per_row=5, chunk=64):
     """A zarr AnnData store whose rows all hold ``per_row`` values (every window of a size
     holds the same number of entries)."""
@@ -76,7 +91,7 @@ def _uniform_store(tmp_path, n_obs=600, n_var=40, per_row=5, chunk=64):
     return x, ad.io.sparse_dataset(zarr.open_group(tmp_path / "uniform.zarr", mode="r")["X"])
 
 
-def test_later_windows_and_epochs_reuse_the_first_windows_memory(tmp_path, monkeypatch):
+def test_later_windows_and_epochs_reuse_the_first_windows_memory(tmp_path, monkeypatch, poisoned):
     x, stored = _uniform_store(tmp_path)
     new = []
     take = BufferPool.take
@@ -127,7 +142,7 @@ def test_later_windows_and_epochs_reuse_the_first_windows_memory(tmp_path, monke
     strategy=st.sampled_from([None, "concat-shuffle", "shuffle-concat"]),
 )
 def test_held_batches_of_several_epochs_equal_the_stored_rows(
-    pool, chunk, preload, batch, read_ahead, shuffle, to, dense, strategy
+    pool, poisoned, chunk, preload, batch, read_ahead, shuffle, to, dense, strategy
 ):
     """Batches kept across windows and epochs (a user's list, a replay buffer) hold the stored
     rows and obs, whatever reused the windows' memory after them."""
@@ -157,7 +172,7 @@ def test_held_batches_of_several_epochs_equal_the_stored_rows(
         assert np.array_equal(np.sort(order), np.arange(sum(s.n_obs for s in stores)))
 
 
-def test_collection_batches_held_across_epochs_are_exact(tmp_path, pool):
+def test_collection_batches_held_across_epochs_are_exact(tmp_path, pool, poisoned):
     stores = pool.many("zarr", "sparse", [40, 33])
     collection = DatasetCollection(tmp_path / "c.zarr", mode="w")
     collection.add_adatas(
@@ -182,3 +197,63 @@ def test_collection_batches_held_across_epochs_are_exact(tmp_path, pool):
             np.testing.assert_array_equal(to_numpy(b["X"]), want[b["index"]])
             seen.append(b["index"])
         assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(73))
+
+
+def test_windows_abandoned_by_a_break_give_their_memory_back(tmp_path, monkeypatch, poisoned):
+    x, stored = _uniform_store(tmp_path)
+    created = []
+    anonymous = buffers._anonymous
+
+    def recording(nbytes):
+        created.append(anonymous(nbytes))
+        return created[-1]
+
+    monkeypatch.setattr(buffers, "_anonymous", recording)
+    loader = Loader(
+        chunk_size=10, preload_nchunks=6, batch_size=20, shuffle=True, return_index=True, to=None
+    ).add_dataset(stored)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for k, batch in enumerate(loader):
+            np.testing.assert_array_equal(batch["X"].toarray(), x[batch["index"]].toarray())
+            if k == 4:
+                break  # mid-window, with the next window being read ahead
+        # the epoch's read threads have stopped: every buffer ever made is back in the pool
+        assert len(created) <= loader._buffers._capacity
+        assert {id(b) for b in loader._buffers._free} == {id(b) for b in created}
+    loader.set_epoch(3)
+    order = np.concatenate([b["index"] for b in loader])
+    np.testing.assert_array_equal(np.sort(order), np.arange(x.shape[0]))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+def test_fork_workers_after_an_epoch_in_the_parent_read_into_memory_of_their_own(
+    tmp_path, poisoned
+):
+    """A Loader iterated in the parent holds pooled memory; DataLoader workers forked from it
+    start with empty pools, and whatever they write never reaches the parent's buffers."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    x, stored = _uniform_store(tmp_path)
+    loader = Loader(
+        chunk_size=10, preload_nchunks=6, batch_size=20, shuffle=True, return_index=True, to=None
+    ).add_dataset(stored)
+    held = list(loader)  # the parent's pool now holds memory
+    assert loader._buffers.nbytes > 0
+    before = [b.copy() for b in loader._buffers._free]
+    workers = DataLoader(loader, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    for epoch in range(2):
+        loader.set_epoch(epoch + 1)
+        seen = []
+        for batch in workers:
+            index = np.asarray(batch["index"])
+            np.testing.assert_array_equal(batch["X"].toarray(), x[index].toarray())
+            seen.append(index)
+        np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(x.shape[0]))
+    for old, now in zip(before, loader._buffers._free, strict=True):
+        np.testing.assert_array_equal(old, now)  # no worker wrote into the parent's memory
+    for batch in held:
+        np.testing.assert_array_equal(batch["X"].toarray(), x[batch["index"]].toarray())
+    del torch

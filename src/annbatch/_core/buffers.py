@@ -6,14 +6,18 @@ allocations of more than 32 MiB back to the kernel as soon as they are freed, so
 reuse every window of every epoch was read into fresh memory (page faults, the kernel
 zeroing pages). A :class:`BufferPool` keeps those arrays' memory and hands it out again:
 each window takes a :class:`Lease`, reads into arrays from :meth:`Lease.allocate`, and gives
-them back with :meth:`Lease.release` once every batch has been cut. Measured
+them back with :meth:`Lease.release` once every batch has been cut. An epoch takes its leases
+through a :class:`Scope`, which gives back those of windows abandoned mid-epoch (a ``break``)
+once the epoch's read threads have stopped. Measured
 (``benchmarks/first_epoch.py``, 200,000 x 20,000, 1,500 values per row, a collection): later
 epochs 1.17-1.35x the rows/s without the pool.
 
-Pool memory is mapped from the kernel in ordinary pages (not huge pages, which numpy asks
-for from 4 MiB on): on our virtual machines the first touch of fresh huge pages cost ~3.2 s
-per GiB against ~0.7 s in ordinary pages, and memory the pool reuses costs nothing either
-way; pages of a buffer's headroom that a window never writes are never touched.
+Pool memory is a private anonymous mapping in ordinary pages (not huge pages, which numpy
+asks for from 4 MiB on): on our virtual machines the first touch of fresh huge pages cost
+~3.2 s per GiB against ~0.7 s in ordinary pages, and memory the pool reuses costs nothing
+either way; pages of a buffer's headroom that a window never writes are never touched.
+Private, so that a process forked after an epoch (a DataLoader worker under ``fork``) writes
+into copies of its own; the child also starts with every pool empty.
 
 Only memory that no batch can point into is pooled: the roles ``"data"`` and ``"indices"``
 (CSR batches are cut by copying rows). Dense windows, whose batches may be views of the
@@ -23,7 +27,9 @@ window, always get new memory.
 from __future__ import annotations
 
 import mmap
+import os
 import threading
+import weakref
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,7 +50,7 @@ class BufferPool:
     Thread-safe. At most ``capacity`` buffers are kept while free; a window that needs more
     memory than any free buffer holds gets a new one (a larger buffer replaces the smallest
     when the pool is full). Buffers are held until the pool is garbage collected or
-    :meth:`clear` is called.
+    :meth:`clear` is called. A forked child process starts with the pool empty.
 
     Parameters
     ----------
@@ -57,12 +63,17 @@ class BufferPool:
         self._capacity = capacity
         self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
+        _POOLS.add(self)
 
     @property
     def nbytes(self) -> int:
         """Bytes held in free buffers."""
         with self._lock:
             return sum(b.nbytes for b in self._free)
+
+    def scope(self) -> Scope:
+        """Leases for one epoch (see :class:`Scope`)."""
+        return Scope(self)
 
     def lease(self) -> Lease:
         """A new lease: the buffers one window reads into."""
@@ -85,9 +96,14 @@ class BufferPool:
             del self._free[self._capacity :]
 
     def clear(self) -> None:
-        """Drop every free buffer (their memory goes back to the allocator)."""
+        """Drop every free buffer (their memory goes back to the kernel)."""
         with self._lock:
             self._free = []
+
+    def _after_fork(self) -> None:
+        # The parent's lock may have been held by one of its threads at the fork.
+        self._lock = threading.Lock()
+        self._free = []
 
     def __getstate__(self) -> dict[str, object]:
         # A copy of a Loader (pickled to a DataLoader worker) starts with an empty pool.
@@ -97,6 +113,7 @@ class BufferPool:
         self._capacity = int(state["_capacity"])  # type: ignore[call-overload]
         self._free = []
         self._lock = threading.Lock()
+        _POOLS.add(self)
 
 
 class Lease:
@@ -104,8 +121,7 @@ class Lease:
     takes from the pool, and :meth:`release` to give everything back at once.
 
     Release only when nothing reads or writes the arrays any more (every batch cut); a
-    lease never released (a window abandoned mid-read) just leaves its buffers to the
-    garbage collector.
+    lease never released just leaves its buffers to the garbage collector.
     """
 
     def __init__(self, pool: BufferPool) -> None:
@@ -136,6 +152,50 @@ class Lease:
             self._pool.give(taken)
 
 
+class Scope:
+    """The leases of one epoch: :meth:`lease` as :class:`BufferPool` has it, and
+    :meth:`close` to give back every lease not yet released (windows abandoned mid-epoch,
+    whose batch cutting was cancelled).
+
+    Close only once the epoch's read threads have stopped (nothing can still write into or
+    cut from its windows). Leases of other epochs over the same pool are left alone.
+    """
+
+    def __init__(self, pool: BufferPool) -> None:
+        self._pool = pool
+        self._leases: list[Lease] = []
+        self._lock = threading.Lock()
+
+    def lease(self) -> Lease:
+        """A new lease of the pool, given back by :meth:`close` at the latest."""
+        lease = self._pool.lease()
+        with self._lock:
+            self._leases.append(lease)
+        return lease
+
+    def close(self) -> None:
+        """Release every lease of this scope (those released already give nothing)."""
+        with self._lock:
+            leases, self._leases = self._leases, []
+        for lease in leases:
+            lease.release()
+
+
+_POOLS: weakref.WeakSet[BufferPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_POOLS):
+        pool._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _anonymous(nbytes: int) -> np.ndarray:
-    """``nbytes`` of new memory mapped straight from the kernel, in ordinary pages."""
-    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.uint8)
+    """``nbytes`` of new memory: a private anonymous mapping, in ordinary pages."""
+    memory = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(memory, dtype=np.uint8)

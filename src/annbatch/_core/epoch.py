@@ -136,6 +136,7 @@ class Epoch:
             copier = gpu.CopyStream(executor, threads)  # made in the thread that uses it
         else:
             executor = ThreadPoolExecutor(threads, thread_name_prefix="annbatch-read")
+        scope = None if self.buffers is None else self.buffers.scope()
         try:
             for request in self._requests(int(offsets[-1]), shard):
                 yield load_window(
@@ -150,7 +151,7 @@ class Epoch:
                     copier=copier,
                     obs=self.obs,
                     densify=self.dense,
-                    buffers=self.buffers,
+                    buffers=scope,
                 )
         except ReadCancelled:
             return
@@ -160,6 +161,8 @@ class Epoch:
             # Stopped early: drop batch cutting nobody will wait for. At the end of an epoch,
             # the last window's batches may still be being cut: let them finish.
             executor.shutdown(wait=True, cancel_futures=stop.is_set())
+            if scope is not None:  # no thread touches the epoch's windows any more
+                scope.close()
 
     def _requests(self, n_obs: int, shard: WorkerShard) -> Iterable[ChunkRequest]:
         """This process's (``shard``'s) load requests of the epoch, without the :attr:`skip`

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from annbatch._core.assembler import ConcatStrategy
-    from annbatch._core.buffers import BufferPool
+    from annbatch._core.buffers import Scope
     from annbatch._core.obs import ObsRows
     from annbatch._core.sources import RowSource
     from annbatch.abc._sampler import ChunkRequest
@@ -71,7 +71,7 @@ def load_window(
     copier: gpu.CopyStream | None = None,
     obs: ObsRows | None = None,
     densify: bool = False,
-    buffers: BufferPool | None = None,
+    buffers: Scope | None = None,
 ) -> Window:
     """Read one load request and cut it into batches (on the GPU, given a ``copier``).
 
@@ -95,8 +95,9 @@ def load_window(
     densify
         Make sparse batches dense where they are cut (CPU path only; dense rows already are).
     buffers
-        Where a sparse window's arrays come from on the CPU path, and go back to once its
-        batches are cut (None: new memory for every window).
+        The epoch's leases of the Loader's window memory: where a sparse window's arrays
+        come from on the CPU path, and go back to once its batches are cut (None: new
+        memory for every window).
     """
     splits = request.splits
     if splits is None:
