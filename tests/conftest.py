@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -189,3 +190,23 @@ def check_epoch(batches: list[dict[str, Any]], stores: list[Store]) -> np.ndarra
         pd.testing.assert_frame_equal(batch["obs"], want_obs.iloc[index])
         order.append(index)
     return np.concatenate(order) if order else np.empty(0, dtype=np.int64)
+
+
+FORKSERVER_PRELOAD = ["annbatch", "anndata", "torch", "tests._build_child"]
+"""What the tests' forkserver imports once, for every process forked from it: one list for
+every test, since the first test of a pytest process to start the server decides."""
+
+
+def worker_context(start: str = "forkserver") -> Any:
+    """A multiprocessing context for DataLoader workers (and build children) in tests.
+
+    ``forkserver`` (the default) forks each worker from a server that has imported annbatch
+    and torch once; under ``spawn`` every worker imports them again (4-6 s a worker on two
+    busy cores). The Loader reaches a worker pickled either way. Not ``fork``: a forked worker
+    inherits whatever threads other tests' imports (jax) started. Tests about ``spawn`` itself
+    pass ``"spawn"``.
+    """
+    context = multiprocessing.get_context(start)
+    if start == "forkserver":
+        context.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return context

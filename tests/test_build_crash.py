@@ -10,7 +10,6 @@ has annbatch imported already.
 
 from __future__ import annotations
 
-import multiprocessing
 import shutil
 import signal
 import warnings
@@ -26,6 +25,8 @@ from tests import _build_child
 from annbatch import DatasetCollection, Loader
 from annbatch.collection import _build
 from annbatch.errors import IncompleteCollectionError
+
+from conftest import worker_context
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -76,9 +77,7 @@ def _steps(out: Path, inputs: list[str], **extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def fork():
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["annbatch", "anndata", "tests._build_child"])
-    return context
+    return worker_context("forkserver")
 
 
 def _run(fork, out: Path, inputs: list[str], kill_at: int | None, **extra) -> int:

@@ -16,7 +16,7 @@ from annbatch import ChunkSampler, Loader
 from annbatch._core.workers import delivered_per_worker
 from annbatch.errors import InvalidArgumentError
 
-from conftest import check_epoch
+from conftest import check_epoch, worker_context
 
 
 def _epoch_rows(sampler: ChunkSampler, n_obs: int) -> list[np.ndarray]:
@@ -312,8 +312,10 @@ def test_ddp_ranks_read_disjoint_complete_shares(pool, tmp_path, world_size, wor
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
-@pytest.mark.parametrize("stop_after", [0, 3, 7, 14])
-def test_resume_under_dataloader_workers(pool, stop_after):
+@pytest.mark.parametrize(
+    ("stop_after", "start"), [(0, "forkserver"), (3, "forkserver"), (7, "spawn"), (14, "forkserver")]
+)
+def test_resume_under_dataloader_workers(pool, stop_after, start):
     from torch.utils.data import DataLoader
 
     stores = pool.many("zarr", "sparse", (37, 21))
@@ -332,7 +334,9 @@ def test_resume_under_dataloader_workers(pool, stop_after):
         return lo
 
     def batches(lo):
-        return DataLoader(lo, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+        return DataLoader(
+            lo, batch_size=None, num_workers=2, multiprocessing_context=worker_context(start)
+        )
 
     first = loader(1)
     iterator = iter(batches(first))

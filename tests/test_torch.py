@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from annbatch import Loader
 from annbatch._core.convert import to_torch
 
-from conftest import check_epoch
+from conftest import check_epoch, worker_context
 
 
 def test_loader_is_an_iterable_dataset():
@@ -75,25 +75,27 @@ more_workers_than_cores = pytest.mark.filterwarnings(
 )
 
 
-def _epoch(loader: Loader, **dataloader_kwargs) -> list[dict]:
-    dl = DataLoader(loader, batch_size=None, multiprocessing_context="spawn", **dataloader_kwargs)
+def _epoch(loader: Loader, start: str = "spawn", **dataloader_kwargs) -> list[dict]:
+    dl = DataLoader(
+        loader, batch_size=None, multiprocessing_context=worker_context(start), **dataloader_kwargs
+    )
     return list(dl)
 
 
 @pytest.mark.slow
 @more_workers_than_cores
 @pytest.mark.parametrize(
-    ("fmt", "kind", "num_workers", "chunk_size", "preload_nchunks", "batch_size"),
+    ("fmt", "kind", "num_workers", "chunk_size", "preload_nchunks", "batch_size", "start"),
     [
-        ("zarr", "sparse", 2, 1, 16, 8),
-        ("zarr", "dense", 3, 4, 2, 4),
-        ("h5ad", "sparse", 2, 1, 8, 8),
-        ("h5ad", "dense", 2, 5, 3, 5),
-        ("memory", "sparse", 2, 1, 32, 16),
+        ("zarr", "sparse", 2, 1, 16, 8, "spawn"),
+        ("zarr", "dense", 3, 4, 2, 4, "forkserver"),
+        ("h5ad", "sparse", 2, 1, 8, 8, "forkserver"),
+        ("h5ad", "dense", 2, 5, 3, 5, "spawn"),
+        ("memory", "sparse", 2, 1, 32, 16, "forkserver"),
     ],
 )
 def test_dataloader_workers_yield_every_row_once(
-    pool, fmt, kind, num_workers, chunk_size, preload_nchunks, batch_size
+    pool, fmt, kind, num_workers, chunk_size, preload_nchunks, batch_size, start
 ):
     stores = pool.many(fmt, kind, [41, 30])
     loader = Loader(
@@ -105,9 +107,9 @@ def test_dataloader_workers_yield_every_row_once(
         rng=np.random.default_rng(0),
     ).add_anndatas([s.adata() for s in stores])
     torch.manual_seed(0)
-    first = check_epoch(_epoch(loader, num_workers=num_workers), stores)
+    first = check_epoch(_epoch(loader, start, num_workers=num_workers), stores)
     assert sorted(first) == list(range(71))
-    second = check_epoch(_epoch(loader, num_workers=num_workers), stores)
+    second = check_epoch(_epoch(loader, start, num_workers=num_workers), stores)
     assert sorted(second) == list(range(71))
     assert not np.array_equal(first, second), "the second epoch repeated the first"
 
