@@ -313,7 +313,8 @@ def test_ddp_ranks_read_disjoint_complete_shares(pool, tmp_path, world_size, wor
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 @pytest.mark.parametrize(
-    ("stop_after", "start"), [(0, "forkserver"), (3, "forkserver"), (7, "spawn"), (14, "forkserver")]
+    ("stop_after", "start"),
+    [(0, "forkserver"), (3, "forkserver"), (7, "spawn"), (14, "forkserver")],
 )
 def test_resume_under_dataloader_workers(pool, stop_after, start):
     from torch.utils.data import DataLoader
