@@ -62,6 +62,7 @@ napoleon_use_param = True
 myst_enable_extensions = ["colon_fence", "deflist"]
 nb_execution_mode = "force"  # every build runs every tutorial (nothing cached)
 nb_execution_timeout = 120
+nb_execution_in_temp = False  # cells run in their page's folder (object-storage.md finds the example)
 nb_execution_raise_on_error = True  # a failing cell fails the build
 nb_execution_show_tb = True
 nb_merge_streams = True

@@ -243,7 +243,9 @@ def test_fork_workers_after_an_epoch_in_the_parent_read_into_memory_of_their_own
     held = list(loader)  # the parent's pool now holds memory
     assert loader._buffers.nbytes > 0
     before = [b.copy() for b in loader._buffers._free]
-    workers = DataLoader(loader, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    workers = DataLoader(  # a timeout: a forked worker that deadlocks fails instead of hanging
+        loader, batch_size=None, num_workers=2, multiprocessing_context="fork", timeout=60
+    )
     for epoch in range(2):
         loader.set_epoch(epoch + 1)
         seen = []

@@ -10,7 +10,7 @@ them back with :meth:`Lease.release` once every batch has been cut. An epoch tak
 through a :class:`Scope`, which gives back those of windows abandoned mid-epoch (a ``break``)
 once the epoch's read threads have stopped. Measured
 (``benchmarks/first_epoch.py``, 200,000 x 20,000, 1,500 values per row, a collection): later
-epochs 1.17-1.35x the rows/s without the pool.
+epochs 1.13-1.35x the rows/s without the pool.
 
 Pool memory is a private anonymous mapping in ordinary pages (not huge pages, which numpy
 asks for from 4 MiB on): on our virtual machines the first touch of fresh huge pages cost
@@ -194,7 +194,10 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 
 def _anonymous(nbytes: int) -> np.ndarray:
-    """``nbytes`` of new memory: a private anonymous mapping, in ordinary pages."""
+    """``nbytes`` of new memory: a private anonymous mapping, in ordinary pages (where the
+    platform has no such mappings, numpy's memory)."""
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows
+        return np.empty(max(nbytes, 1), dtype=np.uint8)
     memory = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
         memory.madvise(mmap.MADV_NOHUGEPAGE)
