@@ -4,6 +4,7 @@ asked for, and a Loader that pickles to a handle, not to the data."""
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import shutil
 from typing import TYPE_CHECKING
@@ -140,6 +141,81 @@ def test_obs_values_and_alignment_exact(
     )
     seen = np.concatenate([_check_batch(b, expected, names=names) for b in loader])
     np.testing.assert_array_equal(np.sort(seen), np.arange(sum(SIZES)))  # each row once
+
+
+def _uids(loader: Loader) -> np.ndarray:
+    """The uid of each row of ``loader``'s collection, from X (one unshuffled epoch)."""
+    uid = np.empty(loader.n_obs, dtype=np.int64)
+    for batch in loader:
+        uid[batch["index"]] = np.asarray(batch["X"][:, [0]].toarray()).ravel()
+    return uid
+
+
+@st.composite
+def _runs(draw, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted, disjoint runs of ``range(n_rows)`` and positions into their rows (any order,
+    repeats allowed, as a sampler drawing with replacement gives)."""
+    edges = sorted(draw(st.sets(st.integers(0, n_rows), min_size=2, max_size=12)))
+    pairs = list(itertools.pairwise(edges))
+    keep = draw(st.lists(st.booleans(), min_size=len(pairs), max_size=len(pairs)))
+    pairs = [p for p, k in zip(pairs, keep, strict=True) if k] or pairs[:1]
+    starts = np.array([a for a, _ in pairs], dtype=np.int64)
+    stops = np.array([b for _, b in pairs], dtype=np.int64)
+    n = int(np.sum(stops - starts))
+    positions = np.array(
+        draw(st.lists(st.integers(0, n - 1), min_size=0, max_size=3 * n)), dtype=np.int64
+    )
+    return starts, stops, positions
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(runs=_runs(sum(SIZES)), names=st.booleans())
+def test_obs_of_sorted_runs_equal_obs_of_their_rows(built, runs, names):
+    """What a window's reads hand the obs reader (its rows as sorted runs, possibly across
+    datasets, and each batch row's place in them) gives what the rows themselves give."""
+    path, expected = built
+    loader = _loader(path, batch_size=10, obs_index=names)
+    uid_of_row = _uids(loader)
+    obs = loader._data.obs_rows()
+    starts, stops, positions = runs
+    rows = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops, strict=True)])
+    rows = rows[positions]
+    got = obs.take_runs(starts, stops, positions)
+    pd.testing.assert_frame_equal(got, obs.take(rows))
+    np.testing.assert_array_equal(got["uid"].to_numpy(), uid_of_row[rows])  # aligned with X
+    want = expected.iloc[uid_of_row[rows]]
+    for column in expected.columns:
+        g, w = got[column], want[column]
+        np.testing.assert_array_equal(g.isna().to_numpy(), w.isna().to_numpy())
+        np.testing.assert_array_equal(g[~g.isna()].to_numpy(), w[~w.isna()].to_numpy())
+    if names:
+        np.testing.assert_array_equal(got.index.to_numpy(), want.index.to_numpy())
+    else:
+        np.testing.assert_array_equal(got.index.to_numpy(), rows)
+
+
+@pytest.mark.parametrize(
+    ("starts", "stops", "offsets", "cut"),
+    [
+        ([0], [10], [0, 10], [(0, 10, 0)]),
+        ([5, 12], [8, 30], [0, 10, 20, 40], [(5, 8, 0), (12, 20, 1), (20, 30, 2)]),
+        # empty datasets (offsets that repeat) get no runs
+        ([50], [150], [0, 100, 100, 200], [(50, 100, 0), (100, 150, 2)]),
+        ([0], [300], [0, 100, 100, 100, 200, 300], [(0, 100, 0), (100, 200, 3), (200, 300, 4)]),
+        ([], [], [0, 5], []),
+    ],
+)
+def test_runs_are_cut_where_datasets_begin(starts, stops, offsets, cut):
+    from annbatch._core.obs import _split_runs
+
+    a, b, d = _split_runs(
+        np.array(starts, dtype=np.int64),
+        np.array(stops, dtype=np.int64),
+        np.array(offsets, dtype=np.int64),
+    )
+    assert list(zip(a.tolist(), b.tolist(), d.tolist(), strict=True)) == cut
 
 
 @pytest.mark.slow

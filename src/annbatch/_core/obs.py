@@ -28,7 +28,7 @@ from annbatch._core.chunks.small import read_stacked, stack_bases
 from annbatch._core.failures import store_errors
 from annbatch._core.frames import describe_column, read_frame
 from annbatch._core.members import get_member, member
-from annbatch._core.ranges import runs_of
+from annbatch._core.ranges import expand_ranges, runs_of
 from annbatch.errors import AnnbatchError, CorruptDataError, UnsupportedDatasetError
 
 if TYPE_CHECKING:
@@ -183,14 +183,26 @@ class StoredObs:
         """Rows ``rows`` (this dataset's positions, any order, repeats allowed) of every
         column, in that order, as :meth:`build` takes them (categoricals as codes)."""
         rows = np.asarray(rows, dtype=np.int64)
+        return self.read_runs(*runs_of(rows), rows)
+
+    def read_runs(
+        self,
+        starts: np.ndarray,
+        stops: np.ndarray,
+        positions: np.ndarray,
+        rows: np.ndarray | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`read` of the rows ``expand_ranges(starts, stops)[positions]`` (``rows``, if
+        given): the runs ``starts[i]:stops[i]`` sorted and disjoint, so no sort is needed."""
         out: dict[str, Any] = {}
         if self._windowed:
-            starts, stops, positions = runs_of(rows)
             n = int(np.sum(stops - starts))
             for name, c in self._windowed.items():
                 out[name] = c.read(starts, stops, n)[positions]
         for name in self.columns:
             if name not in out:
+                if rows is None:
+                    rows = expand_ranges(starts, stops)[positions]
                 out[name] = self._held[name].take(rows)
         return out
 
@@ -211,9 +223,22 @@ class StoredObs:
         """Rows ``rows`` (this dataset's positions, any order, repeats allowed), indexed by the
         cell names if they were read, else by ``rows``."""
         rows = np.asarray(rows, dtype=np.int64)
+        return self.take_runs(*runs_of(rows), rows)
+
+    def take_runs(
+        self,
+        starts: np.ndarray,
+        stops: np.ndarray,
+        positions: np.ndarray,
+        rows: np.ndarray | None = None,
+    ) -> pd.DataFrame:
+        """:meth:`take` of the rows ``expand_ranges(starts, stops)[positions]`` (``rows``, if
+        given; see :meth:`read_runs`)."""
+        if rows is None:
+            rows = expand_ranges(starts, stops)[positions]
         names = self.names(rows)
         index = pd.Index(rows) if names is None else pd.Index(names, name=self.index_name)
-        return self.build(self.read(rows), index)
+        return self.build(self.read_runs(starts, stops, positions, rows), index)
 
     def frame(self) -> pd.DataFrame:
         """All rows (read now, every call)."""
@@ -411,10 +436,45 @@ class ObsRows:
         if self._frame is not None:
             return self._frame.iloc[rows]
         rows = np.asarray(rows, dtype=np.int64)
+        return self.take_runs(*runs_of(rows), rows)
+
+    def take_runs(
+        self,
+        starts: np.ndarray,
+        stops: np.ndarray,
+        positions: np.ndarray,
+        rows: np.ndarray | None = None,
+    ) -> pd.DataFrame:
+        """:meth:`take` of the global rows ``expand_ranges(starts, stops)[positions]``
+        (``rows``, if given), where the runs ``starts[i]:stops[i]`` are sorted and disjoint:
+        a window's reads already are, so its obs are read without sorting its rows."""
+        if rows is None and (self._frame is not None or self._stack is None):
+            rows = expand_ranges(starts, stops)[positions]
+        if self._frame is not None:
+            return self._frame.iloc[rows]
+        starts, stops, run_dataset = _split_runs(starts, stops, self._offsets)
+        if run_dataset.size and run_dataset[0] == run_dataset[-1]:  # sorted: one dataset
+            d = int(run_dataset[0])
+            table = self._tables[d]
+            base = int(self._offsets[d])
+            if isinstance(table, StoredObs):
+                out = table.take_runs(starts - base, stops - base, positions)
+                if not table.has_index:
+                    out.index = pd.Index(
+                        expand_ranges(starts, stops)[positions] if rows is None else rows
+                    )
+                return out
+        if self._stack is not None:  # one pass over all datasets: no grouping by dataset
+            return self._stack.take_runs(starts, stops, positions, run_dataset, self._offsets)
+        assert rows is not None
+        return self._take_rows(rows)
+
+    def _take_rows(self, rows: np.ndarray) -> pd.DataFrame:
+        """:meth:`take` dataset by dataset (rows of several datasets that are not stacked)."""
         dataset = np.searchsorted(self._offsets, rows, side="right") - 1
         present = np.unique(dataset)
-        if present.size == 1:
-            return self._take_one(int(present[0]), rows)
+        if present.size <= 1:
+            return self._take_one(int(present[0]) if present.size else 0, rows)
         order = np.argsort(dataset, kind="stable")  # rows grouped by dataset, in order
         back = np.empty_like(order)
         back[order] = np.arange(order.size)
@@ -424,8 +484,6 @@ class ObsRows:
         if not self._columnar:
             parts = [self._take_one(int(d), g) for d, g in zip(present, groups, strict=True)]
             return pd.concat(parts, axis=0).iloc[back]
-        if self._stack is not None:
-            return self._stack.take(rows, dataset, self._offsets)
         tables = [t for d in present if isinstance(t := self._tables[int(d)], StoredObs)]
         local = [g - self._offsets[int(d)] for d, g in zip(present, groups, strict=True)]
         reads = [t.read(part) for t, part in zip(tables, local, strict=True)]
@@ -445,6 +503,37 @@ class ObsRows:
         if not table.has_index:
             out.index = pd.Index(rows)
         return out
+
+
+def _split_runs(
+    starts: np.ndarray, stops: np.ndarray, offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted, disjoint global runs cut where a dataset begins (``offsets``: where each does,
+    then the total), and the dataset of each run. The runs' rows stay in their order."""
+    first = np.searchsorted(offsets, starts, side="right") - 1
+    last = np.searchsorted(offsets, stops - 1, side="right") - 1
+    if np.array_equal(first, last):
+        return starts, stops, first
+    cut_starts, cut_stops, cut_ds = [], [], []
+    for a, b, d, e in zip(
+        starts.tolist(), stops.tolist(), first.tolist(), last.tolist(), strict=True
+    ):
+        while d < e:  # skips datasets without rows: offsets repeat, and side="right" above
+            end = int(offsets[d + 1])
+            if end > a:
+                cut_starts.append(a)
+                cut_stops.append(end)
+                cut_ds.append(d)
+                a = end
+            d += 1
+        cut_starts.append(a)
+        cut_stops.append(b)
+        cut_ds.append(e)
+    return (
+        np.array(cut_starts, dtype=np.int64),
+        np.array(cut_stops, dtype=np.int64),
+        np.array(cut_ds, dtype=np.int64),
+    )
 
 
 def _join(parts: list[Any]) -> Any:
@@ -491,12 +580,20 @@ class _Stack:
                 bases = found
         return None if bases is None else cls(tables, bases)
 
-    def take(self, rows: np.ndarray, dataset: np.ndarray, offsets: np.ndarray) -> pd.DataFrame:
-        """The obs of global rows ``rows`` (of datasets ``dataset``; ``offsets``: where each
-        dataset begins), in that order."""
+    def take_runs(
+        self,
+        starts: np.ndarray,
+        stops: np.ndarray,
+        positions: np.ndarray,
+        run_dataset: np.ndarray,
+        offsets: np.ndarray,
+    ) -> pd.DataFrame:
+        """The obs of the global rows ``expand_ranges(starts, stops)[positions]``, in that
+        order: ``starts[i]:stops[i]`` sorted, disjoint, each within dataset
+        ``run_dataset[i]`` (``offsets``: where each dataset begins)."""
         first = self.tables[0]
-        local = rows - offsets[dataset]
-        starts, stops, positions = runs_of(local + self.bases[dataset])
+        shift = self.bases[run_dataset] - offsets[run_dataset]  # global -> stacked rows
+        starts, stops = starts + shift, stops + shift
         n = int(np.sum(stops - starts))
         out: dict[str, Any] = {}
         for name, parts in self.columns.items():
@@ -514,11 +611,14 @@ class _Stack:
                 return names[int(np.searchsorted(self.bases, row, side="right")) - 1]
 
             out[name] = first._windowed[name].finish(read, what)[positions]
-        present = np.unique(dataset)
         held = [name for name in first.columns if name not in out]
+        rows = expand_ranges(starts - shift, stops - shift)[positions]  # global rows
         index = pd.Index(rows)
         names_of_rows = np.empty(rows.size, dtype=object) if first.has_index else None
         if held or names_of_rows is not None:
+            dataset = np.repeat(run_dataset, stops - starts)[positions]
+            local = rows - offsets[dataset]
+            present = np.unique(run_dataset) if run_dataset.size else np.zeros(1, np.int64)
             parts_of: dict[str, list[Any]] = {name: [] for name in held}
             where = []
             for d in present.tolist():

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from annbatch._core.assembler import ConcatStrategy
     from annbatch._core.buffers import Scope
     from annbatch._core.obs import ObsRows
+    from annbatch._core.planner import ReadPlan
     from annbatch._core.sources import RowSource
     from annbatch.abc._sampler import ChunkRequest
 
@@ -130,7 +131,7 @@ def load_window(
     plan = plan_reads(request.chunks, offsets, grids)
     splits = [plan.positions[s] for s in splits]  # request order -> memory order
     indices = [plan.index[s] for s in splits]
-    window_obs = _read_obs(obs, indices, executor)
+    window_obs = _read_planned_obs(obs, plan, offsets, splits, executor)
     lease = buffers.lease() if buffers is not None and copier is None else None
     if lease is not None:
         allocate = lease.allocate
@@ -163,6 +164,23 @@ def _read_obs(
     if obs is None or not indices:
         return None
     return executor.submit(obs.take, np.concatenate(indices))
+
+
+def _read_planned_obs(
+    obs: ObsRows | None,
+    plan: ReadPlan,
+    offsets: np.ndarray,
+    splits: Sequence[np.ndarray],
+    executor: Executor,
+) -> Future[pd.DataFrame] | None:
+    """:func:`_read_obs` of a window read by ``plan`` (``splits``: each batch's rows in the
+    window's memory): the plan's reads are the window's rows as sorted runs, so the obs
+    reader needs no sort of its own."""
+    if obs is None or not splits:
+        return None
+    base = offsets[plan.datasets]
+    positions = np.concatenate(splits)
+    return executor.submit(obs.take_runs, plan.starts + base, plan.stops + base, positions)
 
 
 def _result(window_obs: Future[pd.DataFrame] | None) -> pd.DataFrame | None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from annbatch._core.chunks.descriptors import Borrowed
 from annbatch._core.chunks.pieces import copy_pieces, thread_scratch
 from annbatch.errors import CorruptChunkError
 
@@ -53,44 +54,33 @@ class ReadTask:
     def __call__(self) -> None:
         reader, work = self.reader, self.work
         layout = reader.layout
-        files: dict[str, int] = {}
-        try:
-            with reader.read_errors(work):
-                if (
-                    layout.compressor is None
-                    and layout.chunk_shape[1:] == reader.shape[1:]  # chunks hold whole rows
-                    and work.out.flags.c_contiguous
-                ):  # (casts rows to out's dtype if need be)
-                    reader.decode(work, _rows(reader, work, files))
-                else:
-                    reader.decode(work, _chunks(reader, work, files))
-        finally:
-            for fd in files.values():
-                os.close(fd)
+        with Borrowed() as files, reader.read_errors(work):
+            if (
+                layout.compressor is None
+                and layout.chunk_shape[1:] == reader.shape[1:]  # chunks hold whole rows
+                and work.out.flags.c_contiguous
+            ):  # (casts rows to out's dtype if need be)
+                reader.decode(work, _rows(reader, work, files))
+            else:
+                reader.decode(work, _chunks(reader, work, files))
         work.check_filled()
 
 
-def _open(files: dict[str, int], path: str) -> int | None:
-    """A read-only descriptor of ``path``, opened once per task; None: the file does not exist
-    (a chunk never written)."""
-    fd = files.get(path)
-    if fd is None:
-        try:
-            fd = files[path] = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-    return fd
+def _open(reader: ChunkReader, files: Borrowed, path: str, chunk: int) -> int | None:
+    """A read-only descriptor of ``path``, the file of chunk ``chunk`` (kept open between
+    reads if it is a shard); None: the file does not exist (a chunk never written)."""
+    return files.open(reader.owner_of(chunk), path, keep=bool(reader.layout.index_entries))
 
 
 def _chunks(
-    reader: ChunkReader, work: Work, files: dict[str, int]
+    reader: ChunkReader, work: Work, files: Borrowed
 ) -> Iterator[tuple[int, int, int, bytes | None]]:
     """Each chunk of ``work`` read whole, for the decode loop."""
     chunk = work.chunk
     for i, j in zip(*work.chunk_bounds(), strict=True):
         c = int(chunk[i])
         where = reader.locate(c)
-        fd = None if where is None else _open(files, where[0])
+        fd = None if where is None else _open(reader, files, where[0], c)
         if where is None or fd is None:
             yield i, j, c, None
             continue
@@ -105,7 +95,7 @@ def _chunks(
 
 
 def _rows(
-    reader: ChunkReader, work: Work, files: dict[str, int]
+    reader: ChunkReader, work: Work, files: Borrowed
 ) -> Iterator[tuple[int, int, int, memoryview | None]]:
     """Uncompressed chunks of whole rows: the wanted rows' bytes read straight into place;
     only chunks read whole, and chunks never written, go to the decode loop.
@@ -160,7 +150,7 @@ def _rows(
                     "an uncompressed chunk; the store is damaged or truncated"
                 )
                 raise CorruptChunkError(msg)
-            fd = _open(files, path)
+            fd = _open(reader, files, path, c)
             if fd is not None and nbytes < 0 and os.fstat(fd).st_size != stored_bytes:
                 # A file of another size: metadata that does not fit the data (another
                 # dtype or chunk shape) or a damaged file. zarr writes edge chunks whole.

@@ -27,11 +27,13 @@ in part (only the wanted rows' bytes): their checksum is verified only with
 from __future__ import annotations
 
 import math
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from annbatch._core.chunks.codec import check_raw_size, crc32c, decode_into
+from annbatch._core.chunks.descriptors import OPEN_FILES, new_owner
 from annbatch._core.chunks.pieces import copy_pieces
 from annbatch._core.chunks.transport import Work
 from annbatch._core.failures import store_errors
@@ -115,14 +117,27 @@ class ChunkReader:
         self._indexes: dict[int, np.ndarray | None] = {}
         self._paths: dict[int, str] = {}  # shard -> its file
         self._entries: dict[int, list[list[int]]] = {}  # shard -> its index, as lists
+        self._own_files()
+
+    def _own_files(self) -> None:
+        # Local shard files stay open between reads (descriptors.OPEN_FILES), as long as
+        # this reader and its cached shard indexes live.
+        self.owner = new_owner()
+        weakref.finalize(self, OPEN_FILES.forget, self.owner)
+
+    def owner_of(self, chunk: int) -> int:
+        """The token under which the file holding chunk ``chunk`` is kept open
+        (:mod:`~annbatch._core.chunks.descriptors`)."""
+        return self.owner
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers, DDP ranks
         dropped = ("_indexes", "_paths", "_entries")
-        state = {k: v for k, v in self.__dict__.items() if k not in dropped}
+        state = {k: v for k, v in self.__dict__.items() if k not in (*dropped, "owner")}
         return state | {k: {} for k in dropped}  # shard indexes are re-read where needed
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._own_files()
 
     @property
     def rows_per_chunk(self) -> int:

@@ -5,7 +5,8 @@ dozens of datasets. Through :meth:`ChunkReader.tasks <annbatch._core.chunks.read
 each chunk costs ~70 us of Python (a task, the general decode loop, scratch buffers, copies
 sized for large chunks): more than reading X. This module reads the same bytes with the same
 checks in a plain loop, ~10x cheaper per chunk: chunks are located in one vectorised step per
-shard, every file is opened once per call, and each chunk is either
+shard, shard files stay open between calls (:mod:`~annbatch._core.chunks.descriptors`), and
+each chunk is either
 
 - read whole (the reader verifies checksums, or its checksum covers a chunk wanted whole),
   its size and CRC32C checked, and the wanted entries copied out; or
@@ -25,6 +26,7 @@ import google_crc32c
 import numpy as np
 
 from annbatch._core.chunks import stacked
+from annbatch._core.chunks.descriptors import Borrowed
 from annbatch._core.chunks.local import LocalTransport
 from annbatch._core.chunks.reader import chunk_pieces
 from annbatch._core.failures import store_errors
@@ -112,77 +114,70 @@ def read_stacked(
     src_lo_l, src_hi_l, dst_l = src_lo.tolist(), src_hi.tolist(), dst.tolist()
     owner_l, local_l = owner.tolist(), local.tolist()
     dtype = first.dtype
-    files: dict[str, int | None] = {}
     cursor = [0]  # the chunk being located or read, as named in errors
-    try:
-        with (
-            _named(names, lambda: owner_l[cursor[0]]),
-            store_errors(
-                lambda: f"reading {readers[owner_l[cursor[0]]].where(local_l[cursor[0]])}"
-            ),
-        ):
-            last: tuple[int, int] = (-1, -1)
-            entries: list[list[int]] | None = None
-            path: str | None = None
-            for k, (i, j) in enumerate(zip(firsts.tolist(), lasts.tolist(), strict=True)):
-                cursor[0] = k
-                reader, c = readers[owner_l[k]], local_l[k]
-                # Where the chunk is: its shard's index (read and checked once per reader).
-                where: tuple[str, int, int] | None = None
-                own = reader.layout  # shards may differ in size from one array to the next
-                if not own.index_entries:  # unsharded: a file per chunk
-                    where = (reader.shard_path(c), 0, -1)
-                else:
-                    shard, inner = divmod(c, own.chunks_per_shard)
-                    if (owner_l[k], shard) != last:
-                        last = (owner_l[k], shard)
-                        entries = reader.shard_entries(shard)
-                        path = reader.shard_path(shard)
-                    if entries is not None and path is not None:
-                        offset, nbytes = entries[inner * own.index_stride]
-                        if offset != _MISSING:
-                            where = (path, offset, nbytes)
-                if not own.index_entries and where is not None:
-                    # A file per chunk: keep one open at a time (a window may touch thousands).
-                    for other in [p for p in files if p != where[0]]:
-                        if (stale := files.pop(other)) is not None:
-                            os.close(stale)
-                fd = None if where is None else _open(files, where[0])
-                if where is None or fd is None:  # never written: the fill value (or an error)
-                    reader.fill(out, src_lo[i:j], src_hi[i:j], dst[i:j], c)
-                    continue
-                _, offset, nbytes = where
-                if nbytes < 0:  # a chunk that is a file of its own
-                    nbytes = os.fstat(fd).st_size
-                if nbytes != stored:
-                    msg = (
-                        f"{reader.where(c)} holds {nbytes} bytes, not the {stored} of an "
-                        "uncompressed chunk; the store is damaged or truncated"
-                    )
+    with (
+        Borrowed() as files,
+        _named(names, lambda: owner_l[cursor[0]]),
+        store_errors(lambda: f"reading {readers[owner_l[cursor[0]]].where(local_l[cursor[0]])}"),
+    ):
+        last: tuple[int, int] = (-1, -1)
+        entries: list[list[int]] | None = None
+        path: str | None = None
+        for k, (i, j) in enumerate(zip(firsts.tolist(), lasts.tolist(), strict=True)):
+            cursor[0] = k
+            reader, c = readers[owner_l[k]], local_l[k]
+            # Where the chunk is: its shard's index (read and checked once per reader).
+            where: tuple[str, int, int] | None = None
+            own = reader.layout  # shards may differ in size from one array to the next
+            if not own.index_entries:  # unsharded: a file per chunk
+                where = (reader.shard_path(c), 0, -1)
+            else:
+                shard, inner = divmod(c, own.chunks_per_shard)
+                if (owner_l[k], shard) != last:
+                    last = (owner_l[k], shard)
+                    entries = reader.shard_entries(shard)
+                    path = reader.shard_path(shard)
+                if entries is not None and path is not None:
+                    offset, nbytes = entries[inner * own.index_stride]
+                    if offset != _MISSING:
+                        where = (path, offset, nbytes)
+            if not own.index_entries and where is not None:
+                # A file per chunk: keep one open at a time (a window may touch thousands).
+                files.close_others(where[0])
+            fd = None
+            if where is not None:  # shards stay open for later windows
+                fd = files.open(reader.owner, where[0], keep=bool(own.index_entries))
+            if where is None or fd is None:  # never written: the fill value (or an error)
+                reader.fill(out, src_lo[i:j], src_hi[i:j], dst[i:j], c)
+                continue
+            _, offset, nbytes = where
+            if nbytes < 0:  # a chunk that is a file of its own
+                nbytes = os.fstat(fd).st_size
+            if nbytes != stored:
+                msg = (
+                    f"{reader.where(c)} holds {nbytes} bytes, not the {stored} of an "
+                    "uncompressed chunk; the store is damaged or truncated"
+                )
+                raise CorruptChunkError(msg)
+            if whole[k]:
+                encoded = os.pread(fd, stored, offset)
+                if len(encoded) != stored:
+                    msg = f"{reader.where(c)} ends after {len(encoded)} of its {stored} bytes; the store is damaged or truncated"
                     raise CorruptChunkError(msg)
-                if whole[k]:
-                    encoded = os.pread(fd, stored, offset)
-                    if len(encoded) != stored:
-                        msg = f"{reader.where(c)} ends after {len(encoded)} of its {stored} bytes; the store is damaged or truncated"
-                        raise CorruptChunkError(msg)
-                    if checksum and (
-                        google_crc32c.value(encoded[:-4]) != int.from_bytes(encoded[-4:], "little")
-                    ):
-                        msg = f"{reader.where(c)} does not match its CRC32C checksum; the store is damaged"
-                        raise ChecksumMismatchError(msg)
-                    values = np.frombuffer(encoded, dtype=dtype, count=rows)
-                    for lo, hi, at in zip(src_lo_l[i:j], src_hi_l[i:j], dst_l[i:j], strict=True):
-                        out[at : at + hi - lo] = values[lo:hi]
-                    continue
+                if checksum and (
+                    google_crc32c.value(encoded[:-4]) != int.from_bytes(encoded[-4:], "little")
+                ):
+                    msg = f"{reader.where(c)} does not match its CRC32C checksum; the store is damaged"
+                    raise ChecksumMismatchError(msg)
+                values = np.frombuffer(encoded, dtype=dtype, count=rows)
                 for lo, hi, at in zip(src_lo_l[i:j], src_hi_l[i:j], dst_l[i:j], strict=True):
-                    into = out[at : at + hi - lo]
-                    if os.preadv(fd, [into.data], offset + lo * itemsize) != into.nbytes:
-                        msg = f"{reader.where(c)} ends before the entries it stores (the file is truncated); the store is damaged"
-                        raise CorruptChunkError(msg)
-    finally:
-        for fd in files.values():
-            if fd is not None:
-                os.close(fd)
+                    out[at : at + hi - lo] = values[lo:hi]
+                continue
+            for lo, hi, at in zip(src_lo_l[i:j], src_hi_l[i:j], dst_l[i:j], strict=True):
+                into = out[at : at + hi - lo]
+                if os.preadv(fd, [into.data], offset + lo * itemsize) != into.nbytes:
+                    msg = f"{reader.where(c)} ends before the entries it stores (the file is truncated); the store is damaged"
+                    raise CorruptChunkError(msg)
 
 
 @contextmanager
@@ -195,18 +190,6 @@ def _named(names: Sequence[str] | None, which: Callable[[], int]) -> Iterator[No
             raise
         msg = f"{what}: {e}"
         raise type(e)(msg) from e
-
-
-def _open(files: dict[str, int | None], path: str) -> int | None:
-    """A read-only descriptor of ``path``, opened once per call; None: no such file."""
-    if path in files:
-        return files[path]
-    try:
-        fd: int | None = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        fd = None
-    files[path] = fd
-    return fd
 
 
 def read_rows(reader: ChunkReader, starts: np.ndarray, stops: np.ndarray, out: np.ndarray) -> None:

@@ -118,6 +118,13 @@ class StackedReader(ChunkReader):
         k = np.searchsorted(first, chunks, side="right") - 1
         return np.minimum(rows, self._lengths[k] - (chunks - first[k]) * rows)
 
+    def _own_files(self) -> None:  # a stack lives for one window: its files are its arrays'
+        self.owner = -1
+
+    def owner_of(self, chunk: int) -> int:
+        reader, local = self._owner(chunk)
+        return reader.owner_of(local)
+
     def locate(self, chunk: int) -> tuple[str, int, int] | None:
         reader, local = self._owner(chunk)
         return reader.locate(local)

@@ -1,0 +1,194 @@
+"""Shard files kept open between windows (``annbatch._core.chunks.descriptors``): a read never
+has its descriptor closed under it, idle ones are bounded, a reader's go with it, a collection
+rebuilt in place is read anew by a new Loader, and a forked child keeps none."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from annbatch import DatasetCollection, Loader
+from annbatch._core.chunks.descriptors import OPEN_FILES, Borrowed, OpenFiles, new_owner
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def _files(tmp_path: Path, n: int) -> list[str]:
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(f"file {i:04d}".encode())
+        paths.append(str(path))
+    return paths
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_borrowed_descriptor_is_kept_and_shared(tmp_path):
+    files = OpenFiles(capacity=4)
+    (path,) = _files(tmp_path, 1)
+    owner = new_owner()
+    fd = files.borrow(owner, path)
+    assert fd is not None
+    assert files.borrow(owner, path) == fd  # a second read shares it
+    files.give_back(owner, path)
+    files.give_back(owner, path)
+    assert len(files) == 1
+    assert _is_open(fd)
+    assert files.borrow(owner, path) == fd
+    files.give_back(owner, path)
+    assert files.borrow(new_owner(), path) != fd  # another reader: its own descriptor
+    assert files.borrow(owner, str(tmp_path / "missing")) is None
+    assert len(files) == 2  # nothing kept for a missing file
+
+
+def test_idle_descriptors_are_bounded_and_borrowed_ones_never_closed(tmp_path):
+    files = OpenFiles(capacity=2)
+    owner = new_owner()
+    paths = _files(tmp_path, 5)
+    held = [files.borrow(owner, p) for p in paths]  # five borrowed: over capacity, all open
+    assert len(files) == 5
+    assert all(fd is not None and _is_open(fd) for fd in held)
+    for p in paths:
+        files.give_back(owner, p)
+    assert len(files) == 2  # the two most recently used stay
+    assert files.borrow(owner, paths[-1]) == held[-1]
+    files.give_back(owner, paths[-1])
+
+
+def test_a_readers_descriptors_are_closed_when_forgotten(tmp_path):
+    files = OpenFiles(capacity=8)
+    mine, other = new_owner(), new_owner()
+    a, b = _files(tmp_path, 2)
+    idle = files.borrow(mine, a)
+    files.give_back(mine, a)
+    busy = files.borrow(mine, b)
+    kept = files.borrow(other, a)
+    files.forget(mine)
+    assert idle is not None
+    assert busy is not None
+    assert len(files) == 2  # the borrowed one waits for its read to end
+    assert os.pread(busy, 9, 0) == b"file 0001"
+    files.give_back(mine, b)
+    assert len(files) == 1
+    assert kept is not None
+    assert _is_open(kept)
+
+
+def test_threads_read_their_own_files_under_eviction(tmp_path):
+    """Many threads borrowing more files than the capacity: every read reads the file it asked
+    for (a descriptor closed and its number reused under a read would read another)."""
+    files = OpenFiles(capacity=3)
+    paths = _files(tmp_path, 24)
+    owner = new_owner()
+    errors: list[str] = []
+
+    def work(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(400):
+            i = int(rng.integers(len(paths)))
+            fd = files.borrow(owner, paths[i])
+            try:
+                if fd is None or os.pread(fd, 9, 0) != f"file {i:04d}".encode():
+                    errors.append(paths[i])
+            finally:
+                files.give_back(owner, paths[i])
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(files) <= 3
+
+
+def test_borrowed_files_are_given_back_together(tmp_path):
+    a, b = _files(tmp_path, 2)
+    owner = new_owner()
+    with Borrowed() as read:
+        fd = read.open(owner, a)
+        assert read.open(owner, a) == fd
+        chunk = read.open(owner, b, keep=False)  # a file of its own: closed with the read
+        assert chunk is not None
+    assert _is_open(fd)  # kept for later reads
+    assert chunk != fd
+    assert not _is_open(chunk)
+    OPEN_FILES.forget(owner)
+
+
+def _collection(path: Path, value: float) -> None:
+    x = sp.csr_matrix(np.full((300, 5), value, dtype=np.float32))
+    import anndata as ad
+
+    source = path.parent / f"in-{value}.h5ad"
+    ad.AnnData(X=x).write_h5ad(source)
+    DatasetCollection(path).add_adatas([source], dataset_size=100, progress=False)
+
+
+def test_a_collection_rebuilt_in_place_is_read_anew(tmp_path):
+    path = tmp_path / "coll.zarr"
+    _collection(path, 1.0)
+    first = Loader(batch_size=50, chunk_size=10, preload_nchunks=5, to=None)
+    first.use_collection(DatasetCollection(path, mode="r"))
+    assert all(np.all(b["X"].data == 1.0) for b in first)  # its shard files are kept open
+    shutil.rmtree(path)
+    _collection(path, 2.0)
+    second = Loader(batch_size=50, chunk_size=10, preload_nchunks=5, to=None)
+    second.use_collection(DatasetCollection(path, mode="r"))
+    assert all(np.all(b["X"].data == 2.0) for b in second)
+    del first, second
+    gc.collect()
+
+
+_FORK_CHILD = """
+import os, sys
+from annbatch import DatasetCollection, Loader
+from annbatch._core.chunks.descriptors import OPEN_FILES
+loader = Loader(batch_size=50, chunk_size=10, preload_nchunks=5, to=None)
+loader.use_collection(DatasetCollection(sys.argv[1], mode="r"))
+for _ in loader:
+    pass
+assert len(OPEN_FILES) > 0, "the parent keeps no descriptors"
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(write, str(len(OPEN_FILES)).encode())
+    os._exit(0)
+os.close(write)
+print(os.read(read, 16).decode())
+assert os.waitpid(pid, 0)[1] == 0
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_child_keeps_no_descriptors(tmp_path):
+    """In a process of its own (a test process may hold threads and libraries that object to
+    fork): after an epoch the parent keeps descriptors; its forked child none."""
+    path = tmp_path / "coll.zarr"
+    _collection(path, 3.0)
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_CHILD, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0"
