@@ -192,3 +192,40 @@ def test_a_forked_child_keeps_no_descriptors(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "0"
+
+
+def test_a_reader_collected_while_the_pool_is_in_use_does_not_deadlock(tmp_path):
+    """A reader's finalizer (forget) may run in the garbage collector on a thread that holds
+    the pool's lock: it must not wait for that lock (found in review: a hang)."""
+    import weakref
+
+    files = OpenFiles(capacity=4)
+    paths = _files(tmp_path, 8)
+
+    class Cyclic:  # a reader that only the cyclic garbage collector frees
+        def __init__(self, owner: int) -> None:
+            self.me = self
+            weakref.finalize(self, files.forget, owner)
+
+    done = threading.Event()
+
+    def churn() -> None:
+        old = gc.get_threshold()
+        gc.set_threshold(1)  # collect at nearly every allocation
+        try:
+            for i in range(20_000):
+                Cyclic(new_owner())
+                owner = i % 3
+                files.borrow(owner, paths[i % 8])
+                files.give_back(owner, paths[i % 8])
+        finally:
+            gc.set_threshold(*old)
+        done.set()
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert done.is_set(), "borrow / give_back deadlocked in a finalizer"
+    gc.collect()
+    files.clear()
+    assert len(files) == 0

@@ -8,22 +8,26 @@ process's readers:
 
 - A descriptor belongs to one :class:`~annbatch._core.chunks.reader.ChunkReader` (its
   ``owner`` token), never to a path alone: a reader opened later on a path whose file was
-  replaced (a collection rebuilt in place) opens the new file. A reader's descriptors have the
-  lifetime of its cached shard indexes, which describe the same files.
+  replaced (a collection rebuilt in place) opens the new file. As before, a reader assumes
+  that its files are not replaced while it lives: it caches their shard indexes, and a
+  descriptor it gets after an eviction opens whatever file is at the path then.
 - A read *borrows* descriptors (:class:`Borrowed`) and gives them back when done; only a
   descriptor nobody borrows is ever closed, so a read never sees its descriptor closed (and
   the number reused for another file) under it, whichever thread evicts.
 - At most :data:`CAPACITY` idle descriptors stay open (least recently used closed first);
-  a reader's are closed when it is garbage collected; a forked child closes its copies.
+  a reader's are closed when it is garbage collected (at the pool's next use if its lock
+  is taken then: the garbage collector may run on a thread that holds it); a forked child
+  closes its copies; out of descriptors (EMFILE), the idle ones are closed and the open
+  tried again.
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import itertools
 import os
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 
 def _capacity() -> int:
@@ -49,6 +53,15 @@ def new_owner() -> int:
     return next(_owners)
 
 
+class _Entry:
+    __slots__ = ("fd", "forgotten", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 1  # reads that borrow it now
+        self.forgotten = False  # its reader is gone: close it once nobody borrows it
+
+
 class OpenFiles:
     """Descriptors kept open, keyed by ``(owner, path)``; thread-safe (see the module docstring).
 
@@ -61,75 +74,98 @@ class OpenFiles:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._lock = threading.Lock()
-        # (owner, path) -> [fd, borrowers, forgotten]; least recently used first
-        self._entries: OrderedDict[tuple[int, str], list] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, str], _Entry] = OrderedDict()  # LRU first
+        # Owners forgotten while the lock was taken: a reader's finalizer may run in the
+        # garbage collector on a thread that holds the lock (any allocation can start it).
+        self._forgotten: deque[int] = deque()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def borrow(self, owner: int, path: str) -> int | None:
-        """A read-only descriptor of ``path`` for ``owner``, until :meth:`give_back`; None
-        if there is no such file (nothing is kept then)."""
+        """A read-only descriptor of ``path`` for ``owner``, until :meth:`give_back`.
+
+        Returns
+        -------
+        The descriptor, or None if there is no such file (nothing is kept then).
+        """
         key = (owner, path)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
-                entry[1] += 1
+                entry.users += 1
                 self._entries.move_to_end(key)
-                return entry[0]
+                return entry.fd
         try:
             fd = os.open(path, os.O_RDONLY)  # outside the lock: a slow disk stalls no one
         except FileNotFoundError:
             return None
-        closing: list[int] = []
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self.clear()  # out of descriptors: give back the idle ones, then try once more
+            fd = os.open(path, os.O_RDONLY)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:  # another thread opened it meanwhile: use theirs
-                entry[1] += 1
+                entry.users += 1
                 self._entries.move_to_end(key)
-                closing.append(fd)
-                fd = entry[0]
+                closing = [fd]
+                fd = entry.fd
             else:
-                self._entries[key] = [fd, 1, False]
-                closing = self._evict()
+                self._entries[key] = _Entry(fd)
+                closing = self._drain() + self._evict()
         _close(closing)
         return fd
 
     def give_back(self, owner: int, path: str) -> None:
         """End one :meth:`borrow` of ``path`` by ``owner``."""
-        closing: list[int] = []
         key = (owner, path)
         with self._lock:
+            closing = self._drain()
             entry = self._entries.get(key)
-            if entry is None:  # cleared by a fork in between: nothing to give back
-                return
-            entry[1] -= 1
-            if entry[1] == 0 and entry[2]:
-                del self._entries[key]
-                closing.append(entry[0])
-            else:
-                closing = self._evict()
+            if entry is not None:  # (None: cleared by a fork in between)
+                entry.users -= 1
+                if entry.users == 0 and entry.forgotten:
+                    del self._entries[key]
+                    closing.append(entry.fd)
+            closing += self._evict()
         _close(closing)
 
     def forget(self, owner: int) -> None:
-        """Close ``owner``'s descriptors (those borrowed now, once given back)."""
-        closing: list[int] = []
-        with self._lock:
-            for key in [k for k in self._entries if k[0] == owner]:
-                entry = self._entries[key]
-                if entry[1]:
-                    entry[2] = True
-                else:
-                    del self._entries[key]
-                    closing.append(entry[0])
+        """Close ``owner``'s descriptors (those borrowed now, once given back). Safe to call
+        from a finalizer: where the lock is taken, the work waits for the next call."""
+        self._forgotten.append(owner)
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            closing = self._drain()
+        finally:
+            self._lock.release()
         _close(closing)
 
     def clear(self) -> None:
         """Close every descriptor nobody borrows."""
         with self._lock:
-            idle = [k for k, e in self._entries.items() if not e[1]]
-            closing = [self._entries.pop(k)[0] for k in idle]
+            closing = self._drain()
+            idle = [k for k, e in self._entries.items() if not e.users]
+            closing += [self._entries.pop(k).fd for k in idle]
         _close(closing)
+
+    def _drain(self) -> list[int]:
+        """Entries of forgotten owners removed, or marked if borrowed (the lock held); the
+        descriptors to close once it is released."""
+        closing: list[int] = []
+        while self._forgotten:
+            owner = self._forgotten.popleft()
+            for key in [k for k in self._entries if k[0] == owner]:
+                entry = self._entries[key]
+                if entry.users:
+                    entry.forgotten = True
+                else:
+                    del self._entries[key]
+                    closing.append(entry.fd)
+        return closing
 
     def _evict(self) -> list[int]:
         """Idle entries over capacity, least recently used first, removed (the lock held);
@@ -137,20 +173,20 @@ class OpenFiles:
         excess = len(self._entries) - self.capacity
         if excess <= 0:
             return []
-        idle = [k for k, e in self._entries.items() if not e[1]][:excess]
-        return [self._entries.pop(k)[0] for k in idle]
+        idle = [k for k, e in self._entries.items() if not e.users][:excess]
+        return [self._entries.pop(k).fd for k in idle]
 
     def _after_fork_in_child(self) -> None:
         # The child's copies: its threads are gone, so nothing is borrowed any more.
         self._lock = threading.Lock()
+        self._forgotten = deque()
         entries, self._entries = list(self._entries.values()), OrderedDict()
-        _close([e[0] for e in entries])
+        _close([e.fd for e in entries])
 
 
 def _close(fds: list[int]) -> None:
     for fd in fds:
-        with contextlib.suppress(OSError):  # already closed by a fork's child cleanup
-            os.close(fd)
+        os.close(fd)
 
 
 OPEN_FILES = OpenFiles(CAPACITY)

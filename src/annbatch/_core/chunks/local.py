@@ -66,10 +66,14 @@ class ReadTask:
         work.check_filled()
 
 
-def _open(reader: ChunkReader, files: Borrowed, path: str, chunk: int) -> int | None:
-    """A read-only descriptor of ``path``, the file of chunk ``chunk`` (kept open between
-    reads if it is a shard); None: the file does not exist (a chunk never written)."""
-    return files.open(reader.owner_of(chunk), path, keep=bool(reader.layout.index_entries))
+def _open(
+    reader: ChunkReader, files: Borrowed, where: tuple[str, int, int], chunk: int
+) -> int | None:
+    """A read-only descriptor of ``where``'s file (see :meth:`ChunkReader.locate`), that of
+    chunk ``chunk``: kept open between reads if it is a shard (a file of one chunk, ``nbytes``
+    -1, is not: a window may touch thousands); None: the file does not exist (a chunk never
+    written)."""
+    return files.open(reader.owner_of(chunk), where[0], keep=where[2] >= 0)
 
 
 def _chunks(
@@ -80,7 +84,7 @@ def _chunks(
     for i, j in zip(*work.chunk_bounds(), strict=True):
         c = int(chunk[i])
         where = reader.locate(c)
-        fd = None if where is None else _open(reader, files, where[0], c)
+        fd = None if where is None else _open(reader, files, where, c)
         if where is None or fd is None:
             yield i, j, c, None
             continue
@@ -143,14 +147,14 @@ def _rows(
         where = reader.locate(c)
         fd = None
         if where is not None:
-            path, base, nbytes = where
+            _, base, nbytes = where
             if nbytes >= 0 and nbytes != stored_bytes:
                 msg = (
                     f"{reader.where(c)} holds {nbytes} bytes, not the {stored_bytes} of "
                     "an uncompressed chunk; the store is damaged or truncated"
                 )
                 raise CorruptChunkError(msg)
-            fd = _open(reader, files, path, c)
+            fd = _open(reader, files, where, c)
             if fd is not None and nbytes < 0 and os.fstat(fd).st_size != stored_bytes:
                 # A file of another size: metadata that does not fit the data (another
                 # dtype or chunk shape) or a damaged file. zarr writes edge chunks whole.
