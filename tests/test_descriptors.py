@@ -229,3 +229,39 @@ def test_a_reader_collected_while_the_pool_is_in_use_does_not_deadlock(tmp_path)
     gc.collect()
     files.clear()
     assert len(files) == 0
+
+
+def test_an_error_closing_an_evicted_descriptor_stops_no_read(tmp_path, monkeypatch):
+    """close() may report EIO on network file systems (the descriptor is released anyway):
+    the read that evicted it goes on, and every descriptor it borrowed is given back."""
+    import errno
+
+    from annbatch._core.chunks import descriptors
+
+    real_close = os.close
+    failed = []
+
+    def failing_close(fd: int) -> None:
+        real_close(fd)
+        failed.append(fd)
+        raise OSError(errno.EIO, "close failed")
+
+    files = OpenFiles(capacity=1)
+    a, b, c = _files(tmp_path, 3)
+    owner = new_owner()
+    files.borrow(owner, a)
+    files.give_back(owner, a)
+    monkeypatch.setattr(descriptors.os, "close", failing_close)
+    fd = files.borrow(owner, b)  # evicts a: its close fails
+    assert fd is not None
+    assert os.pread(fd, 9, 0) == b"file 0001"
+    files.give_back(owner, b)
+    assert len(failed) == 1
+    assert len(files) == 1
+    # A read's borrowed files are all given back, whatever closing its own files reports.
+    with Borrowed() as read:
+        read.open(owner, b)
+        read.open(owner, c, keep=False)
+    monkeypatch.setattr(descriptors.os, "close", real_close)
+    assert all(e.users == 0 for e in OPEN_FILES._entries.values() if e is not None)
+    OPEN_FILES.forget(owner)

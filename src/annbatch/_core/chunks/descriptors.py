@@ -23,6 +23,7 @@ process's readers:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -104,7 +105,10 @@ class OpenFiles:
             if e.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
             self.clear()  # out of descriptors: give back the idle ones, then try once more
-            fd = os.open(path, os.O_RDONLY)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:  # another thread opened it meanwhile: use theirs
@@ -185,8 +189,12 @@ class OpenFiles:
 
 
 def _close(fds: list[int]) -> None:
+    """Close ``fds``, each: an error closing one (EIO from a network file system) stops
+    neither the others nor the read that evicted them. Nothing was written through these
+    read-only descriptors, and the descriptor is released whatever close reports."""
     for fd in fds:
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 OPEN_FILES = OpenFiles(CAPACITY)
@@ -236,11 +244,13 @@ class Borrowed:
     def close(self) -> None:
         """Give back every borrowed descriptor and close the others."""
         borrowed, self._borrowed = self._borrowed, {}
-        for (owner, path), fd in borrowed.items():
-            if fd is not None:
-                OPEN_FILES.give_back(owner, path)
         files, self._files = self._files, {}
-        _close([fd for fd in files.values() if fd is not None])
+        try:
+            for (owner, path), fd in borrowed.items():
+                if fd is not None:
+                    OPEN_FILES.give_back(owner, path)
+        finally:
+            _close([fd for fd in files.values() if fd is not None])
 
     def __enter__(self) -> Borrowed:
         return self

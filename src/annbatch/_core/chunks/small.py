@@ -146,7 +146,7 @@ def read_stacked(
                 files.close_others(where[0])
             fd = None
             if where is not None:  # shards stay open for later windows
-                fd = files.open(reader.owner, where[0], keep=bool(own.index_entries))
+                fd = files.open(reader.owner_of(c), where[0], keep=bool(own.index_entries))
             if where is None or fd is None:  # never written: the fill value (or an error)
                 reader.fill(out, src_lo[i:j], src_hi[i:j], dst[i:j], c)
                 continue
