@@ -458,11 +458,11 @@ class ObsRows:
             table = self._tables[d]
             base = int(self._offsets[d])
             if isinstance(table, StoredObs):
-                out = table.take_runs(starts - base, stops - base, positions)
+                if rows is None:
+                    rows = expand_ranges(starts, stops)[positions]
+                out = table.take_runs(starts - base, stops - base, positions, rows - base)
                 if not table.has_index:
-                    out.index = pd.Index(
-                        expand_ranges(starts, stops)[positions] if rows is None else rows
-                    )
+                    out.index = pd.Index(rows)
                 return out
         if self._stack is not None:  # one pass over all datasets: no grouping by dataset
             return self._stack.take_runs(starts, stops, positions, run_dataset, self._offsets)

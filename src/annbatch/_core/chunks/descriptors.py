@@ -98,17 +98,14 @@ class OpenFiles:
                 self._entries.move_to_end(key)
                 return entry.fd
         try:
-            fd = os.open(path, os.O_RDONLY)  # outside the lock: a slow disk stalls no one
-        except FileNotFoundError:
-            return None
+            fd = _open(path)  # outside the lock: a slow disk stalls no one
         except OSError as e:
             if e.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
             self.clear()  # out of descriptors: give back the idle ones, then try once more
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                return None
+            fd = _open(path)
+        if fd is None:
+            return None
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:  # another thread opened it meanwhile: use theirs
@@ -188,6 +185,14 @@ class OpenFiles:
         _close([e.fd for e in entries])
 
 
+def _open(path: str) -> int | None:
+    """A read-only descriptor of ``path``; None: there is no such file."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+
+
 def _close(fds: list[int]) -> None:
     """Close ``fds``, each: an error closing one (EIO from a network file system) stops
     neither the others nor the read that evicted them. Nothing was written through these
@@ -228,11 +233,7 @@ class Borrowed:
             return fd
         if path in self._files:
             return self._files[path]
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            fd = None
-        self._files[path] = fd
+        fd = self._files[path] = _open(path)
         return fd
 
     def close_others(self, path: str) -> None:
