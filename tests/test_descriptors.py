@@ -72,6 +72,22 @@ def test_idle_descriptors_are_bounded_and_borrowed_ones_never_closed(tmp_path):
     files.give_back(owner, paths[-1])
 
 
+def test_eviction_closes_the_least_recently_used_idle_descriptors(tmp_path):
+    files = OpenFiles(capacity=3)
+    owner = new_owner()
+    paths = _files(tmp_path, 6)
+    first = files.borrow(owner, paths[0])  # held throughout: never closed
+    fds = [files.borrow(owner, p) for p in paths[1:]]
+    files.give_back_all([(owner, p) for p in paths[1:]])
+    # Six open, one borrowed: the three least recently used idle ones were closed.
+    assert len(files) == 3
+    assert _is_open(first)
+    kept = [files.borrow(owner, p) for p in paths[4:]]
+    assert kept == fds[3:]  # the two most recently used idle ones stayed open
+    files.give_back_all([(owner, p) for p in [paths[0], *paths[4:]]])
+    assert len(files) == 3
+
+
 def test_a_readers_descriptors_are_closed_when_forgotten(tmp_path):
     files = OpenFiles(capacity=8)
     mine, other = new_owner(), new_owner()

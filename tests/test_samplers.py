@@ -52,6 +52,20 @@ def test_chunk_sampler_covers_rows(n_obs, shuffle, drop_last):
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
+def test_an_epoch_of_many_chunks_is_cut_like_a_short_one(shuffle):
+    # Ranges are turned into windows a block at a time (_RANGES_BLOCK): windows straddling
+    # blocks hold whole batches, and every row comes once.
+    from annbatch.samplers._chunk import _RANGES_BLOCK
+
+    n_obs = 3 * _RANGES_BLOCK + 5
+    sampler = ChunkSampler(1, 7, 5, shuffle=shuffle, rng=np.random.default_rng(1))
+    requests = list(sampler.sample(n_obs))
+    assert [len(_rows(r)) for r in requests[:-1]] == [5] * (len(requests) - 1)
+    yielded = np.concatenate([_rows(r)[s] for r in requests for s in r["splits"]])
+    assert sorted(yielded.tolist()) == list(range(n_obs))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
 def test_windows_hold_whole_batches(shuffle):
     # 10 * 2 = 20 rows per window is not a multiple of 6: windows hold 18 rows, and the
     # chunk at a window's edge continues in the next window.

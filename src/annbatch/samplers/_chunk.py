@@ -206,17 +206,24 @@ class ChunkSampler(EpochSampler):
         """Cut the ranges into windows of ``self._window_rows`` rows (the last shorter)."""
         window: list[slice] = []
         room = self._window_rows
-        for start, stop in ranges.tolist():
-            while start < stop:
-                end = min(stop, start + room)
-                window.append(slice(start, end))
-                room -= end - start
-                start = end
-                if room == 0:
-                    yield window
-                    window, room = [], self._window_rows
+        # A block of ranges at a time: an atlas' epoch has hundreds of thousands of chunks,
+        # which as one list took 0.25 s before the first window (100M cells, chunk 256).
+        for block in range(0, len(ranges), _RANGES_BLOCK):
+            for start, stop in ranges[block : block + _RANGES_BLOCK].tolist():
+                while start < stop:
+                    end = min(stop, start + room)
+                    window.append(slice(start, end))
+                    room -= end - start
+                    start = end
+                    if room == 0:
+                        yield window
+                        window, room = [], self._window_rows
         if window:
             yield window
+
+
+_RANGES_BLOCK = 4096
+"""Ranges turned into Python integers at a time by :meth:`ChunkSampler._windows`."""
 
 
 def parse_window(

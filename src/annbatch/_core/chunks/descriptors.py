@@ -29,7 +29,16 @@ import itertools
 import os
 import threading
 from collections import OrderedDict, deque
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+
+MOST = 4096
+"""The most idle descriptors kept open: a window of a 100-million-cell collection of 96
+datasets touches ~400 files and an epoch all of its ~3,000 (benchmarks/scale.py); with 256
+kept, every window closed and reopened most of them."""
 
 def _capacity() -> int:
     try:
@@ -39,12 +48,13 @@ def _capacity() -> int:
     except (ImportError, OSError, ValueError):
         return 128
     if soft == resource.RLIM_INFINITY:
-        return 256
-    return max(16, min(256, soft // 4))  # leave most of the process's limit to others
+        return MOST
+    return max(16, min(MOST, soft // 4))  # leave most of the process's limit to others
 
 
 CAPACITY = _capacity()
-"""Idle descriptors kept open per process: a quarter of ``RLIMIT_NOFILE``, at most 256."""
+"""Idle descriptors kept open per process: a quarter of ``RLIMIT_NOFILE``, at most
+:data:`MOST`."""
 
 _owners = itertools.count()
 
@@ -121,15 +131,20 @@ class OpenFiles:
 
     def give_back(self, owner: int, path: str) -> None:
         """End one :meth:`borrow` of ``path`` by ``owner``."""
-        key = (owner, path)
+        self.give_back_all([(owner, path)])
+
+    def give_back_all(self, keys: Iterable[tuple[int, str]]) -> None:
+        """End one :meth:`borrow` of each ``(owner, path)`` in ``keys`` (one lock for all: a
+        window's read of an atlas gives back dozens)."""
         with self._lock:
             closing = self._drain()
-            entry = self._entries.get(key)
-            if entry is not None:  # (None: cleared by a fork in between)
-                entry.users -= 1
-                if entry.users == 0 and entry.forgotten:
-                    del self._entries[key]
-                    closing.append(entry.fd)
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is not None:  # (None: cleared by a fork in between)
+                    entry.users -= 1
+                    if entry.users == 0 and entry.forgotten:
+                        del self._entries[key]
+                        closing.append(entry.fd)
             closing += self._evict()
         _close(closing)
 
@@ -174,7 +189,12 @@ class OpenFiles:
         excess = len(self._entries) - self.capacity
         if excess <= 0:
             return []
-        idle = [k for k, e in self._entries.items() if not e.users][:excess]
+        idle: list[tuple[int, str]] = []
+        for key, entry in self._entries.items():  # least recently used first: stop early
+            if not entry.users:
+                idle.append(key)
+                if len(idle) == excess:
+                    break
         return [self._entries.pop(k).fd for k in idle]
 
     def _after_fork_in_child(self) -> None:
@@ -247,9 +267,7 @@ class Borrowed:
         borrowed, self._borrowed = self._borrowed, {}
         files, self._files = self._files, {}
         try:
-            for (owner, path), fd in borrowed.items():
-                if fd is not None:
-                    OPEN_FILES.give_back(owner, path)
+            OPEN_FILES.give_back_all([key for key, fd in borrowed.items() if fd is not None])
         finally:
             _close([fd for fd in files.values() if fd is not None])
 
