@@ -40,6 +40,7 @@ MOST = 4096
 datasets touches ~400 files and an epoch all of its ~3,000 (benchmarks/scale.py); with 256
 kept, every window closed and reopened most of them."""
 
+
 def _capacity() -> int:
     try:
         import resource  # POSIX
