@@ -601,7 +601,7 @@ class _Stack:
             read = []
             for readers in parts:
                 values = np.empty(n, dtype=readers[0].dtype)
-                read_stacked(readers, self.bases, starts, stops, values, names=names)
+                read_stacked(readers, self.bases, starts, stops, values, names=names, checked=True)
                 read.append(values)
 
             def what(at: int, names: list[str] = names) -> str:

@@ -176,7 +176,7 @@ def stacked_pieces(
         if bases is None:  # one array the stacked read does not take (object storage)
             read_rows(readers[0], m_lo, m_hi, values)
         else:
-            read_stacked(readers, bases, m_lo, m_hi, values, names=names)
+            read_stacked(readers, bases, m_lo, m_hi, values, names=names, checked=True)
     if values.dtype.kind == "u" and values.size and int(values.max()) >= 2**63:
         at = int(np.flatnonzero(values >= 2**63)[0])  # in the stack: its dataset
         merged = int(np.searchsorted(np.cumsum(m_hi - m_lo), at, side="right"))
