@@ -204,13 +204,13 @@ def test_collection_batches_held_across_epochs_are_exact(tmp_path, pool, poisone
 def test_windows_abandoned_by_a_break_give_their_memory_back(tmp_path, monkeypatch, poisoned):
     x, stored = _uniform_store(tmp_path)
     created = []
-    anonymous = buffers._anonymous
+    anonymous = buffers.anonymous
 
     def recording(nbytes):
         created.append(anonymous(nbytes))
         return created[-1]
 
-    monkeypatch.setattr(buffers, "_anonymous", recording)
+    monkeypatch.setattr(buffers, "anonymous", recording)
     loader = Loader(
         chunk_size=10, preload_nchunks=6, batch_size=20, shuffle=True, return_index=True, to=None
     ).add_dataset(stored)

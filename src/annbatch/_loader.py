@@ -18,6 +18,7 @@ from annbatch._compat import torch_available
 from annbatch._core.assembler import parse_concat_strategy
 from annbatch._core.buffers import BufferPool
 from annbatch._core.epoch import Epoch, read_threads
+from annbatch._core.lent import BatchMemory
 from annbatch._core.resume import Progress, Resumable, start_epoch
 from annbatch._loader_args import (
     UNSET,
@@ -129,8 +130,9 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
         Yield X dense whatever the datasets store: a numpy array, with ``to="torch"`` a
         tensor sharing its memory, with ``to="jax"`` a ``jax.Array``. Sparse batches
         are made dense on the read threads, where they are cut from their window, a group of
-        consecutive batches into one new zeroed array (each batch a view of it; holding a
-        batch keeps its group in memory; nothing is ever reused). The values are exactly the
+        consecutive batches into one zeroed array (each batch a view of it; holding a batch
+        keeps its group in memory, which is reused for later batches only once every batch
+        of the group is dropped). The values are exactly the
         sparse batch's ``toarray()``, in the same dtype: the datasets' (for a ``packed``
         collection the inputs', float32 for counts as usually written; with
         ``stored_dtype`` the stored type). Dense datasets are yielded as without it. On a CPU
@@ -190,6 +192,8 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
         # Sparse windows' memory, kept from window to window and epoch to epoch: two arrays
         # for each window that can be alive at once (the consumed one, those read ahead).
         self._buffers = BufferPool(capacity=2 * (self._read_ahead + 2))
+        # Batches' memory, taken back once the user drops a batch (annbatch._core.lent).
+        self._memory = BatchMemory()
         self._return_index = parse_flag(return_index, "return_index")
         self._data = LoaderData(
             verify_checksums=parse_flag(verify_checksums, "verify_checksums"),
@@ -351,6 +355,7 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
             device=device,
             dense=self._dense,
             buffers=self._buffers,
+            memory=self._memory,
         )
         batches = epoch.batches()
         self._active_iterations += 1
@@ -378,6 +383,7 @@ class Loader(LoaderAliases, Resumable, _IterableBase):
         new._progress = copy.copy(self._progress)
         new._data = copy.copy(self._data)
         new._buffers = copy.copy(self._buffers)  # a pool of its own, empty
+        new._memory = copy.copy(self._memory)
         new._active_iterations = 0
         return new
 

@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Literal, get_args
 import numpy as np
 import scipy.sparse as sp
 
+from annbatch._core.lent import csr_rows, dense_rows
 from annbatch.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
     from concurrent.futures import Executor
 
+    from annbatch._core.lent import BatchMemory
     from annbatch._core.types import Block
 
 ConcatStrategy = Literal["concat-shuffle", "shuffle-concat"]
@@ -54,11 +56,17 @@ def as_slice(positions: np.ndarray) -> slice | None:
     return None
 
 
-def take_rows(block: Block, positions: np.ndarray) -> Block:
-    """Rows ``positions`` of ``block``, by slicing where they are consecutive."""
+def take_rows(block: Block, positions: np.ndarray, memory: BatchMemory | None = None) -> Block:
+    """Rows ``positions`` of ``block``, by slicing where they are consecutive (a dense block's
+    rows: a view). With ``memory``, copies are made in memory it lends
+    (:mod:`~annbatch._core.lent`)."""
+    if memory is not None and isinstance(block, sp.csr_matrix):
+        return csr_rows(block, positions, memory)
     consecutive = as_slice(positions)
     if consecutive is not None:
         return block[consecutive]
+    if memory is not None and isinstance(block, np.ndarray):
+        return dense_rows(block, positions, memory)
     return block[positions]
 
 
@@ -78,6 +86,7 @@ def assemble(
     *,
     densify: bool = False,
     on_done: Callable[[], None] | None = None,
+    memory: BatchMemory | None = None,
 ) -> list[Future[Block]]:
     """One future per split, holding the rows at those positions of the concatenated blocks.
 
@@ -103,6 +112,9 @@ def assemble(
         Called once every batch has been cut (or failed), on the thread that cut the last
         group: nothing reads ``blocks`` after that. Never called if a group is cancelled
         before it runs.
+    memory
+        Where batches are copied to: memory lent with each batch and taken back once the
+        user drops it (:mod:`~annbatch._core.lent`); None: new memory for each.
     """
     if strategy == "concat-shuffle" and len(blocks) > 1:
         blocks = [concatenate(blocks)]
@@ -115,14 +127,14 @@ def assemble(
 
     def rows(positions: np.ndarray) -> Block:
         if len(blocks) == 1:
-            return take_rows(blocks[0], positions)
-        return _gather(blocks, starts, positions)
+            return take_rows(blocks[0], positions, memory)
+        return _gather(blocks, starts, positions, memory)
 
     def cut(numbers: list[int]) -> None:
         done = 0
         try:
             if densify and not isinstance(blocks[0], np.ndarray):
-                batches: Iterable[Block] = dense_group(rows, [splits[i] for i in numbers])
+                batches: Iterable[Block] = dense_group(rows, [splits[i] for i in numbers], memory)
             else:
                 batches = (rows(splits[i]) for i in numbers)  # each set as soon as it is cut
             for i, batch in zip(numbers, batches, strict=True):
@@ -157,14 +169,18 @@ def assemble(
 
 
 def dense_group(
-    rows: Callable[[np.ndarray], sp.csr_matrix], splits: Sequence[np.ndarray]
+    rows: Callable[[np.ndarray], sp.csr_matrix],
+    splits: Sequence[np.ndarray],
+    memory: BatchMemory | None = None,
 ) -> list[np.ndarray]:
     """Dense batches of the CSR rows at ``splits``: cut together (``rows`` of all of them at
-    once) and written by scipy's ``toarray`` into one new zeroed array (values of repeated
-    column indices summed), in the rows' dtype; each batch is a view of it.
+    once) and written by scipy's ``toarray`` into one zeroed array (values of repeated
+    column indices summed), in the rows' dtype; each batch is a view of it. The array is new
+    memory, or with ``memory`` memory lent until every batch over it is dropped
+    (:mod:`~annbatch._core.lent`).
 
-    Never a reused buffer: a batch is the user's to keep; holding one keeps its group's array
-    alive (the group is a ``1 / n_tasks`` share of the window). One array per group rather
+    Never a buffer reused while a batch over it lives: a batch is the user's to keep; holding
+    one keeps its group's array alive (the group is a ``1 / n_tasks`` share of the window). One array per group rather
     than per batch because fresh memory is most of what densifying costs (page faults, and
     the kernel zeroing pages), and numpy asks for huge pages from 4 MiB on. Measured in the
     Loader (200,000 x 2,000 float32 counts, 1,500 values per row, batches of 256, 2 cores):
@@ -173,7 +189,11 @@ def dense_group(
     (``out[rows, indices] = data``) measured 3 to 5 times slower on one batch.
     """
     bounds = np.cumsum([0, *(s.size for s in splits)])
-    dense = rows(np.concatenate(splits)).toarray()
+    csr = rows(np.concatenate(splits))
+    if memory is None:
+        return split_rows(csr.toarray(), bounds)
+    dense = memory.zeros(csr.shape, csr.dtype)
+    csr.toarray(out=dense)
     return split_rows(dense, bounds)
 
 
@@ -189,11 +209,16 @@ def split_rows(window: np.ndarray, bounds: np.ndarray) -> list[Block]:
     return [window[a:b] for a, b in itertools.pairwise(bounds.tolist())]
 
 
-def _gather(blocks: Sequence[Block], starts: np.ndarray, split: np.ndarray) -> Block:
+def _gather(
+    blocks: Sequence[Block],
+    starts: np.ndarray,
+    split: np.ndarray,
+    memory: BatchMemory | None = None,
+) -> Block:
     owner = np.searchsorted(starts, split, side="right") - 1
     local = split - starts[owner]
     if split.size and owner[0] == owner[-1] and bool(np.all(owner == owner[0])):
-        return take_rows(blocks[int(owner[0])], local)
+        return take_rows(blocks[int(owner[0])], local, memory)
     first = blocks[0]
     if isinstance(first, np.ndarray):
         out = np.empty((split.size, *first.shape[1:]), dtype=first.dtype)

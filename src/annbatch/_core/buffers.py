@@ -86,7 +86,7 @@ class BufferPool:
             if fitting:
                 best = min(fitting, key=lambda i: self._free[i].nbytes)
                 return self._free.pop(best)
-        return _anonymous(int(nbytes * _HEADROOM) + 64)
+        return anonymous(int(nbytes * _HEADROOM) + 64)
 
     def give(self, buffers: list[np.ndarray]) -> None:
         """Put ``buffers`` back; the smallest are dropped beyond :attr:`capacity`."""
@@ -193,7 +193,7 @@ if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _anonymous(nbytes: int) -> np.ndarray:
+def anonymous(nbytes: int) -> np.ndarray:
     """``nbytes`` of new memory: a private anonymous mapping, in ordinary pages (where the
     platform has no such mappings, numpy's memory)."""
     if not hasattr(mmap, "MAP_PRIVATE"):  # Windows

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from annbatch._core.assembler import ConcatStrategy
     from annbatch._core.buffers import BufferPool
     from annbatch._core.convert import OutputKind
+    from annbatch._core.lent import BatchMemory
     from annbatch._core.obs import ObsRows
     from annbatch._core.sources import RowSource
     from annbatch._core.window import Pending, Window
@@ -74,6 +75,9 @@ class Epoch:
     buffers: BufferPool | None = None
     """Memory for sparse windows, reused from window to window and epoch to epoch (the
     Loader's); None: new memory for each window."""
+    memory: BatchMemory | None = None
+    """Memory lent with batches and taken back once they are dropped (the Loader's; CPU path
+    only); None: new memory for each batch."""
 
     def batches(self) -> Generator[dict[str, Any], None, None]:
         """Yield this process's batches: ``{"X": ..., "obs": ..., "var": ..., "index": ...}``.
@@ -152,6 +156,7 @@ class Epoch:
                     obs=self.obs,
                     densify=self.dense,
                     buffers=scope,
+                    memory=self.memory,
                 )
         except ReadCancelled:
             return

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from annbatch._core.assembler import ConcatStrategy
     from annbatch._core.buffers import Scope
+    from annbatch._core.lent import BatchMemory
     from annbatch._core.obs import ObsRows
     from annbatch._core.planner import ReadPlan
     from annbatch._core.sources import RowSource
@@ -73,6 +74,7 @@ def load_window(
     obs: ObsRows | None = None,
     densify: bool = False,
     buffers: Scope | None = None,
+    memory: BatchMemory | None = None,
 ) -> Window:
     """Read one load request and cut it into batches (on the GPU, given a ``copier``).
 
@@ -99,6 +101,9 @@ def load_window(
         The epoch's leases of the Loader's window memory: where a sparse window's arrays
         come from on the CPU path, and go back to once its batches are cut (None: new
         memory for every window).
+    memory
+        Memory lent with the batches cut on the CPU path (:mod:`~annbatch._core.lent`);
+        None: new memory for each batch.
     """
     splits = request.splits
     if splits is None:
@@ -152,6 +157,7 @@ def load_window(
         TASKS_PER_THREAD * threads,
         densify=densify,
         on_done=None if lease is None else lease.release,
+        memory=memory,
     )
     return Window(batches=batches, indices=indices, obs=_result(window_obs))
 

@@ -1,0 +1,215 @@
+"""Batch memory: lent to the user with each batch, taken back once the user lets go of it.
+
+A batch is the user's to keep, so it cannot be cut into memory the Loader reuses on a
+schedule of its own. But a training loop drops each batch a step later, and a new batch of the
+same size follows. Batches of more than a few MiB are fresh memory from the kernel every
+time (glibc and numpy map them anew: page faults, the kernel zeroing pages, on our virtual
+machines huge-page compaction), which measured as most of what densifying a batch costs and as
+the gap between a fresh process' first epoch and its later ones.
+
+:class:`BatchMemory` hands out arrays whose numpy ``base`` is a :class:`_Lent` block: every
+view, tensor (``torch.from_numpy``), sparse matrix or DLPack export of a batch keeps its
+block alive through the ordinary reference chain, and only when the last of them is gone does
+the block's finalizer give its memory back for a later batch of about the same size. Nothing
+is reused while anything can still reach it; a user who keeps every batch simply gets new
+memory each time.
+
+Idle memory is bounded by the most the batches of this Loader ever held at once (memory the
+process used anyway), and dropped in a forked child. The finalizer never waits for a lock: a
+block given back while another thread holds the pool's lock is simply freed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import weakref
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from annbatch._core.buffers import anonymous
+from annbatch._core.types import csr_from_arrays
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import scipy.sparse as sp
+
+try:  # scipy's C++ row gather (what ``csr[rows]`` runs), into arrays of ours
+    from scipy.sparse._sparsetools import csr_row_index as _csr_row_index
+except ImportError:  # pragma: no cover - a scipy that moved it: batches are scipy's own copies
+    _csr_row_index = None
+
+SMALLEST = 1 << 20
+"""Blocks of fewer bytes are not lent: small allocations are cheap and malloc reuses them."""
+
+_STEPS = 8  # size classes per doubling: a block is at most 1/8 larger than asked
+
+
+def size_class(nbytes: int) -> int:
+    """The block size lent for ``nbytes``: rounded up to one of :data:`_STEPS` sizes per
+    power of two, so that batches of slightly different sizes share blocks."""
+    if nbytes <= _STEPS:
+        return _STEPS
+    step = 1 << max(0, nbytes.bit_length() - 1 - int(math.log2(_STEPS)))
+    return -(-nbytes // step) * step
+
+
+class _Lent:
+    """One block of memory lent out: the numpy ``base`` of the arrays over it (through
+    ``__array_interface__``), giving the block back when the last of them is gone."""
+
+    __slots__ = ("__array_interface__", "_block", "_give_back")
+
+    def __init__(
+        self,
+        block: np.ndarray,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        give_back: Callable[[np.ndarray], None],
+    ) -> None:
+        self._block = block
+        self._give_back = give_back
+        self.__array_interface__ = {
+            "data": (block.ctypes.data, False),
+            "shape": shape,
+            "typestr": dtype.str,
+            "descr": dtype.descr,
+            "version": 3,
+        }
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter shutdown: nothing to give to
+            self._give_back(self._block)
+
+
+class BatchMemory:
+    """Memory for the batches of one Loader, lent out and taken back (see the module
+    docstring). Thread-safe; the finalizers that give memory back may run on any thread.
+
+    Parameters
+    ----------
+    smallest
+        Arrays of fewer bytes are ordinary numpy memory (default :data:`SMALLEST`).
+    """
+
+    def __init__(self, smallest: int | None = None) -> None:
+        self._smallest = SMALLEST if smallest is None else smallest
+        self._lock = threading.Lock()
+        self._free: defaultdict[int, list[np.ndarray]] = defaultdict(list)
+        self._idle = 0  # bytes in free blocks
+        self._lent = 0  # bytes lent out now
+        self._most = 0  # the most bytes lent out at once: the bound of idle bytes
+        _POOLS.add(self)
+
+    @property
+    def idle_bytes(self) -> int:
+        """Bytes held in free blocks."""
+        return self._idle
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """An uninitialised C-contiguous array, in lent memory if it is large enough."""
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < self._smallest or dtype.hasobject:
+            return np.empty(shape, dtype=dtype)
+        size = size_class(nbytes)
+        block = None
+        with self._lock:
+            for fits in (size, size_class(size + 1)):  # the next class up wastes <= 1/4
+                free = self._free.get(fits)
+                if free:
+                    block = free.pop()
+                    self._idle -= fits
+                    size = fits
+                    break
+            self._lent += size
+            self._most = max(self._most, self._lent)
+        if block is None:
+            block = anonymous(size)[:size]
+        return np.asarray(_Lent(block, shape, dtype, self._take_back))
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """:meth:`empty`, zero-filled."""
+        out = self.empty(shape, dtype)
+        out.fill(0)
+        return out
+
+    def clear(self) -> None:
+        """Drop every free block (their memory goes back to the kernel)."""
+        with self._lock:
+            self._free.clear()
+            self._idle = 0
+
+    def _take_back(self, block: np.ndarray) -> None:
+        # A finalizer: never wait (the garbage collector may run it on a thread that holds
+        # the lock); a block not kept is freed with its last reference.
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            size = block.nbytes
+            self._lent = max(0, self._lent - size)
+            if self._idle + size <= self._most:
+                self._free[size].append(block)
+                self._idle += size
+        finally:
+            self._lock.release()
+
+    def _after_fork(self) -> None:
+        # The parent's lock may have been held by one of its threads at the fork; blocks
+        # lent in the parent are not this process' to count.
+        self._lock = threading.Lock()
+        self._free = defaultdict(list)
+        self._idle = self._lent = self._most = 0
+
+    def __getstate__(self) -> dict[str, object]:
+        # A copy of a Loader (pickled to a DataLoader worker) starts with nothing lent.
+        return {"_smallest": self._smallest}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(int(state["_smallest"]))  # type: ignore[misc,call-overload]
+
+
+def csr_rows(matrix: sp.csr_matrix, positions: np.ndarray, memory: BatchMemory) -> sp.csr_matrix:
+    """Rows ``positions`` of ``matrix`` (any order, repeats allowed), their values and column
+    indices in memory lent by ``memory``: what ``matrix[positions]`` gives, by the same C++
+    row gather."""
+    if _csr_row_index is None:
+        return matrix[positions]
+    indptr, indices, data = matrix.indptr, matrix.indices, matrix.data
+    index_dtype = indices.dtype
+    if indptr.dtype != index_dtype:  # the gather takes one index type for all
+        indptr = indptr.astype(index_dtype)
+    rows = np.asarray(positions, dtype=index_dtype)
+    out_indptr = np.empty(rows.size + 1, dtype=index_dtype)
+    out_indptr[0] = 0
+    np.cumsum(indptr[rows + 1] - indptr[rows], out=out_indptr[1:])
+    nnz = int(out_indptr[-1])
+    out_indices = memory.empty((nnz,), index_dtype)
+    out_data = memory.empty((nnz,), data.dtype)
+    if rows.size:
+        _csr_row_index(rows.size, rows, indptr, indices, data, out_indices, out_data)
+    return csr_from_arrays(out_data, out_indices, out_indptr, (rows.size, matrix.shape[1]))
+
+
+def dense_rows(block: np.ndarray, positions: np.ndarray, memory: BatchMemory) -> np.ndarray:
+    """Rows ``positions`` of a dense block, copied into memory lent by ``memory``."""
+    out = memory.empty((positions.size, *block.shape[1:]), block.dtype)
+    np.take(block, positions, axis=0, out=out)
+    return out
+
+
+_POOLS: weakref.WeakSet[BatchMemory] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_POOLS):
+        pool._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
