@@ -87,6 +87,46 @@ def test_idle_memory_is_bounded_by_the_most_lent_at_once():
     assert memory.idle_bytes == 0
 
 
+def test_a_block_given_back_while_the_pool_is_busy_is_counted_at_the_next_use():
+    # The finalizer may run (garbage collector) on a thread holding the pool's lock: it only
+    # queues the block, which the next use counts and keeps.
+    memory = BatchMemory(smallest=1)
+    a = memory.empty((1000,), np.float32)
+    address = a.ctypes.data
+    with memory._lock:
+        del a
+        gc.collect()
+    assert memory._lent > 0  # not counted yet
+    b = memory.empty((1000,), np.float32)
+    assert b.ctypes.data == address  # kept, and lent again
+    del b
+    gc.collect()
+    assert memory.idle_bytes == size_class(4000)
+    assert memory._lent == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 3 * 2**20), min_size=1, max_size=40))
+def test_a_lent_block_is_never_smaller_than_its_array(sizes):
+    memory = BatchMemory(smallest=1)
+    held = []
+    for k, n in enumerate(sizes):
+        out = memory.empty((n,), np.uint8)
+        assert out.base._block.nbytes >= out.nbytes == n
+        out[:] = k % 251  # writes the whole array: a short block would not hold it
+        if k % 3:
+            held.append(out)
+        del out
+    gc.collect()
+
+
+def test_lent_memory_cannot_be_copied_around_its_arrays():
+    out = BatchMemory(smallest=1).empty((100,), np.float32)
+    with pytest.raises(TypeError, match="cannot be copied"):
+        copy.copy(out.base)
+    np.testing.assert_array_equal(copy.deepcopy(out), out)  # arrays copy their data
+
+
 def test_small_and_object_arrays_are_ordinary_memory():
     memory = BatchMemory()  # lends from lent.SMALLEST bytes on
     small = memory.empty((10,), np.float32)
@@ -151,6 +191,7 @@ def test_csr_rows_equal_scipy_indexing(n_rows, n_cols, density, picks, index_dty
     got = csr_rows(matrix, positions, BatchMemory(smallest=1))
     want = matrix[positions]
     assert got.shape == want.shape
+    assert (got.indices.dtype, got.indptr.dtype) == (want.indices.dtype, want.indptr.dtype)
     np.testing.assert_array_equal(got.indptr, want.indptr)
     np.testing.assert_array_equal(got.indices, want.indices)
     np.testing.assert_array_equal(got.data, want.data)
@@ -158,6 +199,19 @@ def test_csr_rows_equal_scipy_indexing(n_rows, n_cols, density, picks, index_dty
     np.testing.assert_array_equal(
         dense_rows(dense, positions, BatchMemory(smallest=1)), dense[positions]
     )
+
+
+def _indices_in_range(batch, n_var):
+    """A sparse batch's column indices in range, checked before anything densifies it: a
+    batch whose memory was reused under it would otherwise crash the test process."""
+    x = batch["X"]
+    if isinstance(x, sp.spmatrix | sp.sparray):
+        indices = x.indices
+    elif getattr(x, "layout", None) is not None and str(x.layout) == "torch.sparse_csr":
+        indices = x.col_indices().numpy()
+    else:
+        return
+    assert indices.size == 0 or (indices.min() >= 0 and indices.max() < n_var)
 
 
 @pytest.mark.slow
@@ -198,11 +252,13 @@ def test_held_batches_stay_exact_while_dropped_ones_are_reused(
     )
     for store in stores:
         loader.add_anndata(store.adata())
+    n_var = stores[0].adata().n_vars
     held, k = [], 0
     for epoch in range(3):
         loader.set_epoch(epoch)
         seen = []
         for b in loader:
+            _indices_in_range(b, n_var)
             check_epoch([b], stores)  # exact when yielded
             seen.append(np.asarray(b["index"]))
             if keep[k % len(keep)]:
@@ -211,6 +267,8 @@ def test_held_batches_stay_exact_while_dropped_ones_are_reused(
             del b
         assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(100))
     gc.collect()
+    for b in held:
+        _indices_in_range(b, n_var)
     check_epoch(held, stores)  # exact after later batches reused the dropped ones' memory
     if not all(keep) and kind == "sparse":
         assert lend_everything  # sparse batches are lent: some came back (to be reused)

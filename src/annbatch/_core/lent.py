@@ -15,8 +15,8 @@ is reused while anything can still reach it; a user who keeps every batch simply
 memory each time.
 
 Idle memory is bounded by the most the batches of this Loader ever held at once (memory the
-process used anyway), and dropped in a forked child. The finalizer never waits for a lock: a
-block given back while another thread holds the pool's lock is simply freed.
+process used anyway), held until the Loader is garbage collected, and dropped in a forked
+child. The finalizer takes no lock: it queues the block, and the next batch counts it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import math
 import os
 import threading
 import weakref
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -53,6 +53,7 @@ _STEPS = 8  # size classes per doubling: a block is at most 1/8 larger than aske
 def size_class(nbytes: int) -> int:
     """The block size lent for ``nbytes``: rounded up to one of :data:`_STEPS` sizes per
     power of two, so that batches of slightly different sizes share blocks."""
+    nbytes = int(nbytes)
     if nbytes <= _STEPS:
         return _STEPS
     step = 1 << max(0, nbytes.bit_length() - 1 - int(math.log2(_STEPS)))
@@ -82,6 +83,12 @@ class _Lent:
             "version": 3,
         }
 
+    def __reduce__(self) -> Any:
+        # A copy would be a second owner of the block, giving it back while arrays over it
+        # live: arrays are copied through numpy, never through their base.
+        msg = "lent batch memory cannot be copied or pickled; copy the array instead"
+        raise TypeError(msg)
+
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at interpreter shutdown: nothing to give to
             self._give_back(self._block)
@@ -101,6 +108,8 @@ class BatchMemory:
         self._smallest = SMALLEST if smallest is None else smallest
         self._lock = threading.Lock()
         self._free: defaultdict[int, list[np.ndarray]] = defaultdict(list)
+        # Blocks given back by finalizers, counted at the next use (see _take_back).
+        self._returned: deque[np.ndarray] = deque()
         self._idle = 0  # bytes in free blocks
         self._lent = 0  # bytes lent out now
         self._most = 0  # the most bytes lent out at once: the bound of idle bytes
@@ -109,7 +118,9 @@ class BatchMemory:
     @property
     def idle_bytes(self) -> int:
         """Bytes held in free blocks."""
-        return self._idle
+        with self._lock:
+            self._drain()
+            return self._idle
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """An uninitialised C-contiguous array, in lent memory if it is large enough."""
@@ -120,6 +131,7 @@ class BatchMemory:
         size = size_class(nbytes)
         block = None
         with self._lock:
+            self._drain()
             for fits in (size, size_class(size + 1)):  # the next class up wastes <= 1/4
                 free = self._free.get(fits)
                 if free:
@@ -131,6 +143,9 @@ class BatchMemory:
             self._most = max(self._most, self._lent)
         if block is None:
             block = anonymous(size)[:size]
+        if block.nbytes < nbytes:  # never: a class holds blocks of its size only
+            msg = f"lent block of {block.nbytes} bytes for an array of {nbytes}"
+            raise AssertionError(msg)
         return np.asarray(_Lent(block, shape, dtype, self._take_back))
 
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -142,28 +157,32 @@ class BatchMemory:
     def clear(self) -> None:
         """Drop every free block (their memory goes back to the kernel)."""
         with self._lock:
+            self._drain()
             self._free.clear()
             self._idle = 0
 
     def _take_back(self, block: np.ndarray) -> None:
-        # A finalizer: never wait (the garbage collector may run it on a thread that holds
-        # the lock); a block not kept is freed with its last reference.
-        if not self._lock.acquire(blocking=False):
-            return
-        try:
+        # A finalizer, on whichever thread drops the last reference (the garbage collector
+        # may run it on a thread that holds the lock): it takes no lock, it only queues the
+        # block (deque.append is atomic); the next use counts and keeps it.
+        self._returned.append(block)
+
+    def _drain(self) -> None:
+        """Count and keep (within the bound) the blocks given back; the lock held."""
+        while self._returned:
+            block = self._returned.popleft()
             size = block.nbytes
             self._lent = max(0, self._lent - size)
             if self._idle + size <= self._most:
                 self._free[size].append(block)
                 self._idle += size
-        finally:
-            self._lock.release()
 
     def _after_fork(self) -> None:
         # The parent's lock may have been held by one of its threads at the fork; blocks
         # lent in the parent are not this process' to count.
         self._lock = threading.Lock()
         self._free = defaultdict(list)
+        self._returned = deque()
         self._idle = self._lent = self._most = 0
 
     def __getstate__(self) -> dict[str, object]:
@@ -177,22 +196,31 @@ class BatchMemory:
 def csr_rows(matrix: sp.csr_matrix, positions: np.ndarray, memory: BatchMemory) -> sp.csr_matrix:
     """Rows ``positions`` of ``matrix`` (any order, repeats allowed), their values and column
     indices in memory lent by ``memory``: what ``matrix[positions]`` gives, by the same C++
-    row gather."""
+    row gather, index dtype included (int32 wherever the batch's entries and columns fit,
+    as scipy chooses, whatever the window's)."""
     if _csr_row_index is None:
         return matrix[positions]
     indptr, indices, data = matrix.indptr, matrix.indices, matrix.data
-    index_dtype = indices.dtype
-    if indptr.dtype != index_dtype:  # the gather takes one index type for all
-        indptr = indptr.astype(index_dtype)
-    rows = np.asarray(positions, dtype=index_dtype)
-    out_indptr = np.empty(rows.size + 1, dtype=index_dtype)
+    gather_dtype = np.promote_types(indptr.dtype, indices.dtype)  # one type for the gather
+    if indptr.dtype != gather_dtype:
+        indptr = indptr.astype(gather_dtype)
+    if indices.dtype != gather_dtype:
+        indices = indices.astype(gather_dtype)
+    rows = np.asarray(positions, dtype=gather_dtype)
+    lengths = indptr[rows + 1] - indptr[rows]
+    nnz = int(lengths.sum())
+    fits = max(nnz, matrix.shape[1]) <= np.iinfo(np.int32).max
+    out_dtype = np.dtype(np.int32) if fits else gather_dtype
+    out_indptr = np.empty(rows.size + 1, dtype=out_dtype)
     out_indptr[0] = 0
-    np.cumsum(indptr[rows + 1] - indptr[rows], out=out_indptr[1:])
-    nnz = int(out_indptr[-1])
-    out_indices = memory.empty((nnz,), index_dtype)
+    np.cumsum(lengths, out=out_indptr[1:])
     out_data = memory.empty((nnz,), data.dtype)
+    out_indices = memory.empty((nnz,), out_dtype)
+    gathered = out_indices if out_dtype == gather_dtype else np.empty(nnz, dtype=gather_dtype)
     if rows.size:
-        _csr_row_index(rows.size, rows, indptr, indices, data, out_indices, out_data)
+        _csr_row_index(rows.size, rows, indptr, indices, data, gathered, out_data)
+    if gathered is not out_indices:  # int64 window, int32 batch: narrowed once, exactly
+        out_indices[:] = gathered
     return csr_from_arrays(out_data, out_indices, out_indptr, (rows.size, matrix.shape[1]))
 
 
