@@ -151,20 +151,3 @@ def test_object_storage_example_runs():
     assert "rows per rank {0: 1500, 1: 1500}" in result.stdout
     assert result.stderr == ""
 
-
-def test_ddp_example_runs():
-    """The DDP tutorial's program: 2 gloo ranks x 2 spawn workers, each row once per epoch."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "ddp.py"), "--n-obs", "600", "--n-var", "50"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert (
-        "epoch 0: rows per rank {0: 600, 1: 600}, every one of the 1,200 rows once" in result.stdout
-    )
-    assert "epoch 1: rows per rank {0: 600, 1: 600}" in result.stdout
-    assert "each epoch in a new order" in result.stdout
-    assert result.stderr == ""
