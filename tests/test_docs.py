@@ -150,4 +150,3 @@ def test_object_storage_example_runs():
     assert "one epoch from s3://annbatch/atlas.zarr: 3,000 rows" in result.stdout
     assert "rows per rank {0: 1500, 1: 1500}" in result.stdout
     assert result.stderr == ""
-
