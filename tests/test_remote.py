@@ -579,9 +579,13 @@ def test_requests_in_flight_are_configurable(s3, uploaded, monkeypatch):
             loader.add_anndatas(adatas)
             # As in a DataLoader worker: a new client, with no connections yet, for the reads.
             loader = pickle.loads(pickle.dumps(loader))
-            opened = proxy.connections
+            opened, open_before = proxy.connections, proxy.open
+            proxy.peak_open = open_before  # the most open at once, from here on
             _check_epoch(loader, values)
-            assert 1 <= proxy.connections - opened <= 2 * limit  # data + shard indexes
+            assert proxy.connections > opened  # the reads' own client
+            # Open at once: data + shard indexes. (Counted in total, a connection the client
+            # dropped while idle and opened again on a loaded machine failed this: 3 > 2.)
+            assert proxy.peak_open - open_before <= 2 * limit
         finally:
             proxy.close()
 
