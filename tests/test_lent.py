@@ -127,6 +127,22 @@ def test_lent_memory_cannot_be_copied_around_its_arrays():
     np.testing.assert_array_equal(copy.deepcopy(out), out)  # arrays copy their data
 
 
+def test_memory_kept_after_a_burst_of_held_batches_shrinks_back():
+    # list(loader): many batches held at once, then dropped; later batches one at a time
+    # let the excess go once the burst is RECENT lends old.
+    memory = BatchMemory(smallest=1)
+    block = size_class(8000)
+    burst = [memory.empty((1000,), np.float64) for _ in range(50)]
+    del burst
+    gc.collect()
+    assert memory.idle_bytes == 50 * block  # kept: the burst is recent
+    for _ in range(lent.RECENT):
+        one = memory.empty((1000,), np.float64)
+        del one
+    assert memory.idle_bytes <= block * 3 // 2  # 1.5x the recent peak: one batch
+    assert memory._lent == 0
+
+
 def test_small_and_object_arrays_are_ordinary_memory():
     memory = BatchMemory()  # lends from lent.SMALLEST bytes on
     small = memory.empty((10,), np.float32)

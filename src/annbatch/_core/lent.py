@@ -14,9 +14,10 @@ the block's finalizer give its memory back for a later batch of about the same s
 is reused while anything can still reach it; a user who keeps every batch simply gets new
 memory each time.
 
-Idle memory is bounded by the most the batches of this Loader ever held at once (memory the
-process used anyway), held until the Loader is garbage collected, and dropped in a forked
-child. The finalizer takes no lock: it queues the block, and the next batch counts it.
+Memory kept (lent and idle together) is bounded by 1.5 times the most the batches of this
+Loader held at once over its last :data:`RECENT` lends (memory the process used anyway): after a burst of
+batches held together (``list(loader)``), later batches let the excess go. Idle memory is held
+until then or until the Loader is garbage collected, and dropped in a forked child. The finalizer takes no lock: it queues the block, and the next batch counts it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ SMALLEST = 1 << 20
 """Blocks of fewer bytes are not lent: small allocations are cheap and malloc reuses them."""
 
 _STEPS = 8  # size classes per doubling: a block is at most 1/8 larger than asked
+
+RECENT = 1024
+"""Lends over which the peak of bytes lent at once bounds the memory kept (lent and idle):
+more than a window's batches (each lends its values and its column indices), so that the
+previous window's peak still counts when the next window is cut."""
 
 
 def size_class(nbytes: int) -> int:
@@ -112,7 +118,9 @@ class BatchMemory:
         self._returned: deque[np.ndarray] = deque()
         self._idle = 0  # bytes in free blocks
         self._lent = 0  # bytes lent out now
-        self._most = 0  # the most bytes lent out at once: the bound of idle bytes
+        # Bytes lent out just after each of the last lends: lent + idle stays within their
+        # peak, so a burst of batches held at once (list(loader)) is let go of again.
+        self._recent: deque[int] = deque(maxlen=RECENT)
         _POOLS.add(self)
 
     @property
@@ -140,7 +148,7 @@ class BatchMemory:
                     size = fits
                     break
             self._lent += size
-            self._most = max(self._most, self._lent)
+            self._recent.append(self._lent)
         if block is None:
             block = anonymous(size)[:size]
         if block.nbytes < nbytes:  # never: a class holds blocks of its size only
@@ -168,14 +176,25 @@ class BatchMemory:
         self._returned.append(block)
 
     def _drain(self) -> None:
-        """Count and keep (within the bound) the blocks given back; the lock held."""
+        """Count the blocks given back and keep them, within the bound: lent and idle bytes
+        together at most 1.5 times the peak of bytes lent over the last :data:`RECENT` lends
+        (free blocks beyond it dropped, the largest first); the lock held."""
         while self._returned:
             block = self._returned.popleft()
             size = block.nbytes
             self._lent = max(0, self._lent - size)
-            if self._idle + size <= self._most:
-                self._free[size].append(block)
-                self._idle += size
+            self._free[size].append(block)
+            self._idle += size
+        # Half again as much: batches of the next window may need blocks of other sizes
+        # than those free (with the peak alone, 6 of an epoch's 98 lends were new memory).
+        room = max(self._recent, default=0) * 3 // 2 - self._lent
+        if self._idle <= room:
+            return
+        for size in sorted(self._free, reverse=True):
+            blocks = self._free[size]
+            while blocks and self._idle > room:
+                blocks.pop()
+                self._idle -= size
 
     def _after_fork(self) -> None:
         # The parent's lock may have been held by one of its threads at the fork; blocks
@@ -183,7 +202,8 @@ class BatchMemory:
         self._lock = threading.Lock()
         self._free = defaultdict(list)
         self._returned = deque()
-        self._idle = self._lent = self._most = 0
+        self._recent = deque(maxlen=RECENT)
+        self._idle = self._lent = 0
 
     def __getstate__(self) -> dict[str, object]:
         # A copy of a Loader (pickled to a DataLoader worker) starts with nothing lent.
