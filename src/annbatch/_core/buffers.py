@@ -30,7 +30,7 @@ import mmap
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -63,7 +63,7 @@ class BufferPool:
         self._capacity = capacity
         self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
-        _POOLS.add(self)
+        empty_in_forked_children(self)
 
     @property
     def nbytes(self) -> int:
@@ -113,7 +113,7 @@ class BufferPool:
         self._capacity = int(state["_capacity"])  # type: ignore[call-overload]
         self._free = []
         self._lock = threading.Lock()
-        _POOLS.add(self)
+        empty_in_forked_children(self)
 
 
 class Lease:
@@ -181,7 +181,18 @@ class Scope:
             lease.release()
 
 
-_POOLS: weakref.WeakSet[BufferPool] = weakref.WeakSet()
+class _ForkReset(Protocol):
+    def _after_fork(self) -> None: ...
+
+
+_POOLS: weakref.WeakSet[_ForkReset] = weakref.WeakSet()
+"""Every pool of memory (window buffers here, batch memory in :mod:`~annbatch._core.lent`):
+emptied in a forked child (:func:`empty_in_forked_children`)."""
+
+
+def empty_in_forked_children(pool: _ForkReset) -> None:
+    """Have ``pool._after_fork()`` run in every child forked from now on, while it lives."""
+    _POOLS.add(pool)
 
 
 def _after_fork_in_child() -> None:

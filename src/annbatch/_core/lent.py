@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import threading
-import weakref
 from collections import defaultdict, deque
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from annbatch._core.buffers import anonymous
+from annbatch._core.buffers import anonymous, empty_in_forked_children
 from annbatch._core.types import csr_from_arrays
 
 if TYPE_CHECKING:
@@ -121,7 +119,7 @@ class BatchMemory:
         # Bytes lent out just after each of the last lends: lent + idle stays within their
         # peak, so a burst of batches held at once (list(loader)) is let go of again.
         self._recent: deque[int] = deque(maxlen=RECENT)
-        _POOLS.add(self)
+        empty_in_forked_children(self)
 
     @property
     def idle_bytes(self) -> int:
@@ -179,6 +177,8 @@ class BatchMemory:
         """Count the blocks given back and keep them, within the bound: lent and idle bytes
         together at most 1.5 times the peak of bytes lent over the last :data:`RECENT` lends
         (free blocks beyond it dropped, the largest first); the lock held."""
+        if not self._returned:  # idle memory grows only here: nothing to trim otherwise
+            return
         while self._returned:
             block = self._returned.popleft()
             size = block.nbytes
@@ -249,15 +249,3 @@ def dense_rows(block: np.ndarray, positions: np.ndarray, memory: BatchMemory) ->
     out = memory.empty((positions.size, *block.shape[1:]), block.dtype)
     np.take(block, positions, axis=0, out=out)
     return out
-
-
-_POOLS: weakref.WeakSet[BatchMemory] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for pool in list(_POOLS):
-        pool._after_fork()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_after_fork_in_child)
