@@ -180,9 +180,10 @@ def dense_group(
     (:mod:`~annbatch._core.lent`).
 
     Never a buffer reused while a batch over it lives: a batch is the user's to keep; holding
-    one keeps its group's array alive (the group is a ``1 / n_tasks`` share of the window). One array per group rather
-    than per batch because fresh memory is most of what densifying costs (page faults, and
-    the kernel zeroing pages), and numpy asks for huge pages from 4 MiB on. Measured in the
+    one keeps its group's array alive (the group is a ``1 / n_tasks`` share of the window).
+    One array per group rather than per batch because fresh memory is most of what
+    densifying costs (page faults, and the kernel zeroing pages), and numpy asks for huge
+    pages from 4 MiB on. Measured in the
     Loader (200,000 x 2,000 float32 counts, 1,500 values per row, batches of 256, 2 cores):
     0.87-1.01x the sparse batches' rows/s a group at a time, 0.62-0.81x a batch at a time
     (twice the page faults). ``toarray`` runs in C++ without the GIL; a numpy scatter
