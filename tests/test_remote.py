@@ -641,7 +641,7 @@ def test_an_abandoned_read_cancels_its_requests_at_once(s3, uploaded):
     import threading
 
     from annbatch._core.cancel import ReadCancelled
-    from annbatch._core.reader import _run
+    from annbatch._core.reader import run_tasks
 
     path, _ = uploaded["collection dense none"]
     proxy = Proxy(s3.port)
@@ -654,7 +654,7 @@ def test_an_abandoned_read_cancels_its_requests_at_once(s3, uploaded):
         stop = threading.Event()
         stop.set()
         with pytest.raises(ReadCancelled):
-            _run(tasks, None, stop)
+            run_tasks(tasks, None, stop)
         assert all(t.future.cancelled() for t in tasks)  # type: ignore[attr-defined]
     finally:
         proxy.network.stall = False

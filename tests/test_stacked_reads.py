@@ -99,6 +99,9 @@ def test_stacked_reads_equal_the_arrays(stored, ranges, verify: bool) -> None:
         or [np.empty(0, dtype=np.int64)]
     )
     np.testing.assert_array_equal(out, expected)
+    again = np.full_like(out, -1)  # the chunks located by the first read (ChunkTable)
+    read_stacked(readers, bases, starts, stops, again)
+    np.testing.assert_array_equal(again, expected)
     # one array alone: the same path
     s, e = ranges[1]
     one = np.empty(int(np.sum(e - s)), dtype=np.int64)
@@ -142,6 +145,52 @@ def test_damage_is_named_by_its_array(tmp_path: Path) -> None:
     np.testing.assert_array_equal(
         out[: sum(LENGTHS[k] for k in keep)], np.concatenate([values[k] for k in keep])
     )
+
+
+def test_chunks_never_written_beside_written_ones(tmp_path: Path) -> None:
+    """Chunks read in part (located all at once) and chunks never written (the fill value)
+    in one read, over a shard never written at all too."""
+    arrays, values = [], []
+    for k, n in enumerate((700, 300)):
+        a = zarr.create_array(
+            tmp_path / f"a{k}", shape=(n,), dtype="int64", chunks=(64,), shards=(256,),
+            compressors=None, fill_value=-7,
+        )  # fmt: skip
+        a[0:64] = np.arange(64)
+        if n > 600:
+            a[520:600] = np.arange(80) + 1000  # chunks 8 and 9 of shard 2; shard 1 never written
+        arrays.append(a)
+        values.append(a[...])
+    readers = _readers(arrays, verify=False)
+    bases = stack_bases(readers)
+    assert bases is not None
+    local = [(np.array([3, 60, 250, 500, 590]), np.array([40, 70, 300, 530, 700])),
+             (np.array([0, 70]), np.array([10, 300]))]  # fmt: skip
+    starts = np.concatenate([a + b for (a, _), b in zip(local, bases.tolist(), strict=True)])
+    stops = np.concatenate([e + b for (_, e), b in zip(local, bases.tolist(), strict=True)])
+    expected = np.concatenate(
+        [v[a:b] for v, (s, e) in zip(values, local, strict=True) for a, b in zip(s, e, strict=True)]
+    )
+    for _ in range(2):
+        out = np.zeros(expected.size, dtype=np.int64)
+        read_stacked(readers, bases, starts, stops, out)
+        np.testing.assert_array_equal(out, expected)
+
+
+def test_shard_cut_short_after_its_chunks_were_located(tmp_path: Path) -> None:
+    """A shard truncated after a read located its chunks (their places are kept): the next
+    read of them is an error naming the array, not stale or zeroed values."""
+    _, arrays = _arrays(tmp_path, "sharded")
+    readers = _readers(arrays, verify=False)
+    bases = stack_bases(readers)
+    assert bases is not None
+    out = np.empty(100, dtype=np.int64)
+    starts, stops = bases[1:2] + 1, bases[1:2] + 101
+    read_stacked(readers, bases, starts, stops, out)
+    shard = sorted((tmp_path / "a1" / "c").iterdir())[0]
+    shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(CorruptChunkError, match=r"a1.*(ends before|truncated)"):
+        read_stacked(readers, bases, starts, stops, out)
 
 
 def test_short_chunk_is_an_error(tmp_path: Path) -> None:

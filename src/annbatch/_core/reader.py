@@ -17,10 +17,78 @@ if TYPE_CHECKING:
 
     from annbatch._core.planner import Placement, ReadPlan
     from annbatch._core.sources import DenseSource, RowSource
-    from annbatch._core.types import Allocate, Block
+    from annbatch._core.types import Allocate, Block, ReadJob
 
 TASKS_PER_THREAD = 4
 """Tasks per read thread and dataset: enough to keep threads busy to the end of a window."""
+
+
+PARALLEL_MIN_BYTES = 4 << 20
+"""Bytes a window's local reads must decode or copy for the read threads to pay.
+
+A task on a read thread releases the GIL for every file read and every chunk it decodes,
+and each release is a handover between threads (a few microseconds, and a wait for the GIL
+to come back). Below this size a window is mostly such handovers: reading it on the calling
+thread measured faster. Measured on 2 cores, collections of 200,000 cells x 2,000 genes,
+windows of 16,384 rows: 8 values per row (1 MiB a window) 1.27x faster on the calling
+thread, 32 values (4 MiB) even, 128 values (16 MiB) 1.35x faster on the read threads
+(benchmarks/RESULTS.md)."""
+
+
+def worth_threads(tasks: Sequence[Callable[[], None]]) -> bool:
+    """Whether ``tasks`` should run on the read threads rather than on the calling thread:
+    always for reads that wait on something other than this process' cores (object
+    storage, zarr-python and h5py reads: their tasks say nothing of their size), and for
+    local reads that decode or copy at least :data:`PARALLEL_MIN_BYTES` together."""
+    total = 0
+    for task in tasks:
+        nbytes = getattr(task, "local_bytes", None)
+        if nbytes is None:
+            return True
+        total += nbytes
+        if total >= PARALLEL_MIN_BYTES:
+            return True
+    return False
+
+
+def plan_job(
+    plan: ReadPlan,
+    sources: Sequence[RowSource],
+    threads: int = 1,
+    allocate: Allocate = empty_window,
+) -> ReadJob | None:
+    """The job that reads every segment of ``plan`` (None: nothing to read).
+
+    The segments of each dataset become one part of the window; the first source builds the
+    window's job from all parts (:meth:`RowSource.window_job`), so that datasets and chunks
+    are read and decoded concurrently when its tasks run on the read threads.
+    """
+    parts = []
+    bounds = np.flatnonzero(np.diff(plan.datasets)) + 1  # reads are grouped by dataset
+    for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), plan.datasets.size], strict=True):
+        if hi > lo:
+            parts.append((sources[int(plan.datasets[lo])], plan.starts[lo:hi], plan.stops[lo:hi]))
+    if not parts:
+        return None
+    return parts[0][0].window_job(parts, TASKS_PER_THREAD * threads, allocate)
+
+
+def run_job(
+    job: ReadJob | None,
+    sources: Sequence[RowSource],
+    executor: Executor | None = None,
+    cancel: threading.Event | None = None,
+) -> list[Block]:
+    """Run ``job``'s tasks (on ``executor``, or here, in order, without one); its blocks
+    hold the plan's rows in plan order, in the sources' common dtype."""
+    if job is None:
+        return []
+    run_tasks(job.tasks, executor, cancel)
+    blocks = job.result()
+    dtype = common_dtype(sources)
+    if any(b.dtype != dtype for b in blocks):  # datasets of different dtypes: promote
+        blocks = [b if b.dtype == dtype else b.astype(dtype) for b in blocks]
+    return blocks
 
 
 def read_plan(
@@ -31,27 +99,8 @@ def read_plan(
     cancel: threading.Event | None = None,
     allocate: Allocate = empty_window,
 ) -> list[Block]:
-    """Read every segment of ``plan``; the blocks hold the segments' rows in plan order.
-
-    The segments of each dataset become one part of the window; the first source builds the
-    window's job from all parts (:meth:`RowSource.window_job`), and its tasks go to
-    ``executor`` (or run here, in order, without one), so datasets and chunks are read and
-    decoded concurrently.
-    """
-    parts = []
-    bounds = np.flatnonzero(np.diff(plan.datasets)) + 1  # reads are grouped by dataset
-    for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), plan.datasets.size], strict=True):
-        if hi > lo:
-            parts.append((sources[int(plan.datasets[lo])], plan.starts[lo:hi], plan.stops[lo:hi]))
-    if not parts:
-        return []
-    job = parts[0][0].window_job(parts, TASKS_PER_THREAD * threads, allocate)
-    _run(job.tasks, executor, cancel)
-    blocks = job.result()
-    dtype = common_dtype(sources)
-    if any(b.dtype != dtype for b in blocks):  # datasets of different dtypes: promote
-        blocks = [b if b.dtype == dtype else b.astype(dtype) for b in blocks]
-    return blocks
+    """Read every segment of ``plan`` (:func:`plan_job`, then :func:`run_job`)."""
+    return run_job(plan_job(plan, sources, threads, allocate), sources, executor, cancel)
 
 
 def common_dtype(sources: Sequence[RowSource]) -> np.dtype:
@@ -62,16 +111,14 @@ def common_dtype(sources: Sequence[RowSource]) -> np.dtype:
     return np.result_type(*(s.dtype for s in sources))
 
 
-def read_placed(
+def placed_job(
     placement: Placement,
     sources: Sequence[DenseSource],
-    executor: Executor | None = None,
     threads: int = 1,
-    cancel: threading.Event | None = None,
     allocate: Allocate = empty_window,
-) -> np.ndarray:
-    """Read a window of dense rows straight into batch order, into one buffer (from
-    ``allocate``).
+) -> tuple[np.ndarray, list[Callable[[], None]]]:
+    """The buffer (from ``allocate``) that a window of dense rows is read into, straight in
+    batch order, and the tasks that fill it.
 
     Every source must read chunks directly (:attr:`RowSource.reads_chunks_once`). Each chunk
     is decoded once, into a scratch buffer (or, when a whole chunk lands in one piece, into
@@ -86,11 +133,25 @@ def read_placed(
         for run in placement.runs
         for task in sources[run.dataset].placed_tasks(run.starts, run.stops, run.dest, out, n_tasks)
     ]
-    _run(tasks, executor, cancel)
+    return out, tasks
+
+
+def read_placed(
+    placement: Placement,
+    sources: Sequence[DenseSource],
+    executor: Executor | None = None,
+    threads: int = 1,
+    cancel: threading.Event | None = None,
+    allocate: Allocate = empty_window,
+) -> np.ndarray:
+    """Read a window of dense rows straight into batch order (:func:`placed_job`), into one
+    buffer."""
+    out, tasks = placed_job(placement, sources, threads, allocate)
+    run_tasks(tasks, executor, cancel)
     return out
 
 
-def _run(
+def run_tasks(
     tasks: Sequence[Callable[[], None]],
     executor: Executor | None,
     cancel: threading.Event | None = None,

@@ -4,8 +4,8 @@ Three ways, chosen per window:
 
 - dense rows of sources read chunk by chunk go straight into batch order (one row copy, from
   a chunk still in cache), and batches are views of one buffer per window;
-- otherwise the window is read in disk order (:func:`~annbatch._core.reader.read_plan`) and
-  its batches are cut on the read threads (:func:`~annbatch._core.assembler.assemble`);
+- otherwise the window is read in disk order (:func:`~annbatch._core.reader.plan_job`) and
+  its batches are cut from it (:func:`~annbatch._core.assembler.assemble`);
 - on the GPU path, the window read on the host is copied to the device once and the consumer
   cuts each batch there.
 """
@@ -13,23 +13,31 @@ Three ways, chosen per window:
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
 from annbatch._core import gpu
 from annbatch._core.assembler import assemble, done, split_rows
 from annbatch._core.planner import plan_placement, plan_reads
-from annbatch._core.reader import TASKS_PER_THREAD, read_placed, read_plan
+from annbatch._core.reader import (
+    TASKS_PER_THREAD,
+    placed_job,
+    plan_job,
+    run_job,
+    run_tasks,
+    worth_threads,
+)
 from annbatch._core.sources import DenseSource
 from annbatch._core.types import empty_window
 from annbatch.abc._sampler import split_batches
 
 if TYPE_CHECKING:
     import threading
-    from collections.abc import Sequence
-    from concurrent.futures import Executor, Future
+    from collections.abc import Callable, Sequence
+    from concurrent.futures import Executor
 
     import pandas as pd
 
@@ -40,6 +48,8 @@ if TYPE_CHECKING:
     from annbatch._core.planner import ReadPlan
     from annbatch._core.sources import RowSource
     from annbatch.abc._sampler import ChunkRequest
+
+T = TypeVar("T")
 
 
 class Pending(Protocol):
@@ -120,8 +130,10 @@ def load_window(
         if placement is not None:  # None: a row repeats within the window
             edges = list(itertools.pairwise(placement.bounds.tolist()))
             indices = [placement.rows[a:b] for a, b in edges]
-            window_obs = _read_obs(obs, indices, executor)
-            out = read_placed(placement, dense, executor, threads, stop, allocate)
+            out, tasks = placed_job(placement, dense, threads, allocate)
+            pool = executor if copier is not None or worth_threads(tasks) else None
+            window_obs = _read_obs(obs, indices, pool)
+            run_tasks(tasks, pool, stop)
             if copier is not None:
                 out = gpu.to_device([out], copier)  # batches: views of the device window
             return Window(
@@ -136,11 +148,14 @@ def load_window(
     plan = plan_reads(request.chunks, offsets, grids)
     splits = [plan.positions[s] for s in splits]  # request order -> memory order
     indices = [plan.index[s] for s in splits]
-    window_obs = _read_planned_obs(obs, plan, offsets, splits, executor)
     lease = buffers.lease() if buffers is not None and copier is None else None
     if lease is not None:
         allocate = lease.allocate
-    blocks = read_plan(plan, sources, executor, threads, stop, allocate)
+    job = plan_job(plan, sources, threads, allocate)
+    # A window of little local work is read, and its batches cut, on this thread.
+    pool = executor if copier is not None or job is None or worth_threads(job.tasks) else None
+    window_obs = _read_planned_obs(obs, plan, offsets, splits, pool)
+    blocks = run_job(job, sources, pool, stop)
     if copier is not None:
         # One copy to the GPU concatenates the blocks; the consumer cuts each batch there.
         window = gpu.to_device(blocks, copier)
@@ -153,7 +168,7 @@ def load_window(
         blocks,
         splits,
         strategy,
-        executor,
+        pool,
         TASKS_PER_THREAD * threads,
         densify=densify,
         on_done=None if lease is None else lease.release,
@@ -163,13 +178,14 @@ def load_window(
 
 
 def _read_obs(
-    obs: ObsRows | None, indices: Sequence[np.ndarray], executor: Executor
+    obs: ObsRows | None, indices: Sequence[np.ndarray], executor: Executor | None
 ) -> Future[pd.DataFrame] | None:
-    """Start reading the obs of every batch's rows, one batch after another, on a read
-    thread: submitted before X's tasks, it runs while they do."""
+    """Read the obs of every batch's rows, one batch after another: on a read thread, where
+    the window's X is read there too (submitted before X's tasks, it runs while they do),
+    else here."""
     if obs is None or not indices:
         return None
-    return executor.submit(obs.take, np.concatenate(indices))
+    return _start(executor, obs.take, np.concatenate(indices))
 
 
 def _read_planned_obs(
@@ -177,7 +193,7 @@ def _read_planned_obs(
     plan: ReadPlan,
     offsets: np.ndarray,
     splits: Sequence[np.ndarray],
-    executor: Executor,
+    executor: Executor | None,
 ) -> Future[pd.DataFrame] | None:
     """:func:`_read_obs` of a window read by ``plan`` (``splits``: each batch's rows in the
     window's memory): the plan's reads are the window's rows as sorted runs, so the obs
@@ -186,7 +202,20 @@ def _read_planned_obs(
         return None
     base = offsets[plan.datasets]
     positions = np.concatenate(splits)
-    return executor.submit(obs.take_runs, plan.starts + base, plan.stops + base, positions)
+    return _start(executor, obs.take_runs, plan.starts + base, plan.stops + base, positions)
+
+
+def _start(executor: Executor | None, read: Callable[..., T], *args: Any) -> Future[T]:
+    """``read(*args)`` on ``executor``, or here without one; either way its error is raised
+    where the result is asked for."""
+    if executor is not None:
+        return executor.submit(read, *args)
+    future: Future[T] = Future()
+    try:
+        future.set_result(read(*args))
+    except Exception as e:
+        future.set_exception(e)
+    return future
 
 
 def _result(window_obs: Future[pd.DataFrame] | None) -> pd.DataFrame | None:

@@ -51,6 +51,17 @@ class ReadTask:
     reader: ChunkReader
     work: Work
 
+    @property
+    def local_bytes(self) -> int:
+        """Bytes the task decodes or copies (whole chunks of a compressed array, else the
+        wanted rows): the work it could do on another core while its thread has released
+        the GIL (see :func:`annbatch._core.reader.worth_threads`)."""
+        reader, work = self.reader, self.work
+        if reader.layout.compressor is None:
+            return int(np.sum(work.src_hi - work.src_lo)) * reader.row_bytes
+        chunks = 1 + int(np.count_nonzero(np.diff(work.chunk)))
+        return chunks * reader.layout.rows_per_chunk * reader.row_bytes
+
     def __call__(self) -> None:
         reader, work = self.reader, self.work
         layout = reader.layout

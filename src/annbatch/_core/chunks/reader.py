@@ -116,7 +116,8 @@ class ChunkReader:
         self._complete = complete
         self._indexes: dict[int, np.ndarray | None] = {}
         self._paths: dict[int, str] = {}  # shard -> its file
-        self._entries: dict[int, list[list[int]]] = {}  # shard -> its index, as lists
+        self._entries: dict[int, list[int]] = {}  # shard -> its index, as one flat list
+        self.chunk_tables: dict[tuple[int, ...], Any] = {}  # small.ChunkTable of its stacks
         self._own_files()
 
     def _own_files(self) -> None:
@@ -131,7 +132,7 @@ class ChunkReader:
         return self.owner
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers, DDP ranks
-        dropped = ("_indexes", "_paths", "_entries")
+        dropped = ("_indexes", "_paths", "_entries", "chunk_tables")
         state = {k: v for k, v in self.__dict__.items() if k not in (*dropped, "owner")}
         return state | {k: {} for k in dropped}  # shard indexes are re-read where needed
 
@@ -235,14 +236,17 @@ class ChunkReader:
         """Whether the index of shard ``shard`` was read (or found missing) already."""
         return shard in self._indexes
 
-    def shard_entries(self, shard: int) -> list[list[int]] | None:
-        """:meth:`shard_index` as a list of ``[offset, nbytes]`` (for loops in Python)."""
+    def shard_entries(self, shard: int) -> list[int] | None:
+        """:meth:`shard_index` as one flat list ``[offset, nbytes, offset, nbytes, ...]`` (for
+        loops in Python). Flat, because a list of pairs is a container per chunk that the
+        garbage collector walks on every full collection: an atlas' obs shards held ~400,000
+        of them, and the collections they set off cost more than reading the chunks."""
         entries = self._entries.get(shard)
         if entries is None:
             index = self.shard_index(shard)
             if index is None:
                 return None
-            entries = self._entries[shard] = index.tolist()
+            entries = self._entries[shard] = index.ravel().tolist()
         return entries
 
     def shard_index(self, shard: int) -> np.ndarray | None:
