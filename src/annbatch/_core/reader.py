@@ -23,16 +23,16 @@ TASKS_PER_THREAD = 4
 """Tasks per read thread and dataset: enough to keep threads busy to the end of a window."""
 
 
-PARALLEL_MIN_BYTES = 4 << 20
+PARALLEL_MIN_BYTES = 8 << 20
 """Bytes a window's local reads must decode or copy for the read threads to pay.
 
 A task on a read thread releases the GIL for every file read and every chunk it decodes,
 and each release is a handover between threads (a few microseconds, and a wait for the GIL
-to come back). Below this size a window is mostly such handovers: reading it on the calling
-thread measured faster. Measured on 2 cores, collections of 200,000 cells x 2,000 genes,
-windows of 16,384 rows: 8 values per row (1 MiB a window) 1.27x faster on the calling
-thread, 32 values (4 MiB) even, 128 values (16 MiB) 1.35x faster on the read threads
-(benchmarks/RESULTS.md)."""
+to come back). A window with little to decode is mostly such handovers: it is read faster
+on the thread that asks for it. Measured on 2 cores (collections of 200,000 cells x 2,000
+genes, windows of 16,384 rows, 3 runs, medians; benchmarks/RESULTS.md), rows/s on the
+calling thread against the read threads: 8 values per row (1.1 MiB to decode a window)
+1.51x, 32 values (4.2 MiB) 1.11x, 128 values (16.5 MiB) 0.85x, 512 values (35 MiB) 0.67x."""
 
 
 def worth_threads(tasks: Sequence[Callable[[], None]]) -> bool:
