@@ -117,7 +117,8 @@ class ChunkReader:
         self._indexes: dict[int, np.ndarray | None] = {}
         self._paths: dict[int, str] = {}  # shard -> its file
         self._entries: dict[int, list[int]] = {}  # shard -> its index, as one flat list
-        self.chunk_tables: dict[tuple[int, ...], Any] = {}  # small.ChunkTable of its stacks
+        self.chunk_table: Any = None  # small.ChunkTable of this array, once read needs it
+        self.chunk_tables: dict[tuple[int, ...], Any] = {}  # of stacks it is the first of
         self._own_files()
 
     def _own_files(self) -> None:
@@ -134,6 +135,7 @@ class ChunkReader:
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers, DDP ranks
         dropped = ("_indexes", "_paths", "_entries", "chunk_tables")
         state = {k: v for k, v in self.__dict__.items() if k not in (*dropped, "owner")}
+        state["chunk_table"] = None
         return state | {k: {} for k in dropped}  # shard indexes are re-read where needed
 
     def __setstate__(self, state: dict[str, Any]) -> None:

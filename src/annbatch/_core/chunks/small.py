@@ -21,6 +21,7 @@ goes through the general path.
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ from annbatch._core.chunks.descriptors import Borrowed
 from annbatch._core.chunks.local import LocalTransport
 from annbatch._core.chunks.reader import chunk_pieces
 from annbatch._core.failures import store_errors
+from annbatch._core.ranges import expand_ranges
 from annbatch.errors import AnnbatchError, ChecksumMismatchError, CorruptChunkError
 
 if TYPE_CHECKING:
@@ -63,95 +65,99 @@ def stack_bases(readers: Sequence[ChunkReader]) -> np.ndarray | None:
 
 
 TABLE_MAX_CHUNKS = 1 << 21
-"""Chunks of a stack beyond which it gets no :class:`ChunkTable` (24 bytes a chunk: 48 MiB at
-most; an atlas of 100 million cells has ~100,000 chunks of 1,024 rows per obs column)."""
+"""Chunks of an array or stack beyond which it gets no :class:`ChunkTable` (24 bytes a chunk:
+48 MiB at most; an atlas of 100 million cells has ~100,000 chunks of 1,024 rows per obs
+column)."""
 
-_UNREAD = -2  # size in a chunk table of a chunk whose shard index was not read yet
+_TABLES_KEPT = 8
+"""Stack tables kept per first array: a window's obs columns are the same stacks every window
+(all datasets); its row pointers are a stack of the datasets it touches, new each time."""
+
+_TABLES_LOCK = threading.Lock()  # around the stack tables kept (threads may share readers)
+
 _NEVER = -1  # size in a chunk table of a chunk never written
 
 
 class ChunkTable:
-    """Where each chunk of a stack of sharded arrays lies (file, offset, size), filled a
-    shard at a time as reads first touch it, so that a read locates all its chunks in one
-    vectorised step (see :func:`read_stacked`). It holds no descriptors and no readers: the
-    shard indexes come from the readers (which read and check them once) and files are
+    """Where each chunk of an array, or of a stack of arrays, lies (file, offset, size; size
+    :data:`_NEVER`: never written), so that a read locates all its chunks in one vectorised
+    step (see :func:`read_stacked`). An array's table is made from all its shard indexes
+    (read and checked by its reader) when a read first needs it, and kept with the reader; a
+    stack's is its arrays' tables one after another. It holds no descriptors: files are
     named by the readers' descriptor tokens.
-
-    Parameters
-    ----------
-    readers
-        The arrays (sharded, one rows-per-chunk), in the order of their rows in the stack.
-    bases
-        Where each begins in the stack (:func:`stack_bases`).
     """
 
-    __slots__ = ("file", "files", "first", "nbytes", "offset")
+    __slots__ = ("file", "files", "nbytes", "offset")
 
-    def __init__(self, readers: Sequence[ChunkReader], bases: np.ndarray) -> None:
-        rows = readers[0].layout.rows_per_chunk
-        self.first = np.asarray(bases, dtype=np.int64) // rows  # first chunk of each array
-        n = int(self.first[-1]) + -(-int(readers[-1].shape[0]) // rows)
-        self.offset = np.zeros(n, dtype=np.int64)
-        self.nbytes = np.full(n, _UNREAD, dtype=np.int64)
-        self.file = np.zeros(n, dtype=np.int64)
-        self.files: list[tuple[int, str]] = []  # (descriptor token, path) of each file
+    def __init__(
+        self, offset: np.ndarray, nbytes: np.ndarray, file: np.ndarray, files: list[tuple[int, str]]
+    ) -> None:
+        self.offset = offset
+        self.nbytes = nbytes
+        self.file = file  # index into files
+        self.files = files  # (descriptor token, path) of each file
 
     @staticmethod
-    def of(readers: Sequence[ChunkReader], bases: np.ndarray) -> ChunkTable | None:
-        """The table of ``readers`` (kept with the first of them: one per stack), or None
-        where an array is not sharded (a file per chunk: nothing to index)."""
-        if not all(r.layout.index_entries for r in readers):
-            return None
+    def of(readers: Sequence[ChunkReader], reading: list[int]) -> ChunkTable | None:
+        """The table of the stack of ``readers`` (:func:`stack_bases`), or None where an array
+        is not sharded (a file per chunk: nothing to index) or the stack has more than
+        :data:`TABLE_MAX_CHUNKS` chunks. ``reading`` is set to the array and chunk whose
+        shard index is being read, for errors."""
         rows = readers[0].layout.rows_per_chunk
-        if (int(bases[-1]) + int(readers[-1].shape[0])) // rows > TABLE_MAX_CHUNKS:
+        total = sum(-(-int(r.shape[0]) // rows) for r in readers)
+        if total > TABLE_MAX_CHUNKS or not all(r.layout.index_entries for r in readers):
             return None
+        if len(readers) == 1:
+            return ChunkTable._of_array(readers[0], 0, reading)
         key = tuple(r.owner for r in readers)  # tokens are never reused within a process
-        tables = readers[0].chunk_tables
-        table = tables.get(key)
+        kept = readers[0].chunk_tables
+        with _TABLES_LOCK:
+            table = kept.pop(key, None)
         if table is None:
-            table = tables[key] = ChunkTable(readers, bases)
+            tables = [ChunkTable._of_array(r, k, reading) for k, r in enumerate(readers)]
+            first_file = np.cumsum([0, *(len(t.files) for t in tables[:-1])])
+            table = ChunkTable(
+                np.concatenate([t.offset for t in tables]),
+                np.concatenate([t.nbytes for t in tables]),
+                np.concatenate(
+                    [t.file + f for t, f in zip(tables, first_file.tolist(), strict=True)]
+                ),
+                [name for t in tables for name in t.files],
+            )
+        with _TABLES_LOCK:
+            kept[key] = table  # most recently used last
+            while len(kept) > _TABLES_KEPT:
+                kept.pop(next(iter(kept)))
         return table
 
-    def locate(
-        self,
-        readers: Sequence[ChunkReader],
-        chunks: np.ndarray,
-        owner: np.ndarray,
-        local: np.ndarray,
-        reading: list[int],
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(file, offset, size; :data:`_NEVER`: never written) of the stack's ``chunks``
-        (``owner``: the array of each; ``local``: its chunk there). A shard index not read
-        yet is read here (``reading``: set to the owner and chunk, for errors)."""
-        nbytes = self.nbytes[chunks]
-        unread = np.flatnonzero(nbytes == _UNREAD)
-        if unread.size:
-            per_shard = np.array([r.layout.chunks_per_shard for r in readers], dtype=np.int64)
-            o, c = owner[unread], local[unread]
-            for k, shard in sorted(set(zip(o.tolist(), (c // per_shard[o]).tolist(), strict=True))):
-                reading[:] = [k, shard * int(per_shard[k])]
-                self._read_index(readers[k], k, shard)
-            nbytes = self.nbytes[chunks]
-        return self.file[chunks], self.offset[chunks], nbytes
-
-    def _read_index(self, reader: ChunkReader, k: int, shard: int) -> None:
+    @staticmethod
+    def _of_array(reader: ChunkReader, k: int, reading: list[int]) -> ChunkTable:
+        table = reader.chunk_table
+        if table is not None:
+            return table
         layout = reader.layout
-        lo = shard * layout.chunks_per_shard
-        hi = min(lo + layout.chunks_per_shard, -(-int(reader.shape[0]) // layout.rows_per_chunk))
-        at = slice(int(self.first[k]) + lo, int(self.first[k]) + hi)
-        index = reader.shard_index(shard)  # read and checked (entries inside the file)
-        if index is None:  # never written
-            self.nbytes[at] = _NEVER
-            return
-        entries = index[: (hi - lo) * layout.index_stride : layout.index_stride]
-        missing = entries[:, 0] == _MISSING
-        values = entries.astype(np.int64)  # inside the file, but for missing ones
-        # Sizes last: a size other than _UNREAD says the rest is there (another thread of
-        # this process may be reading the same stack).
-        self.files.append((reader.owner_of(lo), reader.shard_path(shard)))
-        self.file[at] = len(self.files) - 1
-        self.offset[at] = np.where(missing, 0, values[:, 0])
-        self.nbytes[at] = np.where(missing, _NEVER, values[:, 1])
+        n = -(-int(reader.shape[0]) // layout.rows_per_chunk)
+        per_shard, stride = layout.chunks_per_shard, layout.index_stride
+        offset = np.zeros(n, dtype=np.int64)
+        nbytes = np.full(n, _NEVER, dtype=np.int64)
+        file = np.zeros(n, dtype=np.int64)
+        files: list[tuple[int, str]] = []
+        for shard in range(-(-n // per_shard)):
+            lo = shard * per_shard
+            hi = min(lo + per_shard, n)
+            reading[:] = [k, lo]
+            index = reader.shard_index(shard)  # read and checked (entries inside the file)
+            if index is None:  # never written
+                continue
+            entries = index[: (hi - lo) * stride : stride]
+            missing = entries[:, 0] == _MISSING
+            values = entries.astype(np.int64)  # inside the file, but for missing ones
+            offset[lo:hi] = np.where(missing, 0, values[:, 0])
+            nbytes[lo:hi] = np.where(missing, _NEVER, values[:, 1])
+            file[lo:hi] = len(files)
+            files.append((reader.owner_of(lo), reader.shard_path(shard)))
+        table = reader.chunk_table = ChunkTable(offset, nbytes, file, files)
+        return table
 
 
 def read_small(reader: ChunkReader, starts: np.ndarray, stops: np.ndarray, out: np.ndarray) -> None:
@@ -213,24 +219,33 @@ def read_stacked(
     owner_l, local_l = owner.tolist(), local.tolist()
     dtype = first.dtype
     reading = [0, 0]  # the array and chunk being located or read, as named in errors
-    table = ChunkTable.of(readers, bases)
     with (
         Borrowed() as files,
         _named(names, lambda: reading[0]),
         store_errors(lambda: f"reading {readers[reading[0]].where(reading[1])}"),
     ):
         slow: Iterable[int] = range(chunks.size)
-        if table is not None and not first.verify_checksums:
-            # Chunks read in part, all at once: located in one step, each piece's bytes read
-            # straight into place. The rest (chunks read whole for their checksum, never
-            # written, or of the wrong size: an error) go through the loop below.
-            file, offsets, sizes = table.locate(readers, chunks, owner, local, reading)
-            fast = ~np.asarray(whole, dtype=bool) & (sizes == stored)
-            if fast.any():
-                read = _read_parts(
-                    readers, table, files, fast, file, offsets, firsts, lasts,
-                    src_lo, src_hi, dst, out, reading, owner_l, local_l,
-                )  # fmt: skip
+        table = ChunkTable.of(readers, reading)
+        if table is not None:
+            # Every chunk of the right size, all at once: located in one step, each read
+            # with one preadv (in part straight into place; whole ones, for their checksum,
+            # into one buffer whose checksums are checked before anything is copied out).
+            # The rest (never written, or of the wrong size: an error) go through the loop.
+            ok = table.nbytes[chunks] == stored
+            if ok.any():
+                fds = _descriptors(table, files, ok, table.file[chunks], reading, owner_l, local_l)
+                read = ok & (fds >= 0)
+                offset = table.offset[chunks]
+                pieces = (np.repeat(np.arange(chunks.size), lasts - firsts), src_lo, src_hi, dst)
+                in_whole = np.asarray(whole, dtype=bool)
+                args = (readers, fds, read & ~in_whole, offset, pieces, out, reading)
+                if (read & ~in_whole).any():
+                    _read_parts(*args, owner_l, local_l)
+                if checksum and (read & in_whole).any():
+                    args = (readers, fds, read & in_whole, offset, pieces, out, reading)
+                    _read_wholes(*args, owner_l, local_l)
+                else:
+                    read &= ~in_whole
                 slow = np.flatnonzero(~read).tolist()
         firsts_l, lasts_l = firsts.tolist(), lasts.tolist()
         last: tuple[int, int] = (-1, -1)
@@ -299,37 +314,45 @@ def read_stacked(
                     raise CorruptChunkError(msg)
 
 
-def _read_parts(
-    readers: Sequence[ChunkReader],
+def _descriptors(
     table: ChunkTable,
     files: Borrowed,
-    fast: np.ndarray,
+    wanted: np.ndarray,
     file: np.ndarray,
-    offset: np.ndarray,
-    firsts: np.ndarray,
-    lasts: np.ndarray,
-    src_lo: np.ndarray,
-    src_hi: np.ndarray,
-    dst: np.ndarray,
-    out: np.ndarray,
     reading: list[int],
     owner_l: list[int],
     local_l: list[int],
 ) -> np.ndarray:
-    """Read the pieces of the ``fast`` chunks of :func:`read_stacked` (chunk ``k``: pieces
-    ``firsts[k]:lasts[k]``, in ``file[k]`` of ``table`` from byte ``offset[k]``) straight into
-    ``out``, a ``preadv`` each; return which chunks were read (not those whose file has gone
-    since its shard index was read: the caller's loop says what is wrong with them)."""
-    itemsize = out.itemsize
-    ids = np.unique(file[fast])
+    """The descriptor of each ``wanted`` chunk's file (-1: not wanted, or the file has gone
+    since its shard index was read), each file borrowed once."""
+    ids, first = np.unique(file[wanted], return_index=True)
+    at = np.flatnonzero(wanted)[first]  # a chunk in each file, to name it in errors
     found = []
-    for i in ids.tolist():
+    for i, c in zip(ids.tolist(), at.tolist(), strict=True):
+        reading[:] = [owner_l[c], local_l[c]]
         fd = files.open(*table.files[i])  # shards stay open for later windows
         found.append(-1 if fd is None else fd)
     fds = np.full(file.size, -1, dtype=np.int64)
-    fds[fast] = np.array(found, dtype=np.int64)[np.searchsorted(ids, file[fast])]
-    read = fast & (fds >= 0)
-    piece_chunk = np.repeat(np.arange(firsts.size), lasts - firsts)
+    fds[wanted] = np.array(found, dtype=np.int64)[np.searchsorted(ids, file[wanted])]
+    return fds
+
+
+def _read_parts(
+    readers: Sequence[ChunkReader],
+    fds: np.ndarray,
+    read: np.ndarray,
+    offset: np.ndarray,
+    pieces: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    out: np.ndarray,
+    reading: list[int],
+    owner_l: list[int],
+    local_l: list[int],
+) -> None:
+    """Read the pieces (``pieces``: chunk, first and end entry in it, place in ``out``) of
+    the ``read`` chunks of :func:`read_stacked` (in file ``fds[k]`` from byte ``offset[k]``)
+    straight into ``out``, a ``preadv`` each."""
+    piece_chunk, src_lo, src_hi, dst = pieces
+    itemsize = out.itemsize
     take = read[piece_chunk]
     k = piece_chunk[take]
     lo = src_lo[take]
@@ -349,7 +372,54 @@ def _read_parts(
     except OSError:
         reading[:] = [owner_l[c], local_l[c]]  # named by the caller's store_errors
         raise
-    return read
+
+
+def _read_wholes(
+    readers: Sequence[ChunkReader],
+    fds: np.ndarray,
+    read: np.ndarray,
+    offset: np.ndarray,
+    pieces: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    out: np.ndarray,
+    reading: list[int],
+    owner_l: list[int],
+    local_l: list[int],
+) -> None:
+    """Read the ``read`` chunks of :func:`read_stacked` whole, each with its CRC32C (a
+    ``pread`` each), check every checksum, then copy every piece out at once."""
+    rows = readers[0].layout.rows_per_chunk
+    itemsize = out.itemsize
+    stored = rows * itemsize + 4
+    k = np.flatnonzero(read)
+    chunks = []
+    crcs = []
+    value = google_crc32c.value
+    c = 0
+    try:
+        for c, fd, pos in zip(k.tolist(), fds[k].tolist(), offset[k].tolist(), strict=True):
+            encoded = os.pread(fd, stored, pos)
+            if len(encoded) != stored:
+                reading[:] = [owner_l[c], local_l[c]]
+                msg = f"{readers[owner_l[c]].where(local_l[c])} ends after {len(encoded)} of its {stored} bytes; the store is damaged or truncated"
+                raise CorruptChunkError(msg)
+            crcs.append(value(encoded[:-4]))
+            chunks.append(encoded)
+    except OSError:
+        reading[:] = [owner_l[c], local_l[c]]  # named by the caller's store_errors
+        raise
+    buffer = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(k.size, stored)
+    bad = np.flatnonzero(np.array(crcs, dtype=np.uint32) != buffer[:, -4:].copy().view("<u4")[:, 0])
+    if bad.size:
+        c = int(k[bad[0]])
+        reading[:] = [owner_l[c], local_l[c]]
+        msg = f"{readers[owner_l[c]].where(local_l[c])} does not match its CRC32C checksum; the store is damaged"
+        raise ChecksumMismatchError(msg)
+    piece_chunk, src_lo, src_hi, dst = pieces
+    take = read[piece_chunk]
+    row = np.searchsorted(k, piece_chunk[take])  # the chunk's row in the buffer
+    lo, hi, at = src_lo[take], src_hi[take], dst[take]
+    values = buffer[:, : stored - 4].view(out.dtype).reshape(-1)
+    out[expand_ranges(at, at + hi - lo)] = values[expand_ranges(row * rows + lo, row * rows + hi)]
 
 
 @contextmanager
