@@ -93,17 +93,20 @@ def test_threads_and_the_calling_thread_yield_the_same_batches(
     assert sorted(seen) == sorted(rows)  # every row once
 
 
-def _read_threads_started(loader: Loader) -> bool:
-    started = False
+def _read_threads_started(loader: Loader, seen: list[bool] | None = None) -> bool:
+    """Iterate ``loader``; whether read threads ran meanwhile (also appended to ``seen``
+    after each batch, for an epoch that raises)."""
+    seen = [] if seen is None else seen
     for _ in loader:
-        started |= any(t.name.startswith("annbatch-read_") for t in threading.enumerate())
-    return started
+        seen.append(any(t.name.startswith("annbatch-read_") for t in threading.enumerate()))
+    return any(seen)
 
 
 def test_small_windows_are_read_on_the_calling_thread(collection, monkeypatch) -> None:
     """Read threads start only when a window has enough to decode: a pool's threads start
     with its first task, so none exist when every window is read where it is asked for."""
     built, _ = collection
+    monkeypatch.setattr(reader_module, "WAIT_RATIO", 1e9)  # a loaded machine is no storage wait
     loader = Loader(chunk_size=16, preload_nchunks=4, batch_size=32, shuffle=True, to=None)
     loader.use_collection(built)
     assert not _read_threads_started(loader)
@@ -111,8 +114,50 @@ def test_small_windows_are_read_on_the_calling_thread(collection, monkeypatch) -
     assert _read_threads_started(loader)
 
 
+def test_a_window_that_waits_on_storage_sends_the_epoch_to_the_read_threads(
+    collection, monkeypatch
+) -> None:
+    """Small windows read on the calling thread while reads cost CPU; once one waits on
+    storage (here every whole-chunk read of obs and row pointers takes 2 ms, as on a cold
+    network file system), the rest of the epoch is read on the read threads."""
+    import os
+    import time
+
+    import annbatch._core.chunks.small as small
+
+    site = reader_module.ReadSite()
+    with site.timed(here=True):
+        time.sleep(0.02)
+    assert site.waited
+    assert site.threads([])  # whatever the window
+    idle = reader_module.ReadSite()
+    with idle.timed(here=False):
+        time.sleep(0.02)
+    assert not idle.waited
+
+    class SlowOS:
+        def __getattr__(self, name: str):
+            return getattr(os, name)
+
+        def pread(self, fd: int, n: int, offset: int) -> bytes:
+            time.sleep(0.002)
+            return os.pread(fd, n, offset)
+
+    monkeypatch.setattr(small, "os", SlowOS())
+    built, adata = collection
+    loader = Loader(chunk_size=16, preload_nchunks=4, batch_size=32, shuffle=True, to=None)
+    loader.use_collection(built, obs_index=True)
+    seen = []
+    started = False
+    for batch in loader:
+        started |= any(t.name.startswith("annbatch-read_") for t in threading.enumerate())
+        seen.extend(batch["obs"].index)
+    assert started
+    assert sorted(seen) == sorted(adata.obs_names)
+
+
 def test_damage_found_on_the_calling_thread_is_raised_to_the_user(
-    tmp_path: Path, collection
+    tmp_path: Path, collection, monkeypatch
 ) -> None:
     """A damaged chunk read on the calling thread (no read threads) fails the iteration with
     the error naming it, as it does from a read thread."""
@@ -124,12 +169,15 @@ def test_damage_found_on_the_calling_thread_is_raised_to_the_user(
     built, _ = collection
     copy = tmp_path / "c.zarr"
     shutil.copytree(built.path, copy)
-    for shard in sorted(copy.glob("dataset_*/X/indices/c/*")):
+    for shard in sorted(copy.glob("dataset_*/X/indices/c/*"))[-1:]:  # the last dataset's
         raw = bytearray(shard.read_bytes())
-        raw[20] ^= 0xFF  # a byte of the first chunk's column indices
+        raw[len(raw) // 3] ^= 0xFF  # a byte of a chunk's column indices (the index is last)
         shard.write_bytes(bytes(raw))
-    loader = Loader(chunk_size=64, preload_nchunks=8, batch_size=64, shuffle=False, to=None)
+    monkeypatch.setattr(reader_module, "WAIT_RATIO", 1e9)
+    loader = Loader(chunk_size=16, preload_nchunks=2, batch_size=32, shuffle=False, to=None)
     loader.use_collection(DatasetCollection(copy, mode="r"))
+    seen: list[bool] = []
     with pytest.raises(ChecksumMismatchError, match="indices"):
-        for _ in loader:
-            pass
+        _read_threads_started(loader, seen)
+    assert seen  # batches of the datasets before it came first
+    assert not any(seen)  # read on the calling thread

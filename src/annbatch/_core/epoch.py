@@ -20,6 +20,7 @@ from annbatch._core.cancel import ReadCancelled
 from annbatch._core.convert import convert
 from annbatch._core.planner import dataset_offsets
 from annbatch._core.prefetch import Prefetcher
+from annbatch._core.reader import ReadSite
 from annbatch._core.window import load_window
 from annbatch._core.workers import batches_of, current_shard, remaining_requests
 
@@ -141,6 +142,7 @@ class Epoch:
         else:
             executor = ThreadPoolExecutor(threads, thread_name_prefix="annbatch-read")
         scope = None if self.buffers is None else self.buffers.scope()
+        site = ReadSite()
         try:
             for request in self._requests(int(offsets[-1]), shard):
                 yield load_window(
@@ -157,6 +159,7 @@ class Epoch:
                     densify=self.dense,
                     buffers=scope,
                     memory=self.memory,
+                    site=site,
                 )
         except ReadCancelled:
             return

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import FIRST_EXCEPTION, wait
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,7 +14,7 @@ from annbatch._core.types import empty_window
 
 if TYPE_CHECKING:
     import threading
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from concurrent.futures import Executor
 
     from annbatch._core.planner import Placement, ReadPlan
@@ -49,6 +51,39 @@ def worth_threads(tasks: Sequence[Callable[[], None]]) -> bool:
         if total >= PARALLEL_MIN_BYTES:
             return True
     return False
+
+
+WAIT_RATIO = 2.0
+"""A window read on the calling thread that took more than this many times its CPU time
+waited on storage (cold files on a network file system, say), not on the GIL: the rest of
+the epoch goes to the read threads, whose reads overlap."""
+
+
+class ReadSite:
+    """Where an epoch's windows are read: on the read threads (:func:`worth_threads`), or
+    on the thread that asks for them until one of those waits on storage
+    (:data:`WAIT_RATIO`)."""
+
+    __slots__ = ("waited",)
+
+    def __init__(self) -> None:
+        self.waited = False
+
+    def threads(self, tasks: Sequence[Callable[[], None]]) -> bool:
+        """Whether ``tasks`` (a window's) go to the read threads."""
+        return self.waited or worth_threads(tasks)
+
+    @contextmanager
+    def timed(self, *, here: bool) -> Iterator[None]:
+        """Time a window's reads, if ``here`` (on the calling thread)."""
+        if not here:
+            yield
+            return
+        wall, cpu = time.perf_counter(), time.thread_time()
+        yield
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        if wall > WAIT_RATIO * cpu + 0.002:  # 2 ms: timer and scheduling noise
+            self.waited = True
 
 
 def plan_job(

@@ -24,11 +24,11 @@ from annbatch._core.assembler import assemble, done, split_rows
 from annbatch._core.planner import plan_placement, plan_reads
 from annbatch._core.reader import (
     TASKS_PER_THREAD,
+    ReadSite,
     placed_job,
     plan_job,
     run_job,
     run_tasks,
-    worth_threads,
 )
 from annbatch._core.sources import DenseSource
 from annbatch._core.types import empty_window
@@ -85,6 +85,7 @@ def load_window(
     densify: bool = False,
     buffers: Scope | None = None,
     memory: BatchMemory | None = None,
+    site: ReadSite | None = None,
 ) -> Window:
     """Read one load request and cut it into batches (on the GPU, given a ``copier``).
 
@@ -114,7 +115,13 @@ def load_window(
     memory
         Memory lent with the batches cut on the CPU path (:mod:`~annbatch._core.lent`);
         None: new memory for each batch.
+    site
+        Where the epoch's windows are read (:class:`~annbatch._core.reader.ReadSite`): a
+        window with little to decode is read on this thread, until one waits on storage;
+        None: a new choice for this window.
     """
+    if site is None:
+        site = ReadSite()
     splits = request.splits
     if splits is None:
         n_rows = sum(c.stop - c.start for c in request.chunks)
@@ -131,9 +138,10 @@ def load_window(
             edges = list(itertools.pairwise(placement.bounds.tolist()))
             indices = [placement.rows[a:b] for a, b in edges]
             out, tasks = placed_job(placement, dense, threads, allocate)
-            pool = executor if copier is not None or worth_threads(tasks) else None
-            window_obs = _read_obs(obs, indices, pool)
-            run_tasks(tasks, pool, stop)
+            pool = executor if copier is not None or site.threads(tasks) else None
+            with site.timed(here=pool is None):
+                window_obs = _read_obs(obs, indices, pool)
+                run_tasks(tasks, pool, stop)
             if copier is not None:
                 out = gpu.to_device([out], copier)  # batches: views of the device window
             return Window(
@@ -153,9 +161,10 @@ def load_window(
         allocate = lease.allocate
     job = plan_job(plan, sources, threads, allocate)
     # A window of little local work is read, and its batches cut, on this thread.
-    pool = executor if copier is not None or job is None or worth_threads(job.tasks) else None
-    window_obs = _read_planned_obs(obs, plan, offsets, splits, pool)
-    blocks = run_job(job, sources, pool, stop)
+    pool = executor if copier is not None or job is None or site.threads(job.tasks) else None
+    with site.timed(here=pool is None):
+        window_obs = _read_planned_obs(obs, plan, offsets, splits, pool)
+        blocks = run_job(job, sources, pool, stop)
     if copier is not None:
         # One copy to the GPU concatenates the blocks; the consumer cuts each batch there.
         window = gpu.to_device(blocks, copier)
