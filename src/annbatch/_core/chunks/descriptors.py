@@ -32,7 +32,7 @@ from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
 
 MOST = 4096
@@ -129,6 +129,23 @@ class OpenFiles:
                 closing = self._drain() + self._evict()
         _close(closing)
         return fd
+
+    def borrow_all(self, keys: Sequence[tuple[int, str]]) -> list[int | None]:
+        """:meth:`borrow` of each ``(owner, path)`` in ``keys``: those open already under one
+        lock (a window's read of an atlas borrows hundreds), the others one by one."""
+        found: list[int | None] = []
+        with self._lock:
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None:
+                    found.append(None)
+                else:
+                    entry.users += 1
+                    self._entries.move_to_end(key)
+                    found.append(entry.fd)
+        return [
+            self.borrow(*key) if fd is None else fd for key, fd in zip(keys, found, strict=True)
+        ]
 
     def give_back(self, owner: int, path: str) -> None:
         """End one :meth:`borrow` of ``path`` by ``owner``."""
@@ -256,6 +273,13 @@ class Borrowed:
             return self._files[path]
         fd = self._files[path] = _open(path)
         return fd
+
+    def open_all(self, keys: Sequence[tuple[int, str]]) -> list[int | None]:
+        """:meth:`open` of each ``(owner, path)`` in ``keys`` (shard files, kept open)."""
+        new = [key for key in dict.fromkeys(keys) if key not in self._borrowed]
+        for key, fd in zip(new, OPEN_FILES.borrow_all(new), strict=True):
+            self._borrowed[key] = fd
+        return [self._borrowed[key] for key in keys]
 
     def close_others(self, path: str) -> None:
         """Close the files opened for this read only (``keep=False``), but ``path``."""

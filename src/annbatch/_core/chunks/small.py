@@ -103,17 +103,19 @@ class ChunkTable:
         is not sharded (a file per chunk: nothing to index) or the stack has more than
         :data:`TABLE_MAX_CHUNKS` chunks. ``reading`` is set to the array and chunk whose
         shard index is being read, for errors."""
-        rows = readers[0].layout.rows_per_chunk
-        total = sum(-(-int(r.shape[0]) // rows) for r in readers)
-        if total > TABLE_MAX_CHUNKS or not all(r.layout.index_entries for r in readers):
-            return None
-        if len(readers) == 1:
-            return ChunkTable._of_array(readers[0], 0, reading)
+        if len(readers) == 1 and readers[0].chunk_table is not None:
+            return readers[0].chunk_table
         key = tuple(r.owner for r in readers)  # tokens are never reused within a process
         kept = readers[0].chunk_tables
         with _TABLES_LOCK:
             table = kept.pop(key, None)
         if table is None:
+            rows = readers[0].layout.rows_per_chunk
+            total = sum(-(-int(r.shape[0]) // rows) for r in readers)
+            if total > TABLE_MAX_CHUNKS or not all(r.layout.index_entries for r in readers):
+                return None
+            if len(readers) == 1:
+                return ChunkTable._of_array(readers[0], 0, reading)
             tables = [ChunkTable._of_array(r, k, reading) for k, r in enumerate(readers)]
             first_file = np.cumsum([0, *(len(t.files) for t in tables[:-1])])
             table = ChunkTable(
@@ -326,12 +328,10 @@ def _descriptors(
     """The descriptor of each ``wanted`` chunk's file (-1: not wanted, or the file has gone
     since its shard index was read), each file borrowed once."""
     ids, first = np.unique(file[wanted], return_index=True)
-    at = np.flatnonzero(wanted)[first]  # a chunk in each file, to name it in errors
-    found = []
-    for i, c in zip(ids.tolist(), at.tolist(), strict=True):
-        reading[:] = [owner_l[c], local_l[c]]
-        fd = files.open(*table.files[i])  # shards stay open for later windows
-        found.append(-1 if fd is None else fd)
+    c = int(np.flatnonzero(wanted)[first[0]])  # errors name a chunk of the first file
+    reading[:] = [owner_l[c], local_l[c]]
+    names = [table.files[i] for i in ids.tolist()]
+    found = [-1 if fd is None else fd for fd in files.open_all(names)]  # kept open
     fds = np.full(file.size, -1, dtype=np.int64)
     fds[wanted] = np.array(found, dtype=np.int64)[np.searchsorted(ids, file[wanted])]
     return fds
