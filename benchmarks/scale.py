@@ -35,7 +35,7 @@ Subprocesses inherit the environment, PYTHONPATH included: run it with the annba
 
 Usage: python benchmarks/scale.py [--cells 20000000] [--cells-per-input 2000000]
        [--small-cells 100000] [--workdir /tmp/annbatch-scale] [--rebuild] [--skip-workers]
-       [--stream-rows 2000000] [--runs 3] [--memory-budget 2GB]
+       [--stream-rows 2000000] [--runs 3] [--memory-budget 2GB] [--lock-cache]
 """
 
 from __future__ import annotations
@@ -581,6 +581,12 @@ def main() -> None:
     p.add_argument("--rebuild", action="store_true", help="rebuild the collections")
     p.add_argument("--skip-workers", action="store_true", help="no DataLoader worker runs")
     p.add_argument(
+        "--lock-cache",
+        action="store_true",
+        help="lock each collection's files in memory while it is measured (pin_cache.py): on "
+        "a machine that reclaims page cache, a large collection is otherwise partly read from disk",
+    )
+    p.add_argument(
         "--stream-rows",
         type=int,
         default=2_000_000,
@@ -601,7 +607,23 @@ def main() -> None:
         inputs, record = make_inputs(a.workdir, cells, min(a.cells_per_input, cells), a.seed)
         path, built = build(a.workdir, inputs, record, a.memory_budget, a.rebuild)
         print(f"measuring {label(cells)} cells ({path}) ...", flush=True)
-        columns.append((cells, built, measure(path, a)))
+        pin = None
+        if a.lock_cache:  # every collection equally warm (see benchmarks/pin_cache.py)
+            pin = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("pin_cache.py")), str(path)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            locked = pin.stdout.readline().strip()  # type: ignore[union-attr]
+            if not locked:
+                sys.exit(f"--lock-cache: pin_cache.py could not lock {path} (see above)")
+            print(f"  {locked}", flush=True)
+        try:
+            columns.append((cells, built, measure(path, a)))
+        finally:
+            if pin is not None:
+                pin.terminate()
+                pin.wait()
     print()
     print("\n".join(table(columns, not a.skip_workers)))
     (_, _, small), (_, _, big) = columns
