@@ -229,10 +229,10 @@ def read_stacked(
         slow: Iterable[int] = range(chunks.size)
         table = ChunkTable.of(readers, reading)
         if table is not None:
-            # Every chunk of the right size, all at once: located in one step, each read
-            # with one preadv (in part straight into place; whole ones, for their checksum,
-            # into one buffer whose checksums are checked before anything is copied out).
-            # The rest (never written, or of the wrong size: an error) go through the loop.
+            # Every chunk of the right size, all at once: located in one step; read in part
+            # with a preadv per piece straight into place, or whole for its checksum (a
+            # pread each, every checksum checked before anything is copied out). The rest
+            # (never written, or of the wrong size: an error) go through the loop below.
             ok = table.nbytes[chunks] == stored
             if ok.any():
                 fds = _descriptors(table, files, ok, table.file[chunks], reading, owner_l, local_l)
@@ -328,10 +328,15 @@ def _descriptors(
     """The descriptor of each ``wanted`` chunk's file (-1: not wanted, or the file has gone
     since its shard index was read), each file borrowed once."""
     ids, first = np.unique(file[wanted], return_index=True)
-    c = int(np.flatnonzero(wanted)[first[0]])  # errors name a chunk of the first file
-    reading[:] = [owner_l[c], local_l[c]]
     names = [table.files[i] for i in ids.tolist()]
-    found = [-1 if fd is None else fd for fd in files.open_all(names)]  # kept open
+    try:
+        opened = files.open_all(names)  # shards stay open for later windows
+    except OSError:  # again one by one, to name the chunk whose file fails
+        for i, c in zip(ids.tolist(), np.flatnonzero(wanted)[first].tolist(), strict=True):
+            reading[:] = [owner_l[c], local_l[c]]
+            files.open(*table.files[i])
+        raise
+    found = [-1 if fd is None else fd for fd in opened]
     fds = np.full(file.size, -1, dtype=np.int64)
     fds[wanted] = np.array(found, dtype=np.int64)[np.searchsorted(ids, file[wanted])]
     return fds
