@@ -171,21 +171,6 @@ def placed_job(
     return out, tasks
 
 
-def read_placed(
-    placement: Placement,
-    sources: Sequence[DenseSource],
-    executor: Executor | None = None,
-    threads: int = 1,
-    cancel: threading.Event | None = None,
-    allocate: Allocate = empty_window,
-) -> np.ndarray:
-    """Read a window of dense rows straight into batch order (:func:`placed_job`), into one
-    buffer."""
-    out, tasks = placed_job(placement, sources, threads, allocate)
-    run_tasks(tasks, executor, cancel)
-    return out
-
-
 def run_tasks(
     tasks: Sequence[Callable[[], None]],
     executor: Executor | None,

@@ -78,6 +78,25 @@ _TABLES_LOCK = threading.Lock()  # around the stack tables kept (threads may sha
 _NEVER = -1  # size in a chunk table of a chunk never written
 
 
+class _Cursor:
+    """The chunks of one :func:`read_stacked`: the array each is in and its chunk there, and
+    the one being located or read (what errors name)."""
+
+    __slots__ = ("array", "chunk", "local", "owner", "readers")
+
+    def __init__(self, readers: Sequence[ChunkReader], owner: list[int], local: list[int]) -> None:
+        self.readers, self.owner, self.local = readers, owner, local
+        self.array, self.chunk = 0, 0
+
+    def at(self, k: int) -> str:
+        """Chunk ``k`` of the read is being read: its name, for errors."""
+        self.array, self.chunk = self.owner[k], self.local[k]
+        return self.where()
+
+    def where(self) -> str:
+        return self.readers[self.array].where(self.chunk)
+
+
 class ChunkTable:
     """Where each chunk of an array, or of a stack of arrays, lies (file, offset, size; size
     :data:`_NEVER`: never written), so that a read locates all its chunks in one vectorised
@@ -98,10 +117,10 @@ class ChunkTable:
         self.files = files  # (descriptor token, path) of each file
 
     @staticmethod
-    def of(readers: Sequence[ChunkReader], reading: list[int]) -> ChunkTable | None:
+    def of(readers: Sequence[ChunkReader], cursor: _Cursor) -> ChunkTable | None:
         """The table of the stack of ``readers`` (:func:`stack_bases`), or None where an array
         is not sharded (a file per chunk: nothing to index) or the stack has more than
-        :data:`TABLE_MAX_CHUNKS` chunks. ``reading`` is set to the array and chunk whose
+        :data:`TABLE_MAX_CHUNKS` chunks. ``cursor`` is set to the array and chunk whose
         shard index is being read, for errors."""
         if len(readers) == 1 and readers[0].chunk_table is not None:
             return readers[0].chunk_table
@@ -115,8 +134,8 @@ class ChunkTable:
             if total > TABLE_MAX_CHUNKS or not all(r.layout.index_entries for r in readers):
                 return None
             if len(readers) == 1:
-                return ChunkTable._of_array(readers[0], 0, reading)
-            tables = [ChunkTable._of_array(r, k, reading) for k, r in enumerate(readers)]
+                return ChunkTable._of_array(readers[0], 0, cursor)
+            tables = [ChunkTable._of_array(r, k, cursor) for k, r in enumerate(readers)]
             first_file = np.cumsum([0, *(len(t.files) for t in tables[:-1])])
             table = ChunkTable(
                 np.concatenate([t.offset for t in tables]),
@@ -133,7 +152,7 @@ class ChunkTable:
         return table
 
     @staticmethod
-    def _of_array(reader: ChunkReader, k: int, reading: list[int]) -> ChunkTable:
+    def _of_array(reader: ChunkReader, k: int, cursor: _Cursor) -> ChunkTable:
         table = reader.chunk_table
         if table is not None:
             return table
@@ -147,7 +166,7 @@ class ChunkTable:
         for shard in range(-(-n // per_shard)):
             lo = shard * per_shard
             hi = min(lo + per_shard, n)
-            reading[:] = [k, lo]
+            cursor.array, cursor.chunk = k, lo
             index = reader.shard_index(shard)  # read and checked (entries inside the file)
             if index is None:  # never written
                 continue
@@ -220,14 +239,14 @@ def read_stacked(
     src_lo_l, src_hi_l, dst_l = src_lo.tolist(), src_hi.tolist(), dst.tolist()
     owner_l, local_l = owner.tolist(), local.tolist()
     dtype = first.dtype
-    reading = [0, 0]  # the array and chunk being located or read, as named in errors
+    cursor = _Cursor(readers, owner_l, local_l)
     with (
         Borrowed() as files,
-        _named(names, lambda: reading[0]),
-        store_errors(lambda: f"reading {readers[reading[0]].where(reading[1])}"),
+        _named(names, lambda: cursor.array),
+        store_errors(lambda: f"reading {cursor.where()}"),
     ):
         slow: Iterable[int] = range(chunks.size)
-        table = ChunkTable.of(readers, reading)
+        table = ChunkTable.of(readers, cursor)
         if table is not None:
             # Every chunk of the right size, all at once: located in one step; read in part
             # with a preadv per piece straight into place, or whole for its checksum (a
@@ -235,19 +254,18 @@ def read_stacked(
             # (never written, or of the wrong size: an error) go through the loop below.
             ok = table.nbytes[chunks] == stored
             if ok.any():
-                fds = _descriptors(table, files, ok, table.file[chunks], reading, owner_l, local_l)
+                fds = _descriptors(table, files, ok, table.file[chunks], cursor)
                 read = ok & (fds >= 0)
                 offset = table.offset[chunks]
                 pieces = (np.repeat(np.arange(chunks.size), lasts - firsts), src_lo, src_hi, dst)
                 in_whole = np.asarray(whole, dtype=bool)
-                args = (readers, fds, read & ~in_whole, offset, pieces, out, reading)
-                if (read & ~in_whole).any():
-                    _read_parts(*args, owner_l, local_l)
-                if checksum and (read & in_whole).any():
-                    args = (readers, fds, read & in_whole, offset, pieces, out, reading)
-                    _read_wholes(*args, owner_l, local_l)
-                else:
+                if not checksum:  # no checksum to verify: chunks wanted whole go to the loop
                     read &= ~in_whole
+                parts, wholes = read & ~in_whole, read & in_whole
+                if parts.any():
+                    _read_parts(cursor, fds, parts, offset, pieces, out)
+                if wholes.any():
+                    _read_wholes(cursor, fds, wholes, offset, pieces, out)
                 slow = np.flatnonzero(~read).tolist()
         firsts_l, lasts_l = firsts.tolist(), lasts.tolist()
         last: tuple[int, int] = (-1, -1)
@@ -255,7 +273,7 @@ def read_stacked(
         path: str | None = None
         for k in slow:
             i, j = firsts_l[k], lasts_l[k]
-            reading[:] = [owner_l[k], local_l[k]]
+            cursor.at(k)
             reader, c = readers[owner_l[k]], local_l[k]
             # Where the chunk is: its shard's index (read and checked once per reader).
             where: tuple[str, int, int] | None = None
@@ -321,9 +339,7 @@ def _descriptors(
     files: Borrowed,
     wanted: np.ndarray,
     file: np.ndarray,
-    reading: list[int],
-    owner_l: list[int],
-    local_l: list[int],
+    cursor: _Cursor,
 ) -> np.ndarray:
     """The descriptor of each ``wanted`` chunk's file (-1: not wanted, or the file has gone
     since its shard index was read), each file borrowed once."""
@@ -333,7 +349,7 @@ def _descriptors(
         opened = files.open_all(names)  # shards stay open for later windows
     except OSError:  # again one by one, to name the chunk whose file fails
         for i, c in zip(ids.tolist(), np.flatnonzero(wanted)[first].tolist(), strict=True):
-            reading[:] = [owner_l[c], local_l[c]]
+            cursor.at(c)
             files.open(*table.files[i])
         raise
     found = [-1 if fd is None else fd for fd in opened]
@@ -343,15 +359,12 @@ def _descriptors(
 
 
 def _read_parts(
-    readers: Sequence[ChunkReader],
+    cursor: _Cursor,
     fds: np.ndarray,
     read: np.ndarray,
     offset: np.ndarray,
     pieces: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     out: np.ndarray,
-    reading: list[int],
-    owner_l: list[int],
-    local_l: list[int],
 ) -> None:
     """Read the pieces (``pieces``: chunk, first and end entry in it, place in ``out``) of
     the ``read`` chunks of :func:`read_stacked` (in file ``fds[k]`` from byte ``offset[k]``)
@@ -371,30 +384,25 @@ def _read_parts(
             k.tolist(), fds[k].tolist(), where.tolist(), at.tolist(), end.tolist(), strict=True
         ):
             if os.preadv(fd, [raw[a:b]], pos) != b - a:
-                reading[:] = [owner_l[c], local_l[c]]
-                msg = f"{readers[owner_l[c]].where(local_l[c])} ends before the entries it stores (the file is truncated); the store is damaged"
+                msg = f"{cursor.at(c)} ends before the entries it stores (the file is truncated); the store is damaged"
                 raise CorruptChunkError(msg)
     except OSError:
-        reading[:] = [owner_l[c], local_l[c]]  # named by the caller's store_errors
+        cursor.at(c)  # named by the caller's store_errors
         raise
 
 
 def _read_wholes(
-    readers: Sequence[ChunkReader],
+    cursor: _Cursor,
     fds: np.ndarray,
     read: np.ndarray,
     offset: np.ndarray,
     pieces: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     out: np.ndarray,
-    reading: list[int],
-    owner_l: list[int],
-    local_l: list[int],
 ) -> None:
     """Read the ``read`` chunks of :func:`read_stacked` whole, each with its CRC32C (a
     ``pread`` each), check every checksum, then copy every piece out at once."""
-    rows = readers[0].layout.rows_per_chunk
-    itemsize = out.itemsize
-    stored = rows * itemsize + 4
+    rows = cursor.readers[0].layout.rows_per_chunk
+    stored = rows * out.itemsize + 4
     k = np.flatnonzero(read)
     chunks = []
     crcs = []
@@ -404,20 +412,19 @@ def _read_wholes(
         for c, fd, pos in zip(k.tolist(), fds[k].tolist(), offset[k].tolist(), strict=True):
             encoded = os.pread(fd, stored, pos)
             if len(encoded) != stored:
-                reading[:] = [owner_l[c], local_l[c]]
-                msg = f"{readers[owner_l[c]].where(local_l[c])} ends after {len(encoded)} of its {stored} bytes; the store is damaged or truncated"
+                msg = f"{cursor.at(c)} ends after {len(encoded)} of its {stored} bytes; the store is damaged or truncated"
                 raise CorruptChunkError(msg)
             crcs.append(value(encoded[:-4]))
             chunks.append(encoded)
     except OSError:
-        reading[:] = [owner_l[c], local_l[c]]  # named by the caller's store_errors
+        cursor.at(c)  # named by the caller's store_errors
         raise
     buffer = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(k.size, stored)
     bad = np.flatnonzero(np.array(crcs, dtype=np.uint32) != buffer[:, -4:].copy().view("<u4")[:, 0])
     if bad.size:
-        c = int(k[bad[0]])
-        reading[:] = [owner_l[c], local_l[c]]
-        msg = f"{readers[owner_l[c]].where(local_l[c])} does not match its CRC32C checksum; the store is damaged"
+        msg = (
+            f"{cursor.at(int(k[bad[0]]))} does not match its CRC32C checksum; the store is damaged"
+        )
         raise ChecksumMismatchError(msg)
     piece_chunk, src_lo, src_hi, dst = pieces
     take = read[piece_chunk]

@@ -230,7 +230,7 @@ class CSRSource:
             for source, starts, stops in parts
             if isinstance(source, CSRSource)
             and source.reads_chunks_once
-            and source.dtype == self.dtype  # promoted after reading (reader.read_plan)
+            and source.dtype == self.dtype  # promoted after reading (reader.run_job)
         ]
         if len(csr) != len(parts):
             return block_per_part(parts, n_tasks)
