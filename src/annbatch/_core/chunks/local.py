@@ -16,6 +16,7 @@ import numpy as np
 
 from annbatch._core.chunks.descriptors import Borrowed
 from annbatch._core.chunks.pieces import copy_pieces, thread_scratch
+from annbatch._core.chunks.table import located
 from annbatch.errors import CorruptChunkError
 
 if TYPE_CHECKING:
@@ -92,8 +93,18 @@ def _chunks(
 ) -> Iterator[tuple[int, int, int, bytes | None]]:
     """Each chunk of ``work`` read whole, for the decode loop."""
     chunk = work.chunk
-    for i, j in zip(*work.chunk_bounds(), strict=True):
+    firsts, lasts = work.chunk_bounds()
+    table = located(reader, chunk[firsts], files)
+    for k, (i, j) in enumerate(zip(firsts, lasts, strict=True)):
         c = int(chunk[i])
+        if table is not None and table[0][k] >= 0:  # located by the array's chunk table
+            fd, offset, nbytes = table[0][k], table[1][k], table[2][k]
+            encoded = os.pread(fd, nbytes, offset)
+            if len(encoded) != nbytes:
+                msg = f"{reader.where(c)} ends after {len(encoded)} of its {nbytes} bytes; the store is damaged or truncated"
+                raise CorruptChunkError(msg)
+            yield i, j, c, encoded
+            continue
         where = reader.locate(c)
         fd = None if where is None else _open(reader, files, where, c)
         if where is None or fd is None:
@@ -153,10 +164,21 @@ def _rows(
     if layout.checksum and not reader.verify_checksums:
         wanted = np.add.reduceat(src_hi - src_lo, firsts)
         read_whole = (wanted == reader.chunk_rows(chunk[firsts])).tolist()
+    table = located(reader, chunk[firsts], files)
     for k, (i, j) in enumerate(zip(firsts, lasts, strict=True)):
         c = int(chunk[i])
-        where = reader.locate(c)
         fd = None
+        if table is not None and table[0][k] >= 0:  # located by the array's chunk table
+            where = None
+            fd, base, nbytes = table[0][k], table[1][k], table[2][k]
+            if nbytes != stored_bytes:
+                msg = (
+                    f"{reader.where(c)} holds {nbytes} bytes, not the {stored_bytes} of "
+                    "an uncompressed chunk; the store is damaged or truncated"
+                )
+                raise CorruptChunkError(msg)
+        else:
+            where = reader.locate(c)
         if where is not None:
             _, base, nbytes = where
             if nbytes >= 0 and nbytes != stored_bytes:

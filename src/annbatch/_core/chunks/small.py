@@ -5,7 +5,7 @@ dozens of datasets. Through :meth:`ChunkReader.tasks <annbatch._core.chunks.read
 each chunk costs ~70 us of Python (a task, the general decode loop, scratch buffers, copies
 sized for large chunks): more than reading X. This module reads the same bytes with the same
 checks, ~10x cheaper per chunk: chunks are located in one vectorised step (a
-:class:`ChunkTable` per stack of arrays, filled from their shard indexes as reads first touch
+:class:`~annbatch._core.chunks.table.ChunkTable` per stack of arrays, filled from their shard indexes as reads first touch
 them), shard files stay open between calls (:mod:`~annbatch._core.chunks.descriptors`), and
 each chunk is either
 
@@ -21,7 +21,6 @@ goes through the general path.
 from __future__ import annotations
 
 import os
-import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -32,6 +31,7 @@ from annbatch._core.chunks import stacked
 from annbatch._core.chunks.descriptors import Borrowed
 from annbatch._core.chunks.local import LocalTransport
 from annbatch._core.chunks.reader import chunk_pieces
+from annbatch._core.chunks.table import ChunkTable, Cursor, descriptors
 from annbatch._core.failures import store_errors
 from annbatch._core.ranges import expand_ranges
 from annbatch.errors import AnnbatchError, ChecksumMismatchError, CorruptChunkError
@@ -62,123 +62,6 @@ def stack_bases(readers: Sequence[ChunkReader]) -> np.ndarray | None:
     if not readers or not all(reads_small(r) for r in readers):
         return None
     return stacked.stack_bases(readers)
-
-
-TABLE_MAX_CHUNKS = 1 << 21
-"""Chunks of an array or stack beyond which it gets no :class:`ChunkTable` (24 bytes a chunk:
-48 MiB at most; an atlas of 100 million cells has ~100,000 chunks of 1,024 rows per obs
-column)."""
-
-_TABLES_KEPT = 8
-"""Stack tables kept per first array: a window's obs columns are the same stacks every window
-(all datasets); its row pointers are a stack of the datasets it touches, new each time."""
-
-_TABLES_LOCK = threading.Lock()  # around the stack tables kept (threads may share readers)
-
-_NEVER = -1  # size in a chunk table of a chunk never written
-
-
-class _Cursor:
-    """The chunks of one :func:`read_stacked`: the array each is in and its chunk there, and
-    the one being located or read (what errors name)."""
-
-    __slots__ = ("array", "chunk", "local", "owner", "readers")
-
-    def __init__(self, readers: Sequence[ChunkReader], owner: list[int], local: list[int]) -> None:
-        self.readers, self.owner, self.local = readers, owner, local
-        self.array, self.chunk = 0, 0
-
-    def at(self, k: int) -> str:
-        """Chunk ``k`` of the read is being read: its name, for errors."""
-        self.array, self.chunk = self.owner[k], self.local[k]
-        return self.where()
-
-    def where(self) -> str:
-        return self.readers[self.array].where(self.chunk)
-
-
-class ChunkTable:
-    """Where each chunk of an array, or of a stack of arrays, lies (file, offset, size; size
-    :data:`_NEVER`: never written), so that a read locates all its chunks in one vectorised
-    step (see :func:`read_stacked`). An array's table is made from all its shard indexes
-    (read and checked by its reader) when a read first needs it, and kept with the reader; a
-    stack's is its arrays' tables one after another. It holds no descriptors: files are
-    named by the readers' descriptor tokens.
-    """
-
-    __slots__ = ("file", "files", "nbytes", "offset")
-
-    def __init__(
-        self, offset: np.ndarray, nbytes: np.ndarray, file: np.ndarray, files: list[tuple[int, str]]
-    ) -> None:
-        self.offset = offset
-        self.nbytes = nbytes
-        self.file = file  # index into files
-        self.files = files  # (descriptor token, path) of each file
-
-    @staticmethod
-    def of(readers: Sequence[ChunkReader], cursor: _Cursor) -> ChunkTable | None:
-        """The table of the stack of ``readers`` (:func:`stack_bases`), or None where an array
-        is not sharded (a file per chunk: nothing to index) or the stack has more than
-        :data:`TABLE_MAX_CHUNKS` chunks. ``cursor`` is set to the array and chunk whose
-        shard index is being read, for errors."""
-        if len(readers) == 1 and readers[0].chunk_table is not None:
-            return readers[0].chunk_table
-        key = tuple(r.owner for r in readers)  # tokens are never reused within a process
-        kept = readers[0].chunk_tables
-        with _TABLES_LOCK:
-            table = kept.pop(key, None)
-        if table is None:
-            rows = readers[0].layout.rows_per_chunk
-            total = sum(-(-int(r.shape[0]) // rows) for r in readers)
-            if total > TABLE_MAX_CHUNKS or not all(r.layout.index_entries for r in readers):
-                return None
-            if len(readers) == 1:
-                return ChunkTable._of_array(readers[0], 0, cursor)
-            tables = [ChunkTable._of_array(r, k, cursor) for k, r in enumerate(readers)]
-            first_file = np.cumsum([0, *(len(t.files) for t in tables[:-1])])
-            table = ChunkTable(
-                np.concatenate([t.offset for t in tables]),
-                np.concatenate([t.nbytes for t in tables]),
-                np.concatenate(
-                    [t.file + f for t, f in zip(tables, first_file.tolist(), strict=True)]
-                ),
-                [name for t in tables for name in t.files],
-            )
-        with _TABLES_LOCK:
-            kept[key] = table  # most recently used last
-            while len(kept) > _TABLES_KEPT:
-                kept.pop(next(iter(kept)))
-        return table
-
-    @staticmethod
-    def _of_array(reader: ChunkReader, k: int, cursor: _Cursor) -> ChunkTable:
-        table = reader.chunk_table
-        if table is not None:
-            return table
-        layout = reader.layout
-        n = -(-int(reader.shape[0]) // layout.rows_per_chunk)
-        per_shard, stride = layout.chunks_per_shard, layout.index_stride
-        offset = np.zeros(n, dtype=np.int64)
-        nbytes = np.full(n, _NEVER, dtype=np.int64)
-        file = np.zeros(n, dtype=np.int64)
-        files: list[tuple[int, str]] = []
-        for shard in range(-(-n // per_shard)):
-            lo = shard * per_shard
-            hi = min(lo + per_shard, n)
-            cursor.array, cursor.chunk = k, lo
-            index = reader.shard_index(shard)  # read and checked (entries inside the file)
-            if index is None:  # never written
-                continue
-            entries = index[: (hi - lo) * stride : stride]
-            missing = entries[:, 0] == _MISSING
-            values = entries.astype(np.int64)  # inside the file, but for missing ones
-            offset[lo:hi] = np.where(missing, 0, values[:, 0])
-            nbytes[lo:hi] = np.where(missing, _NEVER, values[:, 1])
-            file[lo:hi] = len(files)
-            files.append((reader.owner_of(lo), reader.shard_path(shard)))
-        table = reader.chunk_table = ChunkTable(offset, nbytes, file, files)
-        return table
 
 
 def read_small(reader: ChunkReader, starts: np.ndarray, stops: np.ndarray, out: np.ndarray) -> None:
@@ -239,7 +122,7 @@ def read_stacked(
     src_lo_l, src_hi_l, dst_l = src_lo.tolist(), src_hi.tolist(), dst.tolist()
     owner_l, local_l = owner.tolist(), local.tolist()
     dtype = first.dtype
-    cursor = _Cursor(readers, owner_l, local_l)
+    cursor = Cursor(readers, owner_l, local_l)
     with (
         Borrowed() as files,
         _named(names, lambda: cursor.array),
@@ -254,7 +137,7 @@ def read_stacked(
             # (never written, or of the wrong size: an error) go through the loop below.
             ok = table.nbytes[chunks] == stored
             if ok.any():
-                fds = _descriptors(table, files, ok, table.file[chunks], cursor)
+                fds = descriptors(table, files, ok, table.file[chunks], cursor)
                 read = ok & (fds >= 0)
                 offset = table.offset[chunks]
                 pieces = (np.repeat(np.arange(chunks.size), lasts - firsts), src_lo, src_hi, dst)
@@ -334,32 +217,8 @@ def read_stacked(
                     raise CorruptChunkError(msg)
 
 
-def _descriptors(
-    table: ChunkTable,
-    files: Borrowed,
-    wanted: np.ndarray,
-    file: np.ndarray,
-    cursor: _Cursor,
-) -> np.ndarray:
-    """The descriptor of each ``wanted`` chunk's file (-1: not wanted, or the file has gone
-    since its shard index was read), each file borrowed once."""
-    ids, first = np.unique(file[wanted], return_index=True)
-    names = [table.files[i] for i in ids.tolist()]
-    try:
-        opened = files.open_all(names)  # shards stay open for later windows
-    except OSError:  # again one by one, to name the chunk whose file fails
-        for i, c in zip(ids.tolist(), np.flatnonzero(wanted)[first].tolist(), strict=True):
-            cursor.at(c)
-            files.open(*table.files[i])
-        raise
-    found = [-1 if fd is None else fd for fd in opened]
-    fds = np.full(file.size, -1, dtype=np.int64)
-    fds[wanted] = np.array(found, dtype=np.int64)[np.searchsorted(ids, file[wanted])]
-    return fds
-
-
 def _read_parts(
-    cursor: _Cursor,
+    cursor: Cursor,
     fds: np.ndarray,
     read: np.ndarray,
     offset: np.ndarray,
@@ -392,7 +251,7 @@ def _read_parts(
 
 
 def _read_wholes(
-    cursor: _Cursor,
+    cursor: Cursor,
     fds: np.ndarray,
     read: np.ndarray,
     offset: np.ndarray,

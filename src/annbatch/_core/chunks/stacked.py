@@ -103,6 +103,11 @@ class StackedReader(ChunkReader):
         return None if bases is None else cls(readers, bases)
 
     @property
+    def readers(self) -> list[ChunkReader]:
+        """The arrays, in the order of their rows in the stack."""
+        return self._readers
+
+    @property
     def bases(self) -> np.ndarray:
         """Where each array begins in the stack."""
         return np.asarray(self._first_chunks, dtype=np.int64) * self.layout.rows_per_chunk

@@ -1,0 +1,219 @@
+"""Where each chunk of an array lies, for reads that locate all their chunks at once.
+
+Locating a chunk through :meth:`ChunkReader.locate <annbatch._core.chunks.reader.ChunkReader.locate>`
+costs a few Python calls (its shard's index, the entry, the file's name); a window of an atlas
+locates thousands, in dozens of arrays. A :class:`ChunkTable` holds every chunk's file, offset
+and size as arrays, made once from the shard indexes (read and checked by the reader as
+always), so that a read locates all its chunks, and borrows their files
+(:func:`descriptors`), in a few numpy steps. Small 1-D reads
+(:mod:`~annbatch._core.chunks.small`) and the local transport's tasks
+(:mod:`~annbatch._core.chunks.local`) use it; chunks a table cannot place (never written, or
+files gone since) go the per-chunk way, which reads, fills or names them as before.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from annbatch._core.chunks.descriptors import Borrowed
+    from annbatch._core.chunks.reader import ChunkReader
+
+_MISSING = np.iinfo(np.uint64).max  # shard index entry of an inner chunk that was never written
+
+TABLE_MAX_CHUNKS = 1 << 21
+"""Chunks of an array or stack beyond which it gets no :class:`ChunkTable` (24 bytes a chunk:
+48 MiB at most; an atlas of 100 million cells has ~100,000 chunks of 1,024 rows per obs
+column)."""
+
+TABLE_MAX_SHARDS = 1 << 14
+"""Shard indexes beyond which an array or stack gets no :class:`ChunkTable`: a table reads
+all of them at once, when a read first needs it (~20 us each), and a first read should not
+wait seconds for indexes it may never need."""
+
+_TABLES_KEPT = 8
+"""Stack tables kept per first array: a window's obs columns are the same stacks every window
+(all datasets); its row pointers are a stack of the datasets it touches, new each time."""
+
+_TABLES_LOCK = threading.Lock()  # around the stack tables kept (threads may share readers)
+
+NEVER = -1  # size in a chunk table of a chunk never written
+
+
+class Cursor:
+    """The chunks of one :func:`read_stacked`: the array each is in and its chunk there, and
+    the one being located or read (what errors name)."""
+
+    __slots__ = ("array", "chunk", "local", "owner", "readers")
+
+    def __init__(self, readers: Sequence[ChunkReader], owner: list[int], local: list[int]) -> None:
+        self.readers, self.owner, self.local = readers, owner, local
+        self.array, self.chunk = 0, 0
+
+    def at(self, k: int) -> str:
+        """Chunk ``k`` of the read is being read: its name, for errors."""
+        self.array, self.chunk = self.owner[k], self.local[k]
+        return self.where()
+
+    def where(self) -> str:
+        return self.readers[self.array].where(self.chunk)
+
+
+class ChunkTable:
+    """Where each chunk of an array, or of a stack of arrays, lies (file, offset, size; size
+    :data:`NEVER`: never written), so that a read locates all its chunks in one vectorised
+    step (see :func:`read_stacked`). An array's table is made from all its shard indexes
+    (read and checked by its reader) when a read first needs it, and kept with the reader; a
+    stack's is its arrays' tables one after another. It holds no descriptors: files are
+    named by the readers' descriptor tokens.
+    """
+
+    __slots__ = ("file", "files", "nbytes", "offset")
+
+    def __init__(
+        self, offset: np.ndarray, nbytes: np.ndarray, file: np.ndarray, files: list[tuple[int, str]]
+    ) -> None:
+        self.offset = offset
+        self.nbytes = nbytes
+        self.file = file  # index into files
+        self.files = files  # (descriptor token, path) of each file
+
+    @staticmethod
+    def of(readers: Sequence[ChunkReader], cursor: Cursor) -> ChunkTable | None:
+        """The table of the stack of ``readers`` (:func:`stack_bases`), or None where an array
+        is not sharded (a file per chunk: nothing to index) or the stack has more than
+        :data:`TABLE_MAX_CHUNKS` chunks or :data:`TABLE_MAX_SHARDS` shards. ``cursor`` is set to the array and chunk whose
+        shard index is being read, for errors."""
+        if len(readers) == 1 and readers[0].chunk_table is not None:
+            return readers[0].chunk_table or None  # (False: it has none, see table_of)
+        key = tuple(r.owner for r in readers)  # tokens are never reused within a process
+        kept = readers[0].chunk_tables
+        with _TABLES_LOCK:
+            table = kept.pop(key, None)
+        if table is None:
+            rows = readers[0].layout.rows_per_chunk
+            total = sum(-(-int(r.shape[0]) // rows) for r in readers)
+            if not all(r.layout.index_entries for r in readers):
+                return None
+            shards = sum(-(-int(r.shape[0]) // (rows * r.layout.chunks_per_shard)) for r in readers)
+            if total > TABLE_MAX_CHUNKS or shards > TABLE_MAX_SHARDS:
+                return None
+            if len(readers) == 1:
+                return ChunkTable._of_array(readers[0], 0, cursor)
+            tables = [ChunkTable._of_array(r, k, cursor) for k, r in enumerate(readers)]
+            first_file = np.cumsum([0, *(len(t.files) for t in tables[:-1])])
+            table = ChunkTable(
+                np.concatenate([t.offset for t in tables]),
+                np.concatenate([t.nbytes for t in tables]),
+                np.concatenate(
+                    [t.file + f for t, f in zip(tables, first_file.tolist(), strict=True)]
+                ),
+                [name for t in tables for name in t.files],
+            )
+        with _TABLES_LOCK:
+            kept[key] = table  # most recently used last
+            while len(kept) > _TABLES_KEPT:
+                kept.pop(next(iter(kept)))
+        return table
+
+    @staticmethod
+    def _of_array(reader: ChunkReader, k: int, cursor: Cursor) -> ChunkTable:
+        table = reader.chunk_table
+        if isinstance(table, ChunkTable):
+            return table
+        layout = reader.layout
+        n = -(-int(reader.shape[0]) // layout.rows_per_chunk)
+        per_shard, stride = layout.chunks_per_shard, layout.index_stride
+        offset = np.zeros(n, dtype=np.int64)
+        nbytes = np.full(n, NEVER, dtype=np.int64)
+        file = np.zeros(n, dtype=np.int64)
+        files: list[tuple[int, str]] = []
+        for shard in range(-(-n // per_shard)):
+            lo = shard * per_shard
+            hi = min(lo + per_shard, n)
+            cursor.array, cursor.chunk = k, lo
+            index = reader.shard_index(shard)  # read and checked (entries inside the file)
+            if index is None:  # never written
+                continue
+            entries = index[: (hi - lo) * stride : stride]
+            missing = entries[:, 0] == _MISSING
+            values = entries.astype(np.int64)  # inside the file, but for missing ones
+            offset[lo:hi] = np.where(missing, 0, values[:, 0])
+            nbytes[lo:hi] = np.where(missing, NEVER, values[:, 1])
+            file[lo:hi] = len(files)
+            files.append((reader.owner_of(lo), reader.shard_path(shard)))
+        table = reader.chunk_table = ChunkTable(offset, nbytes, file, files)
+        return table
+
+
+def descriptors(
+    table: ChunkTable,
+    files: Borrowed,
+    wanted: np.ndarray,
+    file: np.ndarray,
+    cursor: Cursor | None,
+) -> np.ndarray:
+    """The descriptor of each ``wanted`` chunk's file (-1: not wanted, or the file has gone
+    since its shard index was read), each file borrowed once. If one fails to open, they are
+    opened again one by one, ``cursor`` (if given) set to the chunk whose file fails."""
+    ids, first = np.unique(file[wanted], return_index=True)
+    names = [table.files[i] for i in ids.tolist()]
+    try:
+        opened = files.open_all(names)  # shards stay open for later windows
+    except OSError:  # again one by one, to name the chunk whose file fails
+        if cursor is None:
+            raise
+        for i, c in zip(ids.tolist(), np.flatnonzero(wanted)[first].tolist(), strict=True):
+            cursor.at(c)
+            files.open(*table.files[i])
+        raise
+    found = [-1 if fd is None else fd for fd in opened]
+    fds = np.full(file.size, -1, dtype=np.int64)
+    fds[wanted] = np.array(found, dtype=np.int64)[np.searchsorted(ids, file[wanted])]
+    return fds
+
+
+_NO_TABLE = False  # kept as a reader's table where it has none (not sharded, too large)
+
+
+def table_of(reader: ChunkReader) -> ChunkTable | None:
+    """The table of ``reader``'s chunks (of a stack's arrays, for a
+    :class:`~annbatch._core.chunks.stacked.StackedReader`), made on first use and kept with
+    the reader; None where it has none (see :meth:`ChunkTable.of`) or one cannot be made now:
+    a shard index that cannot be read or is damaged is then met, and named, by the per-chunk
+    path of the read that needs it, as without tables."""
+    table = reader.chunk_table
+    if table is not None:
+        return table or None
+    readers = getattr(reader, "readers", None) or [reader]
+    cursor = Cursor(readers, [0], [0])
+    try:
+        made = ChunkTable.of(readers, cursor)
+    except Exception:  # the per-chunk path raises it, named, where it matters
+        return None
+    reader.chunk_table = _NO_TABLE if made is None else made
+    return made
+
+
+def located(
+    reader: ChunkReader, chunks: np.ndarray, files: Borrowed
+) -> tuple[list[int], list[int], list[int]] | None:
+    """The file descriptor (borrowed from ``files``), offset and size of each of ``chunks``
+    (in ``reader``'s chunk numbers) from its :func:`table_of`; descriptor -1 for a chunk the
+    table cannot place (never written, its file gone): the caller reads it the per-chunk way.
+    None: no table, or a file failed to open (the per-chunk way names its chunk)."""
+    table = table_of(reader)
+    if table is None:
+        return None
+    nbytes = table.nbytes[chunks]
+    written = nbytes != NEVER
+    try:
+        fds = descriptors(table, files, written, table.file[chunks], None)
+    except OSError:
+        return None
+    return fds.tolist(), table.offset[chunks].tolist(), nbytes.tolist()
