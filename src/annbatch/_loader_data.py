@@ -15,6 +15,7 @@ from annbatch._core.members import member
 from annbatch._core.obs import CategoriesCache, ObsRows, StoredObs
 from annbatch._core.planner import dataset_offsets
 from annbatch._core.sources import as_row_source
+from annbatch._core.sources.stack import link
 from annbatch._warnings import warn
 from annbatch.errors import (
     CollectionChangedError,
@@ -111,6 +112,7 @@ class LoaderData:
             )
         var_frame = self._check_var(var, new, first)
         self.sources.extend(new)
+        link(self.sources)  # CSR datasets read as one row space (annbatch._core.sources.stack)
         self.obs.extend(obs_list)
         self._obs_rows = None
         if var_frame is not None:
@@ -187,6 +189,8 @@ class LoaderData:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         handle = self._collection
+        if self.sources is not None:
+            link(self.sources)  # sources pickle without their stack
         if self.sources is None and handle is not None:
             self.sources, self.obs = [], []
             self.add_collection(handle.collection, obs_index=handle.obs_index)

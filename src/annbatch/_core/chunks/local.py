@@ -99,20 +99,16 @@ def _chunks(
         c = int(chunk[i])
         if table is not None and table[0][k] >= 0:  # located by the array's chunk table
             fd, offset, nbytes = table[0][k], table[1][k], table[2][k]
-            encoded = os.pread(fd, nbytes, offset)
-            if len(encoded) != nbytes:
-                msg = f"{reader.where(c)} ends after {len(encoded)} of its {nbytes} bytes; the store is damaged or truncated"
-                raise CorruptChunkError(msg)
-            yield i, j, c, encoded
-            continue
-        where = reader.locate(c)
-        fd = None if where is None else _open(reader, files, where, c)
-        if where is None or fd is None:
-            yield i, j, c, None
-            continue
-        _, offset, nbytes = where
-        if nbytes < 0:
-            nbytes = os.fstat(fd).st_size
+        else:
+            where = reader.locate(c)
+            opened = None if where is None else _open(reader, files, where, c)
+            if where is None or opened is None:
+                yield i, j, c, None
+                continue
+            fd = opened
+            _, offset, nbytes = where
+            if nbytes < 0:
+                nbytes = os.fstat(fd).st_size
         encoded = os.pread(fd, nbytes, offset)
         if len(encoded) != nbytes:
             msg = f"{reader.where(c)} ends after {len(encoded)} of its {nbytes} bytes; the store is damaged or truncated"

@@ -95,6 +95,7 @@ class StackedReader(ChunkReader):
         self._readers = list(readers)
         self._first_chunks = (np.asarray(bases, dtype=np.int64) // rows).tolist()
         self._lengths = np.array([r.shape[0] for r in readers], dtype=np.int64)
+        self._bases = np.asarray(self._first_chunks, dtype=np.int64) * rows
 
     @classmethod
     def of(cls, readers: Sequence[ChunkReader]) -> StackedReader | None:
@@ -110,7 +111,7 @@ class StackedReader(ChunkReader):
     @property
     def bases(self) -> np.ndarray:
         """Where each array begins in the stack."""
-        return np.asarray(self._first_chunks, dtype=np.int64) * self.layout.rows_per_chunk
+        return self._bases
 
     def _owner(self, chunk: int) -> tuple[ChunkReader, int]:
         """The array chunk ``chunk`` of the stack belongs to, and its chunk there."""

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
     from annbatch._core.sources import RowSource
     from annbatch._core.sources.indptr import Indptr
+    from annbatch._core.sources.stack import CSRStack
     from annbatch._core.types import Allocate, Block
 
 
@@ -89,6 +90,8 @@ class CSRSource:
         self._indptr = self._checked_indptr(indptr)
         self._dtype = np.dtype(data.dtype) if values_dtype is None else np.dtype(values_dtype)
         self._direct = _direct_pair(data, indices, verify_checksums=verify_checksums)
+        self._stack: CSRStack | None = None  # all of a Loader's CSR datasets (sources.stack)
+        self._member = -1  # this one's place in it
 
     def _checked_indptr(self, indptr: np.ndarray | Indptr) -> Indptr:
         """``indptr`` (held as int64, or read per window), after checking the structure
@@ -234,12 +237,25 @@ class CSRSource:
         ]
         if len(csr) != len(parts):
             return block_per_part(parts, n_tasks)
+        stack = self._stack
+        stacks = None
+        if stack is not None and all(s._stack is stack for s, _, _ in csr):
+            stacks = stack.stacks()  # the arrays of all the Loader's datasets, stacked once
+        members = [s._member for s, _, _ in csr]
         stored = [s._indptr for s, _, _ in csr]
-        if all(isinstance(p, StoredIndptr) for p in stored):  # one read for every dataset
-            pointers = stacked_pieces(stored, [(a, b) for _, a, b in csr])  # type: ignore[arg-type]
+        ranges = [(a, b) for _, a, b in csr]
+        if stacks is not None and stacks.indptr is not None:
+            pointers = stacks.indptr.pieces(members, ranges)
+        elif all(isinstance(p, StoredIndptr) for p in stored):  # one read for every dataset
+            pointers = stacked_pieces(stored, ranges)  # type: ignore[arg-type]
         else:
             pointers = [s.pointers(starts, stops) for s, starts, stops in csr]
-        if len(csr) > 1:
+        if stacks is not None:
+            placed = (stacks.data, stacks.indices, np.array(members, dtype=np.int64))
+            stacked = self._stacked_job(csr, pointers, n_tasks, allocate, placed)
+            if stacked is not None:
+                return stacked
+        elif len(csr) > 1:
             stacked = self._stacked_job(csr, pointers, n_tasks, allocate)
             if stacked is not None:
                 return stacked
@@ -290,19 +306,27 @@ class CSRSource:
         pointers: Sequence[np.ndarray],
         n_tasks: int,
         allocate: Allocate,
+        placed: tuple[StackedReader, StackedReader, np.ndarray] | None = None,
     ) -> ReadJob | None:
         """The window's rows of every dataset, read as one (:mod:`annbatch._core.chunks.stacked`):
         one plan and one set of tasks for the values and one for the column indices, however
-        many datasets the rows come from. None where the datasets' arrays cannot be stacked
-        (other layouts, object storage) or a part's ranges are not sorted."""
+        many datasets the rows come from. ``placed``: the stacks of the values and column
+        indices of all the Loader's datasets (:mod:`annbatch._core.sources.stack`) and each
+        part's dataset in them; without it, the parts' own arrays are stacked for this window.
+        None where the datasets' arrays cannot be stacked (other layouts, object storage) or a
+        part's ranges are not sorted."""
         sources = [s for s, _, _ in csr]
-        direct = [s._direct for s in sources]
-        if any(d is None for d in direct):
-            return None
-        data_stack = StackedReader.of([d[0] for d in direct if d is not None])
-        index_stack = StackedReader.of([d[1] for d in direct if d is not None])
-        if data_stack is None or index_stack is None:
-            return None
+        if placed is None:
+            direct = [s._direct for s in sources]
+            if any(d is None for d in direct):
+                return None
+            data_stack = StackedReader.of([d[0] for d in direct if d is not None])
+            index_stack = StackedReader.of([d[1] for d in direct if d is not None])
+            if data_stack is None or index_stack is None:
+                return None
+            members = np.arange(len(csr))
+        else:
+            data_stack, index_stack, members = placed
         # Every dataset's ranges at once: their pointers one after another.
         flat = np.concatenate(pointers)
         starts = np.concatenate([a for _, a, _ in csr])
@@ -313,7 +337,7 @@ class CSRSource:
         ranges = np.cumsum([0] + [a.size for _, a, _ in csr])  # each dataset's first range
         offsets = np.concatenate([[0], np.cumsum(hi - lo)])[ranges]  # and its first entry
         nnz = int(offsets[-1])
-        owner = np.repeat(np.arange(len(csr)), np.diff(ranges))
+        owner = np.repeat(members, np.diff(ranges))  # each range's dataset in the stacks
         data_lo = lo + data_stack.bases[owner]
         # Ranges must be sorted in the stack: datasets in order, each one's ranges sorted.
         if data_lo.size > 1 and bool(np.any(np.diff(data_lo) < 0)):
@@ -465,7 +489,7 @@ class CSRSource:
             "dtype": self._dtype,
             "type": self._type,
             "direct": self._direct,
-        }
+        }  # not the stack: the receiving process links its sources again (sources.stack)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._data = h5_restore(state["data"])
@@ -476,3 +500,4 @@ class CSRSource:
         self._dtype = state["dtype"]
         self._type = state["type"]
         self._direct = state["direct"]
+        self._stack, self._member = None, -1

@@ -145,60 +145,90 @@ def stacked_pieces(
     check: bool = True,
 ) -> list[np.ndarray]:
     """:meth:`Indptr.pieces` of ``ranges[k]`` (``starts``, ``stops``) of each of ``indptrs``:
-    read in one pass where their arrays can be read as one
+    read in one pass where their arrays can be read as one (:class:`IndptrStack`), else one
+    by one; checked (unless ``check`` is false)."""
+    return IndptrStack(indptrs).pieces(range(len(indptrs)), ranges, check=check)
+
+
+class IndptrStack:
+    """Row pointers of several datasets read as one
     (:func:`~annbatch._core.chunks.small.read_stacked`: a window's pointers in every dataset
-    it touches), else one by one; checked (unless ``check`` is false)."""
-    ranges = [(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)) for a, b in ranges]
-    readers = [p._reader for p in indptrs]
-    bases = stack_bases(readers)
-    if bases is None and len(readers) > 1:
-        return [
-            stacked_pieces([p], [r], check=check)[0] for p, r in zip(indptrs, ranges, strict=True)
-        ]
-    # The pointers of rows a..b-1 are entries a..b of indptr; in the stack, from bases[k].
-    at = [0] if bases is None else bases.tolist()
-    lo = np.concatenate([a + base for (a, _), base in zip(ranges, at, strict=True)])
-    hi = np.concatenate([b + 1 + base for (_, b), base in zip(ranges, at, strict=True)])
-    if lo.size == 0:
-        return [np.empty(0, dtype=np.int64) for _ in indptrs]
-    # The union of the ranges, sorted and disjoint, is what is read.
-    order = np.argsort(lo, kind="stable")
-    s_lo, s_hi = lo[order], hi[order]
-    reach = np.maximum.accumulate(s_hi)
-    new = np.ones(s_lo.size, dtype=bool)
-    new[1:] = s_lo[1:] > reach[:-1]
-    heads = np.flatnonzero(new)
-    m_lo = s_lo[heads]
-    m_hi = reach[np.concatenate([heads[1:], [s_lo.size]]) - 1]
-    values = np.empty(int(np.sum(m_hi - m_lo)), dtype=readers[0].dtype)
-    names = [f"indptr of {p._where}" for p in indptrs]
-    with store_errors(lambda: f"reading {names[0]}"):
-        if bases is None:  # one array the stacked read does not take (object storage)
-            read_rows(readers[0], m_lo, m_hi, values)
-        else:
-            read_stacked(readers, bases, m_lo, m_hi, values, names=names, checked=True)
-    if values.dtype.kind == "u" and values.size and int(values.max()) >= 2**63:
-        at = int(np.flatnonzero(values >= 2**63)[0])  # in the stack: its dataset
-        merged = int(np.searchsorted(np.cumsum(m_hi - m_lo), at, side="right"))
-        entry = int(m_lo[merged]) + at - int(np.sum((m_hi - m_lo)[:merged]))
-        k = 0 if bases is None else int(np.searchsorted(bases, entry, side="right")) - 1
-        msg = (
-            f"{indptrs[k]._where}: indptr holds values beyond the int64 range; the store is damaged"
-        )
-        raise CorruptDataError(msg)
-    values = values.astype(np.int64, copy=False)
-    offset = np.concatenate([[0], np.cumsum(m_hi - m_lo)])[:-1]
-    wanted = expand_ranges(lo, hi)
-    run = np.searchsorted(m_lo, wanted, side="right") - 1
-    flat = values[wanted - m_lo[run] + offset[run]]
-    counts = [a.size + int(np.sum(b - a)) for a, b in ranges]  # entries of each dataset
-    out = np.split(flat, np.cumsum(counts)[:-1])
-    if check:  # every dataset at once; a failure is named by the dataset's own check
-        nnz = np.repeat(np.array([p._nnz for p in indptrs], dtype=np.int64), counts)
-        steps = row_lengths(
-            flat, np.concatenate([a for a, _ in ranges]), np.concatenate([b for _, b in ranges])
-        )
-        if bool(np.any((flat < 0) | (flat > nnz))) or (steps.size and int(steps.min()) < 0):
-            for p, piece, (a, b) in zip(indptrs, out, ranges, strict=True):
-                p.check(piece, a, b)
-    return out
+    it touches in one pass). Made once for all of a Loader's datasets
+    (:mod:`annbatch._core.sources.stack`), the stack's chunk table is made once too.
+
+    Parameters
+    ----------
+    indptrs
+        The datasets' row pointers, in the order of their rows in the stack.
+    """
+
+    def __init__(self, indptrs: Sequence[StoredIndptr]) -> None:
+        self.indptrs = list(indptrs)
+        self.readers = [p._reader for p in self.indptrs]
+        self.bases = stack_bases(self.readers)
+        self.names = [f"indptr of {p._where}" for p in self.indptrs]
+        self.nnz = np.array([p._nnz for p in self.indptrs], dtype=np.int64)
+
+    def pieces(
+        self,
+        members: Sequence[int],
+        ranges: Sequence[tuple[np.ndarray, np.ndarray]],
+        *,
+        check: bool = True,
+    ) -> list[np.ndarray]:
+        """:meth:`Indptr.pieces` of ``ranges[k]`` of dataset ``members[k]`` of the stack
+        (members in row order), checked (unless ``check`` is false)."""
+        ranges = [(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)) for a, b in ranges]
+        members = list(members)
+        bases = self.bases
+        if bases is None and len(self.readers) > 1:
+            return [
+                IndptrStack([self.indptrs[m]]).pieces([0], [r], check=check)[0]
+                for m, r in zip(members, ranges, strict=True)
+            ]
+        # The pointers of rows a..b-1 are entries a..b of indptr; in the stack, from bases[k].
+        at = [0] * len(members) if bases is None else bases[members].tolist()
+        lo = np.concatenate([a + base for (a, _), base in zip(ranges, at, strict=True)])
+        hi = np.concatenate([b + 1 + base for (_, b), base in zip(ranges, at, strict=True)])
+        if lo.size == 0:
+            return [np.empty(0, dtype=np.int64) for _ in members]
+        # The union of the ranges, sorted and disjoint, is what is read.
+        order = np.argsort(lo, kind="stable")
+        s_lo, s_hi = lo[order], hi[order]
+        reach = np.maximum.accumulate(s_hi)
+        new = np.ones(s_lo.size, dtype=bool)
+        new[1:] = s_lo[1:] > reach[:-1]
+        heads = np.flatnonzero(new)
+        m_lo = s_lo[heads]
+        m_hi = reach[np.concatenate([heads[1:], [s_lo.size]]) - 1]
+        readers = self.readers
+        values = np.empty(int(np.sum(m_hi - m_lo)), dtype=readers[0].dtype)
+        names = self.names
+        with store_errors(lambda: f"reading {names[members[0]]}"):
+            if bases is None:  # one array the stacked read does not take (object storage)
+                read_rows(readers[0], m_lo, m_hi, values)
+            else:
+                read_stacked(readers, bases, m_lo, m_hi, values, names=names, checked=True)
+        if values.dtype.kind == "u" and values.size and int(values.max()) >= 2**63:
+            at_bad = int(np.flatnonzero(values >= 2**63)[0])  # in the stack: its dataset
+            merged = int(np.searchsorted(np.cumsum(m_hi - m_lo), at_bad, side="right"))
+            entry = int(m_lo[merged]) + at_bad - int(np.sum((m_hi - m_lo)[:merged]))
+            k = 0 if bases is None else int(np.searchsorted(bases, entry, side="right")) - 1
+            msg = f"{self.indptrs[k]._where}: indptr holds values beyond the int64 range; the store is damaged"
+            raise CorruptDataError(msg)
+        values = values.astype(np.int64, copy=False)
+        offset = np.concatenate([[0], np.cumsum(m_hi - m_lo)])[:-1]
+        wanted = expand_ranges(lo, hi)
+        run = np.searchsorted(m_lo, wanted, side="right") - 1
+        flat = values[wanted - m_lo[run] + offset[run]]
+        counts = [a.size + int(np.sum(b - a)) for a, b in ranges]  # entries of each dataset
+        out = np.split(flat, np.cumsum(counts)[:-1])
+        if check:  # every dataset at once; a failure is named by the dataset's own check
+            nnz = np.repeat(self.nnz[members], counts)
+            steps = row_lengths(
+                flat, np.concatenate([a for a, _ in ranges]), np.concatenate([b for _, b in ranges])
+            )
+            if bool(np.any((flat < 0) | (flat > nnz))) or (steps.size and int(steps.min()) < 0):
+                for m, piece, (a, b) in zip(members, out, ranges, strict=True):
+                    self.indptrs[m].check(piece, a, b)
+        return out
