@@ -339,3 +339,191 @@ def test_indptr_beyond_int64_names_its_dataset(tmp_path: Path) -> None:
     ranges = [(np.array([0]), np.array([10])), (np.array([40]), np.array([60]))]
     with pytest.raises(CorruptDataError, match=r"^DS1: indptr holds values beyond the int64"):
         stacked_pieces(indptrs, ranges)
+
+
+# --------------------------------------------------------------------------------------------
+# X's tasks locate their chunks through chunk tables (annbatch._core.chunks.table); a Loader's
+# CSR datasets are stacked once (annbatch._core.sources.stack).
+
+
+def _x_arrays(root: Path, compressed: bool) -> tuple[list[np.ndarray], list[zarr.Array]]:
+    """1-D arrays like X's values: several shards of several chunks, with CRC32C; a chunk and
+    a whole shard never written (the fill value) in the first."""
+    from zarr.codecs import BloscCodec
+
+    rng = np.random.default_rng(1)
+    compressors = [BloscCodec(cname="lz4"), Crc32cCodec()] if compressed else [Crc32cCodec()]
+    values, arrays = [], []
+    for k, n in enumerate(LENGTHS):
+        a = zarr.create_array(
+            root / f"x{k}", shape=(n,), dtype="float32", chunks=(64,), shards=(256,),
+            compressors=compressors, fill_value=-1.0,
+        )  # fmt: skip
+        v = rng.integers(0, 50, n).astype("float32")
+        if k == 0:  # chunk 1 and shard 2 (entries 512:768) never written
+            a[0:64] = v[0:64]
+            a[128:512] = v[128:512]
+            a[768:] = v[768:]
+        else:
+            a[:] = v
+        values.append(a[...])
+        arrays.append(a)
+    return values, arrays
+
+
+def _read_tasks(reader: ChunkReader, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    out = np.full(int(np.sum(stops - starts)), np.nan, dtype=reader.dtype)
+    for task in reader.tasks(starts, stops, out, 3):
+        task()
+    return out
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["blosc", "uncompressed"])
+def x_stored(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    return _x_arrays(tmp_path_factory.mktemp("x"), request.param)
+
+
+@settings(max_examples=25, deadline=None)
+@given(ranges=_ranges())
+def test_x_tasks_through_tables_equal_the_arrays(x_stored, ranges) -> None:
+    """Reads located by chunk tables (of an array, and of a stack of arrays) equal the stored
+    values and the per-chunk path's, never-written chunks and shards included."""
+    from annbatch._core.chunks.stacked import StackedReader
+    from annbatch._core.chunks.table import table_of
+
+    values, arrays = x_stored
+    readers = [direct_array(a) for a in arrays]
+    stack = StackedReader.of(readers)  # type: ignore[arg-type]
+    assert stack is not None
+    bases = stack.bases.tolist()
+    starts = np.concatenate([a + b for (a, _), b in zip(ranges, bases, strict=True)])
+    stops = np.concatenate([e + b for (_, e), b in zip(ranges, bases, strict=True)])
+    expected = np.concatenate(
+        [
+            v[a:b]
+            for v, (s, e) in zip(values, ranges, strict=True)
+            for a, b in zip(s, e, strict=True)
+        ]
+        or [np.empty(0, dtype="float32")]
+    )
+    np.testing.assert_array_equal(_read_tasks(stack, starts, stops), expected)
+    assert table_of(stack) is not None  # made by the read
+    np.testing.assert_array_equal(_read_tasks(stack, starts, stops), expected)
+    stack.chunk_table = False  # no table: chunk by chunk
+    np.testing.assert_array_equal(_read_tasks(stack, starts, stops), expected)
+    s, e = ranges[0]  # one array alone, with its own table
+    alone = direct_array(arrays[0])
+    assert alone is not None
+    np.testing.assert_array_equal(
+        _read_tasks(alone, s, e),
+        np.concatenate([values[0][a:b] for a, b in zip(s, e, strict=True)] or [np.empty(0)]),
+    )
+
+
+def test_no_table_beyond_its_shard_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import annbatch._core.chunks.table as table
+
+    values, arrays = _x_arrays(tmp_path, compressed=True)
+    monkeypatch.setattr(table, "TABLE_MAX_SHARDS", 2)  # LENGTHS[1] = 2500 entries: 10 shards
+    reader = direct_array(arrays[1])
+    assert reader is not None
+    np.testing.assert_array_equal(
+        _read_tasks(reader, np.array([5, 2000]), np.array([300, 2500])),
+        np.concatenate([values[1][5:300], values[1][2000:2500]]),
+    )
+    assert table.table_of(reader) is None
+
+
+def test_damaged_shard_index_outside_a_read(tmp_path: Path) -> None:
+    """A shard index that cannot be read leaves the array without a table: reads of other
+    shards succeed as before, and a read of the damaged shard names it."""
+    from annbatch._core.chunks.table import table_of
+
+    values, arrays = _x_arrays(tmp_path, compressed=True)
+    shard = tmp_path / "x1" / "c" / "3"
+    raw = bytearray(shard.read_bytes())
+    raw[-6] ^= 0xFF  # inside the shard index, covered by its CRC32C
+    shard.write_bytes(bytes(raw))
+    reader = direct_array(arrays[1])
+    assert reader is not None
+    np.testing.assert_array_equal(
+        _read_tasks(reader, np.array([0]), np.array([700])), values[1][:700]
+    )
+    assert table_of(reader) is None
+    with pytest.raises(ChecksumMismatchError, match=r"index of shard .*x1.*c.3.*CRC32C"):
+        _read_tasks(reader, np.array([760]), np.array([800]))
+
+
+def test_a_loaders_csr_datasets_share_one_stack(tmp_path, monkeypatch) -> None:
+    """Every window of a Loader over several CSR datasets reads at the places of one stack of
+    all of them, made once; a Loader that crosses a pickle (a DataLoader worker) is linked
+    again; every row once, values and obs as stored."""
+    import pickle
+
+    import anndata as ad
+
+    from annbatch import Loader
+    from annbatch._core.sources.csr import CSRSource
+
+    collection, expected = _collection(tmp_path, monkeypatch, "packed-lz4")
+    placed = []
+    original = CSRSource._stacked_job
+
+    def spy(self, csr, pointers, n_tasks, allocate, placed_arg=None):
+        placed.append(placed_arg is not None)
+        return original(self, csr, pointers, n_tasks, allocate, placed_arg)
+
+    monkeypatch.setattr(CSRSource, "_stacked_job", spy)
+    by_collection = Loader(chunk_size=7, preload_nchunks=9, batch_size=16, shuffle=True, to=None)
+    by_collection.use_collection(collection, obs_index=True)
+    groups = list(collection)
+    by_datasets = Loader(chunk_size=7, preload_nchunks=9, batch_size=16, shuffle=True, to=None)
+    by_datasets.add_datasets(
+        [g["X"] for g in groups], obs=[ad.io.read_elem(g["obs"]) for g in groups]
+    )
+    for loader in (
+        by_collection,
+        by_datasets,
+        *(pickle.loads(pickle.dumps(x)) for x in (by_collection, by_datasets)),
+    ):
+        sources = loader._data.sources
+        stack = sources[0]._stack
+        assert stack is not None
+        assert stack.stacks() is not None
+        assert [s._stack is stack for s in sources] == [True] * 4
+        assert [s._member for s in sources] == [0, 1, 2, 3]
+        seen = []
+        for batch in loader:
+            names = batch["obs"].index
+            np.testing.assert_array_equal(batch["X"].toarray(), expected.loc[names].to_numpy())
+            seen.extend(names)
+        assert sorted(seen) == sorted(expected.index)
+    assert placed
+    assert all(placed)
+
+
+def test_datasets_of_other_layouts_in_one_loader(tmp_path, monkeypatch) -> None:
+    """Datasets whose arrays cannot be stacked (other codecs) share no stack: each window is
+    read as before, every row once and as stored."""
+    from annbatch import Loader
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one, expected = _collection(tmp_path / "a", monkeypatch, "packed-lz4")
+    other, _ = _collection(tmp_path / "b", monkeypatch, "zstd")
+    import anndata as ad
+
+    groups = [*list(one)[:2], *list(other)[2:]]  # two datasets of each
+    obs = [ad.io.read_elem(g["obs"]) for g in groups]
+    loader = Loader(chunk_size=9, preload_nchunks=7, batch_size=32, shuffle=True, to=None)
+    loader.add_datasets([g["X"] for g in groups], obs=obs)
+    stack = loader._data.sources[0]._stack
+    assert stack is not None
+    assert stack.stacks() is None
+    seen = []
+    for batch in loader:
+        names = batch["obs"].index
+        np.testing.assert_array_equal(batch["X"].toarray(), expected.loc[names].to_numpy())
+        seen.extend(names)
+    assert sorted(seen) == sorted(n for o in obs for n in o.index)
+    assert len(seen) == 400
