@@ -388,8 +388,8 @@ def x_stored(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 def test_x_tasks_through_tables_equal_the_arrays(x_stored, ranges) -> None:
     """Reads located by chunk tables (of an array, and of a stack of arrays) equal the stored
     values and the per-chunk path's, never-written chunks and shards included."""
+    import annbatch._core.chunks.table as table
     from annbatch._core.chunks.stacked import StackedReader
-    from annbatch._core.chunks.table import table_of
 
     values, arrays = x_stored
     readers = [direct_array(a) for a in arrays]
@@ -406,9 +406,15 @@ def test_x_tasks_through_tables_equal_the_arrays(x_stored, ranges) -> None:
         ]
         or [np.empty(0, dtype="float32")]
     )
-    np.testing.assert_array_equal(_read_tasks(stack, starts, stops), expected)
-    assert table_of(stack) is not None  # made by the read
-    np.testing.assert_array_equal(_read_tasks(stack, starts, stops), expected)
+    smallest = table.LOCATE_MIN_CHUNKS
+    try:
+        table.LOCATE_MIN_CHUNKS = 1  # every task located through the table
+        np.testing.assert_array_equal(_read_tasks(stack, starts, stops), expected)
+        assert table.table_of(stack) is not None
+        np.testing.assert_array_equal(_read_tasks(stack, starts, stops), expected)
+    finally:
+        table.LOCATE_MIN_CHUNKS = smallest
+    np.testing.assert_array_equal(_read_tasks(stack, starts, stops), expected)  # as configured
     stack.chunk_table = False  # no table: chunk by chunk
     np.testing.assert_array_equal(_read_tasks(stack, starts, stops), expected)
     s, e = ranges[0]  # one array alone, with its own table
@@ -424,6 +430,7 @@ def test_no_table_beyond_its_shard_limit(tmp_path: Path, monkeypatch: pytest.Mon
     import annbatch._core.chunks.table as table
 
     values, arrays = _x_arrays(tmp_path, compressed=True)
+    monkeypatch.setattr(table, "LOCATE_MIN_CHUNKS", 1)
     monkeypatch.setattr(table, "TABLE_MAX_SHARDS", 2)  # LENGTHS[1] = 2500 entries: 10 shards
     reader = direct_array(arrays[1])
     assert reader is not None
@@ -434,12 +441,15 @@ def test_no_table_beyond_its_shard_limit(tmp_path: Path, monkeypatch: pytest.Mon
     assert table.table_of(reader) is None
 
 
-def test_damaged_shard_index_outside_a_read(tmp_path: Path) -> None:
+def test_damaged_shard_index_outside_a_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A shard index that cannot be read leaves the array without a table: reads of other
     shards succeed as before, and a read of the damaged shard names it."""
-    from annbatch._core.chunks.table import table_of
+    import annbatch._core.chunks.table as table
 
     values, arrays = _x_arrays(tmp_path, compressed=True)
+    monkeypatch.setattr(table, "LOCATE_MIN_CHUNKS", 1)
     shard = tmp_path / "x1" / "c" / "3"
     raw = bytearray(shard.read_bytes())
     raw[-6] ^= 0xFF  # inside the shard index, covered by its CRC32C
@@ -449,7 +459,7 @@ def test_damaged_shard_index_outside_a_read(tmp_path: Path) -> None:
     np.testing.assert_array_equal(
         _read_tasks(reader, np.array([0]), np.array([700])), values[1][:700]
     )
-    assert table_of(reader) is None
+    assert table.table_of(reader) is None
     with pytest.raises(ChecksumMismatchError, match=r"index of shard .*x1.*c.3.*CRC32C"):
         _read_tasks(reader, np.array([760]), np.array([800]))
 

@@ -178,6 +178,11 @@ def descriptors(
     return fds
 
 
+LOCATE_MIN_CHUNKS = 8
+"""Chunks from which :func:`located` finds a read's chunks in its table: fewer are located
+one by one as quickly (measured: 2 chunks 7.5 against 3.9 us, 10 chunks 13 against 15 us,
+40 chunks 13 against 35 us)."""
+
 _NO_TABLE = False  # kept as a reader's table where it has none (not sharded, too large)
 
 
@@ -206,14 +211,25 @@ def located(
     """The file descriptor (borrowed from ``files``), offset and size of each of ``chunks``
     (in ``reader``'s chunk numbers) from its :func:`table_of`; descriptor -1 for a chunk the
     table cannot place (never written, its file gone): the caller reads it the per-chunk way.
-    None: no table, or a file failed to open (the per-chunk way names its chunk)."""
+    None: no table, fewer than :data:`LOCATE_MIN_CHUNKS` chunks, or a file failed to open
+    (the per-chunk way names its chunk)."""
+    if chunks.size < LOCATE_MIN_CHUNKS:
+        return None
     table = table_of(reader)
     if table is None:
         return None
-    nbytes = table.nbytes[chunks]
-    written = nbytes != NEVER
+    # Lists, not numpy steps: a task locates a few to a few hundred chunks, and numpy's
+    # per-call cost made a few chunks slower to locate than one by one.
+    nbytes = table.nbytes[chunks].tolist()
+    file = table.file[chunks].tolist()
+    ids = list(dict.fromkeys(f for f, n in zip(file, nbytes, strict=True) if n != NEVER))
     try:
-        fds = descriptors(table, files, written, table.file[chunks], None)
+        opened = files.open_all([table.files[i] for i in ids])  # shards stay open
     except OSError:
         return None
-    return fds.tolist(), table.offset[chunks].tolist(), nbytes.tolist()
+    fd_of = dict(zip(ids, opened, strict=True))
+    fds = [
+        -1 if n == NEVER or (fd := fd_of[f]) is None else fd
+        for f, n in zip(file, nbytes, strict=True)
+    ]
+    return fds, table.offset[chunks].tolist(), nbytes
