@@ -149,6 +149,22 @@ def test_borrowed_files_are_given_back_together(tmp_path):
     OPEN_FILES.forget(owner)
 
 
+def test_a_failed_borrow_of_many_gives_back_the_others(tmp_path):
+    """One file of a read's many fails to open: those borrowed with it are given back (an
+    idle pool closes them when asked to), none stays borrowed for ever."""
+    a, b = _files(tmp_path, 2)
+    pool = OpenFiles(capacity=8)
+    owner = new_owner()
+    assert pool.borrow(owner, a) is not None
+    pool.give_back(owner, a)  # open and idle
+    with pytest.raises(ValueError, match="null"):
+        pool.borrow_all([(owner, a), (owner, b), (owner, "bad\0name")])
+    assert [pool._entries[(owner, p)].users for p in (a, b)] == [0, 0]
+    fds = [pool._entries[(owner, p)].fd for p in (a, b)]
+    pool.clear()
+    assert not any(_is_open(fd) for fd in fds)
+
+
 def _collection(path: Path, value: float) -> None:
     x = sp.csr_matrix(np.full((300, 5), value, dtype=np.float32))
     import anndata as ad

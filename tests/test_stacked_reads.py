@@ -147,6 +147,26 @@ def test_damage_is_named_by_its_array(tmp_path: Path) -> None:
     )
 
 
+def test_damaged_shard_index_of_an_array_not_read(tmp_path: Path) -> None:
+    """A stack's table cannot be made when one array's shard index is damaged: reads of the
+    other arrays go chunk by chunk and succeed; a read of the damaged shard names it."""
+    values, arrays = _arrays(tmp_path, "sharded")
+    shard = sorted((tmp_path / "a2" / "c").iterdir())[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-6] ^= 0xFF  # inside the shard index, covered by its CRC32C
+    shard.write_bytes(bytes(raw))
+    readers = _readers(arrays, verify=False)
+    bases = stack_bases(readers)
+    assert bases is not None
+    starts, stops = bases[[0, 1, 3]] + 5, bases[[0, 1, 3]] + 15
+    out = np.empty(30, dtype=np.int64)
+    for _ in range(2):
+        read_stacked(readers, bases, starts, stops, out)
+        np.testing.assert_array_equal(out, np.concatenate([values[k][5:15] for k in (0, 1, 3)]))
+    with pytest.raises(ChecksumMismatchError, match=r"index of shard .*a2.*CRC32C"):
+        read_stacked(readers, bases, bases[2:3] + 5, bases[2:3] + 15, out[:10])
+
+
 def test_chunks_never_written_beside_written_ones(tmp_path: Path) -> None:
     """Chunks read in part (located all at once) and chunks never written (the fill value)
     in one read, over a shard never written at all too."""
@@ -497,11 +517,9 @@ def test_a_loaders_csr_datasets_share_one_stack(tmp_path, monkeypatch) -> None:
         *(pickle.loads(pickle.dumps(x)) for x in (by_collection, by_datasets)),
     ):
         sources = loader._data.sources
-        stack = sources[0]._stack
-        assert stack is not None
+        stack = sources[0]._place[0]
         assert stack.stacks() is not None
-        assert [s._stack is stack for s in sources] == [True] * 4
-        assert [s._member for s in sources] == [0, 1, 2, 3]
+        assert [s._place for s in sources] == [(stack, k) for k in range(4)]
         seen = []
         for batch in loader:
             names = batch["obs"].index
@@ -527,8 +545,7 @@ def test_datasets_of_other_layouts_in_one_loader(tmp_path, monkeypatch) -> None:
     obs = [ad.io.read_elem(g["obs"]) for g in groups]
     loader = Loader(chunk_size=9, preload_nchunks=7, batch_size=32, shuffle=True, to=None)
     loader.add_datasets([g["X"] for g in groups], obs=obs)
-    stack = loader._data.sources[0]._stack
-    assert stack is not None
+    stack = loader._data.sources[0]._place[0]
     assert stack.stacks() is None
     seen = []
     for batch in loader:
@@ -537,3 +554,40 @@ def test_datasets_of_other_layouts_in_one_loader(tmp_path, monkeypatch) -> None:
         seen.extend(names)
     assert sorted(seen) == sorted(n for o in obs for n in o.index)
     assert len(seen) == 400
+
+
+def test_a_copy_that_adds_datasets_while_the_original_iterates(tmp_path, monkeypatch) -> None:
+    """scvi-tools copies Loaders: datasets added to a copy while the original is in an epoch
+    re-link the sources they share, and the original still yields every one of its rows
+    once, as stored."""
+    import copy
+
+    import anndata as ad
+
+    from annbatch import Loader
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    collection, expected = _collection(tmp_path / "a", monkeypatch, "packed-lz4")
+    more, _ = _collection(tmp_path / "b", monkeypatch, "packed-lz4")
+    loader = Loader(chunk_size=7, preload_nchunks=3, batch_size=8, shuffle=True, to=None)
+    loader.use_collection(collection, obs_index=True)
+    seen = []
+    for i, batch in enumerate(loader):
+        names = batch["obs"].index
+        np.testing.assert_array_equal(batch["X"].toarray(), expected.loc[names].to_numpy())
+        seen.extend(names)
+        if i == 3:
+            other = copy.copy(loader)
+            groups = list(more)
+            other.add_datasets(
+                [g["X"] for g in groups], obs=[ad.io.read_elem(g["obs"]) for g in groups]
+            )
+    assert sorted(seen) == sorted(expected.index)
+    assert other.n_obs == 2 * loader.n_obs
+    rows = 0
+    for batch in other:
+        names = batch["obs"].index
+        np.testing.assert_array_equal(batch["X"].toarray(), expected.loc[names].to_numpy())
+        rows += len(names)
+    assert rows == 800

@@ -143,9 +143,18 @@ class OpenFiles:
                     entry.users += 1
                     self._entries.move_to_end(key)
                     found.append(entry.fd)
-        return [
-            self.borrow(*key) if fd is None else fd for key, fd in zip(keys, found, strict=True)
-        ]
+        out: list[int | None] = []
+        try:
+            for key, fd in zip(keys, found, strict=True):
+                out.append(self.borrow(*key) if fd is None else fd)
+        except BaseException:  # give back what was borrowed: none of it reaches the caller
+            done = len(out)
+            self.give_back_all(
+                [k for i, (k, fd) in enumerate(zip(keys, found, strict=True))
+                 if (fd is not None) or (i < done and out[i] is not None)]
+            )  # fmt: skip
+            raise
+        return out
 
     def give_back(self, owner: int, path: str) -> None:
         """End one :meth:`borrow` of ``path`` by ``owner``."""

@@ -117,7 +117,9 @@ class ChunkReader:
         self._indexes: dict[int, np.ndarray | None] = {}
         self._paths: dict[int, str] = {}  # shard -> its file
         self._entries: dict[int, list[int]] = {}  # shard -> its index, as one flat list
-        self.chunk_table: Any = None  # small.ChunkTable of this array, once read needs it
+        # table.ChunkTable of this array (a StackedReader: of the stack) once a read needs
+        # it; False: it has none (table.table_of).
+        self.chunk_table: Any = None
         self.chunk_tables: dict[tuple[int, ...], Any] = {}  # of stacks it is the first of
         self._own_files()
 

@@ -5,8 +5,8 @@ dozens of datasets. Through :meth:`ChunkReader.tasks <annbatch._core.chunks.read
 each chunk costs ~70 us of Python (a task, the general decode loop, scratch buffers, copies
 sized for large chunks): more than reading X. This module reads the same bytes with the same
 checks, ~10x cheaper per chunk: chunks are located in one vectorised step (a
-:class:`~annbatch._core.chunks.table.ChunkTable` per stack of arrays, filled from their shard indexes as reads first touch
-them), shard files stay open between calls (:mod:`~annbatch._core.chunks.descriptors`), and
+:class:`~annbatch._core.chunks.table.ChunkTable` per stack of arrays, made from all their shard
+indexes when a read first needs it), shard files stay open between calls (:mod:`~annbatch._core.chunks.descriptors`), and
 each chunk is either
 
 - read whole (the reader verifies checksums, or its checksum covers a chunk wanted whole),
@@ -129,7 +129,10 @@ def read_stacked(
         store_errors(lambda: f"reading {cursor.where()}"),
     ):
         slow: Iterable[int] = range(chunks.size)
-        table = ChunkTable.of(readers, cursor)
+        try:
+            table = ChunkTable.of(readers, cursor)
+        except Exception:  # a shard index of the stack that cannot be read: chunk by chunk,
+            table = None  # where only the shards this read touches are read (and named)
         if table is not None:
             # Every chunk of the right size, all at once: located in one step; read in part
             # with a preadv per piece straight into place, or whole for its checksum (a

@@ -124,7 +124,7 @@ class StackedReader(ChunkReader):
         k = np.searchsorted(first, chunks, side="right") - 1
         return np.minimum(rows, self._lengths[k] - (chunks - first[k]) * rows)
 
-    def _own_files(self) -> None:  # a stack lives for one window: its files are its arrays'
+    def _own_files(self) -> None:  # a stack's files are its arrays'
         self.owner = -1
 
     def owner_of(self, chunk: int) -> int:

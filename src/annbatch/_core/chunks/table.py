@@ -37,8 +37,9 @@ all of them at once, when a read first needs it (~20 us each), and a first read 
 wait seconds for indexes it may never need."""
 
 _TABLES_KEPT = 8
-"""Stack tables kept per first array: a window's obs columns are the same stacks every window
-(all datasets); its row pointers are a stack of the datasets it touches, new each time."""
+"""Stack tables kept per first array: a Loader's obs columns and CSR arrays are stacked once
+(all its datasets); stacks of a window's own datasets (where the Loader's cannot be made)
+may differ from one window to the next."""
 
 _TABLES_LOCK = threading.Lock()  # around the stack tables kept (threads may share readers)
 
@@ -46,8 +47,10 @@ NEVER = -1  # size in a chunk table of a chunk never written
 
 
 class Cursor:
-    """The chunks of one :func:`read_stacked`: the array each is in and its chunk there, and
-    the one being located or read (what errors name)."""
+    """The chunks of one read of a stack
+    (:func:`~annbatch._core.chunks.small.read_stacked`): the array each is in and its chunk
+    there, and the one being located or read (what errors name). While a table is made, the
+    array and chunk whose shard index is read."""
 
     __slots__ = ("array", "chunk", "local", "owner", "readers")
 
@@ -67,7 +70,7 @@ class Cursor:
 class ChunkTable:
     """Where each chunk of an array, or of a stack of arrays, lies (file, offset, size; size
     :data:`NEVER`: never written), so that a read locates all its chunks in one vectorised
-    step (see :func:`read_stacked`). An array's table is made from all its shard indexes
+    step (see :func:`~annbatch._core.chunks.small.read_stacked`). An array's table is made from all its shard indexes
     (read and checked by its reader) when a read first needs it, and kept with the reader; a
     stack's is its arrays' tables one after another. It holds no descriptors: files are
     named by the readers' descriptor tokens.
@@ -85,7 +88,8 @@ class ChunkTable:
 
     @staticmethod
     def of(readers: Sequence[ChunkReader], cursor: Cursor) -> ChunkTable | None:
-        """The table of the stack of ``readers`` (:func:`stack_bases`), or None where an array
+        """The table of the stack of ``readers``
+        (:func:`~annbatch._core.chunks.stacked.stack_bases`), or None where an array
         is not sharded (a file per chunk: nothing to index) or the stack has more than
         :data:`TABLE_MAX_CHUNKS` chunks or :data:`TABLE_MAX_SHARDS` shards. ``cursor`` is set to the array and chunk whose
         shard index is being read, for errors."""
@@ -156,18 +160,16 @@ def descriptors(
     files: Borrowed,
     wanted: np.ndarray,
     file: np.ndarray,
-    cursor: Cursor | None,
+    cursor: Cursor,
 ) -> np.ndarray:
     """The descriptor of each ``wanted`` chunk's file (-1: not wanted, or the file has gone
     since its shard index was read), each file borrowed once. If one fails to open, they are
-    opened again one by one, ``cursor`` (if given) set to the chunk whose file fails."""
+    opened again one by one, ``cursor`` set to the chunk whose file fails."""
     ids, first = np.unique(file[wanted], return_index=True)
     names = [table.files[i] for i in ids.tolist()]
     try:
         opened = files.open_all(names)  # shards stay open for later windows
     except OSError:  # again one by one, to name the chunk whose file fails
-        if cursor is None:
-            raise
         for i, c in zip(ids.tolist(), np.flatnonzero(wanted)[first].tolist(), strict=True):
             cursor.at(c)
             files.open(*table.files[i])
@@ -189,9 +191,10 @@ _NO_TABLE = False  # kept as a reader's table where it has none (not sharded, to
 def table_of(reader: ChunkReader) -> ChunkTable | None:
     """The table of ``reader``'s chunks (of a stack's arrays, for a
     :class:`~annbatch._core.chunks.stacked.StackedReader`), made on first use and kept with
-    the reader; None where it has none (see :meth:`ChunkTable.of`) or one cannot be made now:
+    the reader; None where it has none (see :meth:`ChunkTable.of`) or one could not be made:
     a shard index that cannot be read or is damaged is then met, and named, by the per-chunk
-    path of the read that needs it, as without tables."""
+    path of the read that needs it, as without tables. Threads that ask at once may each
+    make it; they make the same table."""
     table = reader.chunk_table
     if table is not None:
         return table or None
@@ -199,8 +202,9 @@ def table_of(reader: ChunkReader) -> ChunkTable | None:
     cursor = Cursor(readers, [0], [0])
     try:
         made = ChunkTable.of(readers, cursor)
-    except Exception:  # the per-chunk path raises it, named, where it matters
-        return None
+    except Exception:  # the per-chunk path raises it, named, where a read needs that shard
+        made = None
+    # Kept, failures too: a damaged index would otherwise be read again by every task.
     reader.chunk_table = _NO_TABLE if made is None else made
     return made
 

@@ -90,8 +90,8 @@ class CSRSource:
         self._indptr = self._checked_indptr(indptr)
         self._dtype = np.dtype(data.dtype) if values_dtype is None else np.dtype(values_dtype)
         self._direct = _direct_pair(data, indices, verify_checksums=verify_checksums)
-        self._stack: CSRStack | None = None  # all of a Loader's CSR datasets (sources.stack)
-        self._member = -1  # this one's place in it
+        # All of a Loader's CSR datasets (sources.stack) and this one's place in it.
+        self._place: tuple[CSRStack, int] | None = None
 
     def _checked_indptr(self, indptr: np.ndarray | Indptr) -> Indptr:
         """``indptr`` (held as int64, or read per window), after checking the structure
@@ -237,13 +237,14 @@ class CSRSource:
         ]
         if len(csr) != len(parts):
             return block_per_part(parts, n_tasks)
-        stack = self._stack
+        places = [s._place for s, _, _ in csr]  # each read once: link() may replace them
         stacks = None
-        if stack is not None and all(s._stack is stack for s, _, _ in csr):
-            stacks = stack.stacks()  # the arrays of all the Loader's datasets, stacked once
-        members = [s._member for s, _, _ in csr]
+        first = places[0]
+        if first is not None and all(p is not None and p[0] is first[0] for p in places):
+            stacks = first[0].stacks()  # the arrays of all the Loader's datasets, stacked once
         stored = [s._indptr for s, _, _ in csr]
         ranges = [(a, b) for _, a, b in csr]
+        members = [p[1] for p in places] if stacks is not None else []  # type: ignore[index]
         if stacks is not None and stacks.indptr is not None:
             pointers = stacks.indptr.pieces(members, ranges)
         elif all(isinstance(p, StoredIndptr) for p in stored):  # one read for every dataset
@@ -324,6 +325,9 @@ class CSRSource:
             index_stack = StackedReader.of([d[1] for d in direct if d is not None])
             if data_stack is None or index_stack is None:
                 return None
+            # Stacks of this window only: their chunks are located one by one (a table of
+            # each window's datasets would be made again for nearly every window).
+            data_stack.chunk_table = index_stack.chunk_table = False
             members = np.arange(len(csr))
         else:
             data_stack, index_stack, members = placed
@@ -500,4 +504,4 @@ class CSRSource:
         self._dtype = state["dtype"]
         self._type = state["type"]
         self._direct = state["direct"]
-        self._stack, self._member = None, -1
+        self._place = None

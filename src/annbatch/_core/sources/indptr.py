@@ -154,7 +154,8 @@ class IndptrStack:
     """Row pointers of several datasets read as one
     (:func:`~annbatch._core.chunks.small.read_stacked`: a window's pointers in every dataset
     it touches in one pass). Made once for all of a Loader's datasets
-    (:mod:`annbatch._core.sources.stack`), the stack's chunk table is made once too.
+    (:mod:`annbatch._core.sources.stack`), its chunk table is made once too;
+    :func:`stacked_pieces` makes one per call, over the datasets it is given.
 
     Parameters
     ----------

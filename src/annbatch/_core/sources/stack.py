@@ -8,8 +8,10 @@ was made again each time: ~15% of a 100-million-cell stream. A :class:`CSRStack`
 arrays of all of a Loader's CSR datasets once, when they are added (:func:`link`), so that
 every window reads at fixed places and every table is made once.
 
-A stack is shared by its datasets' sources and never pickled: a process that receives the
-sources links them again.
+A stack is shared by its datasets' sources (each holds ``(stack, its place)`` in one
+attribute, replaced at once when the Loader's datasets change, so that a window read
+meanwhile sees either the old stack or the new one) and never pickled: a process that
+receives the sources links them again. It holds the sources' readers, not the sources.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class CSRStack:
     """
 
     def __init__(self, sources: Sequence[CSRSource]) -> None:
-        self.sources = list(sources)
+        self._direct = [s._direct for s in sources]  # not the sources: no reference cycle
+        self._indptr = [s._indptr for s in sources]
         self._lock = threading.Lock()
         self._stacks: Stacks | None = None
         self._made = False
@@ -65,17 +68,17 @@ class CSRStack:
         return self._stacks
 
     def _make(self) -> Stacks | None:
-        direct = [s._direct for s in self.sources]
-        if any(d is None for d in direct):
+        direct = [d for d in self._direct if d is not None]  # (link takes only these)
+        data = StackedReader.of([d[0] for d in direct])
+        indices = StackedReader.of([d[1] for d in direct])
+        if data is None or indices is None or len(direct) != len(self._direct):
             return None
-        data = StackedReader.of([d[0] for d in direct if d is not None])
-        indices = StackedReader.of([d[1] for d in direct if d is not None])
-        if data is None or indices is None:
-            return None
-        pointers = [s._indptr for s in self.sources]
+        pointers = self._indptr
         indptr = None
         if all(isinstance(p, StoredIndptr) for p in pointers):
             indptr = IndptrStack(pointers)  # type: ignore[arg-type]
+            if indptr.bases is None:  # a window's own datasets may still stack
+                indptr = None
         return Stacks(data, indices, indptr)
 
 
@@ -87,7 +90,8 @@ def link(sources: Sequence[RowSource]) -> None:
     chunked = [s for s in csr if s.reads_chunks_once]
     stack = CSRStack(chunked) if len(chunked) > 1 else None
     for s in csr:
-        s._stack, s._member = None, -1
+        if stack is None or not s.reads_chunks_once:
+            s._place = None
     if stack is not None:
         for k, s in enumerate(chunked):
-            s._stack, s._member = stack, k
+            s._place = (stack, k)  # one assignment: read whole by a window on another thread
