@@ -16,7 +16,6 @@ receives the sources links them again. It holds the sources' readers, not the so
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING, NamedTuple
 
 from annbatch._core.chunks.stacked import StackedReader
@@ -53,18 +52,16 @@ class CSRStack:
     def __init__(self, sources: Sequence[CSRSource]) -> None:
         self._direct = [s._direct for s in sources]  # not the sources: no reference cycle
         self._indptr = [s._indptr for s in sources]
-        self._lock = threading.Lock()
         self._stacks: Stacks | None = None
         self._made = False
 
     def stacks(self) -> Stacks | None:
         """The stacked arrays; None where the datasets' arrays cannot be read as one (other
-        layouts or dtypes, object storage)."""
+        layouts or dtypes, object storage). No lock: threads that ask at once may each make
+        them (cheap; either is right), and a process forked meanwhile inherits no held lock."""
         if not self._made:
-            with self._lock:
-                if not self._made:
-                    self._stacks = self._make()
-                    self._made = True
+            self._stacks = self._make()
+            self._made = True
         return self._stacks
 
     def _make(self) -> Stacks | None:
