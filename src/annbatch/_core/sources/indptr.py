@@ -188,9 +188,13 @@ class IndptrStack:
                 for m, r in zip(members, ranges, strict=True)
             ]
         # The pointers of rows a..b-1 are entries a..b of indptr; in the stack, from bases[k].
-        at = [0] * len(members) if bases is None else bases[members].tolist()
-        lo = np.concatenate([a + base for (a, _), base in zip(ranges, at, strict=True)])
-        hi = np.concatenate([b + 1 + base for (_, b), base in zip(ranges, at, strict=True)])
+        # Every dataset's ranges at once (a window of an atlas touches dozens of datasets).
+        sizes = np.array([a.size for a, _ in ranges], dtype=np.int64)
+        all_starts = np.concatenate([a for a, _ in ranges])
+        all_stops = np.concatenate([b for _, b in ranges])
+        shift = 0 if bases is None else np.repeat(bases[members], sizes)
+        lo = all_starts + shift
+        hi = all_stops + 1 + shift
         if lo.size == 0:
             return [np.empty(0, dtype=np.int64) for _ in members]
         # The union of the ranges, sorted and disjoint, is what is read.
@@ -222,13 +226,12 @@ class IndptrStack:
         wanted = expand_ranges(lo, hi)
         run = np.searchsorted(m_lo, wanted, side="right") - 1
         flat = values[wanted - m_lo[run] + offset[run]]
-        counts = [a.size + int(np.sum(b - a)) for a, b in ranges]  # entries of each dataset
-        out = np.split(flat, np.cumsum(counts)[:-1])
+        dataset = np.repeat(np.arange(sizes.size), sizes)  # of each range
+        counts = np.bincount(dataset, weights=hi - lo, minlength=sizes.size).astype(np.int64)
+        out = np.split(flat, np.cumsum(counts)[:-1])  # entries of each dataset
         if check:  # every dataset at once; a failure is named by the dataset's own check
             nnz = np.repeat(self.nnz[members], counts)
-            steps = row_lengths(
-                flat, np.concatenate([a for a, _ in ranges]), np.concatenate([b for _, b in ranges])
-            )
+            steps = row_lengths(flat, all_starts, all_stops)
             if bool(np.any((flat < 0) | (flat > nnz))) or (steps.size and int(steps.min()) < 0):
                 for m, piece, (a, b) in zip(members, out, ranges, strict=True):
                     self.indptrs[m].check(piece, a, b)
