@@ -36,7 +36,8 @@ class Stacks(NamedTuple):
     indices: StackedReader
     """Every dataset's column indices."""
     indptr: IndptrStack | None
-    """Every dataset's row pointers; None where some dataset holds them in memory."""
+    """Every dataset's row pointers; None where some dataset holds them in memory, or they
+    cannot be read as one."""
 
 
 class CSRStack:
