@@ -143,16 +143,15 @@ class OpenFiles:
                     entry.users += 1
                     self._entries.move_to_end(key)
                     found.append(entry.fd)
+        borrowed = [key for key, fd in zip(keys, found, strict=True) if fd is not None]
         out: list[int | None] = []
         try:
             for key, fd in zip(keys, found, strict=True):
-                out.append(self.borrow(*key) if fd is None else fd)
+                if fd is None and (fd := self.borrow(*key)) is not None:
+                    borrowed.append(key)
+                out.append(fd)
         except BaseException:  # give back what was borrowed: none of it reaches the caller
-            done = len(out)
-            self.give_back_all(
-                [k for i, (k, fd) in enumerate(zip(keys, found, strict=True))
-                 if (fd is not None) or (i < done and out[i] is not None)]
-            )  # fmt: skip
+            self.give_back_all(borrowed)
             raise
         return out
 

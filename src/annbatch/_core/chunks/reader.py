@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from annbatch._core.chunks.layout import Layout
     from annbatch._core.chunks.transport import Fetched, Transport
 
-_MISSING = np.iinfo(np.uint64).max  # shard index entry of an inner chunk that was never written
+MISSING = np.iinfo(np.uint64).max  # shard index entry of an inner chunk that was never written
 
 
 def chunk_pieces(
@@ -293,7 +293,7 @@ class ChunkReader:
             (0, size - layout.index_nbytes) if layout.index_at_end else (layout.index_nbytes, size)
         )
         offset, nbytes = index[:, 0], index[:, 1]
-        missing = (offset == _MISSING) & (nbytes == _MISSING)
+        missing = (offset == MISSING) & (nbytes == MISSING)
         # Compared without adding, so that huge values cannot overflow.
         bad = ~missing & ((offset < lo) | (offset > hi) | (nbytes > hi - offset))
         if bad.any():
@@ -316,7 +316,7 @@ class ChunkReader:
         if index is None:
             return None
         offset, nbytes = index[inner * layout.index_stride].tolist()
-        if offset == _MISSING:
+        if offset == MISSING:
             return None
         return (self.shard_path(shard), offset, nbytes)
 

@@ -5,9 +5,9 @@ dozens of datasets. Through :meth:`ChunkReader.tasks <annbatch._core.chunks.read
 each chunk costs ~70 us of Python (a task, the general decode loop, scratch buffers, copies
 sized for large chunks): more than reading X. This module reads the same bytes with the same
 checks, ~10x cheaper per chunk: chunks are located in one vectorised step (a
-:class:`~annbatch._core.chunks.table.ChunkTable` per stack of arrays, made from all their shard
-indexes when a read first needs it), shard files stay open between calls (:mod:`~annbatch._core.chunks.descriptors`), and
-each chunk is either
+:class:`~annbatch._core.chunks.table.ChunkTable` per stack of arrays, made from all their
+shard indexes when a read first needs it), shard files stay open between calls
+(:mod:`~annbatch._core.chunks.descriptors`), and each chunk is either
 
 - read whole (the reader verifies checksums, or its checksum covers a chunk wanted whole),
   its size and CRC32C checked, and the wanted entries copied out; or
@@ -30,7 +30,7 @@ import numpy as np
 from annbatch._core.chunks import stacked
 from annbatch._core.chunks.descriptors import Borrowed
 from annbatch._core.chunks.local import LocalTransport
-from annbatch._core.chunks.reader import chunk_pieces
+from annbatch._core.chunks.reader import MISSING, chunk_pieces
 from annbatch._core.chunks.table import ChunkTable, Cursor, descriptors
 from annbatch._core.failures import store_errors
 from annbatch._core.ranges import expand_ranges
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
 
     from annbatch._core.chunks.reader import ChunkReader
-
-_MISSING = np.iinfo(np.uint64).max  # shard index entry of an inner chunk that was never written
 
 
 def reads_small(reader: ChunkReader) -> bool:
@@ -140,7 +138,8 @@ def read_stacked(
             # (never written, or of the wrong size: an error) go through the loop below.
             ok = table.nbytes[chunks] == stored
             if ok.any():
-                fds = descriptors(table, files, ok, table.file[chunks], cursor)
+                file = table.file[chunks].tolist()
+                fds = np.array(descriptors(table, files, file, ok.tolist(), cursor))
                 read = ok & (fds >= 0)
                 offset = table.offset[chunks]
                 pieces = (np.repeat(np.arange(chunks.size), lasts - firsts), src_lo, src_hi, dst)
@@ -175,7 +174,7 @@ def read_stacked(
                 if entries is not None and path is not None:
                     at_entry = 2 * inner * own.index_stride
                     offset, nbytes = entries[at_entry], entries[at_entry + 1]
-                    if offset != _MISSING:
+                    if offset != MISSING:
                         where = (path, offset, nbytes)
             if not own.index_entries and where is not None:
                 # A file per chunk: keep one open at a time (a window may touch thousands).

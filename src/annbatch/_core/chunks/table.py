@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from annbatch._core.chunks.reader import MISSING
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from annbatch._core.chunks.descriptors import Borrowed
     from annbatch._core.chunks.reader import ChunkReader
-
-_MISSING = np.iinfo(np.uint64).max  # shard index entry of an inner chunk that was never written
 
 TABLE_MAX_CHUNKS = 1 << 21
 """Chunks of an array or stack beyond which it gets no :class:`ChunkTable` (24 bytes a chunk:
@@ -145,7 +145,7 @@ class ChunkTable:
             if index is None:  # never written
                 continue
             entries = index[: (hi - lo) * stride : stride]
-            missing = entries[:, 0] == _MISSING
+            missing = entries[:, 0] == MISSING
             values = entries.astype(np.int64)  # inside the file, but for missing ones
             offset[lo:hi] = np.where(missing, 0, values[:, 0])
             nbytes[lo:hi] = np.where(missing, NEVER, values[:, 1])
@@ -158,26 +158,30 @@ class ChunkTable:
 def descriptors(
     table: ChunkTable,
     files: Borrowed,
-    wanted: np.ndarray,
-    file: np.ndarray,
-    cursor: Cursor,
-) -> np.ndarray:
-    """The descriptor of each ``wanted`` chunk's file (-1: not wanted, or the file has gone
-    since its shard index was read), each file borrowed once. If one fails to open, they are
-    opened again one by one, ``cursor`` set to the chunk whose file fails."""
-    ids, first = np.unique(file[wanted], return_index=True)
-    names = [table.files[i] for i in ids.tolist()]
+    file: list[int],
+    wanted: list[bool],
+    cursor: Cursor | None,
+) -> list[int]:
+    """The descriptor of the file of each chunk (``file``: its index in ``table.files``), -1
+    where not ``wanted`` or the file has gone since its shard index was read; each file
+    borrowed once. Lists, not numpy steps: a read locates a few to a few hundred chunks, and
+    numpy's per-call cost made a few chunks slower to locate than one by one. If a file fails
+    to open, the chunks' files are opened again one by one with ``cursor`` (if given) set to
+    each, so that the error names the first chunk in the failing file."""
+    ids = list(dict.fromkeys(f for f, w in zip(file, wanted, strict=True) if w))
     try:
-        opened = files.open_all(names)  # shards stay open for later windows
-    except OSError:  # again one by one, to name the chunk whose file fails
-        for i, c in zip(ids.tolist(), np.flatnonzero(wanted)[first].tolist(), strict=True):
-            cursor.at(c)
-            files.open(*table.files[i])
+        opened = files.open_all([table.files[i] for i in ids])  # shards stay open
+    except OSError:
+        if cursor is not None:
+            for k, (f, w) in enumerate(zip(file, wanted, strict=True)):
+                if w:
+                    cursor.at(k)
+                    files.open(*table.files[f])
         raise
-    found = [-1 if fd is None else fd for fd in opened]
-    fds = np.full(file.size, -1, dtype=np.int64)
-    fds[wanted] = np.array(found, dtype=np.int64)[np.searchsorted(ids, file[wanted])]
-    return fds
+    fd_of = dict(zip(ids, opened, strict=True))
+    return [
+        -1 if not w or (fd := fd_of[f]) is None else fd for f, w in zip(file, wanted, strict=True)
+    ]
 
 
 LOCATE_MIN_CHUNKS = 8
@@ -222,18 +226,11 @@ def located(
     table = table_of(reader)
     if table is None:
         return None
-    # Lists, not numpy steps: a task locates a few to a few hundred chunks, and numpy's
-    # per-call cost made a few chunks slower to locate than one by one.
     nbytes = table.nbytes[chunks].tolist()
-    file = table.file[chunks].tolist()
-    ids = list(dict.fromkeys(f for f, n in zip(file, nbytes, strict=True) if n != NEVER))
     try:
-        opened = files.open_all([table.files[i] for i in ids])  # shards stay open
+        fds = descriptors(
+            table, files, table.file[chunks].tolist(), [n != NEVER for n in nbytes], None
+        )
     except OSError:
         return None
-    fd_of = dict(zip(ids, opened, strict=True))
-    fds = [
-        -1 if n == NEVER or (fd := fd_of[f]) is None else fd
-        for f, n in zip(file, nbytes, strict=True)
-    ]
     return fds, table.offset[chunks].tolist(), nbytes
