@@ -4,8 +4,8 @@ Locating a chunk through :meth:`ChunkReader.locate <annbatch._core.chunks.reader
 costs a few Python calls (its shard's index, the entry, the file's name); a window of an atlas
 locates thousands, in dozens of arrays. A :class:`ChunkTable` holds every chunk's file, offset
 and size as arrays, made once from the shard indexes (read and checked by the reader as
-always), so that a read locates all its chunks, and borrows their files
-(:func:`descriptors`), in a few numpy steps. Small 1-D reads
+always), so that a read locates all its chunks in a few numpy steps and borrows each of
+their files once (:func:`descriptors`). Small 1-D reads
 (:mod:`~annbatch._core.chunks.small`) and the local transport's tasks
 (:mod:`~annbatch._core.chunks.local`) use it; chunks a table cannot place (never written, or
 files gone since) go the per-chunk way, which reads, fills or names them as before.
@@ -189,7 +189,7 @@ LOCATE_MIN_CHUNKS = 8
 one by one as quickly (measured: 2 chunks 7.5 against 3.9 us, 10 chunks 13 against 15 us,
 40 chunks 13 against 35 us)."""
 
-_NO_TABLE = False  # kept as a reader's table where it has none (not sharded, too large)
+_NO_TABLE = False  # kept as a reader's table where it has none (not sharded, too large, failed)
 
 
 def table_of(reader: ChunkReader) -> ChunkTable | None:
