@@ -561,8 +561,10 @@ class _Stack:
         self.tables = list(tables)
         self.bases = bases
         first = self.tables[0]
-        self.columns = {
-            name: [[t._windowed[name].parts[p] for t in self.tables] for p in range(len(c.parts))]
+        self.columns = {  # tuples: never changed (ChunkTable.of keeps their tables by identity)
+            name: [
+                tuple(t._windowed[name].parts[p] for t in self.tables) for p in range(len(c.parts))
+            ]
             for name, c in first._windowed.items()
         }
         self.names = {name: [t._windowed[name].what for t in self.tables] for name in self.columns}

@@ -131,28 +131,32 @@ class OpenFiles:
         return fd
 
     def borrow_all(self, keys: Sequence[tuple[int, str]]) -> list[int | None]:
-        """:meth:`borrow` of each ``(owner, path)`` in ``keys``: those open already under one
-        lock (a window's read of an atlas borrows hundreds), the others one by one."""
-        found: list[int | None] = []
+        """:meth:`borrow` of each ``(owner, path)`` in ``keys``: those open already in one pass
+        under one lock (a window's read of an atlas borrows hundreds), the others one by
+        one."""
+        out: list[int | None] = []
+        missed: list[int] = []
         with self._lock:
+            get, to_end = self._entries.get, self._entries.move_to_end
             for key in keys:
-                entry = self._entries.get(key)
+                entry = get(key)
                 if entry is None:
-                    found.append(None)
+                    missed.append(len(out))
+                    out.append(None)
                 else:
                     entry.users += 1
-                    self._entries.move_to_end(key)
-                    found.append(entry.fd)
-        borrowed = [key for key, fd in zip(keys, found, strict=True) if fd is not None]
-        out: list[int | None] = []
-        try:
-            for key, fd in zip(keys, found, strict=True):
-                if fd is None and (fd := self.borrow(*key)) is not None:
-                    borrowed.append(key)
-                out.append(fd)
-        except BaseException:  # give back what was borrowed: none of it reaches the caller
-            self.give_back_all(borrowed)
-            raise
+                    to_end(key)
+                    out.append(entry.fd)
+        if missed:
+            borrowed = [key for key, fd in zip(keys, out, strict=True) if fd is not None]
+            try:
+                for i in missed:
+                    if (fd := self.borrow(*keys[i])) is not None:
+                        borrowed.append(keys[i])
+                        out[i] = fd
+            except BaseException:  # give back what was borrowed: none of it reaches the caller
+                self.give_back_all(borrowed)
+                raise
         return out
 
     def give_back(self, owner: int, path: str) -> None:
@@ -284,10 +288,10 @@ class Borrowed:
 
     def open_all(self, keys: Sequence[tuple[int, str]]) -> list[int | None]:
         """:meth:`open` of each ``(owner, path)`` in ``keys`` (shard files, kept open)."""
-        new = [key for key in dict.fromkeys(keys) if key not in self._borrowed]
-        for key, fd in zip(new, OPEN_FILES.borrow_all(new), strict=True):
-            self._borrowed[key] = fd
-        return [self._borrowed[key] for key in keys]
+        borrowed = self._borrowed
+        new = [key for key in dict.fromkeys(keys) if key not in borrowed]
+        borrowed.update(zip(new, OPEN_FILES.borrow_all(new), strict=True))
+        return [borrowed[key] for key in keys]
 
     def close_others(self, path: str) -> None:
         """Close the files opened for this read only (``keep=False``), but ``path``."""

@@ -13,6 +13,7 @@ files gone since) go the per-chunk way, which reads, fills or names them as befo
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import TYPE_CHECKING
 
@@ -95,6 +96,9 @@ class ChunkTable:
         shard index is being read, for errors."""
         if len(readers) == 1 and readers[0].chunk_table is not None:
             return readers[0].chunk_table or None  # (False: it has none, see table_of)
+        last = readers[0].last_stack
+        if last is not None and last[0] is readers and isinstance(readers, tuple):
+            return last[1]  # the same (immutable) stack as last time: no key to make
         key = tuple(r.owner for r in readers)  # tokens are never reused within a process
         kept = readers[0].chunk_tables
         with _TABLES_LOCK:
@@ -123,6 +127,8 @@ class ChunkTable:
             kept[key] = table  # most recently used last
             while len(kept) > _TABLES_KEPT:
                 kept.pop(next(iter(kept)))
+        if isinstance(readers, tuple):
+            readers[0].last_stack = (readers, table)
         return table
 
     @staticmethod
@@ -168,7 +174,7 @@ def descriptors(
     numpy's per-call cost made a few chunks slower to locate than one by one. If a file fails
     to open, the chunks' files are opened again one by one with ``cursor`` (if given) set to
     each, so that the error names the first chunk in the failing file."""
-    ids = list(dict.fromkeys(f for f, w in zip(file, wanted, strict=True) if w))
+    ids = list(dict.fromkeys(itertools.compress(file, wanted)))
     try:
         opened = files.open_all([table.files[i] for i in ids])  # shards stay open
     except OSError:

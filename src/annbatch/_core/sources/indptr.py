@@ -165,7 +165,7 @@ class IndptrStack:
 
     def __init__(self, indptrs: Sequence[StoredIndptr]) -> None:
         self.indptrs = list(indptrs)
-        self.readers = [p._reader for p in self.indptrs]
+        self.readers = tuple(p._reader for p in self.indptrs)  # never changed (ChunkTable.of)
         self.bases = stack_bases(self.readers)
         self.names = [f"indptr of {p._where}" for p in self.indptrs]
         self.nnz = np.array([p._nnz for p in self.indptrs], dtype=np.int64)
