@@ -297,3 +297,56 @@ def test_an_error_closing_an_evicted_descriptor_stops_no_read(tmp_path, monkeypa
     monkeypatch.setattr(descriptors.os, "close", real_close)
     assert all(e.users == 0 for e in OPEN_FILES._entries.values() if e is not None)
     OPEN_FILES.forget(owner)
+
+
+def test_pinned_files_are_opened_once_and_given_back_with_their_owner(tmp_path):
+    """A chunk table's files (``Pinned``): each borrowed the first time a read asks for it,
+    kept for later reads, a missing file retried; all given back when the object is
+    collected, also when that happens while the pool's lock is taken (a finalizer in the
+    garbage collector)."""
+    from annbatch._core.chunks.descriptors import UNOPENED, Pinned
+
+    paths = _files(tmp_path, 3)
+    missing = str(tmp_path / "not-yet")
+    owner = new_owner()
+    keys = [(owner, p) for p in [*paths, missing]]
+    before = OPEN_FILES.pinned
+    pinned = Pinned.of(keys)
+    assert pinned is not None
+    assert OPEN_FILES.pinned == before + 4
+    fds = pinned.open([0, 2, 0, 3])
+    assert fds[1] == UNOPENED  # not asked for
+    assert fds[3] == UNOPENED  # no such file
+    assert os.pread(fds[0], 9, 0) == b"file 0000"
+    assert os.pread(fds[2], 9, 0) == b"file 0002"
+    first = fds[0]
+    assert pinned.open([0, 1])[0] == first  # kept
+    with open(missing, "wb") as f:
+        f.write(b"file late")
+    assert os.pread(pinned.open([3])[3], 9, 0) == b"file late"  # a missing file is retried
+    entries = [OPEN_FILES._entries[k] for k in keys]
+    assert all(e.users == 1 for e in entries)
+    with OPEN_FILES._lock:  # the garbage collector runs the finalizer on a thread holding it
+        del pinned
+        gc.collect()
+    OPEN_FILES.give_back_all([])  # the next use of the pool gives them back
+    assert OPEN_FILES.pinned == before
+    assert all(e.users == 0 for e in entries)
+    OPEN_FILES.forget(owner)
+    OPEN_FILES.give_back_all([])
+    assert not _is_open(first)
+
+
+def test_no_more_than_half_the_pool_is_pinned(tmp_path, monkeypatch):
+    from annbatch._core.chunks.descriptors import Pinned
+
+    monkeypatch.setattr(OPEN_FILES, "capacity", 2 * OPEN_FILES.pinned + 8)  # room for 4 more
+    owner = new_owner()
+    keys = [(owner, p) for p in _files(tmp_path, 5)]
+    assert Pinned.of(keys) is None  # 5 > 4
+    first = Pinned.of(keys[:3])
+    assert first is not None
+    assert Pinned.of(keys[3:]) is None  # 3 + 2 > 4
+    del first
+    gc.collect()
+    assert Pinned.of(keys[3:]) is not None

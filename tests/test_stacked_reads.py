@@ -5,6 +5,7 @@ stored values; damage named by the dataset it is in."""
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -591,3 +592,119 @@ def test_a_copy_that_adds_datasets_while_the_original_iterates(tmp_path, monkeyp
         np.testing.assert_array_equal(batch["X"].toarray(), expected.loc[names].to_numpy())
         rows += len(names)
     assert rows == 800
+
+
+_PINNED_FORK = """
+import os, sys
+import numpy as np, pandas as pd
+from annbatch import DatasetCollection, Loader
+from annbatch._core.chunks.descriptors import OPEN_FILES
+
+expected = pd.read_pickle(sys.argv[2])
+loader = Loader(chunk_size=7, preload_nchunks=9, batch_size=16, shuffle=True, to=None)
+loader.use_collection(DatasetCollection(sys.argv[1], mode="r"), obs_index=True)
+
+
+def epoch(e):
+    loader.set_epoch(e)
+    seen = []
+    for batch in loader:
+        names = batch["obs"].index
+        np.testing.assert_array_equal(batch["X"].toarray(), expected.loc[names].to_numpy())
+        np.testing.assert_array_equal(batch["obs"]["k"].to_numpy(), [int(n[4:]) for n in names])
+        seen.extend(names)
+    assert sorted(seen) == sorted(expected.index), "not every row once"
+
+
+epoch(0)
+assert OPEN_FILES.pinned > 0, "no table pinned its files"
+# Descriptors the child opens first would take the numbers of the parent's pinned ones.
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    code = 1
+    try:
+        assert OPEN_FILES.pinned == 0
+        epoch(1)
+        epoch(2)
+        os.write(write, str(OPEN_FILES.pinned).encode())
+        code = 0
+    finally:
+        os._exit(code)
+os.close(write)
+pinned_in_child = os.read(read, 16).decode()
+assert os.waitpid(pid, 0)[1] == 0, "the child failed"
+epoch(3)  # the parent's pins are untouched by the child
+print(pinned_in_child)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_pinned_files_in_a_forked_child(tmp_path, monkeypatch) -> None:
+    """A Loader forked after an epoch (a DataLoader worker under ``fork``): the parent's
+    pinned descriptors are closed in the child, whose reads pin their own; every row once,
+    values and obs as stored, in the child and in the parent after it. In a process of its
+    own, as the other fork tests."""
+    import subprocess
+    import sys
+
+    collection, expected = _collection(tmp_path, monkeypatch, "packed-lz4")
+    frame = tmp_path / "expected.pkl"
+    expected.to_pickle(frame)
+    done = subprocess.run(
+        [sys.executable, "-c", _PINNED_FORK, str(collection.path), str(frame)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.strip()) > 0  # the child pinned its own
+
+
+def test_pins_go_with_the_loader(tmp_path, monkeypatch) -> None:
+    import gc
+
+    from annbatch import Loader
+    from annbatch._core.chunks.descriptors import OPEN_FILES
+
+    collection, expected = _collection(tmp_path, monkeypatch, "packed-lz4")
+    gc.collect()
+    before = OPEN_FILES.pinned
+    users = sum(e.users for e in OPEN_FILES._entries.values())
+    loader = Loader(chunk_size=7, preload_nchunks=9, batch_size=16, shuffle=True, to=None)
+    loader.use_collection(collection, obs_index=True)
+    for batch in loader:
+        np.testing.assert_array_equal(
+            batch["X"].toarray(), expected.loc[batch["obs"].index].to_numpy()
+        )
+    assert OPEN_FILES.pinned > before
+    del loader, batch
+    gc.collect()
+    OPEN_FILES.give_back_all([])
+    assert OPEN_FILES.pinned == before
+    assert sum(e.users for e in OPEN_FILES._entries.values()) == users
+
+
+@pytest.mark.parametrize("room", [0, 3])
+def test_tables_beyond_the_pin_bound_borrow_per_read(tmp_path, monkeypatch, room) -> None:
+    """With room to pin none or a few files, tables borrow their files per read as before;
+    every row once, values as stored."""
+    import gc
+
+    from annbatch import Loader
+    from annbatch._core.chunks.descriptors import OPEN_FILES
+
+    collection, expected = _collection(tmp_path, monkeypatch, "packed-lz4")
+    gc.collect()
+    before = OPEN_FILES.pinned
+    monkeypatch.setattr(OPEN_FILES, "capacity", 2 * (before + room))
+    loader = Loader(chunk_size=7, preload_nchunks=9, batch_size=16, shuffle=True, to=None)
+    loader.use_collection(collection, obs_index=True)
+    seen = []
+    for batch in loader:
+        names = batch["obs"].index
+        np.testing.assert_array_equal(batch["X"].toarray(), expected.loc[names].to_numpy())
+        seen.extend(names)
+        assert OPEN_FILES.pinned <= before + room
+    assert sorted(seen) == sorted(expected.index)

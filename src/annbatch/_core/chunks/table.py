@@ -14,11 +14,13 @@ files gone since) go the per-chunk way, which reads, fills or names them as befo
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from annbatch._core.chunks.descriptors import OPEN_FILES, Pinned
 from annbatch._core.chunks.reader import MISSING
 
 if TYPE_CHECKING:
@@ -43,6 +45,15 @@ _TABLES_KEPT = 8
 may differ from one window to the next."""
 
 _TABLES_LOCK = threading.Lock()  # around the stack tables kept (threads may share readers)
+
+
+def _after_fork_in_child() -> None:
+    global _TABLES_LOCK  # one of the parent's threads may have held it at the fork
+    _TABLES_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 NEVER = -1  # size in a chunk table of a chunk never written
 
@@ -77,7 +88,7 @@ class ChunkTable:
     named by the readers' descriptor tokens.
     """
 
-    __slots__ = ("file", "files", "nbytes", "offset")
+    __slots__ = ("file", "files", "nbytes", "offset", "pinned")
 
     def __init__(
         self, offset: np.ndarray, nbytes: np.ndarray, file: np.ndarray, files: list[tuple[int, str]]
@@ -86,6 +97,7 @@ class ChunkTable:
         self.nbytes = nbytes
         self.file = file  # index into files
         self.files = files  # (descriptor token, path) of each file
+        self.pinned: Pinned | None = None  # their descriptors, once a read asks (pinned_of)
 
     @staticmethod
     def of(readers: Sequence[ChunkReader], cursor: Cursor) -> ChunkTable | None:
@@ -161,6 +173,20 @@ class ChunkTable:
         return table
 
 
+def pinned_of(table: ChunkTable) -> Pinned | None:
+    """The :class:`~annbatch._core.chunks.descriptors.Pinned` descriptors of ``table``'s files,
+    made on first use (and again in a forked child); None where the process may pin no more
+    (the table's reads then borrow per read)."""
+    pinned = table.pinned
+    if pinned is not None and pinned.generation == OPEN_FILES.generation:
+        return pinned
+    with _TABLES_LOCK:  # one per table: a second would pin the same files twice
+        pinned = table.pinned
+        if pinned is None or pinned.generation != OPEN_FILES.generation:
+            pinned = table.pinned = Pinned.of(table.files)
+    return pinned
+
+
 def descriptors(
     table: ChunkTable,
     files: Borrowed,
@@ -170,12 +196,19 @@ def descriptors(
 ) -> list[int]:
     """The descriptor of the file of each chunk (``file``: its index in ``table.files``), -1
     where not ``wanted`` or the file has gone since its shard index was read; each file
-    borrowed once. Lists, not numpy steps: a read locates a few to a few hundred chunks, and
+    borrowed once (for good, where the table's files are pinned: :func:`pinned_of`). Lists, not numpy steps: a read locates a few to a few hundred chunks, and
     numpy's per-call cost made a few chunks slower to locate than one by one. If a file fails
     to open, the chunks' files are opened again one by one with ``cursor`` (if given) set to
     each, so that the error names the first chunk in the failing file."""
-    ids = list(dict.fromkeys(itertools.compress(file, wanted)))
+    pinned = pinned_of(table)
     try:
+        if pinned is not None:  # the table's files, borrowed once for all reads
+            files.hold(pinned)
+            fds = pinned.open(itertools.compress(file, wanted))
+            return [
+                got if w and (got := fds[f]) >= 0 else -1 for f, w in zip(file, wanted, strict=True)
+            ]
+        ids = list(dict.fromkeys(itertools.compress(file, wanted)))
         opened = files.open_all([table.files[i] for i in ids])  # shards stay open
     except OSError:
         if cursor is not None:
