@@ -350,3 +350,96 @@ def test_no_more_than_half_the_pool_is_pinned(tmp_path, monkeypatch):
     del first
     gc.collect()
     assert Pinned.of(keys[3:]) is not None
+
+
+def test_a_read_keeps_pinned_descriptors_open_after_its_table_is_dropped(tmp_path):
+    """A read holds the Pinned descriptors it was given (Borrowed.hold) until it closes:
+    its table may be dropped meanwhile (a stack's table kept among a few, a Loader
+    collected on another thread), with its reader forgotten."""
+    from annbatch._core.chunks.table import ChunkTable, descriptors
+
+    paths = _files(tmp_path, 3)
+    owner = new_owner()
+    table = ChunkTable(
+        np.zeros(3, dtype=np.int64),
+        np.full(3, 9, dtype=np.int64),
+        np.arange(3),
+        [(owner, p) for p in paths],
+    )
+    before = OPEN_FILES.pinned
+    read = Borrowed()
+    fds = descriptors(table, read, [0, 1, 2, 1], [True, True, False, True], None)
+    assert fds[2] == -1  # not wanted
+    assert OPEN_FILES.pinned == before + 3
+    del table
+    OPEN_FILES.forget(owner)  # its reader is gone too
+    gc.collect()
+    assert os.pread(fds[0], 9, 0) == b"file 0000"
+    assert os.pread(fds[3], 9, 0) == b"file 0001"
+    read.close()  # the Pinned goes, and with it the forgotten owner's descriptors
+    OPEN_FILES.give_back_all([])
+    assert OPEN_FILES.pinned == before
+    assert not _is_open(fds[0])
+    assert not _is_open(fds[1])
+    assert not any(key[0] == owner for key in OPEN_FILES._entries)
+
+
+def test_threads_pinning_one_table_at_once_borrow_each_file_once(tmp_path):
+    from annbatch._core.chunks.descriptors import Pinned
+
+    paths = _files(tmp_path, 40)
+    owner = new_owner()
+    keys = [(owner, p) for p in paths]
+    pinned = Pinned.of(keys)
+    assert pinned is not None
+    start = threading.Barrier(4)
+    seen: list[list[int]] = []
+
+    def read(files: Pinned) -> None:
+        start.wait()
+        seen.append(list(files.open(range(40))))
+
+    threads = [threading.Thread(target=read, args=(pinned,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(s == seen[0] for s in seen)
+    assert all(OPEN_FILES._entries[k].users == 1 for k in keys)
+    del pinned, threads
+    gc.collect()
+    OPEN_FILES.give_back_all([])
+    assert all(OPEN_FILES._entries[k].users == 0 for k in keys)
+    OPEN_FILES.forget(owner)
+    OPEN_FILES.give_back_all([])
+
+
+_TABLES_LOCK_AT_FORK = """
+import os, threading, time
+from annbatch._core.chunks import table
+held = threading.Event()
+def hold():
+    with table._TABLES_LOCK:
+        held.set()
+        time.sleep(5)
+threading.Thread(target=hold, daemon=True).start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if table._TABLES_LOCK.acquire(timeout=2) else 1)
+assert os.waitpid(pid, 0)[1] == 0, "the child found the tables' lock taken"
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_child_can_take_the_tables_lock():
+    """A thread of the parent may hold the chunk tables' lock at the fork; the child, where
+    that thread does not exist, gets a new lock."""
+    done = subprocess.run(
+        [sys.executable, "-c", _TABLES_LOCK_AT_FORK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr

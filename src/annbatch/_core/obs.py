@@ -25,6 +25,7 @@ import pandas as pd
 
 from annbatch._core.chunks import direct_array, read_rows
 from annbatch._core.chunks.small import read_stacked, stack_bases
+from annbatch._core.chunks.table import Readers
 from annbatch._core.failures import store_errors
 from annbatch._core.frames import describe_column, read_frame
 from annbatch._core.members import get_member, member
@@ -561,9 +562,10 @@ class _Stack:
         self.tables = list(tables)
         self.bases = bases
         first = self.tables[0]
-        self.columns = {  # tuples: never changed (ChunkTable.of keeps their tables by identity)
+        self.columns = {  # each keeps its chunk table (Readers)
             name: [
-                tuple(t._windowed[name].parts[p] for t in self.tables) for p in range(len(c.parts))
+                Readers(t._windowed[name].parts[p] for t in self.tables)
+                for p in range(len(c.parts))
             ]
             for name, c in first._windowed.items()
         }

@@ -20,11 +20,12 @@ process's readers:
   closes its copies; out of descriptors (EMFILE), the idle ones are closed and the open
   tried again.
 - A chunk table's files (:class:`Pinned`) are borrowed once, when a read first needs each,
-  and given back when the table is garbage collected: a window of an atlas then finds its
-  few hundred descriptors by number, with no lock and no bookkeeping per file (borrowing
-  and giving them back for every read cost ~8% of the CPU of a 100M-cell stream). At most
-  half of :data:`CAPACITY` descriptors are pinned per process; a table beyond that borrows
-  per read as before.
+  and given back when the table is garbage collected (a reader's files pinned by a table
+  are closed only then): a window of an atlas then finds its few hundred descriptors by
+  number, with no bookkeeping per file (borrowing and giving back each for every read cost
+  ~8% of the CPU of a 100M-cell stream). Tables reserve at most half of :data:`CAPACITY`
+  descriptors per process (one per file; a file in two tables counts twice); a table
+  beyond that borrows per read as before.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ class OpenFiles:
         self._forgotten: deque[int] = deque()
         # Pinned files given back (Pinned's finalizer), for the same reason.
         self._unpinned: deque[tuple[list[tuple[int, str]], int, int]] = deque()
-        self.pinned = 0  # descriptors reserved by live Pinned objects
+        self.pinned = 0  # descriptors reserved by live Pinned objects (one per file of each)
+        self.unpinned = 0  # Pinned objects ended so far (a refused table asks again after)
         self.generation = 0  # changes in a forked child, whose descriptors are all new
 
     def __len__(self) -> int:
@@ -193,10 +195,14 @@ class OpenFiles:
         """Reserve ``n`` pinned descriptors (:class:`Pinned`): the pool's generation, or None
         if that would pin more than half of :attr:`capacity`."""
         with self._lock:
+            closing = self._drain()  # pins ended meanwhile make room
             if self.pinned + n > self.capacity // 2:
-                return None
-            self.pinned += n
-            return self.generation
+                generation = None
+            else:
+                self.pinned += n
+                generation = self.generation
+        _close(closing)
+        return generation
 
     def unpin(self, held: list[tuple[int, str]], n: int, generation: int) -> None:
         """End a :class:`Pinned`: give back each of ``held`` and its reservation of ``n``
@@ -240,6 +246,7 @@ class OpenFiles:
             if generation != self.generation:
                 continue
             self.pinned -= n
+            self.unpinned += 1
             for key in held:
                 entry = self._entries.get(key)
                 if entry is not None:
@@ -265,11 +272,16 @@ class OpenFiles:
         if excess <= 0:
             return []
         idle: list[tuple[int, str]] = []
+        busy: list[tuple[int, str]] = []
         for key, entry in self._entries.items():  # least recently used first: stop early
-            if not entry.users:
+            if entry.users:
+                busy.append(key)
+            else:
                 idle.append(key)
                 if len(idle) == excess:
                     break
+        for key in busy:  # (pinned ones, used for good) not walked past again next time
+            self._entries.move_to_end(key)
         return [self._entries.pop(k).fd for k in idle]
 
     def _after_fork_in_child(self) -> None:
@@ -277,7 +289,7 @@ class OpenFiles:
         self._lock = threading.Lock()
         self._forgotten = deque()
         self._unpinned = deque()
-        self.pinned = 0
+        self.pinned = self.unpinned = 0
         self.generation += 1  # the parent's Pinned objects hold none of the child's
         entries, self._entries = list(self._entries.values()), OrderedDict()
         _close([e.fd for e in entries])
@@ -321,9 +333,10 @@ class Borrowed:
 
     def hold(self, pinned: Pinned) -> None:
         """Keep ``pinned`` (and so its descriptors) alive until :meth:`close`: a read uses
-        them after it has let go of the table that holds ``pinned``, which another thread
-        may replace meanwhile."""
-        self._pinned.append(pinned)
+        them after it has let go of the table that holds ``pinned``, which may be dropped
+        meanwhile (a stack's table kept among a few, a Loader collected on another thread)."""
+        if not self._pinned or self._pinned[-1] is not pinned:
+            self._pinned.append(pinned)
 
     def open(self, owner: int, path: str, *, keep: bool = True) -> int | None:
         """A read-only descriptor of ``path`` (None: no such file), opened at most once per
@@ -378,12 +391,19 @@ UNOPENED = -2
 class Pinned:
     """The descriptors of a fixed list of shard files (a chunk table's), each borrowed from
     :data:`OPEN_FILES` the first time a read asks for it and kept until this object is
-    garbage collected. Reads find them by number in :attr:`fds`, with no lock; a read holds
-    the object (:meth:`Borrowed.hold`) while it uses them.
+    garbage collected. Reads find them by number in :attr:`fds`, with no lock once opened; a
+    read holds the object (:meth:`Borrowed.hold`) while it uses them.
 
     Made by :meth:`of`, which reserves one descriptor per file (so that pinned descriptors
     stay within the pool's bound). Made before a fork, it holds none of the child's
     descriptors: :attr:`generation` then differs from the pool's, and the child makes its own.
+
+    Parameters
+    ----------
+    keys
+        ``(owner, path)`` of each file, as :meth:`OpenFiles.borrow` takes them.
+    generation
+        The pool's :attr:`OpenFiles.generation` when the reservation was made.
     """
 
     __slots__ = ("__weakref__", "_held", "_keys", "_lock", "fds", "generation")
@@ -395,7 +415,9 @@ class Pinned:
         self._held: list[tuple[int, str]] = []  # given back by the finalizer
         self.generation = generation
         self._lock = threading.Lock()
-        weakref.finalize(self, OPEN_FILES.unpin, self._held, len(keys), generation)
+        ending = weakref.finalize(self, OPEN_FILES.unpin, self._held, len(keys), generation)
+        # Not at exit: daemon read threads may still be reading; the process closes them.
+        ending.atexit = False
 
     @classmethod
     def of(cls, keys: Sequence[tuple[int, str]]) -> Pinned | None:
@@ -408,10 +430,10 @@ class Pinned:
         """:attr:`fds`, with files ``ids`` opened (those that exist). Raises what opening a
         file raises (other than that it does not exist)."""
         fds = self.fds
-        new = [i for i in ids if fds[i] == UNOPENED]
+        new = [i for i in ids if fds[i] == UNOPENED]  # (a missing file: asked again)
         if new:
             with self._lock:
-                for i in new:
+                for i in dict.fromkeys(new):
                     if fds[i] == UNOPENED:
                         key = self._keys[i]
                         fd = OPEN_FILES.borrow(*key)

@@ -121,9 +121,6 @@ class ChunkReader:
         # it; False: it has none (table.table_of).
         self.chunk_table: Any = None
         self.chunk_tables: dict[tuple[int, ...], Any] = {}  # of stacks it is the first of
-        # (readers, table) of the stack it was last the first of (ChunkTable.of): a tuple of
-        # readers read every window (a Loader's obs column) finds its table without a key.
-        self.last_stack: tuple[Any, Any] | None = None
         self._own_files()
 
     def _own_files(self) -> None:
@@ -140,7 +137,7 @@ class ChunkReader:
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers, DDP ranks
         dropped = ("_indexes", "_paths", "_entries", "chunk_tables")
         state = {k: v for k, v in self.__dict__.items() if k not in (*dropped, "owner")}
-        state["chunk_table"] = state["last_stack"] = None
+        state["chunk_table"] = None
         return state | {k: {} for k in dropped}  # shard indexes are re-read where needed
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -79,13 +79,26 @@ class Cursor:
         return self.readers[self.array].where(self.chunk)
 
 
+class Readers(tuple):
+    """The arrays of a stack that a Loader reads every window (an obs column of every
+    dataset, their row pointers), which never change: it keeps its
+    :class:`ChunkTable` once :meth:`ChunkTable.of` has made it (the readers do not refer
+    to it, so nothing keeps them alive in a cycle)."""
+
+    table: ChunkTable | None = None
+
+    def __reduce__(self) -> tuple[type[Readers], tuple[tuple[object, ...]]]:
+        return Readers, (tuple(self),)  # the table (arrays, descriptors) stays here
+
+
 class ChunkTable:
     """Where each chunk of an array, or of a stack of arrays, lies (file, offset, size; size
     :data:`NEVER`: never written), so that a read locates all its chunks in one vectorised
-    step (see :func:`~annbatch._core.chunks.small.read_stacked`). An array's table is made from all its shard indexes
-    (read and checked by its reader) when a read first needs it, and kept with the reader; a
-    stack's is its arrays' tables one after another. It holds no descriptors: files are
-    named by the readers' descriptor tokens.
+    step (see :func:`~annbatch._core.chunks.small.read_stacked`). An array's table is made
+    from all its shard indexes (read and checked by its reader) when a read first needs it,
+    and kept with the reader; a stack's is its arrays' tables one after another. Files are
+    named by the readers' descriptor tokens; their descriptors are borrowed once, when a
+    read first needs each, and kept with the table (:attr:`pinned`, :func:`pinned_of`).
     """
 
     __slots__ = ("file", "files", "nbytes", "offset", "pinned")
@@ -97,20 +110,23 @@ class ChunkTable:
         self.nbytes = nbytes
         self.file = file  # index into files
         self.files = files  # (descriptor token, path) of each file
-        self.pinned: Pinned | None = None  # their descriptors, once a read asks (pinned_of)
+        # Their descriptors once a read asks (pinned_of); or, where the process could pin no
+        # more, (pool generation, pins ended) then: asked again only once pins have ended.
+        self.pinned: Pinned | tuple[int, int] | None = None
 
     @staticmethod
     def of(readers: Sequence[ChunkReader], cursor: Cursor) -> ChunkTable | None:
         """The table of the stack of ``readers``
-        (:func:`~annbatch._core.chunks.stacked.stack_bases`), or None where an array
-        is not sharded (a file per chunk: nothing to index) or the stack has more than
-        :data:`TABLE_MAX_CHUNKS` chunks or :data:`TABLE_MAX_SHARDS` shards. ``cursor`` is set to the array and chunk whose
-        shard index is being read, for errors."""
+        (:func:`~annbatch._core.chunks.stacked.stack_bases`), or None where an array is not
+        sharded (a file per chunk: nothing to index) or the stack has more than
+        :data:`TABLE_MAX_CHUNKS` chunks or :data:`TABLE_MAX_SHARDS` shards. ``cursor`` is
+        set to the array and chunk whose shard index is being read, for errors. A
+        :class:`Readers` keeps its table; other stacks' tables are kept, a few, by their
+        first array."""
         if len(readers) == 1 and readers[0].chunk_table is not None:
             return readers[0].chunk_table or None  # (False: it has none, see table_of)
-        last = readers[0].last_stack
-        if last is not None and last[0] is readers and isinstance(readers, tuple):
-            return last[1]  # the same (immutable) stack as last time: no key to make
+        if isinstance(readers, Readers) and readers.table is not None:
+            return readers.table  # a Loader's stack, read every window: no key to make
         key = tuple(r.owner for r in readers)  # tokens are never reused within a process
         kept = readers[0].chunk_tables
         with _TABLES_LOCK:
@@ -139,8 +155,8 @@ class ChunkTable:
             kept[key] = table  # most recently used last
             while len(kept) > _TABLES_KEPT:
                 kept.pop(next(iter(kept)))
-        if isinstance(readers, tuple):
-            readers[0].last_stack = (readers, table)
+        if isinstance(readers, Readers):
+            readers.table = table
         return table
 
     @staticmethod
@@ -178,13 +194,18 @@ def pinned_of(table: ChunkTable) -> Pinned | None:
     made on first use (and again in a forked child); None where the process may pin no more
     (the table's reads then borrow per read)."""
     pinned = table.pinned
-    if pinned is not None and pinned.generation == OPEN_FILES.generation:
-        return pinned
+    if isinstance(pinned, Pinned):
+        if pinned.generation == OPEN_FILES.generation:
+            return pinned
+    elif pinned == (OPEN_FILES.generation, OPEN_FILES.unpinned):
+        return None  # refused, and no pins have ended since
     with _TABLES_LOCK:  # one per table: a second would pin the same files twice
         pinned = table.pinned
-        if pinned is None or pinned.generation != OPEN_FILES.generation:
-            pinned = table.pinned = Pinned.of(table.files)
-    return pinned
+        if not isinstance(pinned, Pinned) or pinned.generation != OPEN_FILES.generation:
+            refused = (OPEN_FILES.generation, OPEN_FILES.unpinned)
+            made = Pinned.of(table.files)
+            table.pinned = pinned = refused if made is None else made
+    return pinned if isinstance(pinned, Pinned) else None
 
 
 def descriptors(
@@ -196,8 +217,9 @@ def descriptors(
 ) -> list[int]:
     """The descriptor of the file of each chunk (``file``: its index in ``table.files``), -1
     where not ``wanted`` or the file has gone since its shard index was read; each file
-    borrowed once (for good, where the table's files are pinned: :func:`pinned_of`). Lists, not numpy steps: a read locates a few to a few hundred chunks, and
-    numpy's per-call cost made a few chunks slower to locate than one by one. If a file fails
+    borrowed once (for good, where the table's files are pinned: :func:`pinned_of`). Lists,
+    not numpy steps: a read locates a few to a few hundred chunks, and numpy's per-call
+    cost made a few chunks slower to locate than one by one. If a file fails
     to open, the chunks' files are opened again one by one with ``cursor`` (if given) set to
     each, so that the error names the first chunk in the failing file."""
     pinned = pinned_of(table)

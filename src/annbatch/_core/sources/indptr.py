@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from annbatch._core.chunks.small import read_rows, read_stacked, stack_bases
+from annbatch._core.chunks.table import Readers
 from annbatch._core.failures import store_errors
 from annbatch._core.ranges import expand_ranges
 from annbatch._core.validate import check_indptr
@@ -165,7 +166,7 @@ class IndptrStack:
 
     def __init__(self, indptrs: Sequence[StoredIndptr]) -> None:
         self.indptrs = list(indptrs)
-        self.readers = tuple(p._reader for p in self.indptrs)  # never changed (ChunkTable.of)
+        self.readers = Readers(p._reader for p in self.indptrs)  # keeps its chunk table
         self.bases = stack_bases(self.readers)
         self.names = [f"indptr of {p._where}" for p in self.indptrs]
         self.nnz = np.array([p._nnz for p in self.indptrs], dtype=np.int64)
