@@ -218,7 +218,11 @@ class StoredObs:
             name: c.column(parts[name]) if (c := self._windowed.get(name)) else parts[name]
             for name in self.columns
         }
-        return pd.DataFrame(data, index=index, columns=self.columns)
+        # The columns in order already (``columns=`` made pandas reindex them: 3.5x slower),
+        # each a new array of this window's: nothing to copy.
+        if not data:  # (no columns: the same empty column index as pandas gives the table)
+            return pd.DataFrame(index=index, columns=self.columns)
+        return pd.DataFrame(data, index=index, copy=False)
 
     def take(self, rows: np.ndarray) -> pd.DataFrame:
         """Rows ``rows`` (this dataset's positions, any order, repeats allowed), indexed by the
