@@ -18,13 +18,22 @@ warm but the page cache):
    ``--stream-rows`` rows, batch["X"] and batch["obs"] consumed; a collection with fewer
    rows is streamed epoch after epoch (``set_epoch``), each epoch timed from its first batch
    (no epoch restart is timed, as none is in a larger collection's single epoch); median of
-   ``--runs`` processes;
+   ``--runs`` processes. Then, in the same process, a second figure, "steady": rows/s over
+   as many rows after ``--warmup-rows`` more, timed without a break. There, a small
+   collection's epoch starts are timed (each reads its first window before its first batch,
+   a window's read that the first figure leaves out every epoch: at 100k cells one in six),
+   and a large collection's first windows of the process (files opened, shard indexes
+   read) are not;
 5. ``DataLoader(loader, batch_size=None, num_workers=2, multiprocessing_context="spawn")``:
    time to the first batch (worker start included), rows/s over at most one epoch, and the
    peak RSS (VmHWM) of each worker, polled from /proc while the workers stream.
 
 All of it runs on a small collection (``--small-cells``) from the same generator as well, and
-the table puts the two side by side with the ratio of in-process rows/s.
+the table puts the two side by side with the ratio of in-process rows/s (of the medians, and
+of each round). The streaming runs alternate between the two collections, round after round
+(``--runs`` rounds), so that a change on the machine meanwhile (other work, page cache
+reclaimed) falls on both alike: run one after the other, the ratio of one call moved between
+0.45 and 0.84 with the same code.
 
 Inputs and collections are cached in ``--workdir`` (a JSON marker holds their parameters and
 how long they took) and reused when the parameters match; ``--rebuild`` rebuilds the
@@ -270,8 +279,37 @@ def child_stream(args: dict[str, Any]) -> dict[str, Any]:
         epochs=len(epochs),
         rows_per_s=rows / seconds if seconds else float("nan"),
     )
+    out["steady_rows_per_s"] = _steady(loader, args["warmup"], args["rows"], len(epochs))
     out["peak_mb"] = _status("VmHWM")
     return out
+
+
+def _steady(loader: Any, warmup: int, limit: int, epoch: int) -> float:
+    """Rows/s over ``limit`` rows after ``warmup`` rows, timed without a break: epoch starts
+    (a new ``set_epoch``, the first window of each epoch read before its first batch) are
+    timed too, as they recur every epoch of a small collection. Starts at epoch ``epoch``."""
+    seen = counted = 0
+    t0 = 0.0
+    while True:
+        loader.set_epoch(epoch)
+        epoch += 1
+        n = 0
+        for batch in loader:
+            x, obs = batch["X"], batch["obs"]
+            n += 1
+            if len(obs) != x.shape[0]:
+                msg = f"obs of {len(obs)} rows came with X of {x.shape[0]}"
+                raise AssertionError(msg)
+            if seen < warmup:
+                seen += x.shape[0]
+                if seen >= warmup:
+                    t0 = time.perf_counter()
+                continue
+            counted += x.shape[0]
+            if counted >= limit:
+                return counted / (time.perf_counter() - t0)
+        if n == 0:
+            return float("nan")
 
 
 def child_workers(args: dict[str, Any]) -> dict[str, Any]:
@@ -480,20 +518,33 @@ def build(
 
 
 # ----------------------------------------------------------------------------- the measurements
-def measure(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Every measurement on the collection at ``path``, each in fresh processes."""
-    p = str(path)
-    out: dict[str, Any] = {"baseline": run_child("baseline", {})}
-    out["open"] = run_child("open", {"path": p})
-    out["stream"] = [
-        run_child("stream", {"path": p, "rows": args.stream_rows}) for _ in range(args.runs)
-    ]
-    if not args.skip_workers:
-        out["workers"] = [
-            run_child("workers", {"path": p, "rows": args.stream_rows, "workers": 2})
-            for _ in range(args.runs)
-        ]
-    return out
+def measure(paths: list[Path], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every measurement on the collections at ``paths``, each in fresh processes. The
+    streaming runs alternate between the collections, round after round, so that whatever
+    else changes on the machine meanwhile falls on all of them alike."""
+    outs: list[dict[str, Any]] = []
+    for path in paths:
+        print(f"  opening {path.name} ...", flush=True)
+        outs.append(
+            {"baseline": run_child("baseline", {}), "open": run_child("open", {"path": str(path)})}
+        )
+    for key, child, wanted in (
+        ("stream", "stream", True),
+        ("workers", "workers", not args.skip_workers),
+    ):
+        if not wanted:
+            continue
+        for k in range(args.runs):
+            print(f"  {key}: round {k + 1} of {args.runs} ...", flush=True)
+            for path, out in zip(paths, outs, strict=True):
+                params = {
+                    "path": str(path),
+                    "rows": args.stream_rows,
+                    "workers": 2,
+                    "warmup": args.warmup_rows,
+                }
+                out.setdefault(key, []).append(run_child(child, params))
+    return outs
 
 
 def label(n: int) -> str:
@@ -531,6 +582,14 @@ def table(columns: list[tuple[int, dict, dict]], workers: bool) -> list[str]:
             ),
         ),
         ("first batch in process (s)", lambda b, m: f"{med(m['stream'], 'first_s'):,.2f}"),
+        (
+            "rows/s in process, steady (after warm-up; epoch starts timed)",
+            lambda b, m: (
+                f"{med(m['stream'], 'steady_rows_per_s'):,.0f} "
+                f"({min(r['steady_rows_per_s'] for r in m['stream']):,.0f}-"
+                f"{max(r['steady_rows_per_s'] for r in m['stream']):,.0f})"
+            ),
+        ),
         (
             f"rows/s in process (chunk {LOADER['chunk_size']}, batch {LOADER['batch_size']})",
             lambda b, m: (
@@ -583,7 +642,7 @@ def main() -> None:
     p.add_argument(
         "--lock-cache",
         action="store_true",
-        help="lock each collection's files in memory while it is measured (pin_cache.py): on "
+        help="lock both collections' files in memory while they are measured (pin_cache.py): on "
         "a machine that reclaims page cache, a large collection is otherwise partly read from disk",
     )
     p.add_argument(
@@ -593,6 +652,12 @@ def main() -> None:
         help="rows timed per run (in process: over as many epochs as that takes)",
     )
     p.add_argument("--runs", type=int, default=3, help="streaming runs (fresh processes)")
+    p.add_argument(
+        "--warmup-rows",
+        type=int,
+        default=200_000,
+        help="rows streamed before the steady-state timing (the second in-process figure)",
+    )
     p.add_argument("--memory-budget", help="the build's memory_budget (default: annbatch's)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
@@ -602,35 +667,61 @@ def main() -> None:
         f"{os.cpu_count()} CPUs; Loader({', '.join(f'{k}={v!r}' for k, v in LOADER.items())})",
         flush=True,
     )
-    columns = []
-    for cells in (a.small_cells, a.cells):
+    sizes = (a.small_cells, a.cells)
+    built: list[tuple[Path, dict]] = []
+    for cells in sizes:
         inputs, record = make_inputs(a.workdir, cells, min(a.cells_per_input, cells), a.seed)
-        path, built = build(a.workdir, inputs, record, a.memory_budget, a.rebuild)
-        print(f"measuring {label(cells)} cells ({path}) ...", flush=True)
-        pin = None
-        if a.lock_cache:  # every collection equally warm (see benchmarks/pin_cache.py)
-            pin = subprocess.Popen(
-                [sys.executable, str(Path(__file__).with_name("pin_cache.py")), str(path)],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            locked = pin.stdout.readline().strip()  # type: ignore[union-attr]
-            if not locked:
-                sys.exit(f"--lock-cache: pin_cache.py could not lock {path} (see above)")
-            print(f"  {locked}", flush=True)
-        try:
-            columns.append((cells, built, measure(path, a)))
-        finally:
-            if pin is not None:
-                pin.terminate()
-                pin.wait()
+        built.append(build(a.workdir, inputs, record, a.memory_budget, a.rebuild))
+    paths = [path for path, _ in built]
+    print(
+        f"measuring {', '.join(f'{label(c)} ({p})' for c, p in zip(sizes, paths, strict=True))} ...",
+        flush=True,
+    )
+    pin = None
+    if a.lock_cache:  # every collection equally warm (see benchmarks/pin_cache.py)
+        pin = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("pin_cache.py")), *map(str, paths)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        locked = pin.stdout.readline().strip()  # type: ignore[union-attr]
+        if not locked:
+            sys.exit(f"--lock-cache: pin_cache.py could not lock {paths} (see above)")
+        print(f"  {locked}", flush=True)
+    try:
+        measured = measure(paths, a)
+    finally:
+        if pin is not None:
+            pin.terminate()
+            pin.wait()
+    columns = [
+        (cells, record, m) for cells, (_, record), m in zip(sizes, built, measured, strict=True)
+    ]
     print()
     print("\n".join(table(columns, not a.skip_workers)))
     (_, _, small), (_, _, big) = columns
     ratio = statistics.median(r["rows_per_s"] for r in big["stream"]) / statistics.median(
         r["rows_per_s"] for r in small["stream"]
     )
-    print(f"\nrows/s in process, {label(a.cells)} / {label(a.small_cells)}: {ratio:.2f}")
+    rounds = [
+        b["rows_per_s"] / s["rows_per_s"]
+        for s, b in zip(small["stream"], big["stream"], strict=True)
+    ]
+    print(
+        f"\nrows/s in process, {label(a.cells)} / {label(a.small_cells)}: {ratio:.2f} "
+        f"(each round: {', '.join(f'{r:.2f}' for r in rounds)})"
+    )
+    steady = [
+        b["steady_rows_per_s"] / s["steady_rows_per_s"]
+        for s, b in zip(small["stream"], big["stream"], strict=True)
+    ]
+    ratio = statistics.median(r["steady_rows_per_s"] for r in big["stream"]) / statistics.median(
+        r["steady_rows_per_s"] for r in small["stream"]
+    )
+    print(
+        f"rows/s in process, steady, {label(a.cells)} / {label(a.small_cells)}: {ratio:.2f} "
+        f"(each round: {', '.join(f'{r:.2f}' for r in steady)})"
+    )
     if not a.skip_workers:
         print(
             "workers: "
