@@ -32,8 +32,8 @@ All of it runs on a small collection (``--small-cells``) from the same generator
 the table puts the two side by side with the ratio of in-process rows/s (of the medians, and
 of each round). The streaming runs alternate between the two collections, round after round
 (``--runs`` rounds), so that a change on the machine meanwhile (other work, page cache
-reclaimed) falls on both alike: run one after the other, the ratio of one call moved between
-0.45 and 0.84 with the same code.
+reclaimed) falls on both alike, and each round's ratio is printed: run one after the other,
+the ratio moved between 0.63 and 0.84 from one call to the next with the same code.
 
 Inputs and collections are cached in ``--workdir`` (a JSON marker holds their parameters and
 how long they took) and reused when the parameters match; ``--rebuild`` rebuilds the
@@ -44,7 +44,8 @@ Subprocesses inherit the environment, PYTHONPATH included: run it with the annba
 
 Usage: python benchmarks/scale.py [--cells 20000000] [--cells-per-input 2000000]
        [--small-cells 100000] [--workdir /tmp/annbatch-scale] [--rebuild] [--skip-workers]
-       [--stream-rows 2000000] [--runs 3] [--memory-budget 2GB] [--lock-cache]
+       [--stream-rows 2000000] [--warmup-rows 200000] [--runs 3] [--memory-budget 2GB]
+       [--lock-cache]
 """
 
 from __future__ import annotations
@@ -289,7 +290,7 @@ def _steady(loader: Any, warmup: int, limit: int, epoch: int) -> float:
     (a new ``set_epoch``, the first window of each epoch read before its first batch) are
     timed too, as they recur every epoch of a small collection. Starts at epoch ``epoch``."""
     seen = counted = 0
-    t0 = 0.0
+    t0 = time.perf_counter()  # (no warm-up: timed from the first batch's request)
     while True:
         loader.set_epoch(epoch)
         epoch += 1
@@ -536,7 +537,10 @@ def measure(paths: list[Path], args: argparse.Namespace) -> list[dict[str, Any]]
             continue
         for k in range(args.runs):
             print(f"  {key}: round {k + 1} of {args.runs} ...", flush=True)
-            for path, out in zip(paths, outs, strict=True):
+            # Alternately small first and large first: a run's place in the round (what ran
+            # just before it) falls on both collections alike.
+            pairs = list(zip(paths, outs, strict=True))
+            for path, out in pairs if k % 2 == 0 else pairs[::-1]:
                 params = {
                     "path": str(path),
                     "rows": args.stream_rows,
@@ -627,6 +631,14 @@ def table(columns: list[tuple[int, dict, dict]], workers: bool) -> list[str]:
     return lines
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        msg = f"expected a count of rows (0 or more), got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         result = CHILDREN[sys.argv[2]](json.loads(sys.argv[3]))
@@ -654,7 +666,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3, help="streaming runs (fresh processes)")
     p.add_argument(
         "--warmup-rows",
-        type=int,
+        type=_non_negative,
         default=200_000,
         help="rows streamed before the steady-state timing (the second in-process figure)",
     )

@@ -218,7 +218,8 @@ class StoredObs:
             name: c.column(parts[name]) if (c := self._windowed.get(name)) else parts[name]
             for name in self.columns
         }
-        # The columns in order already (``columns=`` made pandas reindex them: 3.5x slower),
+        # The columns in order already (``columns=`` made pandas reindex them: a window of
+        # 16,384 rows and 4 columns took 1.85 ms to read and build with it, 1.55 without),
         # each a new array of this window's: nothing to copy.
         if not data:  # (no columns: the same empty column index as pandas gives the table)
             return pd.DataFrame(index=index, columns=self.columns)
