@@ -209,18 +209,17 @@ class OpenFiles:
         (nothing if it was made before a fork: the child's pool never lent them). Safe to
         call from a finalizer, like :meth:`forget`."""
         self._unpinned.append((held, n, generation))
-        if not self._lock.acquire(blocking=False):
-            return
-        try:
-            closing = self._drain()
-        finally:
-            self._lock.release()
-        _close(closing)
+        self._drain_unless_locked()
 
     def forget(self, owner: int) -> None:
         """Close ``owner``'s descriptors (those borrowed now, once given back). Safe to call
         from a finalizer: where the lock is taken, the work waits for the next call."""
         self._forgotten.append(owner)
+        self._drain_unless_locked()
+
+    def _drain_unless_locked(self) -> None:
+        """:meth:`_drain` now, unless the lock is taken: then by the next call that takes it
+        (a finalizer may run in the garbage collector on a thread that holds it)."""
         if not self._lock.acquire(blocking=False):
             return
         try:

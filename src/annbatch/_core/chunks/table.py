@@ -219,9 +219,9 @@ def descriptors(
     where not ``wanted`` or the file has gone since its shard index was read; each file
     borrowed once (for good, where the table's files are pinned: :func:`pinned_of`). Lists,
     not numpy steps: a read locates a few to a few hundred chunks, and numpy's per-call
-    cost made a few chunks slower to locate than one by one. If a file fails
-    to open, the chunks' files are opened again one by one with ``cursor`` (if given) set to
-    each, so that the error names the first chunk in the failing file."""
+    cost made a few chunks slower to locate than one by one. If a file fails to open, the
+    chunks' files are opened again one by one with ``cursor`` (if given) set to each, so
+    that the error names the first chunk in the failing file."""
     pinned = pinned_of(table)
     try:
         if pinned is not None:  # the table's files, borrowed once for all reads

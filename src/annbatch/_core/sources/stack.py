@@ -67,9 +67,11 @@ class CSRStack:
 
     def _make(self) -> Stacks | None:
         direct = [d for d in self._direct if d is not None]  # (link takes only these)
+        if len(direct) != len(self._direct):
+            return None
         data = StackedReader.of([d[0] for d in direct])
         indices = StackedReader.of([d[1] for d in direct])
-        if data is None or indices is None or len(direct) != len(self._direct):
+        if data is None or indices is None:
             return None
         pointers = self._indptr
         indptr = None
