@@ -148,6 +148,35 @@ def test_damage_is_named_by_its_array(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("damage", ["checksum", "cut"])
+def test_damage_inside_a_run_of_adjacent_chunks(tmp_path: Path, damage: str) -> None:
+    """Chunks read whole that lie back to back in a shard share one read: damage to the
+    middle one of three (a changed byte, or the shard cut inside it) names that chunk, and
+    reads of the chunks before it still succeed."""
+    values, arrays = _arrays(tmp_path, "sharded-crc")
+    readers = _readers(arrays, verify=True)
+    bases = stack_bases(readers)
+    assert bases is not None
+    shard = sorted((tmp_path / "a1" / "c").iterdir())[0]
+    raw = bytearray(shard.read_bytes())
+    stored = 64 * 8 + 4  # a chunk of 64 int64 entries and its CRC32C
+    if damage == "checksum":
+        raw[3 * stored + 9] ^= 0xFF  # chunk 3's values
+        expected: type[Exception] = ChecksumMismatchError
+    else:
+        raw = raw[: 3 * stored + 100]  # chunk 3 cut short, and the index with it
+        expected = CorruptChunkError
+    out = np.empty(3 * 64, dtype=np.int64)
+    starts, stops = bases[1:2] + 2 * 64, bases[1:2] + 5 * 64  # chunks 2, 3 and 4 of a1
+    read_stacked(readers, bases, starts, stops, out)  # the chunks located before the damage
+    np.testing.assert_array_equal(out, values[1][2 * 64 : 5 * 64])
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(expected, match=r"inner chunk 3 of shard c/0 \(entries from 192\) of .*a1 "):
+        read_stacked(readers, bases, starts, stops, out)
+    read_stacked(readers, bases, starts - 64, stops - 128, out[:128])  # chunks 1 and 2
+    np.testing.assert_array_equal(out[:128], values[1][64 : 3 * 64])
+
+
 def test_damaged_shard_index_of_an_array_not_read(tmp_path: Path) -> None:
     """A stack's table cannot be made when one array's shard index is damaged: reads of the
     other arrays go chunk by chunk and succeed; a read of the damaged shard names it."""

@@ -88,6 +88,10 @@ class CSRSource:
         self._type = dataset_type
         self._container = container
         self._indptr = self._checked_indptr(indptr)
+        stored = np.dtype(indices.dtype)  # (zarr's Array.dtype costs ~4 us: not per window)
+        self._index_dtype = np.dtype(
+            np.int64 if stored.itemsize >= 4 and stored != np.int32 else np.int32
+        )
         self._dtype = np.dtype(data.dtype) if values_dtype is None else np.dtype(values_dtype)
         self._direct = _direct_pair(data, indices, verify_checksums=verify_checksums)
         # All of a Loader's CSR datasets (sources.stack) and this one's place in it.
@@ -205,12 +209,7 @@ class CSRSource:
     def index_dtype(self) -> np.dtype:
         """Dtype of the yielded column indices: int32 for stored types of up to 4 bytes
         (a packed layout stores uint16), else int64 (scipy's index types)."""
-        stored = np.dtype(self._indices.dtype)
-        return (
-            np.dtype(np.int64)
-            if stored.itemsize >= 4 and stored != np.int32
-            else np.dtype(np.int32)
-        )
+        return self._index_dtype
 
     def read_job(self, starts: np.ndarray, stops: np.ndarray, n_tasks: int) -> ReadJob:
         """See :meth:`RowSource.read_job`."""
@@ -491,6 +490,7 @@ class CSRSource:
             "indptr": self._indptr,
             "shape": self._shape,
             "dtype": self._dtype,
+            "index_dtype": self._index_dtype,
             "type": self._type,
             "direct": self._direct,
         }  # not the stack: the receiving process links its sources again (sources.stack)
@@ -502,6 +502,7 @@ class CSRSource:
         self._indptr = state["indptr"]
         self._shape = state["shape"]
         self._dtype = state["dtype"]
+        self._index_dtype = state["index_dtype"]
         self._type = state["type"]
         self._direct = state["direct"]
         self._place = None
