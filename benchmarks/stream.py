@@ -5,7 +5,8 @@ shuffled, ``to="torch"``), streams ``--warmup-rows`` rows, then times ``--rows``
 pass calls ``set_epoch`` (a new epoch) and iterates until the rows are reached, so the timed
 span starts with an epoch start and, on a collection smaller than ``--rows``, holds the
 later epochs' starts too. Prints rows/s and the process's CPU time (all threads) per 1M
-rows; ``--profile`` prints cProfile's top functions for the timed span (slower).
+rows, in all and split into user and system (kernel) time; ``--profile`` prints cProfile's
+top functions for the timed span (slower).
 
 Compare two checkouts by running it alternately, in fresh processes, with
 ``PYTHONPATH=<other checkout>/src`` for one of them, and take medians; lock both
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import time
 
@@ -64,14 +66,19 @@ def main() -> None:
     profile = cProfile.Profile() if a.profile else None
     if profile is not None:
         profile.enable()
-    t, cpu = time.perf_counter(), time.process_time()
+    t, before = time.perf_counter(), os.times()
     n = run(a.rows, 0)
-    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+    seconds, after = time.perf_counter() - t, os.times()
+    user, system = after.user - before.user, after.system - before.system
     if profile is not None:
         profile.disable()
         pstats.Stats(profile).sort_stats(a.sort).print_stats(a.top)
     name = a.path.rstrip("/").split("/")[-1]
-    print(f"{name} rows/s {n / seconds:,.0f} cpu_s_per_M {cpu / n * 1e6:.3f}")
+    per_m = 1e6 / n
+    print(
+        f"{name} rows/s {n / seconds:,.0f} cpu_s_per_M {(user + system) * per_m:.3f} "
+        f"user {user * per_m:.3f} sys {system * per_m:.3f}"
+    )
 
 
 if __name__ == "__main__":
