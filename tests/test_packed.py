@@ -334,3 +334,65 @@ def test_packed_lz4_value_chunks_hold_about_a_fixed_number_of_rows(
     np.testing.assert_array_equal(np.sort(index), np.arange(n_obs))
     values = sp.vstack([b for b, _ in got]).toarray()
     np.testing.assert_array_equal(values, x.toarray()[index])
+
+
+@pytest.mark.parametrize("strategy", ["concat-shuffle", "shuffle-concat"])
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+@pytest.mark.parametrize("stacked", [True, False])
+def test_windows_keep_stored_values_and_batches_are_cast_when_cut(
+    tmp_path, monkeypatch, strategy, dense, batch_size, stacked
+):
+    """A packed collection's windows hold the values as stored (uint8, uint16), and every
+    batch is cast to the inputs' dtype as it is cut: exact values, the inputs' dtype, sparse
+    or dense, small windows (cut on the calling thread) and large ones (on the read threads),
+    datasets of one layout (read as one stack) or each of its own."""
+    import annbatch._core.sources.csr as csr
+    import annbatch._core.window as window
+    import annbatch.collection._layout as layout
+
+    if stacked:  # chunks of 64 entries: every dataset's arrays of one layout
+        for name in ("SPARSE_CHUNK", "SPARSE_CHUNK_UNCOMPRESSED", "PACKED_LZ4_CHUNK"):
+            monkeypatch.setattr(layout, name, 64)
+    stacked_reads: list[bool] = []
+    stacked_job = csr.CSRSource._stacked_job
+
+    def recording_stack(self, *args, **kwargs):
+        job = stacked_job(self, *args, **kwargs)
+        stacked_reads.append(job is not None)
+        return job
+
+    monkeypatch.setattr(csr.CSRSource, "_stacked_job", recording_stack)
+
+    seen: list[np.dtype] = []
+    assemble = window.assemble
+
+    def recording(blocks, *args, **kwargs):
+        seen.extend(b.dtype for b in blocks)
+        return assemble(blocks, *args, **kwargs)
+
+    monkeypatch.setattr(window, "assemble", recording)
+    adatas = [_adata("float32", [1, 2, 300], n_obs=300, seed=s) for s in range(2)]
+    collection = DatasetCollection(tmp_path / "c.zarr").add_adatas(
+        adatas, dataset_size=128, shuffle=False, progress=False
+    )
+    truth = sp.vstack([a.X for a in adatas]).toarray()
+    groups = list(collection)
+    order = np.concatenate([g["obs"]["_index"][...] for g in groups])
+    names = np.concatenate([a.obs_names.to_numpy() for a in adatas])
+    position = {name: i for i, name in enumerate(names)}
+    expected = truth[[position[n] for n in order]]
+    for chunk, preload in ((4, 16), (64, 8)):  # windows of 64 and of 512 rows
+        seen.clear()
+        loader = Loader(
+            batch_size=batch_size, chunk_size=chunk, preload_nchunks=preload, shuffle=True,
+            to=None, return_index=True, dense=dense, concat_strategy=strategy,
+        ).use_collection(collection)  # fmt: skip
+        batches = list(loader)
+        assert {b["X"].dtype for b in batches} == {np.dtype("float32")}
+        x = np.concatenate([np.asarray(b["X"]) if dense else b["X"].toarray() for b in batches])
+        index = np.concatenate([b["index"] for b in batches])
+        np.testing.assert_array_equal(np.sort(index), np.arange(expected.shape[0]))
+        np.testing.assert_array_equal(x, expected[index])
+        assert set(seen) == {np.dtype("uint16")}  # 300 needs uint16; the window keeps it
+    assert any(stacked_reads) == stacked

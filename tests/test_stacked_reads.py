@@ -529,9 +529,9 @@ def test_a_loaders_csr_datasets_share_one_stack(tmp_path, monkeypatch) -> None:
     placed = []
     original = CSRSource._stacked_job
 
-    def spy(self, csr, pointers, n_tasks, allocate, placed_arg=None):
+    def spy(self, csr, pointers, n_tasks, allocate, placed_arg=None, **kwargs):
         placed.append(placed_arg is not None)
-        return original(self, csr, pointers, n_tasks, allocate, placed_arg)
+        return original(self, csr, pointers, n_tasks, allocate, placed_arg, **kwargs)
 
     monkeypatch.setattr(CSRSource, "_stacked_job", spy)
     by_collection = Loader(chunk_size=7, preload_nchunks=9, batch_size=16, shuffle=True, to=None)

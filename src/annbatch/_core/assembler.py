@@ -56,18 +56,31 @@ def as_slice(positions: np.ndarray) -> slice | None:
     return None
 
 
-def take_rows(block: Block, positions: np.ndarray, memory: BatchMemory | None = None) -> Block:
+def take_rows(
+    block: Block,
+    positions: np.ndarray,
+    memory: BatchMemory | None = None,
+    dtype: np.dtype | None = None,
+) -> Block:
     """Rows ``positions`` of ``block``, by slicing where they are consecutive (a dense block's
     rows: a view). With ``memory``, copies are made in memory it lends
-    (:mod:`~annbatch._core.lent`)."""
+    (:mod:`~annbatch._core.lent`). ``dtype``: the values cast to it (None: the block's)."""
     if memory is not None and isinstance(block, sp.csr_matrix):
-        return csr_rows(block, positions, memory)
+        return csr_rows(block, positions, memory, dtype)
     consecutive = as_slice(positions)
     if consecutive is not None:
-        return block[consecutive]
+        return cast(block[consecutive], dtype)
     if memory is not None and isinstance(block, np.ndarray):
-        return dense_rows(block, positions, memory)
-    return block[positions]
+        return cast(dense_rows(block, positions, memory), dtype)
+    return cast(block[positions], dtype)
+
+
+def cast(block: Block, dtype: np.dtype | None) -> Block:
+    """``block`` with its values in ``dtype`` (itself if they already are, or ``dtype`` is
+    None)."""
+    if dtype is None or block.dtype == dtype:
+        return block
+    return block.astype(dtype)
 
 
 def concatenate(blocks: Sequence[Block]) -> Block:
@@ -87,6 +100,7 @@ def assemble(
     densify: bool = False,
     on_done: Callable[[], None] | None = None,
     memory: BatchMemory | None = None,
+    dtype: np.dtype | None = None,
 ) -> list[Future[Block]]:
     """One future per split, holding the rows at those positions of the concatenated blocks.
 
@@ -115,6 +129,9 @@ def assemble(
     memory
         Where batches are copied to: memory lent with each batch and taken back once the
         user drops it (:mod:`~annbatch._core.lent`); None: new memory for each.
+    dtype
+        The batches' values are cast to it as they are cut (None: the blocks' dtype). Blocks
+        may hold narrower values (see :func:`annbatch._core.reader.run_job`'s ``promote``).
     """
     if strategy == "concat-shuffle" and len(blocks) > 1:
         blocks = [concatenate(blocks)]
@@ -127,8 +144,8 @@ def assemble(
 
     def rows(positions: np.ndarray) -> Block:
         if len(blocks) == 1:
-            return take_rows(blocks[0], positions, memory)
-        return _gather(blocks, starts, positions, memory)
+            return take_rows(blocks[0], positions, memory, dtype)
+        return _gather(blocks, starts, positions, memory, dtype)
 
     def cut(numbers: list[int]) -> None:
         done = 0
@@ -215,14 +232,18 @@ def _gather(
     starts: np.ndarray,
     split: np.ndarray,
     memory: BatchMemory | None = None,
+    dtype: np.dtype | None = None,
 ) -> Block:
     owner = np.searchsorted(starts, split, side="right") - 1
     local = split - starts[owner]
     if split.size and owner[0] == owner[-1] and bool(np.all(owner == owner[0])):
-        return take_rows(blocks[int(owner[0])], local, memory)
+        return take_rows(blocks[int(owner[0])], local, memory, dtype)
     first = blocks[0]
     if isinstance(first, np.ndarray):
-        out = np.empty((split.size, *first.shape[1:]), dtype=first.dtype)
+        out = np.empty(
+            (split.size, *first.shape[1:]),
+            dtype=np.result_type(*blocks) if dtype is None else dtype,
+        )
         for b in np.unique(owner):
             mask = owner == b
             out[mask] = blocks[int(b)][local[mask]]
@@ -236,4 +257,4 @@ def _gather(
         for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, split.size], strict=True)
     ]
     stacked = sp.vstack(pieces, format="csr")
-    return stacked[np.argsort(order)]
+    return cast(stacked[np.argsort(order)], dtype)

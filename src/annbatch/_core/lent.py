@@ -213,13 +213,20 @@ class BatchMemory:
         self.__init__(int(state["_smallest"]))  # type: ignore[misc,call-overload]
 
 
-def csr_rows(matrix: sp.csr_matrix, positions: np.ndarray, memory: BatchMemory) -> sp.csr_matrix:
+def csr_rows(
+    matrix: sp.csr_matrix,
+    positions: np.ndarray,
+    memory: BatchMemory,
+    dtype: np.dtype | None = None,
+) -> sp.csr_matrix:
     """Rows ``positions`` of ``matrix`` (any order, repeats allowed), their values and column
     indices in memory lent by ``memory``: what ``matrix[positions]`` gives, by the same C++
     row gather, index dtype included (int32 wherever the batch's entries and columns fit,
-    as scipy chooses, whatever the window's)."""
+    as scipy chooses, whatever the window's). ``dtype``: the values cast to it (None: the
+    matrix's), gathered first in their own dtype (the gather takes one dtype)."""
     if _csr_row_index is None:
-        return matrix[positions]
+        rows = matrix[positions]
+        return rows if dtype is None or rows.dtype == dtype else rows.astype(dtype)
     indptr, indices, data = matrix.indptr, matrix.indices, matrix.data
     gather_dtype = np.promote_types(indptr.dtype, indices.dtype)  # one type for the gather
     if indptr.dtype != gather_dtype:
@@ -234,11 +241,14 @@ def csr_rows(matrix: sp.csr_matrix, positions: np.ndarray, memory: BatchMemory) 
     out_indptr = np.empty(rows.size + 1, dtype=out_dtype)
     out_indptr[0] = 0
     np.cumsum(lengths, out=out_indptr[1:])
-    out_data = memory.empty((nnz,), data.dtype)
+    out_data = memory.empty((nnz,), data.dtype if dtype is None else dtype)
+    values = out_data if out_data.dtype == data.dtype else np.empty(nnz, dtype=data.dtype)
     out_indices = memory.empty((nnz,), out_dtype)
     gathered = out_indices if out_dtype == gather_dtype else np.empty(nnz, dtype=gather_dtype)
     if rows.size:
-        _csr_row_index(rows.size, rows, indptr, indices, data, gathered, out_data)
+        _csr_row_index(rows.size, rows, indptr, indices, data, gathered, values)
+    if values is not out_data:  # a narrow window's values, cast once gathered
+        out_data[:] = values
     if gathered is not out_indices:  # int64 window, int32 batch: narrowed once, exactly
         out_indices[:] = gathered
     return csr_from_arrays(out_data, out_indices, out_indptr, (rows.size, matrix.shape[1]))

@@ -91,8 +91,11 @@ def plan_job(
     sources: Sequence[RowSource],
     threads: int = 1,
     allocate: Allocate = empty_window,
+    *,
+    narrow: bool = False,
 ) -> ReadJob | None:
-    """The job that reads every segment of ``plan`` (None: nothing to read).
+    """The job that reads every segment of ``plan`` (None: nothing to read); ``narrow``: see
+    :meth:`RowSource.window_job <annbatch._core.sources.RowSource.window_job>`.
 
     The segments of each dataset become one part of the window; the first source builds the
     window's job from all parts (:meth:`RowSource.window_job`), so that datasets and chunks
@@ -105,7 +108,7 @@ def plan_job(
             parts.append((sources[int(plan.datasets[lo])], plan.starts[lo:hi], plan.stops[lo:hi]))
     if not parts:
         return None
-    return parts[0][0].window_job(parts, TASKS_PER_THREAD * threads, allocate)
+    return parts[0][0].window_job(parts, TASKS_PER_THREAD * threads, allocate, narrow=narrow)
 
 
 def run_job(
@@ -113,13 +116,18 @@ def run_job(
     sources: Sequence[RowSource],
     executor: Executor | None = None,
     cancel: threading.Event | None = None,
+    *,
+    promote: bool = True,
 ) -> list[Block]:
     """Run ``job``'s tasks (on ``executor``, or here, in order, without one); its blocks
-    hold the plan's rows in plan order, in the sources' common dtype."""
+    hold the plan's rows in plan order, in the sources' common dtype (``promote=False``: in
+    the dtypes they were read in, which the caller casts to that dtype itself)."""
     if job is None:
         return []
     run_tasks(job.tasks, executor, cancel)
     blocks = job.result()
+    if not promote:
+        return blocks
     dtype = common_dtype(sources)
     if any(b.dtype != dtype for b in blocks):  # datasets of different dtypes: promote
         blocks = [b if b.dtype == dtype else b.astype(dtype) for b in blocks]

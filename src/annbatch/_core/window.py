@@ -25,6 +25,7 @@ from annbatch._core.planner import plan_placement, plan_reads
 from annbatch._core.reader import (
     TASKS_PER_THREAD,
     ReadSite,
+    common_dtype,
     placed_job,
     plan_job,
     run_job,
@@ -159,12 +160,16 @@ def load_window(
     lease = buffers.lease() if buffers is not None and copier is None else None
     if lease is not None:
         allocate = lease.allocate
-    job = plan_job(plan, sources, threads, allocate)
+    # On the CPU path, batches are cast to the sources' common dtype as they are cut: the
+    # window keeps the values as stored (a packed collection's uint8 counts: a quarter of
+    # float32's memory, decoded without a cast). The GPU path reads it in the common dtype.
+    cast_when_cut = copier is None
+    job = plan_job(plan, sources, threads, allocate, narrow=cast_when_cut)
     # A window of little local work is read, and its batches cut, on this thread.
     pool = executor if copier is not None or job is None or site.threads(job.tasks) else None
     with site.timed(here=pool is None):
         window_obs = _read_planned_obs(obs, plan, offsets, splits, pool)
-        blocks = run_job(job, sources, pool, stop)
+        blocks = run_job(job, sources, pool, stop, promote=not cast_when_cut)
     if copier is not None:
         # One copy to the GPU concatenates the blocks; the consumer cuts each batch there.
         window = gpu.to_device(blocks, copier)
@@ -182,6 +187,7 @@ def load_window(
         densify=densify,
         on_done=None if lease is None else lease.release,
         memory=memory,
+        dtype=common_dtype(sources),
     )
     return Window(batches=batches, indices=indices, obs=_result(window_obs))
 

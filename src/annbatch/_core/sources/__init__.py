@@ -77,12 +77,16 @@ class RowSource(Protocol):
         parts: Sequence[tuple[RowSource, np.ndarray, np.ndarray]],
         n_tasks: int,
         allocate: Allocate,
+        *,
+        narrow: bool = False,
     ) -> ReadJob:
         """The work of reading one window: ``(source, starts, stops)`` of this source and of
         other sources of the same type (all datasets of a Loader share one), in order. The
         blocks hold the parts' rows one after another. CSR sources read chunk by chunk put
         them all in one block, whose arrays come from ``allocate`` (the GPU path passes
-        pinned memory); other sources read into memory of their own."""
+        pinned memory); other sources read into memory of their own. ``narrow``: values may
+        stay in the dtype they are stored in, narrower than :attr:`dtype` (the caller casts
+        them when it cuts batches); otherwise blocks hold :attr:`dtype`."""
 
     def check_open(self) -> None:
         """Raise :class:`~annbatch.errors.ClosedDatasetError` if the source can no longer be read."""

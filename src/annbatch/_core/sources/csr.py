@@ -50,6 +50,17 @@ if TYPE_CHECKING:
     from annbatch._core.types import Allocate, Block
 
 
+def _window_dtype(dtype: np.dtype, direct: Sequence[Any], *, narrow: bool) -> np.dtype:
+    """The dtype a window holds its values in: ``dtype`` (the yielded one), or with ``narrow``
+    the dtype the values of every ``direct`` pair (value reader first) are stored in, where
+    it casts to ``dtype`` safely (exactly)."""
+    if narrow:
+        stored = np.result_type(*(d[0].dtype for d in direct))
+        if np.can_cast(stored, dtype, casting="safe"):
+            return np.dtype(stored)
+    return np.dtype(dtype)
+
+
 def _direct_pair(
     data: Any, indices: Any, *, verify_checksums: bool
 ) -> tuple[ChunkReader, ChunkReader] | None:
@@ -222,11 +233,16 @@ class CSRSource:
         parts: Sequence[tuple[RowSource, np.ndarray, np.ndarray]],
         n_tasks: int,
         allocate: Allocate = empty_window,
+        *,
+        narrow: bool = False,
     ) -> ReadJob:
         """See :meth:`RowSource.window_job`. When every part is read chunk by chunk, all of
         them decode into one set of window arrays from ``allocate``: the window is one block,
         never concatenated (which, single-threaded, cost as much as a third of a window's time
-        over two datasets)."""
+        over two datasets). With ``narrow``, the stacked datasets' values stay in their
+        stored dtype (a packed collection's uint8 or uint16 counts), which the batches are
+        cast from as they are cut: a quarter of the window's memory for uint8, and a cast of
+        each batch rather than of the whole window."""
         csr = [
             (source, starts, stops)
             for source, starts, stops in parts
@@ -252,11 +268,11 @@ class CSRSource:
             pointers = [s.pointers(starts, stops) for s, starts, stops in csr]
         if stacks is not None:
             placed = (stacks.data, stacks.indices, np.array(members, dtype=np.int64))
-            stacked = self._stacked_job(csr, pointers, n_tasks, allocate, placed)
+            stacked = self._stacked_job(csr, pointers, n_tasks, allocate, placed, narrow=narrow)
             if stacked is not None:
                 return stacked
         elif len(csr) > 1:
-            stacked = self._stacked_job(csr, pointers, n_tasks, allocate)
+            stacked = self._stacked_job(csr, pointers, n_tasks, allocate, narrow=narrow)
             if stacked is not None:
                 return stacked
         sizes = [
@@ -264,7 +280,9 @@ class CSRSource:
         ]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         nnz = (int(offsets[-1]),)
-        data = allocate("data", nnz, np.dtype(self.dtype))
+        data = allocate(
+            "data", nnz, _window_dtype(self.dtype, [s._direct for s, _, _ in csr], narrow=narrow)
+        )
         indices = allocate("indices", nnz, np.result_type(*(s.index_dtype for s, _, _ in csr)))
         # The window's tasks are shared among its datasets by their entries: a window spread
         # over many datasets makes no more tasks (each a future and a Python call) than one.
@@ -307,6 +325,8 @@ class CSRSource:
         n_tasks: int,
         allocate: Allocate,
         placed: tuple[StackedReader, StackedReader, np.ndarray] | None = None,
+        *,
+        narrow: bool = False,
     ) -> ReadJob | None:
         """The window's rows of every dataset, read as one (:mod:`annbatch._core.chunks.stacked`):
         one plan and one set of tasks for the values and one for the column indices, however
@@ -314,7 +334,8 @@ class CSRSource:
         indices of all the Loader's datasets (:mod:`annbatch._core.sources.stack`) and each
         part's dataset in them; without it, the parts' own arrays are stacked for this window.
         None where the datasets' arrays cannot be stacked (other layouts, object storage) or a
-        part's ranges are not sorted."""
+        part's ranges are not sorted. ``narrow``: the values in their stored dtype where it
+        casts safely to the yielded one (see :meth:`window_job`)."""
         sources = [s for s, _, _ in csr]
         if placed is None:
             direct = [s._direct for s in sources]
@@ -346,7 +367,7 @@ class CSRSource:
         if data_lo.size > 1 and bool(np.any(np.diff(data_lo) < 0)):
             return None
         data_hi = hi + data_stack.bases[owner]
-        data = allocate("data", (nnz,), np.dtype(self.dtype))
+        data = allocate("data", (nnz,), _window_dtype(self.dtype, [(data_stack,)], narrow=narrow))
         indices = allocate("indices", (nnz,), np.result_type(*(s.index_dtype for s in sources)))
         index_lo = lo + index_stack.bases[owner]
         index_hi = hi + index_stack.bases[owner]

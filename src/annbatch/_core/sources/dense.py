@@ -85,8 +85,11 @@ class DenseSource:
         parts: Sequence[tuple[RowSource, np.ndarray, np.ndarray]],
         n_tasks: int,
         allocate: Allocate = empty_window,
+        *,
+        narrow: bool = False,
     ) -> ReadJob:
-        """See :meth:`RowSource.window_job`: a block per part, in memory of its own."""
+        """See :meth:`RowSource.window_job`: a block per part, in memory of its own, in
+        :attr:`dtype` (``narrow`` changes nothing)."""
         return block_per_part(parts, n_tasks)
 
     def placed_tasks(
