@@ -339,14 +339,25 @@ def test_packed_lz4_value_chunks_hold_about_a_fixed_number_of_rows(
 @pytest.mark.parametrize("strategy", ["concat-shuffle", "shuffle-concat"])
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("batch_size", [1, 7, 64])
-@pytest.mark.parametrize("stacked", [True, False])
+@pytest.mark.parametrize(
+    ("stacked", "values", "window_dtype"),
+    [
+        (True, ([1, 2, 300], [1, 2, 300]), {"uint16"}),
+        (False, ([1, 2, 300], [1, 2, 300]), {"uint16"}),
+        (False, ([-3, 2, 7], [-3, 2, 7]), {"int8"}),
+        # a uint8 and a uint16 dataset: uint16 where a window holds rows of both
+        (False, ([1, 2, 3], [1, 300]), {"uint8", "uint16"}),
+    ],
+    ids=["stacked", "own-layouts", "signed", "uint8-and-uint16"],
+)
 def test_windows_keep_stored_values_and_batches_are_cast_when_cut(
-    tmp_path, monkeypatch, strategy, dense, batch_size, stacked
+    tmp_path, monkeypatch, strategy, dense, batch_size, stacked, values, window_dtype
 ):
-    """A packed collection's windows hold the values as stored (uint8, uint16), and every
-    batch is cast to the inputs' dtype as it is cut: exact values, the inputs' dtype, sparse
-    or dense, small windows (cut on the calling thread) and large ones (on the read threads),
-    datasets of one layout (read as one stack) or each of its own."""
+    """A packed collection's windows hold the values as stored (uint8, uint16, int8; the
+    widest type of the datasets a window holds rows of), and every batch is cast to the inputs' dtype as it is cut:
+    exact values, the inputs' dtype, sparse or dense, small windows (cut on the calling
+    thread) and large ones (on the read threads), datasets of one layout (read as one stack)
+    or each of its own."""
     import annbatch._core.sources.csr as csr
     import annbatch._core.window as window
     import annbatch.collection._layout as layout
@@ -372,9 +383,10 @@ def test_windows_keep_stored_values_and_batches_are_cast_when_cut(
         return assemble(blocks, *args, **kwargs)
 
     monkeypatch.setattr(window, "assemble", recording)
-    adatas = [_adata("float32", [1, 2, 300], n_obs=300, seed=s) for s in range(2)]
+    adatas = [_adata("float32", v, n_obs=300, seed=s) for s, v in enumerate(values)]
+    # One dataset per input: each keeps the narrowest type of its own values.
     collection = DatasetCollection(tmp_path / "c.zarr").add_adatas(
-        adatas, dataset_size=128, shuffle=False, progress=False
+        adatas, dataset_size=300, shuffle=False, progress=False
     )
     truth = sp.vstack([a.X for a in adatas]).toarray()
     groups = list(collection)
@@ -394,5 +406,7 @@ def test_windows_keep_stored_values_and_batches_are_cast_when_cut(
         index = np.concatenate([b["index"] for b in batches])
         np.testing.assert_array_equal(np.sort(index), np.arange(expected.shape[0]))
         np.testing.assert_array_equal(x, expected[index])
-        assert set(seen) == {np.dtype("uint16")}  # 300 needs uint16; the window keeps it
+        allowed = {np.dtype(d) for d in window_dtype}
+        assert max(allowed, key=lambda d: d.itemsize) in seen  # windows of both datasets
+        assert set(seen) <= allowed
     assert any(stacked_reads) == stacked

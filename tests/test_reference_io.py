@@ -127,7 +127,8 @@ def test_write_sharded_key_clear_and_errors(tmp_path):
 # --------------------------------------------------------------------------- Loader
 @pytest.mark.parametrize("fmt", ["zarr", "h5ad", "memory"])
 @pytest.mark.parametrize("sparse", [True, False])
-def test_mixed_dtypes_are_promoted_with_exact_values(tmp_path, fmt, sparse):
+@pytest.mark.parametrize("strategy", ["concat-shuffle", "shuffle-concat"])
+def test_mixed_dtypes_are_promoted_with_exact_values(tmp_path, fmt, sparse, strategy):
     parts = [_adata(4, 40, sparse=sparse), _adata(5, 30, sparse=sparse)]
     parts[1].X = parts[1].X.astype(np.float64)
     parts[0].X = parts[0].X.astype(np.int32)
@@ -141,8 +142,9 @@ def test_mixed_dtypes_are_promoted_with_exact_values(tmp_path, fmt, sparse):
         handles.append(group)
         datasets.append(ad.io.sparse_dataset(group["X"]) if sparse else group["X"])
     loader = Loader(
-        batch_size=9, chunk_size=4, preload_nchunks=3, shuffle=True, to=None, return_index=True
-    )
+        batch_size=9, chunk_size=4, preload_nchunks=3, shuffle=True, to=None, return_index=True,
+        concat_strategy=strategy,
+    )  # fmt: skip
     loader.add_dataset(datasets[0])
     with pytest.warns(
         UserWarning,

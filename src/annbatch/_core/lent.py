@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from annbatch._core.buffers import anonymous, empty_in_forked_children
+from annbatch._core.chunks.pieces import thread_scratch
 from annbatch._core.types import csr_from_arrays
 
 if TYPE_CHECKING:
@@ -242,12 +243,14 @@ def csr_rows(
     out_indptr[0] = 0
     np.cumsum(lengths, out=out_indptr[1:])
     out_data = memory.empty((nnz,), data.dtype if dtype is None else dtype)
-    values = out_data if out_data.dtype == data.dtype else np.empty(nnz, dtype=data.dtype)
+    values = out_data  # or a narrow window's values, gathered in this thread's scratch first
+    if out_data.dtype != data.dtype:
+        values = thread_scratch(nnz * data.itemsize).view(data.dtype)
     out_indices = memory.empty((nnz,), out_dtype)
     gathered = out_indices if out_dtype == gather_dtype else np.empty(nnz, dtype=gather_dtype)
     if rows.size:
         _csr_row_index(rows.size, rows, indptr, indices, data, gathered, values)
-    if values is not out_data:  # a narrow window's values, cast once gathered
+    if values is not out_data:  # cast once gathered
         out_data[:] = values
     if gathered is not out_indices:  # int64 window, int32 batch: narrowed once, exactly
         out_indices[:] = gathered

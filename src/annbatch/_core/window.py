@@ -162,7 +162,8 @@ def load_window(
         allocate = lease.allocate
     # On the CPU path, batches are cast to the sources' common dtype as they are cut: the
     # window keeps the values as stored (a packed collection's uint8 counts: a quarter of
-    # float32's memory, decoded without a cast). The GPU path reads it in the common dtype.
+    # float32's memory; decoded without a cast where its datasets share one stored dtype).
+    # The GPU path reads it in the common dtype.
     cast_when_cut = copier is None
     job = plan_job(plan, sources, threads, allocate, narrow=cast_when_cut)
     # A window of little local work is read, and its batches cut, on this thread.

@@ -86,7 +86,7 @@ class RowSource(Protocol):
         them all in one block, whose arrays come from ``allocate`` (the GPU path passes
         pinned memory); other sources read into memory of their own. ``narrow``: values may
         stay in the dtype they are stored in, narrower than :attr:`dtype` (the caller casts
-        them when it cuts batches); otherwise blocks hold :attr:`dtype`."""
+        them when it cuts batches); otherwise each block holds its source's :attr:`dtype`."""
 
     def check_open(self) -> None:
         """Raise :class:`~annbatch.errors.ClosedDatasetError` if the source can no longer be read."""

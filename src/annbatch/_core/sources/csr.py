@@ -53,7 +53,8 @@ if TYPE_CHECKING:
 def _window_dtype(dtype: np.dtype, direct: Sequence[Any], *, narrow: bool) -> np.dtype:
     """The dtype a window holds its values in: ``dtype`` (the yielded one), or with ``narrow``
     the dtype the values of every ``direct`` pair (value reader first) are stored in, where
-    it casts to ``dtype`` safely (exactly)."""
+    it casts to ``dtype`` safely (numpy's ``"safe"`` casting: the cast the decode made
+    before, exact but for 64-bit integers to float64, which a packed layout never stores)."""
     if narrow:
         stored = np.result_type(*(d[0].dtype for d in direct))
         if np.can_cast(stored, dtype, casting="safe"):
