@@ -24,6 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from annbatch._core.lent import csr_rows, dense_rows
+from annbatch._core.types import cast
 from annbatch.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -73,14 +74,6 @@ def take_rows(
     if memory is not None and isinstance(block, np.ndarray):
         return cast(dense_rows(block, positions, memory), dtype)
     return cast(block[positions], dtype)
-
-
-def cast(block: Block, dtype: np.dtype | None) -> Block:
-    """``block`` with its values in ``dtype`` (itself if they already are, or ``dtype`` is
-    None)."""
-    if dtype is None or block.dtype == dtype:
-        return block
-    return block.astype(dtype)
 
 
 def concatenate(blocks: Sequence[Block]) -> Block:

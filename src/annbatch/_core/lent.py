@@ -32,7 +32,7 @@ import numpy as np
 
 from annbatch._core.buffers import anonymous, empty_in_forked_children
 from annbatch._core.chunks.pieces import thread_scratch
-from annbatch._core.types import csr_from_arrays
+from annbatch._core.types import cast, csr_from_arrays
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -226,8 +226,7 @@ def csr_rows(
     as scipy chooses, whatever the window's). ``dtype``: the values cast to it (None: the
     matrix's), gathered first in their own dtype (the gather takes one dtype)."""
     if _csr_row_index is None:
-        rows = matrix[positions]
-        return rows if dtype is None or rows.dtype == dtype else rows.astype(dtype)
+        return cast(matrix[positions], dtype)
     indptr, indices, data = matrix.indptr, matrix.indices, matrix.data
     gather_dtype = np.promote_types(indptr.dtype, indices.dtype)  # one type for the gather
     if indptr.dtype != gather_dtype:

@@ -44,6 +44,14 @@ def csr_from_arrays(
     return matrix
 
 
+def cast(block: Block, dtype: np.dtype | None) -> Block:
+    """``block`` with its values in ``dtype`` (itself if they already are, or ``dtype`` is
+    None)."""
+    if dtype is None or block.dtype == dtype:
+        return block
+    return block.astype(dtype)
+
+
 def canonical_csr(block: sp.csr_matrix) -> sp.csr_matrix:
     """The same rows with ``indptr[0] == 0``: row slices of a CSR matrix can carry an offset
     indptr, which torch and CuPy do not take."""

@@ -42,7 +42,7 @@ from annbatch._narrow import declared_dtype
 from annbatch.errors import CorruptDataError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from annbatch._core.sources import RowSource
     from annbatch._core.sources.indptr import Indptr
@@ -50,15 +50,15 @@ if TYPE_CHECKING:
     from annbatch._core.types import Allocate, Block
 
 
-def _window_dtype(dtype: np.dtype, direct: Sequence[Any], *, narrow: bool) -> np.dtype:
+def _window_dtype(dtype: np.dtype, stored: Iterable[np.dtype], *, narrow: bool) -> np.dtype:
     """The dtype a window holds its values in: ``dtype`` (the yielded one), or with ``narrow``
-    the dtype the values of every ``direct`` pair (value reader first) are stored in, where
-    it casts to ``dtype`` safely (numpy's ``"safe"`` casting: the cast the decode made
+    the common type of the ``stored`` dtypes of its datasets' values, where it casts to
+    ``dtype`` safely (numpy's ``"safe"`` casting: the cast the decode made
     before, exact but for 64-bit integers to float64, which a packed layout never stores)."""
     if narrow:
-        stored = np.result_type(*(d[0].dtype for d in direct))
-        if np.can_cast(stored, dtype, casting="safe"):
-            return np.dtype(stored)
+        common = np.result_type(*stored)
+        if np.can_cast(common, dtype, casting="safe"):
+            return np.dtype(common)
     return np.dtype(dtype)
 
 
@@ -282,7 +282,13 @@ class CSRSource:
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         nnz = (int(offsets[-1]),)
         data = allocate(
-            "data", nnz, _window_dtype(self.dtype, [s._direct for s, _, _ in csr], narrow=narrow)
+            "data",
+            nnz,
+            _window_dtype(  # (every part reads chunks once: each has its direct pair)
+                self.dtype,
+                [s._direct[0].dtype for s, _, _ in csr if s._direct is not None],
+                narrow=narrow,
+            ),
         )
         indices = allocate("indices", nnz, np.result_type(*(s.index_dtype for s, _, _ in csr)))
         # The window's tasks are shared among its datasets by their entries: a window spread
@@ -368,7 +374,9 @@ class CSRSource:
         if data_lo.size > 1 and bool(np.any(np.diff(data_lo) < 0)):
             return None
         data_hi = hi + data_stack.bases[owner]
-        data = allocate("data", (nnz,), _window_dtype(self.dtype, [(data_stack,)], narrow=narrow))
+        data = allocate(
+            "data", (nnz,), _window_dtype(self.dtype, [data_stack.dtype], narrow=narrow)
+        )
         indices = allocate("indices", (nnz,), np.result_type(*(s.index_dtype for s in sources)))
         index_lo = lo + index_stack.bases[owner]
         index_hi = hi + index_stack.bases[owner]
