@@ -22,15 +22,15 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 def chunk_bytes(array: Path) -> int:
     """Bytes of one stored chunk of a sharded 1-D zarr array (values and a CRC32C)."""
     meta = json.loads((array / "zarr.json").read_text())
     (shard,) = [c for c in meta["codecs"] if c["name"] == "sharding_indexed"]
     config = shard["configuration"]
-    itemsize = {"int8": 1, "uint8": 1, "int16": 2, "int32": 4, "int64": 8, "float32": 4}[
-        meta["data_type"]
-    ]
+    itemsize = np.dtype(meta["data_type"]).itemsize
     crc = any(c["name"] == "crc32c" for c in config["codecs"])
     return config["chunk_shape"][0] * itemsize + (4 if crc else 0)
 
